@@ -1,0 +1,163 @@
+"""
+The objectives of Diffusion-RPO and its baselines, as pure functions on tensors.
+
+Nothing in this file knows about UNets, VAEs or data: train.py runs the networks and hands
+per-sample denoising errors to these functions. That keeps every equation of the paper
+(../shared/SPEC.md, E1..E9) in one short file that can be checked by hand, and lets the
+tests compare each loss against hand-computed numbers.
+
+Reading order, following the paper:
+  denoising_error   E1  per-sample ||eps - eps_theta||^2
+  sample_timesteps  E8  one t per batch (RPO default) or per pair (Diffusion-DPO)
+  sample_noise      E8  winner and loser of a pair share their noise
+  dpo_loss          E2, E3  the Diffusion-DPO baseline
+  rpo_weights       E5, E6  multi-modal similarity -> softmax weights over losers
+  rpo_loss          E4, E7  every winner against every loser in the batch
+  sft_loss          E9  plain denoising loss on winners
+
+Conventions: err_w[i], err_l[i] are the policy's denoising errors e_theta on winner i and
+loser i (shape (B,)); ref_err_w, ref_err_l the frozen reference's e_ref (no gradient).
+Every loss returns (loss, metrics): a scalar tensor and a dict of floats to log (E9).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------
+# E1: per-sample denoising error
+def denoising_error(pred, target):
+    # E1: e(z, c, t, eps) = mean over latent dims of ||eps - eps_theta(z_t, t, c)||^2.
+    # Computed in fp32 whatever the network's dtype: the DPO/RPO logits multiply
+    # differences of these errors by beta/2 = 2500, so bf16 rounding here would be amplified.
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# E8: step-wise timestep sampling
+def sample_timesteps(num_pairs, num_train_timesteps=1000, mode="batch", generator=None, device="cpu"):
+    """Timesteps for one micro-batch of `num_pairs` pairs, shape (num_pairs,), int64.
+
+    E8: training never runs the sampling chain; it noises data latents at a random step t.
+    mode="batch" (RPO default): one t for the whole micro-batch, so winner i and loser j of
+      the contrast matrix (E4) are compared at the same step, as the paper's notation does.
+    mode="pair" (Diffusion-DPO): one t per pair.
+    Winner and loser of a pair always share t: train.py applies this vector to both halves.
+    """
+    if mode == "batch":
+        t = torch.randint(0, num_train_timesteps, (1,), generator=generator).expand(num_pairs)
+    elif mode == "pair":
+        t = torch.randint(0, num_train_timesteps, (num_pairs,), generator=generator)
+    else:
+        raise ValueError(f"timestep mode must be 'batch' or 'pair', got {mode!r}")
+    return t.contiguous().to(device)
+
+
+def sample_noise(shape, generator=None, device="cpu", dtype=torch.float32):
+    """Noise eps for one micro-batch of pairs, shape (B, C, H, W).
+
+    E8/E3: winner i and loser i share the same eps_i (and t_i), so the difference of their
+    errors measures the images, not the luck of the noise draw. train.py uses this one
+    tensor for both halves. Drawn on the CPU with `generator` so that a run is reproducible
+    (and resumable) on any device, then moved.
+    """
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces of E3 and E7
+def _reward_gaps(err, ref_err):
+    # E2: the step-wise implicit reward is r_t ∝ -(e_theta - e_ref); we keep (e_theta - e_ref)
+    # and put the minus sign into the logit.
+    return err - ref_err.detach()
+
+
+def _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag_logits):
+    # E9: the figures logged every step. The implicit accuracy is the fraction of pairs whose
+    # own logit (the DPO logit, the diagonal of E4) prefers the winner.
+    return {
+        "implicit_acc": (diag_logits > 0).float().mean().item(),
+        "reward_margin": diag_logits.mean().item(),
+        "mse_w": err_w.mean().item(),
+        "mse_l": err_l.mean().item(),
+        "ref_mse_w": ref_err_w.mean().item(),
+        "ref_mse_l": ref_err_l.mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# E3: Diffusion-DPO, the baseline
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=5000.0):
+    # E3: Δ_ii = (e_θ(w_i) - e_ref(w_i)) - (e_θ(l_i) - e_ref(l_i))
+    delta = _reward_gaps(err_w, ref_err_w) - _reward_gaps(err_l, ref_err_l)
+    # E3: logit_ii = -(β/2) Δ_ii; the 1/2 follows the official Diffusion-DPO code (SPEC §4).
+    logits = -0.5 * beta * delta
+    # E3: L_DPO = -(1/B) Σ_i log σ(logit_ii). logsigmoid is the stable form of log(sigmoid()).
+    loss = -F.logsigmoid(logits).mean()
+    return loss, _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, logits.detach())
+
+
+# ---------------------------------------------------------------------------------------
+# E5, E6: multi-modal weights
+def rpo_weights(emb_w, emb_l, tau=0.5):
+    """ω (B_w × B_l): softmax over losers j of -d_ij/τ, with d_ij = 1 - cos(f_w_i, f_l_j).
+
+    emb_w[i] = f(c_i, x^w_i) and emb_l[j] = f(c_j, x^l_j) are the E5 embeddings (data.py
+    builds them). Every row sums to 1. No gradient flows through the weights (E6).
+    """
+    with torch.no_grad():
+        emb_w = F.normalize(emb_w.float(), dim=-1)
+        emb_l = F.normalize(emb_l.float(), dim=-1)
+        # E6: d_ij = 1 - cos(f(c_i, x^w_i), f(c_j, x^l_j))
+        dist = 1.0 - emb_w @ emb_l.T
+        # E6: ω_ij = exp(-d_ij/τ) / Σ_j' exp(-d_ij'/τ): a softmax over j for each winner i.
+        return torch.softmax(-dist / tau, dim=1)
+
+
+def weight_entropy(weights):
+    # E9: mean entropy of the weight rows (nats): 0 when each winner looks at one loser,
+    # ln B when ω is uniform. Tells how far RPO is from DPO (entropy 0 on the diagonal).
+    w = weights.float().clamp_min(1e-30)
+    return -(weights.float() * w.log()).sum(dim=1).mean().item()
+
+
+# ---------------------------------------------------------------------------------------
+# E4, E7: the Diffusion-RPO loss
+def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, weighting="outside"):
+    gap_w = _reward_gaps(err_w, ref_err_w)  # (B,)
+    gap_l = _reward_gaps(err_l, ref_err_l)  # (B,)
+    # E4: Δ_ij = (e_θ(w_i) - e_ref(w_i)) - (e_θ(l_j) - e_ref(l_j)) for every winner i, loser j.
+    # A broadcast of two B-vectors: the B×B matrix costs B² scalars, nothing next to a UNet.
+    delta = gap_w[:, None] - gap_l[None, :]
+    # E4: logit_ij = -(β/2) Δ_ij
+    logits = -0.5 * beta * delta
+    weights = weights.to(logits.dtype).detach()
+    B = logits.shape[0]
+    if weighting == "outside":
+        # E7 (paper form): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij). ω = I gives E3 exactly.
+        loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
+    elif weighting == "inside":
+        # E7 (the LLM RPO release): L = -(1/B) Σ_i (1/B) Σ_j log σ(ω_ij · logit_ij).
+        loss = -F.logsigmoid(weights * logits).sum(dim=1).mean() / B
+    else:
+        raise ValueError(f"rpo weighting must be 'outside' or 'inside', got {weighting!r}")
+    diag = torch.diagonal(logits).detach()
+    metrics = _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag)
+    metrics["weight_entropy"] = weight_entropy(weights)
+    # Share of each row's weight on its own pair: 1.0 means RPO has collapsed to DPO.
+    metrics["weight_diag"] = torch.diagonal(weights).float().mean().item()
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# E9: supervised fine-tuning baseline
+def sft_loss(err_w):
+    # E9: L_SFT = mean_i e_θ(w_i): the plain denoising loss, on winners only.
+    loss = err_w.mean()
+    return loss, {"mse_w": loss.item()}
+
+
+# Handy constant for tests and logs: the loss of any of the preference objectives above
+# when the policy equals the reference (every logit is 0, log σ(0) = -ln 2).
+LN2 = math.log(2.0)

@@ -1,0 +1,155 @@
+"""loss.py against hand-computed numbers and the invariants of SPEC E1..E9."""
+import math
+
+import pytest
+import torch
+
+import loss as L
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+# A 2×2 example, small β so the numbers stay readable:
+#   gaps (e_θ - e_ref): winners [-0.05, 0.05], losers [0.02, -0.05]
+ERR_W, REF_W = torch.tensor([0.30, 0.50]), torch.tensor([0.35, 0.45])
+ERR_L, REF_L = torch.tensor([0.40, 0.20]), torch.tensor([0.38, 0.25])
+BETA = 10.0
+OMEGA = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+
+
+def hand_logits():
+    gw = [0.30 - 0.35, 0.50 - 0.45]
+    gl = [0.40 - 0.38, 0.20 - 0.25]
+    return [[-(BETA / 2) * (gw[i] - gl[j]) for j in range(2)] for i in range(2)]
+
+
+def test_denoising_error_is_per_sample_mean_square():
+    pred = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 2.0]]])
+    target = torch.zeros(2, 2, 2)
+    assert torch.allclose(L.denoising_error(pred, target), torch.tensor([30 / 4, 4 / 4]))
+
+
+def test_dpo_hand_computed_2x2():
+    loss, metrics = L.dpo_loss(ERR_W, ERR_L, REF_W, REF_L, BETA)
+    lg = hand_logits()  # diagonal: [0.35, -0.5]
+    expected = -(log_sigmoid(lg[0][0]) + log_sigmoid(lg[1][1])) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(0.753729, abs=1e-5)  # worked by hand
+    assert metrics["implicit_acc"] == pytest.approx(0.5)  # logits 0.35 > 0, -0.5 < 0
+    assert metrics["reward_margin"] == pytest.approx((0.35 - 0.5) / 2, abs=1e-6)
+
+
+def test_rpo_outside_hand_computed_2x2():
+    loss, metrics = L.rpo_loss(ERR_W, ERR_L, REF_W, REF_L, OMEGA, BETA, "outside")
+    lg = hand_logits()
+    expected = -sum(OMEGA[i, j].item() * log_sigmoid(lg[i][j]) for i in range(2) for j in range(2)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(0.737070, abs=1e-5)  # worked by hand
+    assert metrics["weight_diag"] == pytest.approx(0.65)
+    row_entropy = lambda p: -sum(x * math.log(x) for x in p)
+    assert metrics["weight_entropy"] == pytest.approx((row_entropy([0.7, 0.3]) + row_entropy([0.4, 0.6])) / 2, abs=1e-6)
+
+
+def test_rpo_inside_hand_computed_2x2():
+    loss, _ = L.rpo_loss(ERR_W, ERR_L, REF_W, REF_L, OMEGA, BETA, "inside")
+    lg = hand_logits()
+    expected = -sum(log_sigmoid(OMEGA[i, j].item() * lg[i][j]) for i in range(2) for j in range(2)) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sft_is_mean_winner_error():
+    loss, metrics = L.sft_loss(torch.tensor([0.1, 0.2, 0.6]))
+    assert loss.item() == pytest.approx(0.3) and metrics["mse_w"] == pytest.approx(0.3)
+
+
+def random_errors(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(B, generator=g, dtype=torch.float64) * 0.2 for _ in range(4)]
+
+
+def test_rpo_with_identity_weights_equals_dpo():
+    err_w, err_l, ref_w, ref_l = random_errors(6)
+    dpo, _ = L.dpo_loss(err_w, err_l, ref_w, ref_l, 5000.0)
+    rpo, _ = L.rpo_loss(err_w, err_l, ref_w, ref_l, torch.eye(6, dtype=torch.float64), 5000.0, "outside")
+    assert abs(dpo.item() - rpo.item()) < 1e-6
+    assert dpo.item() > 0.1  # not a trivial equality of two zeros
+
+
+@pytest.mark.parametrize("weighting", ["outside", "inside"])
+def test_loss_is_ln2_when_policy_equals_reference(weighting):
+    err_w, err_l, _, _ = random_errors(5)
+    weights = torch.softmax(torch.randn(5, 5, generator=torch.Generator().manual_seed(1)), dim=1)
+    rpo, _ = L.rpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), weights, 5000.0, weighting)
+    dpo, _ = L.dpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), 5000.0)
+    assert rpo.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert dpo.item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+@pytest.mark.parametrize("which", ["dpo", "outside", "inside"])
+def test_lowering_a_winner_error_lowers_the_loss(which):
+    err_w, err_l, ref_w, ref_l = random_errors(4, seed=3)
+    weights = L.rpo_weights(torch.randn(4, 8), torch.randn(4, 8), 0.5)
+
+    def f(ew):
+        if which == "dpo":
+            return L.dpo_loss(ew, err_l, ref_w, ref_l, 50.0)[0].item()
+        return L.rpo_loss(ew, err_l, ref_w, ref_l, weights, 50.0, which)[0].item()
+    lower = err_w.clone()
+    lower[2] -= 0.01
+    assert f(lower) < f(err_w)
+    higher_loser = err_l.clone()  # and raising a loser's error lowers it too
+    higher_loser[1] += 0.01
+    if which == "dpo":
+        assert L.dpo_loss(err_w, higher_loser, ref_w, ref_l, 50.0)[0] < L.dpo_loss(err_w, err_l, ref_w, ref_l, 50.0)[0]
+
+
+def test_reference_errors_get_no_gradient():
+    err_w, err_l, ref_w, ref_l = [x.clone().requires_grad_(True) for x in random_errors(3)]
+    loss, _ = L.rpo_loss(err_w, err_l, ref_w, ref_l, torch.eye(3, dtype=torch.float64), 100.0)
+    loss.backward()
+    assert ref_w.grad is None and ref_l.grad is None
+    assert (err_w.grad > 0).all()  # lowering a winner's error lowers the loss, for every winner
+
+
+def test_weights_rows_sum_to_one_and_carry_no_gradient():
+    emb_w = torch.randn(7, 16, requires_grad=True)
+    emb_l = torch.randn(7, 16)
+    w = L.rpo_weights(emb_w, emb_l, 0.5)
+    assert w.shape == (7, 7)
+    assert torch.allclose(w.sum(dim=1), torch.ones(7), atol=1e-6)
+    assert not w.requires_grad
+    # E6 by hand for one entry
+    f_w, f_l = torch.nn.functional.normalize(emb_w.detach(), dim=1), torch.nn.functional.normalize(emb_l, dim=1)
+    d = 1 - f_w @ f_l.T
+    expected = math.exp(-d[2, 4].item() / 0.5) / sum(math.exp(-d[2, j].item() / 0.5) for j in range(7))
+    assert w[2, 4].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_weights_become_one_hot_on_nearest_loser_as_tau_goes_to_zero():
+    emb_w, emb_l = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), torch.randn(5, 8)
+    w = L.rpo_weights(emb_w, emb_l, 1e-4)
+    cos = torch.nn.functional.normalize(emb_w, dim=1) @ torch.nn.functional.normalize(emb_l, dim=1).T
+    assert torch.equal(w.argmax(dim=1), cos.argmax(dim=1))
+    assert torch.allclose(w.max(dim=1).values, torch.ones(5), atol=1e-4)
+    # and uniform as τ → ∞
+    assert torch.allclose(L.rpo_weights(emb_w, emb_l, 1e6), torch.full((5, 5), 0.2), atol=1e-5)
+
+
+def test_timesteps_batch_mode_shares_one_t_and_pair_mode_draws_per_pair():
+    g = torch.Generator().manual_seed(0)
+    t = L.sample_timesteps(16, 1000, "batch", g)
+    assert t.shape == (16,) and t.dtype == torch.int64 and (t == t[0]).all()
+    t = L.sample_timesteps(16, 1000, "pair", torch.Generator().manual_seed(0))
+    assert len(set(t.tolist())) > 8 and t.min() >= 0 and t.max() < 1000
+    again = L.sample_timesteps(16, 1000, "pair", torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+    with pytest.raises(ValueError):
+        L.sample_timesteps(4, 1000, "step", g)
+
+
+def test_unknown_weighting_is_an_error():
+    e = torch.zeros(2)
+    with pytest.raises(ValueError):
+        L.rpo_loss(e, e, e, e, torch.eye(2), 1.0, "sideways")
