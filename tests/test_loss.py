@@ -128,7 +128,8 @@ def test_weights_rows_sum_to_one_and_carry_no_gradient():
 
 
 def test_weights_become_one_hot_on_nearest_loser_as_tau_goes_to_zero():
-    emb_w, emb_l = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), torch.randn(5, 8)
+    g = torch.Generator().manual_seed(0)
+    emb_w, emb_l = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     w = L.rpo_weights(emb_w, emb_l, 1e-4)
     cos = torch.nn.functional.normalize(emb_w, dim=1) @ torch.nn.functional.normalize(emb_l, dim=1).T
     assert torch.equal(w.argmax(dim=1), cos.argmax(dim=1))

@@ -1,0 +1,307 @@
+"""
+Load or build the diffusion stack: the trainable policy UNet ε_θ, the frozen reference
+UNet ε_ref, the frozen VAE and text encoder(s), the noise scheduler, and the CLIP model
+that embeds samples for the RPO weights (E5).
+
+Presets
+  sd15     Stable Diffusion 1.5, hub id stable-diffusion-v1-5/stable-diffusion-v1-5
+  sdxl     SDXL base 1.0,        hub id stabilityai/stable-diffusion-xl-base-1.0
+           (both: --pretrained PATH_OR_ID points at another id or a local diffusers folder)
+  tiny     built in code, no download: the SD1.5 path (one CLIP text encoder, a
+           UNet2DConditionModel, DDPM noise) in *pixel space* at 16x16 — no VAE, the
+           "latents" are the images in [-1, 1]. Small enough to pretrain on a CPU in minutes,
+           which a random VAE would make impossible (its latents would mean nothing).
+  tiny-xl  built in code: the whole SDXL path — two text encoders (penultimate hidden
+           states concatenated, pooled embedding of the second), add_time_ids from each
+           image's original size and crop corner, and a tiny random AutoencoderKL — at 32x32
+           pixels / 16x16x4 latents. Random weights: it exercises code, it learns nothing.
+The tiny components are built from a fixed seed, so every process that builds them gets the
+same frozen text encoder; only the UNet is ever trained and saved.
+"""
+import copy
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+diffusers_logging.set_verbosity_error()  # silences a dtype-cast notice on every .to()
+
+PRESETS = {
+    "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", xl=False, resolution=512),
+    "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0", xl=True, resolution=1024),
+    "tiny": dict(pretrained=None, xl=False, resolution=16),
+    "tiny-xl": dict(pretrained=None, xl=True, resolution=32),
+}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TINY_SEED = 0  # the tiny presets' frozen parts must be identical in every process
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny components, built in code
+def tiny_tokenizer(max_length=16):
+    """A real CLIPTokenizer (byte-level BPE) with a small vocabulary: every byte, plus
+    whole-word tokens for the toy set's words (data.py), so toy prompts are ~10 tokens and
+    any other text still tokenizes, character by character."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from data import BACKGROUNDS, COLOURS, SHAPES
+
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + byte_chars + [c + "</w>" for c in byte_chars]
+    merges, seen = [], set(vocab)
+    words = ["a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS]
+    for word in words:  # a chain of merges (b,a) (ba,c) ... spells each word as one token
+        pieces = list(word)
+        pieces[-1] += "</w>"
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            if (cur, nxt) not in merges:
+                merges.append((cur, nxt))
+            cur += nxt
+            if cur not in seen:
+                vocab.append(cur)
+                seen.add(cur)
+    return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+
+
+def _tiny_text_config(vocab_size, max_length, hidden=32):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+                          projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def tiny_unet_config(xl):
+    # ~1M parameters. Pixel space (3 channels) for tiny, 4 latent channels for tiny-xl.
+    config = dict(sample_size=16, in_channels=4 if xl else 3, out_channels=4 if xl else 3,
+                  block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8)
+    if xl:  # SDXL's micro-conditioning: pooled text embedding + 6 time ids (E: SDXL paper §2.2)
+        config.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32)
+    return config
+
+
+def build_tiny(xl):
+    """Every component of a tiny preset, with fixed-seed random weights (no download)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        tokenizer = tiny_tokenizer()
+        text_config = _tiny_text_config(len(tokenizer), tokenizer.model_max_length)
+        parts = dict(unet=UNet2DConditionModel(**tiny_unet_config(xl)),
+                     tokenizers=[tokenizer], text_encoders=[CLIPTextModel(text_config)], vae=None)
+        if xl:
+            parts["tokenizers"].append(tiny_tokenizer())
+            parts["text_encoders"].append(CLIPTextModelWithProjection(text_config))
+            parts["vae"] = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
+                                         down_block_types=("DownEncoderBlock2D",) * 2,
+                                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    if xl:  # the SD/SDXL schedule, for latents
+        parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                           beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    else:  # DDPM's own linear schedule, which suits pixels (stronger noise at the end)
+        parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                           beta_start=1e-4, beta_end=0.02, clip_sample=False)
+    return parts
+
+
+# ---------------------------------------------------------------------------------------
+# Real components, from the hub or a local diffusers folder
+def _offline_exit(what, source, err):
+    # One clear line instead of a traceback: the usual cause is a machine without hub access.
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    raise SystemExit(f"error: cannot load the {what} from '{source}' ({reason}). Without hub access, download "
+                     f"the model once and pass --pretrained /path/to/folder (a diffusers layout with unet/, vae/, "
+                     f"text_encoder/, tokenizer/, scheduler/).")
+
+
+def load_real(source, xl):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    kw = dict(local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+    try:
+        parts = dict(
+            scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+            tokenizers=[CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)],
+            text_encoders=[CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)],
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw))
+        if xl:
+            parts["tokenizers"].append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw))
+            parts["text_encoders"].append(
+                CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw))
+    except (OSError, ValueError, EnvironmentError) as err:
+        _offline_exit("model", source, err)
+    return parts
+
+
+def load_unet(path):
+    """A UNet saved by train.py (or any diffusers unet/ folder): `path` may be the folder that
+    holds config.json or its parent with a unet/ inside."""
+    from diffusers import UNet2DConditionModel
+    if os.path.isdir(os.path.join(path, "unet")):
+        path = os.path.join(path, "unet")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: no UNet at '{path}' (expected a diffusers unet/ folder with config.json)")
+    return UNet2DConditionModel.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------
+# The one loader that train.py, sample.py and evaluate.py use
+def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mixed_precision="no",
+                gradient_checkpointing=False, reference=True):
+    """Returns a namespace with
+      unet       the policy ε_θ: fp32 master weights, train mode, requires grad
+      ref_unet   the reference ε_ref: a frozen copy of the *starting* UNet in the compute dtype,
+                 eval mode (None if reference=False, e.g. for SFT or sampling)
+      vae        frozen, or None for pixel space; text_encoders / tokenizers: frozen, lists
+                 (two for SDXL); scheduler: DDPMScheduler, the forward process q(z_t|z_0)
+      xl, resolution, dtype (compute dtype), device, vae_scale (s in z = s·VAE.encode(x))
+    """
+    if model not in PRESETS:
+        raise SystemExit(f"error: unknown --model {model!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[model]
+    dtype = DTYPES[mixed_precision]
+    if mixed_precision == "fp16" and str(device) == "cpu":
+        raise SystemExit("error: --mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
+    if preset["pretrained"] is None:
+        if pretrained:
+            raise SystemExit(f"error: --model {model} is built in code; --pretrained is for sd15/sdxl")
+        parts = build_tiny(preset["xl"])
+    else:
+        parts = load_real(pretrained or preset["pretrained"], preset["xl"])
+    if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference
+        parts["unet"] = load_unet(init_unet)
+
+    unet = parts["unet"].to(device).float().train()
+    try:  # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels)
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        unet.set_attn_processor(AttnProcessor2_0())
+    except ImportError:
+        pass
+    ref_unet = None
+    if reference:
+        # The reference is the frozen starting point of the policy (SPEC §1). Kept on the same
+        # device in the compute dtype: no CPU offload, half the memory of an fp32 copy.
+        ref_unet = copy.deepcopy(unet).to(dtype).eval().requires_grad_(False)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    frozen = lambda m: None if m is None else m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = parts["vae"]
+    if vae is not None:  # fp16 VAEs overflow (SDXL's notoriously); keep fp32 unless bf16
+        vae = vae.to(device=device, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        vae.eval().requires_grad_(False)
+    return SimpleNamespace(
+        name=model, xl=preset["xl"], resolution=preset["resolution"], unet=unet, ref_unet=ref_unet, vae=vae,
+        text_encoders=[frozen(te) for te in parts["text_encoders"]], tokenizers=parts["tokenizers"],
+        scheduler=parts["scheduler"], dtype=dtype, device=torch.device(device),
+        vae_scale=vae.config.scaling_factor if vae is not None else 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Conditioning, latents, and the noise prediction
+@torch.no_grad()
+def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1):
+    """Text conditioning for a list of prompts -> dict for predict_noise.
+
+    SD1.5: the text encoder's last hidden state. SDXL: the penultimate hidden states of both
+    encoders concatenated, the second encoder's pooled (projected) embedding, and
+    add_time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image.
+    repeat=2 gives the batch [winners; losers] for one list of prompts: the text is encoded
+    once, and original_sizes / crop_top_left (LongTensors (repeat·B, 2); default: the training
+    resolution and (0, 0)) give each image its own time ids.
+    """
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(m.device)
+        out = encoder(ids, output_hidden_states=m.xl)
+        hidden.append(out.hidden_states[-2] if m.xl else out[0])
+        if m.xl:
+            pooled = out[0]  # CLIPTextModelWithProjection's text_embeds (the 2nd encoder's)
+    cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).repeat(repeat, 1, 1)}
+    if m.xl:
+        B, R = repeat * len(prompts), m.resolution
+        pooled = pooled.repeat(repeat, 1)
+        if original_sizes is None:
+            original_sizes = torch.tensor([[R, R]] * B)
+        if crop_top_left is None:
+            crop_top_left = torch.zeros(B, 2, dtype=torch.long)
+        target = torch.tensor([[R, R]] * B)
+        time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(m.device, m.dtype)
+        cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    return cond
+
+
+@torch.no_grad()
+def encode_images(m, images, generator=None):
+    """Images in [-1, 1] (B,3,H,W) -> latents z = s · VAE.encode(x) (SPEC §1), fp32.
+    Pixel-space presets: z = x."""
+    if m.vae is None:
+        return images.to(m.device, torch.float32)
+    dist = m.vae.encode(images.to(m.device, m.vae.dtype)).latent_dist
+    return (dist.sample(generator=generator) * m.vae_scale).float()
+
+
+@torch.no_grad()
+def decode_latents(m, latents):
+    if m.vae is None:
+        return latents.float().clamp(-1, 1)
+    return m.vae.decode(latents.to(m.vae.dtype) / m.vae_scale).sample.float().clamp(-1, 1)
+
+
+def predict_noise(unet, noisy_latents, t, cond):
+    """ε_θ(z_t, t, c) (or v, for a v-prediction scheduler): the one call that training (policy
+    and reference) and sampling share. Inputs are cast to the UNet's dtype; under autocast the
+    fp32 policy still runs its matmuls in the compute dtype."""
+    dtype = unet.dtype
+    added = cond.get("added_cond_kwargs")
+    if added is not None:
+        added = {k: v.to(dtype) for k, v in added.items()}
+    return unet(noisy_latents.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                added_cond_kwargs=added, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The CLIP model behind the RPO weights (E5)
+def load_embedder(name="tiny", device="cpu"):
+    """CLIP in the joint text-image space, for f(c, x) (E5). `name`: a hub id or local folder
+    (default for real presets: openai/clip-vit-large-patch14), or "tiny" for a built-in
+    random CLIP that keeps the tiny presets offline. Returns (model, tokenizer)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED + 1)
+            tokenizer = tiny_tokenizer()
+            config = CLIPConfig(
+                text_config=_tiny_text_config(len(tokenizer), tokenizer.model_max_length).to_dict(),
+                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   image_size=16, patch_size=4, projection_dim=32),
+                projection_dim=32)
+            model = CLIPModel(config)
+    else:
+        kw = dict(local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        try:
+            model, tokenizer = CLIPModel.from_pretrained(name, **kw), CLIPTokenizer.from_pretrained(name, **kw)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: cannot load the CLIP embedder '{name}' ({str(err).splitlines()[0][:160]}). "
+                             f"Download it once and pass --embed_model /path/to/folder, or use --loss dpo.")
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def unet_size(unet):
+    return sum(p.numel() for p in unet.parameters())
+
+
+if __name__ == "__main__":  # python model.py tiny: build a preset and print its parts
+    m = load_models(sys.argv[1] if len(sys.argv) > 1 else "tiny")
+    print(json.dumps({"preset": m.name, "unet_params": unet_size(m.unet), "xl": m.xl, "resolution": m.resolution,
+                      "vae": m.vae is not None, "text_encoders": len(m.text_encoders)}))

@@ -1,0 +1,344 @@
+"""
+Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop.
+
+    python train.py                                  # RPO on the tiny preset and toy set, CPU, minutes
+    python train.py --model sd15 --pretrained /models/sd15 --data pairs.jsonl --mixed_precision bf16 \
+                    --gradient_checkpointing --batch_size 8 --grad_accum 32
+
+Reads top to bottom: flags; models; data; the loss of one micro-batch (E1..E9 of
+../shared/SPEC.md, via loss.py); checkpoints; the loop. Each optimizer step draws its
+timesteps and noise from a generator seeded by (seed, step, micro-batch), and each item's
+crop and flip from (seed, epoch, index), so a resumed run replays the same randomness as an
+uninterrupted one without any hidden RNG state.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import data
+import loss as L
+import model as M
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py)")
+    g.add_argument("--pretrained", "--pretrained_model_name_or_path", default=None,
+                   help="hub id or local diffusers folder for sd15/sdxl (default: the preset's hub id)")
+    g.add_argument("--init", default=None, help="start policy and reference from this saved unet/ folder")
+    g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="toy", help="toy (pairs), toy-base (single images, for --loss sft), or a .jsonl manifest")
+    g.add_argument("--resolution", type=int, default=None, help="default: the preset's")
+    g.add_argument("--style", default="winter", choices=list(data.STYLES), help="toy set: the preferred style")
+    g.add_argument("--style_fraction", type=float, default=1 / 3, help="toy-base: share of styled images")
+    g.add_argument("--num_items", type=int, default=8192, help="toy sets: items per epoch")
+    g.add_argument("--random_crop", action="store_true", help="random instead of centre crop (same for winner and loser)")
+    g.add_argument("--random_flip", action="store_true", help="random horizontal flip (same for winner and loser)")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--embed", default="mean", choices=["mean", "text", "image"], help="E5: what f(c, x) embeds")
+    g.add_argument("--embed_model", default=None,
+                   help="CLIP for E5 (default: built-in tiny CLIP for tiny presets, else openai/clip-vit-large-patch14)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--loss", default="rpo", choices=["rpo", "dpo", "sft"])
+    g.add_argument("--beta", type=float, default=5000.0, help="E3/E4: logit = -(beta/2)·Δ")
+    g.add_argument("--tau", type=float, default=0.5, help="E6: softmax temperature of the RPO weights")
+    g.add_argument("--rpo_weighting", default="outside", choices=["outside", "inside"], help="E7: paper form or LLM-RPO code form")
+    g.add_argument("--timesteps", default=None, choices=["batch", "pair"],
+                   help="E8: one t per micro-batch or per pair (default: batch for rpo, pair otherwise)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=8, help="pairs per device per micro-batch (RPO contrasts B×B)")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=2.048e-5)
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
+    g.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_eps", type=float, default=1e-8)
+    g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--out_dir", default="out/rpo-tiny")
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bar (logs only)")
+    args = p.parse_args(argv)
+    args.timesteps = args.timesteps or ("batch" if args.loss == "rpo" else "pair")
+    if args.embed_model is None:
+        args.embed_model = "tiny" if M.PRESETS[args.model]["pretrained"] is None else "openai/clip-vit-large-patch14"
+    for name in ("batch_size", "grad_accum", "max_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.tau <= 0:
+        p.error("--tau must be positive")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: diffusers unet/ layout + optimizer tensors in safetensors + JSON; no pickle.
+def optimizer_to_tensors(optimizer):
+    sd = optimizer.state_dict()
+    tensors = {f"{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    return tensors, sd["param_groups"]
+
+
+def optimizer_from_tensors(optimizer, tensors, param_groups):
+    state = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save_checkpoint(path, unet, optimizer, scaler, state, keep=None):
+    """Write everything into PATH.tmp, then rename: a crash mid-write never leaves a
+    half-written checkpoint that --resume would pick up."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+    tensors, param_groups = optimizer_to_tensors(optimizer)
+    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, os.path.join(tmp, "rng.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(dict(state, param_groups=param_groups, scaler=scaler.state_dict() if scaler.is_enabled() else None), f, indent=1)
+    if os.path.exists(path):  # re-saving the same step: swap the old one out first
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+    if keep:
+        for old in sorted(glob.glob(os.path.join(os.path.dirname(path), "checkpoint-*[0-9]")))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir):
+    found = sorted(glob.glob(os.path.join(out_dir, "checkpoint-*[0-9]")))
+    return found[-1] if found else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # -----------------------------------------------------------------------------------
+    # Models: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text encoder(s).
+    m = M.load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
+                      args.gradient_checkpointing, reference=args.loss != "sft")
+    resolution = args.resolution or m.resolution
+    pred_type = m.scheduler.config.prediction_type
+    if pred_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"error: unsupported scheduler prediction_type {pred_type!r}")
+    embedder = M.load_embedder(args.embed_model, device) if args.loss == "rpo" else None
+
+    # -----------------------------------------------------------------------------------
+    # Data: preference pairs (or single images for SFT on toy-base).
+    try:
+        dataset = data.build_dataset(args.data, resolution, seed=args.seed, style=args.style,
+                                     style_fraction=args.style_fraction, random_crop=args.random_crop,
+                                     random_flip=args.random_flip, num_items=args.num_items)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
+    if args.loss != "sft" and isinstance(dataset, data.ToyImages):
+        raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}")
+    skip_counts = dict(getattr(dataset, "skip_counts", {}))  # manifest-level skips, counted at load
+
+    def data_stream(epoch, batch_in_epoch):
+        """Batches of item indices in a per-epoch permutation seeded by (seed, epoch); resuming
+        at (epoch, batch_in_epoch) replays exactly the batches an uninterrupted run would see."""
+        while True:
+            dataset.epoch = epoch
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).tolist()
+            batches = [order[i:i + args.batch_size] for i in range(0, len(order) - args.batch_size + 1, args.batch_size)]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[batch_in_epoch:],
+                                                 collate_fn=data.collate_pairs, num_workers=args.num_workers)
+            for batch in loader:
+                batch_in_epoch += 1
+                yield epoch, batch_in_epoch, batch
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    # -----------------------------------------------------------------------------------
+    # The loss of one micro-batch.
+    autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
+
+    def micro_batch_loss(batch, generator):
+        prompts, B = batch["prompt"], len(batch["prompt"])
+        pairs = args.loss != "sft"
+        images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
+        with torch.no_grad():
+            # SPEC §1: z = s·VAE.encode(x) (the images themselves for pixel-space presets).
+            latents = M.encode_images(m, images, generator)
+            sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
+            crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
+            cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
+            # E8: t and ε for this micro-batch; winner i and loser i share both (.repeat(2)).
+            t = L.sample_timesteps(B, m.scheduler.config.num_train_timesteps, args.timesteps, generator, m.device)
+            noise = L.sample_noise(latents[:B].shape, generator, m.device)
+            if pairs:
+                t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
+            # q(z_t | z_0): z_t = sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε
+            noisy = m.scheduler.add_noise(latents, noise, t)
+            target = noise if pred_type == "epsilon" else m.scheduler.get_velocity(latents, noise, t)
+        with autocast:
+            pred = M.predict_noise(m.unet, noisy, t, cond)
+        err = L.denoising_error(pred, target)  # E1 for the policy
+        if not pairs:
+            return L.sft_loss(err)  # E9
+        with torch.no_grad(), autocast:
+            ref_err = L.denoising_error(M.predict_noise(m.ref_unet, noisy, t, cond), target)  # E1, reference
+        err_w, err_l = err.chunk(2)
+        ref_w, ref_l = ref_err.chunk(2)
+        if args.loss == "dpo":
+            return L.dpo_loss(err_w, err_l, ref_w, ref_l, args.beta)  # E3
+        emb_w = data.clip_embeddings(*embedder, prompts, batch["winner"], args.embed)  # E5
+        emb_l = data.clip_embeddings(*embedder, prompts, batch["loser"], args.embed)
+        weights = L.rpo_weights(emb_w, emb_l, args.tau)  # E6
+        return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, args.beta, args.rpo_weighting)  # E4, E7
+
+    # -----------------------------------------------------------------------------------
+    # Optimizer, and where to start.
+    params = [p for p in m.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
+    step, epoch, batch_in_epoch = 0, 0, 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.resume:
+        ckpt = latest_checkpoint(args.out_dir) if args.resume == "latest" else args.resume
+        if ckpt is None or not os.path.isfile(os.path.join(ckpt, "state.json")):
+            raise SystemExit(f"error: --resume found no checkpoint in '{ckpt or args.out_dir}'")
+        with open(os.path.join(ckpt, "state.json")) as f:
+            state = json.load(f)
+        for key in ("model", "init", "loss"):  # the reference must be the same starting UNet
+            if state["args"][key] != getattr(args, key):
+                raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {state['args'][key]}, not {getattr(args, key)}")
+        m.unet.load_state_dict(load_file(os.path.join(ckpt, "unet", "diffusion_pytorch_model.safetensors"), device=str(m.device)))
+        optimizer_from_tensors(optimizer, load_file(os.path.join(ckpt, "optimizer.safetensors"), device=str(m.device)),
+                               state["param_groups"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rng = load_file(os.path.join(ckpt, "rng.safetensors"))
+        torch.set_rng_state(rng["torch_cpu"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        skip_counts = state.get("skip_counts", skip_counts)
+        print(f"resumed from {ckpt} at step {step}")
+
+    def checkpoint(path, keep=None):
+        state = dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skip_counts=skip_counts, args=vars(args),
+                     rng="timesteps/noise: Generator(seed, step, micro-batch); crops: (seed, epoch, index)")
+        save_checkpoint(path, m.unet, optimizer, scaler, state, keep)
+
+    print(f"training {args.loss} on {args.model} ({M.unet_size(m.unet) / 1e6:.1f}M-parameter UNet) on {m.device}, "
+          f"{args.batch_size}×{args.grad_accum} pairs/step, data {args.data} ({len(dataset)} items)")
+
+    # -----------------------------------------------------------------------------------
+    # The loop.
+    stream = data_stream(epoch, batch_in_epoch)
+    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
+    bad_steps, last_epoch = 0, epoch
+    while step < args.max_steps:
+        t0 = time.time()
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums, n_pairs, n_micro, finite = {}, 0, 0, True
+        for micro in range(args.grad_accum):
+            epoch, batch_in_epoch, batch = next(stream)
+            for reason in batch["skipped"]:  # corrupt images found while decoding
+                kind = " ".join(reason.split(" ")[:2])  # e.g. "corrupt image"
+                skip_counts[kind] = skip_counts.get(kind, 0) + 1
+            if batch["winner"] is None or len(batch["prompt"]) == 0:
+                continue
+            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009 + micro)
+            loss, metrics = micro_batch_loss(batch, generator)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            scaler.scale(loss / args.grad_accum).backward()
+            for k, v in dict(metrics, loss=loss.item()).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_pairs += len(batch["prompt"])
+            n_micro += 1
+        if epoch != last_epoch and skip_counts:
+            print(f"epoch {last_epoch} done; skipped so far: {skip_counts}")
+        last_epoch = epoch
+        if not finite or n_pairs == 0:
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            print(f"warning: step {step}: {'non-finite loss' if not finite else 'no usable pairs'}; step skipped")
+            if bad_steps >= args.max_bad_steps:
+                checkpoint(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
+                raise SystemExit(f"error: {bad_steps} bad steps in a row at step {step} (NaN/inf loss or no data); "
+                                 f"weights before them saved in {args.out_dir}/checkpoint-{step:06d}; try a lower --lr")
+            continue
+        bad_steps = 0
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        record = {k: v / n_micro for k, v in sums.items()}
+        record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
+                            pairs_s=f"{record['pairs_per_s']:.1f}")
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            checkpoint(os.path.join(args.out_dir, f"checkpoint-{step:06d}"), keep=args.keep_checkpoints)
+
+    # -----------------------------------------------------------------------------------
+    # The end: a last checkpoint (resumable) and OUT_DIR/unet (for sample.py and the
+    # stock diffusers pipelines), hard-linked to the checkpoint's weights to save disk.
+    if bar is not None:
+        bar.close()
+    metrics_file.close()
+    final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
+    checkpoint(final, keep=args.keep_checkpoints)
+    unet_dir, tmp = os.path.join(args.out_dir, "unet"), os.path.join(args.out_dir, "unet.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(os.path.join(final, "unet")):
+        src = os.path.join(final, "unet", name)
+        try:
+            os.link(src, os.path.join(tmp, name))
+        except OSError:
+            shutil.copy2(src, os.path.join(tmp, name))
+    shutil.rmtree(unet_dir, ignore_errors=True)
+    os.rename(tmp, unet_dir)
+    if skip_counts:
+        print(f"skipped (counted): {skip_counts}")
+    print(f"done: {step} steps; UNet in {unet_dir}")
+    return m
+
+
+if __name__ == "__main__":
+    main()
