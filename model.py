@@ -15,6 +15,8 @@ Presets
            states concatenated, pooled embedding of the second), add_time_ids from each
            image's original size and crop corner, and a tiny random AutoencoderKL — at 32x32
            pixels / 16x16x4 latents. Random weights: it exercises code, it learns nothing.
+  tiny-sd  the SD1.5 path *with* that tiny VAE (32x32 pixels, 16x16x4 latents): what the
+           stock StableDiffusionPipeline tests load. Random weights too.
 The tiny components are built from a fixed seed, so every process that builds them gets the
 same frozen text encoder; only the UNet is ever trained and saved.
 """
@@ -32,8 +34,9 @@ diffusers_logging.set_verbosity_error()  # silences a dtype-cast notice on every
 PRESETS = {
     "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", xl=False, resolution=512),
     "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0", xl=True, resolution=1024),
-    "tiny": dict(pretrained=None, xl=False, resolution=16),
-    "tiny-xl": dict(pretrained=None, xl=True, resolution=32),
+    "tiny": dict(pretrained=None, xl=False, resolution=16, vae=False),
+    "tiny-sd": dict(pretrained=None, xl=False, resolution=32, vae=True),
+    "tiny-xl": dict(pretrained=None, xl=True, resolution=32, vae=True),
 }
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_SEED = 0  # the tiny presets' frozen parts must be identical in every process
@@ -74,9 +77,9 @@ def _tiny_text_config(vocab_size, max_length, hidden=32):
                           projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
-def tiny_unet_config(xl):
-    # ~1M parameters. Pixel space (3 channels) for tiny, 4 latent channels for tiny-xl.
-    config = dict(sample_size=16, in_channels=4 if xl else 3, out_channels=4 if xl else 3,
+def tiny_unet_config(xl, vae):
+    # ~1M parameters. Pixel space (3 channels) for tiny, 4 latent channels with a VAE.
+    config = dict(sample_size=16, in_channels=4 if vae else 3, out_channels=4 if vae else 3,
                   block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -87,7 +90,7 @@ def tiny_unet_config(xl):
     return config
 
 
-def build_tiny(xl):
+def build_tiny(xl, vae):
     """Every component of a tiny preset, with fixed-seed random weights (no download)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -96,15 +99,16 @@ def build_tiny(xl):
         torch.manual_seed(TINY_SEED)
         tokenizer = tiny_tokenizer()
         text_config = _tiny_text_config(len(tokenizer), tokenizer.model_max_length)
-        parts = dict(unet=UNet2DConditionModel(**tiny_unet_config(xl)),
+        parts = dict(unet=UNet2DConditionModel(**tiny_unet_config(xl, vae)),
                      tokenizers=[tokenizer], text_encoders=[CLIPTextModel(text_config)], vae=None)
         if xl:
             parts["tokenizers"].append(tiny_tokenizer())
             parts["text_encoders"].append(CLIPTextModelWithProjection(text_config))
+        if vae:
             parts["vae"] = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
                                          down_block_types=("DownEncoderBlock2D",) * 2,
                                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    if xl:  # the SD/SDXL schedule, for latents
+    if vae:  # the SD/SDXL schedule, for latents
         parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                            beta_start=0.00085, beta_end=0.012, clip_sample=False)
     else:  # DDPM's own linear schedule, which suits pixels (stronger noise at the end)
@@ -175,7 +179,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
     if preset["pretrained"] is None:
         if pretrained:
             raise SystemExit(f"error: --model {model} is built in code; --pretrained is for sd15/sdxl")
-        parts = build_tiny(preset["xl"])
+        parts = build_tiny(preset["xl"], preset["vae"])
     else:
         parts = load_real(pretrained or preset["pretrained"], preset["xl"])
     if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference
