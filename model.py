@@ -38,6 +38,22 @@ PRESETS = {
     "tiny-sd": dict(pretrained=None, xl=False, resolution=32, vae=True),
     "tiny-xl": dict(pretrained=None, xl=True, resolution=32, vae=True),
 }
+# The real presets' UNet architectures (their unet/config.json, non-default fields), so that
+# bench.py can build them with random weights and no download. Text-encoder outputs they
+# expect: sd15 hidden states (B, 77, 768); sdxl (B, 77, 2048) plus pooled (B, 1280) and 6 time ids.
+ARCHITECTURES = {
+    "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=768, attention_head_dim=8),
+    "sdxl": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+TEXT_SHAPES = {"sd15": dict(tokens=77, hidden=768), "sdxl": dict(tokens=77, hidden=2048, pooled=1280)}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_SEED = 0  # the tiny presets' frozen parts must be identical in every process
 
@@ -110,10 +126,14 @@ def build_tiny(xl, vae):
                                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
     if vae:  # the SD/SDXL schedule, for latents
         parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                           beta_start=0.00085, beta_end=0.012, clip_sample=False)
+                                           beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                           timestep_spacing="leading", steps_offset=1)
     else:  # DDPM's own linear schedule, which suits pixels (stronger noise at the end)
         parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                           beta_start=1e-4, beta_end=0.02, clip_sample=False)
+                                           beta_start=1e-4, beta_end=0.02, clip_sample=False,
+                                           timestep_spacing="leading", steps_offset=1)
+    # (spacing and offset set explicitly, as the real SD/SDXL configs do: unset, each sampling
+    # scheduler built with from_config would pick its own default)
     return parts
 
 
@@ -161,7 +181,7 @@ def load_unet(path):
 # ---------------------------------------------------------------------------------------
 # The one loader that train.py, sample.py and evaluate.py use
 def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mixed_precision="no",
-                gradient_checkpointing=False, reference=True):
+                gradient_checkpointing=False, reference=True, random_unet=False):
     """Returns a namespace with
       unet       the policy ε_θ: fp32 master weights, train mode, requires grad
       ref_unet   the reference ε_ref: a frozen copy of the *starting* UNet in the compute dtype,
@@ -169,6 +189,8 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
       vae        frozen, or None for pixel space; text_encoders / tokenizers: frozen, lists
                  (two for SDXL); scheduler: DDPMScheduler, the forward process q(z_t|z_0)
       xl, resolution, dtype (compute dtype), device, vae_scale (s in z = s·VAE.encode(x))
+    random_unet=True (bench.py): a real preset's UNet built from ARCHITECTURES with random
+    weights, no VAE and no text encoders (the caller feeds latents and text states directly).
     """
     if model not in PRESETS:
         raise SystemExit(f"error: unknown --model {model!r}; choose from {', '.join(PRESETS)}")
@@ -180,6 +202,11 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         if pretrained:
             raise SystemExit(f"error: --model {model} is built in code; --pretrained is for sd15/sdxl")
         parts = build_tiny(preset["xl"], preset["vae"])
+    elif random_unet:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        parts = dict(unet=UNet2DConditionModel(**ARCHITECTURES[model]), vae=None, text_encoders=[], tokenizers=[],
+                     scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                             beta_start=0.00085, beta_end=0.012, clip_sample=False))
     else:
         parts = load_real(pretrained or preset["pretrained"], preset["xl"])
     if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference

@@ -12,6 +12,7 @@ crop and flip from (seed, epoch, index), so a resumed run replays the same rando
 uninterrupted one without any hidden RNG state.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     g.add_argument("--style", default="winter", choices=list(data.STYLES), help="toy set: the preferred style")
     g.add_argument("--style_fraction", type=float, default=1 / 3, help="toy-base: share of styled images")
     g.add_argument("--num_items", type=int, default=8192, help="toy sets: items per epoch")
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="share of prompts replaced by '' (teaches the unconditional model that guidance needs)")
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop (same for winner and loser)")
     g.add_argument("--random_flip", action="store_true", help="random horizontal flip (same for winner and loser)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -132,6 +135,39 @@ def latest_checkpoint(out_dir):
     return found[-1] if found else None
 
 
+# ---------------------------------------------------------------------------------------
+# The loss of one micro-batch, from latents and conditioning on: shared by train.py, the
+# cached-data path and bench.py, so what is benchmarked is what is trained.
+def diffusion_loss(m, latents, cond, generator, loss="rpo", timesteps="batch", beta=5000.0, weights=None,
+                   rpo_weighting="outside", autocast=contextlib.nullcontext()):
+    """latents: [winners; losers] (2B, C, H, W) for rpo/dpo, winners (B, ...) for sft; cond for
+    the same rows. weights: the B×B RPO weights (E6). Returns (loss, metrics) as loss.py does."""
+    pairs = loss != "sft"
+    B = latents.shape[0] // 2 if pairs else latents.shape[0]
+    with torch.no_grad():
+        # E8: t and ε for this micro-batch; winner i and loser i share both (.repeat(2)).
+        t = L.sample_timesteps(B, m.scheduler.config.num_train_timesteps, timesteps, generator, latents.device)
+        noise = L.sample_noise(latents[:B].shape, generator, latents.device)
+        if pairs:
+            t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
+        # q(z_t | z_0): z_t = sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε
+        noisy = m.scheduler.add_noise(latents, noise, t)
+        v_pred = m.scheduler.config.prediction_type == "v_prediction"
+        target = m.scheduler.get_velocity(latents, noise, t) if v_pred else noise
+    with autocast:
+        pred = M.predict_noise(m.unet, noisy, t, cond)
+    err = L.denoising_error(pred, target)  # E1 for the policy
+    if not pairs:
+        return L.sft_loss(err)  # E9
+    with torch.no_grad(), autocast:
+        ref_err = L.denoising_error(M.predict_noise(m.ref_unet, noisy, t, cond), target)  # E1, reference
+    err_w, err_l = err.chunk(2)
+    ref_w, ref_l = ref_err.chunk(2)
+    if loss == "dpo":
+        return L.dpo_loss(err_w, err_l, ref_w, ref_l, beta)  # E3
+    return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, beta, rpo_weighting)  # E4, E7
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -144,7 +180,7 @@ def main(argv=None):
     # Models: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text encoder(s).
     m = M.load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
                       args.gradient_checkpointing, reference=args.loss != "sft")
-    resolution = args.resolution or m.resolution
+    resolution = m.resolution = args.resolution or m.resolution  # also SDXL's target size in the time ids
     pred_type = m.scheduler.config.prediction_type
     if pred_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"error: unsupported scheduler prediction_type {pred_type!r}")
@@ -184,6 +220,9 @@ def main(argv=None):
 
     def micro_batch_loss(batch, generator):
         prompts, B = batch["prompt"], len(batch["prompt"])
+        if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
+            drop = torch.rand(B, generator=generator) < args.caption_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         pairs = args.loss != "sft"
         images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
         with torch.no_grad():
@@ -192,29 +231,13 @@ def main(argv=None):
             sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
             crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
             cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
-            # E8: t and ε for this micro-batch; winner i and loser i share both (.repeat(2)).
-            t = L.sample_timesteps(B, m.scheduler.config.num_train_timesteps, args.timesteps, generator, m.device)
-            noise = L.sample_noise(latents[:B].shape, generator, m.device)
-            if pairs:
-                t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
-            # q(z_t | z_0): z_t = sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε
-            noisy = m.scheduler.add_noise(latents, noise, t)
-            target = noise if pred_type == "epsilon" else m.scheduler.get_velocity(latents, noise, t)
-        with autocast:
-            pred = M.predict_noise(m.unet, noisy, t, cond)
-        err = L.denoising_error(pred, target)  # E1 for the policy
-        if not pairs:
-            return L.sft_loss(err)  # E9
-        with torch.no_grad(), autocast:
-            ref_err = L.denoising_error(M.predict_noise(m.ref_unet, noisy, t, cond), target)  # E1, reference
-        err_w, err_l = err.chunk(2)
-        ref_w, ref_l = ref_err.chunk(2)
-        if args.loss == "dpo":
-            return L.dpo_loss(err_w, err_l, ref_w, ref_l, args.beta)  # E3
-        emb_w = data.clip_embeddings(*embedder, prompts, batch["winner"], args.embed)  # E5
-        emb_l = data.clip_embeddings(*embedder, prompts, batch["loser"], args.embed)
-        weights = L.rpo_weights(emb_w, emb_l, args.tau)  # E6
-        return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, args.beta, args.rpo_weighting)  # E4, E7
+        weights = None
+        if args.loss == "rpo":
+            emb_w = data.clip_embeddings(*embedder, prompts, batch["winner"], args.embed)  # E5
+            emb_l = data.clip_embeddings(*embedder, prompts, batch["loser"], args.embed)
+            weights = L.rpo_weights(emb_w, emb_l, args.tau)  # E6
+        return diffusion_loss(m, latents, cond, generator, args.loss, args.timesteps, args.beta, weights,
+                              args.rpo_weighting, autocast)
 
     # -----------------------------------------------------------------------------------
     # Optimizer, and where to start.

@@ -1,0 +1,216 @@
+"""
+Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs and MFU.
+
+    python bench.py --model tiny --loss rpo --batch_size 8                       # CPU
+    python bench.py --model sdxl --init random --loss rpo --batch_size 4 --resolution 1024 \
+                    --mixed_precision bf16 --gradient_checkpointing --optimizer adamw_fused
+    python bench.py --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
+
+The step is train.diffusion_loss (what train.py runs) plus backward and the optimizer: policy
+forward+backward on [winners; losers], reference forward, E1/E3/E7. UNets are built from their
+architecture (model.ARCHITECTURES) with random weights and fed random latents and text states
+of the right shapes: no download, and no VAE/text-encoder/CLIP time (train.py can skip those
+with cached data). FLOPs are counted with torch.utils.flop_counter on one eager step without
+gradient checkpointing (model FLOPs: recomputation is not useful work), and MFU divides them by
+the step time and the GPU's dense bf16 peak.
+"""
+import argparse
+import contextlib
+import gc
+import json
+import math
+import time
+
+import torch
+
+import loss as L
+import model as M
+import train
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+               "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", choices=list(M.PRESETS))
+    p.add_argument("--init", default="random", help="random (architecture only) or a saved unet/ folder")
+    p.add_argument("--loss", default="rpo", choices=["rpo", "dpo", "sft"])
+    p.add_argument("--batch_size", type=int, default=8, help="pairs per step")
+    p.add_argument("--resolution", type=int, default=None, help="default: the preset's")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy and reference UNets")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--preset", default=None, choices=["dpo-reference"],
+                   help="also run the official Diffusion-DPO SDXL setup and print the speed ratio")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON line per configuration")
+    return p.parse_args(argv)
+
+
+def make_optimizer(name, params, lr=1e-5):
+    if name in ("adamw", "adamw_fused"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=name == "adamw_fused")
+    if name == "adafactor":  # what the Diffusion-DPO SDXL script uses, with the same settings
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=1e-2)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("error: --optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
+
+
+def fake_batch(m, name, B, R, generator):
+    """Random [winners; losers] latents, text conditioning and RPO weights of the right shapes."""
+    unet = m.unet
+    factor = 8 if name in ("sd15", "sdxl") else (2 if m.vae is not None else 1)
+    latents = torch.randn(2 * B, unet.config.in_channels, R // factor, R // factor, generator=generator).to(m.device)
+    if name in ("sd15", "sdxl"):
+        shape = M.TEXT_SHAPES[name]
+        hidden = torch.randn(B, shape["tokens"], shape["hidden"], generator=generator).repeat(2, 1, 1)
+        cond = {"encoder_hidden_states": hidden.to(m.device, m.dtype)}
+        if m.xl:
+            time_ids = torch.tensor([[R, R, 0, 0, R, R]] * 2 * B, dtype=torch.float32)
+            cond["added_cond_kwargs"] = {"text_embeds": torch.randn(B, shape["pooled"], generator=generator).repeat(2, 1).to(m.device, m.dtype),
+                                         "time_ids": time_ids.to(m.device, m.dtype)}
+    else:
+        cond = M.encode_prompts(m, ["a red circle on a black background"] * B, repeat=2)
+    weights = L.rpo_weights(torch.randn(B, 64, generator=generator), torch.randn(B, 64, generator=generator), 0.5)
+    return latents, cond, weights.to(m.device)
+
+
+def peak_tflops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def run(cfg):
+    """One configuration: build, warm up, time. Returns a dict of figures."""
+    device = torch.device(cfg["device"])
+    name, B = cfg["model"], cfg["batch_size"]
+    real = name in ("sd15", "sdxl")
+    m = M.load_models(name, init_unet=None if cfg["init"] == "random" else cfg["init"], device=str(device),
+                      mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
+                      reference=cfg["loss"] != "sft", random_unet=real and cfg["init"] == "random")
+    R = cfg["resolution"] or m.resolution
+    if cfg.get("offload_reference") and m.ref_unet is not None:
+        # The official Diffusion-DPO SDXL script's memory saver: the reference lives in CPU RAM and
+        # each submodule is copied to the GPU for its forward, every step.
+        from accelerate import cpu_offload
+        m.ref_unet = cpu_offload(m.ref_unet.to("cpu"), execution_device=device)
+    if cfg["channels_last"]:
+        m.unet.to(memory_format=torch.channels_last)
+        if m.ref_unet is not None:
+            m.ref_unet.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+    latents, cond, weights = fake_batch(m, name, B, R, generator)
+    if cfg["loss"] == "sft":
+        latents, cond = latents[:B], {k: (v[:B] if torch.is_tensor(v) else {kk: vv[:B] for kk, vv in v.items()})
+                                      for k, v in cond.items()}
+    params = [p for p in m.unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg["optimizer"], params)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] == "fp16")
+    autocast = torch.autocast(device.type, dtype=m.dtype, enabled=cfg["mixed_precision"] != "no")
+
+    def step():
+        loss, _ = train.diffusion_loss(m, latents, cond, generator, cfg["loss"], "batch", 5000.0, weights, "outside",
+                                       autocast)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    # FLOPs of one eager step, without recomputation (model FLOPs).
+    from torch.utils.flop_counter import FlopCounterMode
+    if cfg["gradient_checkpointing"]:
+        m.unet.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    if cfg["gradient_checkpointing"]:
+        m.unet.enable_gradient_checkpointing()
+    if cfg["compile"]:
+        m.unet = torch.compile(m.unet)
+        if m.ref_unet is not None:
+            m.ref_unet = torch.compile(m.ref_unet)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(cfg["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t0) / cfg["steps"]
+    result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1), ms_per_step=round(1e3 * seconds, 2),
+                  pairs_per_s=round(B / seconds, 3), tflops_per_step=round(flops / 1e12, 3),
+                  achieved_tflops=round(flops / seconds / 1e12, 1))
+    if device.type == "cuda":
+        result["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["gpu"] = torch.cuda.get_device_name(device)
+        peak = peak_tflops(device)
+        result["mfu"] = round(flops / seconds / (peak * 1e12), 4) if peak else None
+    del m, optimizer, latents, cond
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def show(result, as_json):
+    if as_json:
+        print(json.dumps(result), flush=True)
+        return
+    flags = [k for k in ("gradient_checkpointing", "compile", "channels_last", "offload_reference") if result.get(k)]
+    line = (f"{result['model']} {result['loss']} B={result['batch_size']} {result['resolution']}px "
+            f"{result['mixed_precision']} {result['optimizer']} {' '.join(flags)}: {result['ms_per_step']:.1f} ms/step, "
+            f"{result['pairs_per_s']:.2f} pairs/s, {1e3 * result['tflops_per_step']:.1f} GFLOP/step")
+    if "peak_mem_GiB" in result:
+        line += f", peak {result['peak_mem_GiB']:.1f} GiB"
+        if result.get("mfu") is not None:
+            line += f", MFU {100 * result['mfu']:.1f}%"
+    print(line, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cfg = {k: v for k, v in vars(args).items() if k not in ("preset", "json")}
+    cfg["device"] = device
+    ours = run(cfg)
+    show(ours, args.json)
+    if args.preset == "dpo-reference":
+        # Diffusion-DPO's official SDXL setup: fp32 master weights under fp16 autocast, reference
+        # UNet CPU-offloaded, Adafactor, gradient checkpointing, one pair per step.
+        ref_cfg = dict(cfg, mixed_precision="fp16", optimizer="adafactor", gradient_checkpointing=True,
+                       batch_size=1, compile=False, channels_last=False, offload_reference=True)
+        base = run(ref_cfg)
+        show(base, args.json)
+        ratio = ours["pairs_per_s"] / base["pairs_per_s"]
+        print(json.dumps({"speedup_vs_dpo_reference": round(ratio, 2)}) if args.json else
+              f"speed-up over the Diffusion-DPO reference setup: {ratio:.2f}x pairs/s", flush=True)
+    return ours
+
+
+if __name__ == "__main__":
+    main()

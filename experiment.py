@@ -1,0 +1,187 @@
+"""
+The toy Style Alignment experiment (SPEC §10) at CPU scale: pretrain a small base model,
+align it with SFT, DPO and RPO at equal step and pair budgets, sample held-out prompts,
+and score how much of the preferred style the samples show (style) and whether they still
+show the prompt (content).
+
+    python experiment.py                 # the demo: one seed, one lr; < 15 min on 2 CPU cores
+    python experiment.py --study full    # seeds × lr grid × variants: the README's table
+
+The data: prompts "a {colour} {shape} on a {background} background" (72 of them; 12 held out
+for evaluation, data.toy_prompts). Preferred image = the "winter" version of a render,
+dispreferred = the plain render, same prompt — the paper's Style Alignment set, built
+procedurally. The base model is pretrained (plain denoising, --loss sft) on single images of
+which a third carry the style with unchanged captions, so the preference pairs lie within the
+base model's distribution, as real Pick-a-Pic pairs do: a base that never saw the style makes
+DPO/RPO collapse (they meet the margin by raising the error on losers; see the issue notes in
+the README). Style and content are judged by a small CNN trained on procedural renders
+(evaluate.py), which must reach 95% held-out accuracy or the experiment stops.
+
+Everything is cached under --runs (default runs/): rerunning skips the base, finished
+alignment runs and their scores, so an interrupted study resumes where it stopped.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import data
+import evaluate
+import model as M
+import sample
+import train
+
+# The base model's pretraining recipe (cached under RUNS/base; a change retrains it).
+BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
+             "--batch_size", "64", "--max_steps", "1200", "--lr", "5e-4", "--warmup_steps", "100",
+             "--caption_dropout", "0.1", "--seed", "0"]
+# Alignment: the same step and pair budget for every method (300 steps × 8 pairs).
+ALIGN_ARGS = ["--model", "tiny", "--data", "toy", "--style", "winter", "--batch_size", "8", "--max_steps", "300"]
+VARIANTS = {  # label -> train.py flags
+    "sft": ["--loss", "sft"],
+    "dpo": ["--loss", "dpo"],
+    "rpo τ=0.1": ["--loss", "rpo", "--tau", "0.1"],
+    "rpo τ=0.5": ["--loss", "rpo", "--tau", "0.5"],
+    "rpo τ=0.5 inside": ["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
+    "rpo τ=0.5 text": ["--loss", "rpo", "--tau", "0.5", "--embed", "text"],
+}
+STUDIES = {
+    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-5], seeds=[0]),
+    "full": dict(variants=list(VARIANTS), lrs=[3e-6, 1e-5, 3e-5], seeds=[0, 1, 2]),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="demo", choices=list(STUDIES))
+    p.add_argument("--runs", default="runs", help="where base, runs and results are cached")
+    p.add_argument("--sample_seeds", type=int, default=8, help="sampling seeds per held-out prompt and training seed")
+    p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--curve_every", type=int, default=100, help="score checkpoints every N steps for the curves")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def slug(label):
+    return label.replace("τ=", "tau").replace(" ", "-")
+
+
+def pretrain_base(base_dir, device):
+    """Train the toy base once; a rerun with the same recipe reuses it."""
+    recipe = BASE_ARGS + ["--device", device]
+    done = os.path.join(base_dir, "recipe.json")
+    if os.path.exists(done) and json.load(open(done)) == recipe and os.path.isdir(os.path.join(base_dir, "unet")):
+        print(f"base: cached in {base_dir}")
+        return
+    t0 = time.time()
+    train.main(recipe + ["--out_dir", base_dir, "--no_progress", "--keep_checkpoints", "1"])
+    json.dump(recipe, open(done, "w"))
+    print(f"base: pretrained in {time.time() - t0:.0f}s")
+
+
+def sample_unet(unet_dir, prompts, seeds, args):
+    m = M.load_models("tiny", init_unet=unet_dir, device=args.device, reference=False)
+    return sample.generate(m, prompts, seeds, steps=args.sample_steps, guidance=args.guidance, scheduler="ddim")
+
+
+def score_unet(unet_dir, prompts, seeds, args, scorer):
+    """Sample the held-out prompts from one UNet and score them. Style = share of samples the
+    scorer calls styled; content = share showing the prompt's shape, colour and background."""
+    images = sample_unet(unet_dir, prompts, seeds, args)
+    scores = evaluate.score_toy(scorer, images, [p for p in prompts for _ in seeds])  # prompt-major
+    return {"style": float((scores["style"] > 0.5).float().mean()), "content": float(scores["content"].float().mean())}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    study = STUDIES[args.study]
+    out = os.path.join(args.runs, args.study)
+    os.makedirs(out, exist_ok=True)
+    base_dir = os.path.join(args.runs, "base")
+    t_start = time.time()
+    pretrain_base(base_dir, args.device)
+    scorer, accuracy = evaluate.load_toy_scorer("winter", 16, cache=os.path.join(args.runs, "toy_scorer.safetensors"))
+    prompts = data.toy_prompts("test")
+    sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]
+
+    # Scores are cached per UNet folder, so a rerun or an extended study only does new work.
+    cache_file = os.path.join(out, "scores.json")
+    cache = json.load(open(cache_file)) if os.path.exists(cache_file) else {}
+
+    def scored(unet_dir, seed, key):
+        if key not in cache:
+            cache[key] = score_unet(unet_dir, prompts, sample_seeds(seed), args, scorer)
+            json.dump(cache, open(cache_file, "w"), indent=1)
+        return cache[key]
+
+    rows = [{"model": "base", "lr": None, "per_seed": [scored(os.path.join(base_dir, "unet"), s, f"base/seed{s}")
+                                                       for s in study["seeds"]]}]
+    curves, style_points = {}, {}
+    for label in study["variants"]:
+        for lr in study["lrs"]:
+            per_seed = []
+            for seed in study["seeds"]:
+                run = os.path.join(out, slug(label), f"lr{lr:g}", f"seed{seed}")
+                if not os.path.exists(os.path.join(run, "unet", "config.json")):
+                    t0 = time.time()
+                    train.main(ALIGN_ARGS + VARIANTS[label] + [
+                        "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
+                        "--save_every", str(args.curve_every), "--keep_checkpoints", "100", "--out_dir", run,
+                        "--device", args.device, "--no_progress"])
+                    print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
+                per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
+                if seed == study["seeds"][0] and lr == study["lrs"][len(study["lrs"]) // 2]:
+                    # the curves: style over training steps, from the kept checkpoints
+                    name = f"{label} lr={lr:g}"
+                    curves[name] = run
+                    steps = sorted(int(d.split("-")[1]) for d in os.listdir(run) if d.startswith("checkpoint-"))
+                    style_points[name] = [(0, rows[0]["per_seed"][0]["style"])] + [
+                        (s, scored(os.path.join(run, f"checkpoint-{s:06d}", "unet"), seed, f"{run}@{s}")["style"])
+                        for s in steps]
+            rows.append({"model": label, "lr": lr, "per_seed": per_seed})
+
+    # ---------------------------------------------------------------------------------
+    # Table (mean ± std over training seeds), plots, grid.
+    table_rows = []
+    for row in rows:
+        entry = {"model": row["model"] + ("" if row["lr"] is None else f" lr={row['lr']:g}")}
+        for metric in ("style", "content"):
+            entry[metric] = evaluate.summarize([r[metric] for r in row["per_seed"]])
+        row.update({k: v for k, v in entry.items() if k != "model"})
+        table_rows.append(entry)
+    table = evaluate.markdown_table(table_rows, ["style", "content"])
+    print(f"\nheld-out prompts: {len(prompts)}, sampling seeds per prompt: {args.sample_seeds}, "
+          f"training seeds: {study['seeds']}, scorer accuracy: {accuracy}\n")
+    print(table)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    json.dump({"study": args.study, "rows": rows, "scorer_accuracy": accuracy, "prompts": prompts,
+               "base_recipe": BASE_ARGS, "align_args": ALIGN_ARGS, "sample_steps": args.sample_steps,
+               "guidance": args.guidance, "sample_seeds": args.sample_seeds},
+              open(os.path.join(out, "results.json"), "w"), indent=1)
+    evaluate.plot_curves(curves, os.path.join(out, "curves.png"), style_points=style_points)
+    if len(study["lrs"]) > 1:
+        points = {}
+        for row in rows[1:]:
+            points.setdefault(row["model"], []).append((row["lr"], *row["style"], *row["content"]))
+        evaluate.plot_tradeoff(points, os.path.join(out, "tradeoff.png"))
+    # The grid: rows base, then each method at the middle lr (first training seed); columns:
+    # the held-out prompts, one sampling seed, the same for every row.
+    mid_lr, seed = study["lrs"][len(study["lrs"]) // 2], study["seeds"][0]
+    unets = [os.path.join(base_dir, "unet")] + [os.path.join(out, slug(v), f"lr{mid_lr:g}", f"seed{seed}", "unet")
+                                                for v in study["variants"]]
+    images = torch.cat([sample_unet(u, prompts, [sample_seeds(seed)[0]], args) for u in unets])
+    sample.make_grid(data.tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
+        os.path.join(out, "grid.png"))
+    with open(os.path.join(out, "grid.txt"), "w") as f:
+        f.write("rows: base, " + ", ".join(f"{v} lr={mid_lr:g}" for v in study["variants"]) + "\ncolumns: " +
+                " | ".join(prompts) + "\n")
+    print(f"\nwrote {out}/results.md, results.json, curves.png{', tradeoff.png' if len(study['lrs']) > 1 else ''}"
+          f", grid.png in {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

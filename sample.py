@@ -1,0 +1,235 @@
+"""
+Sample images from the base or a trained UNet, with the stock diffusers samplers.
+
+    python sample.py --model tiny --unet out/rpo-tiny/unet --prompts toy-test --seeds 0-3 --out out/samples-rpo
+    python sample.py --model tiny --prompts toy-test --seeds 0-3 --out out/samples-base
+    python sample.py --model tiny --unet out/rpo-tiny/unet --prompts toy-test --out out/samples-rpo \
+                     --compare out/samples-base             # base | tuned, side by side, per (prompt, seed)
+
+Writes OUT/0000_seed0.png ..., OUT/samples.jsonl (one line per image) and OUT/grid.png
+(rows = prompts, columns = seeds). Image (prompt, seed) starts from the same noise as the stock
+StableDiffusion(XL)Pipeline given generator=torch.Generator("cpu").manual_seed(seed), and
+follows the same sampling loop, so a saved unet/ gives the same image here and there
+(tests/test_sample.py checks this to 1e-4).
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import model as M
+
+SCHEDULERS = ("ddim", "euler", "dpm")
+PATH_SUFFIXES = (".txt", ".tsv", ".json", ".jsonl", ".csv")  # an argument ending so is a file, not a prompt
+
+
+def parse_seeds(text):
+    """"0-3" (inclusive), "0,5,7", "2", or a mix ("0-3,9") -> list of ints; argparse type."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            seeds += range(lo, hi + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: use e.g. 0-3, 0,5,7 or 2 (non-negative, ranges ascending)")
+    if len(set(seeds)) != len(seeds):  # (prompt, seed) names an image: a repeat would be the same picture
+        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def read_prompts(spec):
+    """A text file (one prompt per line), toy-test / toy-train / toy-all, or literal text with
+    '|' between prompts. Duplicates are dropped: (prompt, seed) is the key of an image."""
+    if spec in ("toy-test", "toy-train", "toy-all"):
+        prompts = data.toy_prompts(spec[4:])
+    elif os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    elif spec.lower().endswith(PATH_SUFFIXES):  # meant as a file: sampling its name would be a silent mistake
+        raise SystemExit(f"error: prompts file '{spec}' not found")
+    else:
+        prompts = [p.strip() for p in spec.split("|")]
+    prompts = list(dict.fromkeys(p for p in prompts if p))
+    if not prompts:
+        raise SystemExit(f"error: no prompts in '{spec}'")
+    return prompts
+
+
+def make_scheduler(name, m):
+    """A sampler over the *training* noise schedule (m.scheduler's betas, spacing, prediction
+    type): the stock pipelines do the same when given Scheduler.from_config(m.scheduler.config)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[name]
+    sched = cls.from_config(m.scheduler.config)
+    if not m.xl:
+        # StableDiffusionPipeline.__init__ rewrites two legacy SD1.x scheduler settings in place:
+        # steps_offset -> 1 and clip_sample -> False (the SDXL pipeline does not). Real SD1.5
+        # configs already say so; the tiny presets' DDPMScheduler leaves steps_offset at 0, and
+        # with "leading" spacing (DDIM) that shifts every timestep by one (800..0 vs 801..1):
+        # max |diff| 6e-3 against the stock pipeline before this was copied here.
+        fix = {k: v for k, v in (("steps_offset", 1), ("clip_sample", False)) if k in sched.config}
+        sched.register_to_config(**fix)
+    return sched
+
+
+@torch.no_grad()
+def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_size=32):
+    """Images for every (prompt, seed), prompt-major (all seeds of prompts[0] first), as a float
+    CPU tensor (len(prompts)·len(seeds), 3, H, W) in [-1, 1]. `m` is model.load_models(...)."""
+    items = [(p, s) for p in prompts for s in seeds]
+    # Latent size as the stock pipelines compute it: 2^(levels-1) from the VAE config (not the
+    # SD-typical 8, which is wrong for the 2-level tiny VAE); pixel space without a VAE.
+    f = 2 ** (len(m.vae.config.block_out_channels) - 1) if m.vae is not None else 1
+    shape = (1, m.unet.config.in_channels, m.resolution // f, m.resolution // f)
+    cfg = guidance > 1  # the pipelines' rule: guidance <= 1 means no unconditional pass
+    autocast = torch.autocast(m.device.type, dtype=m.dtype, enabled=m.dtype != torch.float32)
+    # The unconditional input. SD1.5: the text encoding of "" (the pipeline's default negative
+    # prompt). SDXL: zeros for hidden states and pooled embedding (force_zeros_for_empty_prompt=
+    # True in SDXL base's pipeline config), with the same time ids as the conditional half.
+    empty = M.encode_prompts(m, [""]) if cfg and not m.xl else None
+    was_training = m.unet.training  # the toy experiment may call this mid-training: restore the mode
+    m.unet.eval()
+    out = []
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            B = len(chunk)
+            # A fresh scheduler per batch: Euler and DPM-Solver keep a step index / past outputs.
+            sched = make_scheduler(scheduler, m)
+            sched.set_timesteps(steps, device=m.device)
+            if hasattr(sched, "set_begin_index"):  # as the SDXL pipeline does: start at timesteps[0]
+                sched.set_begin_index(0)
+            # Noise drawn per image from its own CPU generator: an image does not depend on the
+            # batch it lands in or on the device, and equals the pipeline's draw at batch 1.
+            latents = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for _, s in chunk])
+            latents = latents.to(m.device) * sched.init_noise_sigma
+            cond = M.encode_prompts(m, [p for p, _ in chunk])
+            if cfg:  # one UNet call on [unconditional; conditional], the pipelines' order
+                hidden, added = cond["encoder_hidden_states"], cond.get("added_cond_kwargs")
+                uncond = torch.zeros_like(hidden) if m.xl else empty["encoder_hidden_states"].expand(B, -1, -1)
+                cond = {"encoder_hidden_states": torch.cat([uncond, hidden])}
+                if m.xl:
+                    cond["added_cond_kwargs"] = {
+                        "text_embeds": torch.cat([torch.zeros_like(added["text_embeds"]), added["text_embeds"]]),
+                        "time_ids": added["time_ids"].repeat(2, 1)}
+            for t in sched.timesteps:
+                z = sched.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+                with autocast:
+                    eps = M.predict_noise(m.unet, z, t, cond).float()
+                if cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+                latents = sched.step(eps, t, latents).prev_sample
+            out.append(M.decode_latents(m, latents).cpu())
+    finally:
+        m.unet.train(was_training)
+    return torch.cat(out)
+
+
+def make_grid(images_uint8, rows, cols, scale=1):
+    """Row-major cells (uint8 HxWx3 arrays, all the same size; None = a black cell) -> one PIL
+    image, upscaled by an integer `scale` with nearest neighbour so 16x16 pixels stay crisp."""
+    cell = next(im for im in images_uint8 if im is not None)
+    H, W = cell.shape[:2]
+    canvas = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
+    for k, im in enumerate(images_uint8):
+        if im is not None:
+            r, c = divmod(k, cols)
+            canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
+    grid = Image.fromarray(canvas)
+    return grid.resize((cols * W * scale, rows * H * scale), Image.NEAREST) if scale != 1 else grid
+
+
+def write_compare(base_dir, out_dir, prompts, seeds, images_uint8, scale, settings=None):
+    """OUT/compare.png: per (prompt, seed) a cell with BASE_DIR's image left and this run's right;
+    rows = prompts, cols = seeds (the layout of grid.png); cells with no match stay black.
+    `settings` (steps, guidance, scheduler of this run): a difference from the base run is
+    reported, since then the same seed no longer means the same sampling path."""
+    with open(os.path.join(base_dir, "samples.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    base = {(r["prompt"], r["seed"]): r["file"] for r in records}
+    for k, v in (settings or {}).items():
+        if records and records[0].get(k) != v:
+            print(f"warning: --compare {base_dir} was sampled with {k} {records[0].get(k)}, this run with {v}")
+    cells, missing = [], 0
+    for k, key in enumerate((p, s) for p in prompts for s in seeds):
+        path = os.path.join(base_dir, base[key]) if key in base else None
+        if path is None or not os.path.isfile(path):
+            cells.append(None)
+            missing += 1
+            continue
+        base_img = np.asarray(Image.open(path).convert("RGB"))
+        if base_img.shape != images_uint8[k].shape:
+            raise SystemExit(f"error: --compare {base_dir}: {base[key]} is {base_img.shape[1]}x{base_img.shape[0]}, "
+                             f"this run's images are {images_uint8[k].shape[1]}x{images_uint8[k].shape[0]}")
+        cells.append(np.concatenate([base_img, images_uint8[k]], axis=1))
+    if missing == len(cells):
+        raise SystemExit(f"error: --compare {base_dir}: none of this run's (prompt, seed) pairs is in its samples.jsonl")
+    make_grid(cells, len(prompts), len(seeds), scale).save(os.path.join(out_dir, "compare.png"))
+    print(f"compare: {len(cells) - missing} pairs (base left, tuned right) in {out_dir}/compare.png; "
+          f"{missing} missing from {base_dir}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py)")
+    p.add_argument("--pretrained", default=None, help="hub id or local diffusers folder for sd15/sdxl")
+    p.add_argument("--unet", default=None, help="a unet/ folder saved by train.py (or its parent); default: the preset's")
+    p.add_argument("--prompts", default="toy-test", help="file (one per line), toy-test/toy-train/toy-all, or text ('|' between)")
+    p.add_argument("--seeds", type=parse_seeds, default="0-3", help="0-3, 0,5,7 or 2")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 5.0 for SDXL presets, else 7.5)")
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
+    p.add_argument("--out", default="out/samples", help="output folder")
+    p.add_argument("--compare", default=None, help="a folder from an earlier run (e.g. the base model): write compare.png")
+    p.add_argument("--batch_size", type=int, default=32, help="images per UNet batch (results do not depend on it)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--mixed_precision", default="no", choices=list(M.DTYPES))
+    p.add_argument("--grid_scale", type=int, default=None,
+                   help="nearest-neighbour upscale of grid/compare cells (default: 4 below 64 px, else 1)")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size") + (("grid_scale",) if args.grid_scale is not None else ()):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = read_prompts(args.prompts)  # before loading models: bad input fails in a second
+    if args.compare and not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
+        raise SystemExit(f"error: --compare {args.compare}: no samples.jsonl there")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    m = M.load_models(args.model, args.pretrained, init_unet=args.unet, device=device,
+                      mixed_precision=args.mixed_precision, reference=False)
+    guidance = args.guidance if args.guidance is not None else (5.0 if m.xl else 7.5)  # SPEC §11
+    images = data.tensor_to_uint8(generate(m, prompts, args.seeds, args.steps, guidance, args.scheduler,
+                                           args.batch_size))
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
+        for i, ((prompt, seed), img) in enumerate(zip(((p, s) for p in prompts for s in args.seeds), images)):
+            name = f"{i:04d}_seed{seed}.png"
+            Image.fromarray(img).save(os.path.join(args.out, name))
+            f.write(json.dumps(dict(prompt=prompt, seed=seed, file=name, model=args.model, unet=args.unet,
+                                    steps=args.steps, guidance=guidance, scheduler=args.scheduler)) + "\n")
+    scale = args.grid_scale or (4 if images.shape[1] < 64 else 1)
+    make_grid(list(images), len(prompts), len(args.seeds), scale).save(os.path.join(args.out, "grid.png"))
+    print(f"{len(images)} images ({len(prompts)} prompts x {len(args.seeds)} seeds, {args.scheduler}, "
+          f"{args.steps} steps, guidance {guidance}) in {args.out}")
+    if args.compare:
+        write_compare(args.compare, args.out, prompts, args.seeds, images, scale,
+                      dict(steps=args.steps, guidance=guidance, scheduler=args.scheduler))
+    return images
+
+
+if __name__ == "__main__":
+    main()
