@@ -114,16 +114,21 @@ def run(cfg):
         if m.ref_unet is not None:
             m.ref_unet.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(0)
-    latents, cond, weights = fake_batch(m, name, B, R, generator)
-    if cfg["loss"] == "sft":
-        latents, cond = latents[:B], {k: (v[:B] if torch.is_tensor(v) else {kk: vv[:B] for kk, vv in v.items()})
-                                      for k, v in cond.items()}
+
+    def batch_of(pairs):
+        latents, cond, weights = fake_batch(m, name, pairs, R, generator)
+        if cfg["loss"] == "sft":  # winners only
+            latents = latents[:pairs]
+            cond = {k: (v[:pairs] if torch.is_tensor(v) else {kk: vv[:pairs] for kk, vv in v.items()})
+                    for k, v in cond.items()}
+        return latents, cond, weights
+
     params = [p for p in m.unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg["optimizer"], params)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] == "fp16")
     autocast = torch.autocast(device.type, dtype=m.dtype, enabled=cfg["mixed_precision"] != "no")
 
-    def step():
+    def step(latents, cond, weights):
         loss, _ = train.diffusion_loss(m, latents, cond, generator, cfg["loss"], "batch", 5000.0, weights, "outside",
                                        autocast)
         scaler.scale(loss).backward()
@@ -133,29 +138,32 @@ def run(cfg):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    # FLOPs of one eager step, without recomputation (model FLOPs).
+    # Model FLOPs: one eager step on ONE pair without gradient checkpointing (recomputation is
+    # not useful work), times B (a UNet's FLOPs are linear in the batch). One pair keeps the
+    # un-checkpointed activations small enough for any GPU that runs the real batch.
     from torch.utils.flop_counter import FlopCounterMode
     if cfg["gradient_checkpointing"]:
         m.unet.disable_gradient_checkpointing()
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
-    flops = counter.get_total_flops()
+        step(*batch_of(1))
+    flops = counter.get_total_flops() * B
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
     if cfg["compile"]:
         m.unet = torch.compile(m.unet)
         if m.ref_unet is not None:
             m.ref_unet = torch.compile(m.ref_unet)
+    latents, cond, weights = batch_of(B)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(cfg["warmup"]):
-        step()
+        step(latents, cond, weights)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(cfg["steps"]):
-        step()
+        step(latents, cond, weights)
     sync()
     seconds = (time.perf_counter() - t0) / cfg["steps"]
     result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1), ms_per_step=round(1e3 * seconds, 2),
