@@ -5,9 +5,11 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python bench.py --model sdxl --init random --loss rpo --batch_size 4 --resolution 1024 \
                     --mixed_precision bf16 --gradient_checkpointing --optimizer adamw_fused
     python bench.py --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
+    python bench.py --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
 
 The step is train.diffusion_loss (what train.py runs) plus backward and the optimizer: policy
-forward+backward on [winners; losers], reference forward, E1/E3/E7. UNets are built from their
+forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
+reference forward is the same UNet with its adapters off: model.reference_unet). UNets are built from their
 architecture (model.ARCHITECTURES) with random weights and fed random latents and text states
 of the right shapes: no download, and no VAE/text-encoder/CLIP time (train.py can skip those
 with cached data). FLOPs are counted with torch.utils.flop_counter on one eager step without
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the policy and reference UNets")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
     p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="LoRA of this rank on q/k/v/out (needs peft): frozen base in the compute dtype, fp32 adapter, "
+                        "no reference copy; 0: full fine-tune")
     p.add_argument("--preset", default=None, choices=["dpo-reference"],
                    help="also run the official Diffusion-DPO SDXL setup and print the speed ratio")
     p.add_argument("--device", default="auto")
@@ -102,7 +107,8 @@ def run(cfg):
     real = name in ("sd15", "sdxl")
     m = M.load_models(name, init_unet=None if cfg["init"] == "random" else cfg["init"], device=str(device),
                       mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
-                      reference=cfg["loss"] != "sft", random_unet=real and cfg["init"] == "random")
+                      reference=cfg["loss"] != "sft", random_unet=real and cfg["init"] == "random",
+                      lora_rank=cfg.get("lora_rank", 0))
     R = cfg["resolution"] or m.resolution
     if cfg.get("offload_reference") and m.ref_unet is not None:
         # The official Diffusion-DPO SDXL script's memory saver: the reference lives in CPU RAM and
@@ -166,7 +172,8 @@ def run(cfg):
         step(latents, cond, weights)
     sync()
     seconds = (time.perf_counter() - t0) / cfg["steps"]
-    result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1), ms_per_step=round(1e3 * seconds, 2),
+    result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1),
+                  trainable_params_M=round(sum(p.numel() for p in params) / 1e6, 3), ms_per_step=round(1e3 * seconds, 2),
                   pairs_per_s=round(B / seconds, 3), tflops_per_step=round(flops / 1e12, 3),
                   achieved_tflops=round(flops / seconds / 1e12, 1))
     if device.type == "cuda":
@@ -186,6 +193,8 @@ def show(result, as_json):
         print(json.dumps(result), flush=True)
         return
     flags = [k for k in ("gradient_checkpointing", "compile", "channels_last", "offload_reference") if result.get(k)]
+    if result.get("lora_rank"):
+        flags.append(f"lora_rank={result['lora_rank']} ({result['trainable_params_M']}M trainable)")
     line = (f"{result['model']} {result['loss']} B={result['batch_size']} {result['resolution']}px "
             f"{result['mixed_precision']} {result['optimizer']} {' '.join(flags)}: {result['ms_per_step']:.1f} ms/step, "
             f"{result['pairs_per_s']:.2f} pairs/s, {1e3 * result['tflops_per_step']:.1f} GFLOP/step")
@@ -211,7 +220,7 @@ def main(argv=None):
         # Diffusion-DPO's official SDXL setup: fp32 master weights under fp16 autocast, reference
         # UNet CPU-offloaded, Adafactor, gradient checkpointing, one pair per step.
         ref_cfg = dict(cfg, mixed_precision="fp16", optimizer="adafactor", gradient_checkpointing=True,
-                       batch_size=1, compile=False, channels_last=False, offload_reference=True)
+                       batch_size=1, compile=False, channels_last=False, offload_reference=True, lora_rank=0)
         base = run(ref_cfg)
         show(base, args.json)
         ratio = ours["pairs_per_s"] / base["pairs_per_s"]

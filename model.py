@@ -3,6 +3,12 @@ Load or build the diffusion stack: the trainable policy UNet ε_θ, the frozen r
 UNet ε_ref, the frozen VAE and text encoder(s), the noise scheduler, and the CLIP model
 that embeds samples for the RPO weights (E5).
 
+LoRA (lora_rank > 0, needs peft): the policy is the frozen starting UNet plus low-rank
+adapters on its attention projections, and the reference ε_ref is the *same* UNet with the
+adapters switched off (reference_unet below), so no second UNet is held in memory. Adapters
+are saved and loaded in the diffusers LoRA format (save_lora / load_lora), which the stock
+StableDiffusion(XL)Pipeline.load_lora_weights(dir) reads.
+
 Presets
   sd15     Stable Diffusion 1.5, hub id stable-diffusion-v1-5/stable-diffusion-v1-5
   sdxl     SDXL base 1.0,        hub id stabilityai/stable-diffusion-xl-base-1.0
@@ -20,6 +26,7 @@ Presets
 The tiny components are built from a fixed seed, so every process that builds them gets the
 same frozen text encoder; only the UNet is ever trained and saved.
 """
+import contextlib
 import copy
 import json
 import os
@@ -56,6 +63,10 @@ ARCHITECTURES = {
 TEXT_SHAPES = {"sd15": dict(tokens=77, hidden=768), "sdxl": dict(tokens=77, hidden=2048, pooled=1280)}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_SEED = 0  # the tiny presets' frozen parts must be identical in every process
+# LoRA's default targets: the four projections of every attention layer, self- and cross-
+# (diffusers' own SD/SDXL LoRA scripts use the same four). Names are module-name suffixes.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(dir) looks for
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +111,7 @@ def tiny_unet_config(xl, vae):
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                   cross_attention_dim=32, attention_head_dim=8)
-    if xl:  # SDXL's micro-conditioning: pooled text embedding + 6 time ids (E: SDXL paper §2.2)
+    if xl:  # SDXL's micro-conditioning: pooled text embedding + 6 time ids (SDXL paper, §2.2)
         config.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
                       projection_class_embeddings_input_dim=6 * 8 + 32)
     return config
@@ -124,16 +135,13 @@ def build_tiny(xl, vae):
             parts["vae"] = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
                                          down_block_types=("DownEncoderBlock2D",) * 2,
                                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    if vae:  # the SD/SDXL schedule, for latents
-        parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                           beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                           timestep_spacing="leading", steps_offset=1)
-    else:  # DDPM's own linear schedule, which suits pixels (stronger noise at the end)
-        parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                           beta_start=1e-4, beta_end=0.02, clip_sample=False,
-                                           timestep_spacing="leading", steps_offset=1)
-    # (spacing and offset set explicitly, as the real SD/SDXL configs do: unset, each sampling
-    # scheduler built with from_config would pick its own default)
+    # SD's noise schedule for every tiny preset, pixel space included. DDPM's linear one
+    # (ᾱ_T = 4e-5) was tried first for pixels: DDIM's x0 estimate divides by sqrt(ᾱ_t) ≈ 0.01
+    # at the first steps, so a small model's ε errors were amplified 100x and samples diverged.
+    # Spacing and offset are set explicitly, as the real SD/SDXL configs do: left unset, each
+    # sampling scheduler built with from_config would pick its own default.
+    parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, clip_sample=False, timestep_spacing="leading", steps_offset=1)
     return parts
 
 
@@ -181,16 +189,24 @@ def load_unet(path):
 # ---------------------------------------------------------------------------------------
 # The one loader that train.py, sample.py and evaluate.py use
 def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mixed_precision="no",
-                gradient_checkpointing=False, reference=True, random_unet=False):
+                gradient_checkpointing=False, reference=True, random_unet=False, lora_rank=0, lora_alpha=None,
+                lora_targets=LORA_TARGETS, lora_dir=None):
     """Returns a namespace with
       unet       the policy ε_θ: fp32 master weights, train mode, requires grad
       ref_unet   the reference ε_ref: a frozen copy of the *starting* UNet in the compute dtype,
-                 eval mode (None if reference=False, e.g. for SFT or sampling)
+                 eval mode (None if reference=False, e.g. for SFT or sampling; None with LoRA)
+      lora       True when the policy is the UNet plus trainable LoRA adapters (lora_rank > 0)
       vae        frozen, or None for pixel space; text_encoders / tokenizers: frozen, lists
                  (two for SDXL); scheduler: DDPMScheduler, the forward process q(z_t|z_0)
       xl, resolution, dtype (compute dtype), device, vae_scale (s in z = s·VAE.encode(x))
     random_unet=True (bench.py): a real preset's UNet built from ARCHITECTURES with random
     weights, no VAE and no text encoders (the caller feeds latents and text states directly).
+    lora_rank R > 0: the UNet's own weights are frozen and kept in the compute dtype, and a
+    peft LoRA adapter of rank R (scale lora_alpha / R, alpha default R) on the modules named
+    lora_targets is the only trainable part, in fp32. The reference is that UNet with the
+    adapter disabled: use `with reference_unet(m) as ref:` rather than m.ref_unet.
+    lora_dir: a saved LoRA (a folder with pytorch_lora_weights.safetensors, e.g. train.py's
+    OUT_DIR/lora) merged into the starting UNet's weights, e.g. for sample.py.
     """
     if model not in PRESETS:
         raise SystemExit(f"error: unknown --model {model!r}; choose from {', '.join(PRESETS)}")
@@ -213,6 +229,8 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         parts = load_real(pretrained or preset["pretrained"], preset["xl"])
     if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference
         parts["unet"] = load_unet(init_unet)
+    if lora_dir:  # a saved LoRA merged into the weights: from here on it *is* the starting UNet
+        fuse_lora(parts["unet"], lora_dir)
 
     unet = parts["unet"].to(device).float().train()
     try:  # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels)
@@ -220,12 +238,36 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         unet.set_attn_processor(AttnProcessor2_0())
     except ImportError:
         pass
-    ref_unet = None
-    if reference:
+    ref_unet, lora_layers = None, []
+    if lora_rank > 0:
+        # LoRA: policy = frozen UNet + adapter, reference = the same UNet, adapter off (SPEC §1:
+        # ε_ref is the frozen starting UNet, which is exactly what the adapter-free path computes).
+        LoraConfig = _import_peft("--lora_rank").LoraConfig
+        unet.requires_grad_(False)  # (peft's injection also marks only adapters trainable; explicit here)
+        # init "gaussian": A ~ N(0, 1/R), B = 0, so B·A = 0 and the policy starts *equal* to the
+        # reference (every logit 0, loss ln 2, as in full fine-tuning). Drawn from the global
+        # torch RNG, which train.py seeds before building the models: reproducible per seed.
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
+                            target_modules=list(lora_targets))
+        try:  # diffusers' PeftAdapterMixin.add_adapter: peft's inject_adapter_in_model, adapter "default"
+            unet.add_adapter(config)
+        except ValueError as err:  # peft: "Target modules {...} not found in the base model ..."
+            raise SystemExit(f"error: --lora_targets {','.join(lora_targets)}: {str(err).splitlines()[0][:200]}")
+        # The adapter was created (and initialised) in fp32, like the UNet at this point, and is
+        # the only thing with requires_grad; the frozen base now drops to the compute dtype: this
+        # is LoRA's memory win (a bf16 UNet instead of an fp32 policy + a bf16 reference copy).
+        # Under autocast the policy then runs the same bf16 matmuls as the full fine-tune's
+        # fp32-master-weight policy does; peft casts each LoRA input to the adapter's dtype.
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        lora_layers = [mod for mod in unet.modules() if isinstance(mod, BaseTunerLayer)]
+    elif reference:
         # The reference is the frozen starting point of the policy (SPEC §1). Kept on the same
         # device in the compute dtype: no CPU offload, half the memory of an fp32 copy.
         ref_unet = copy.deepcopy(unet).to(dtype).eval().requires_grad_(False)
-    if gradient_checkpointing:
+    if gradient_checkpointing:  # diffusers checkpoints non-reentrantly: fine with a frozen base
         unet.enable_gradient_checkpointing()
     frozen = lambda m: None if m is None else m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae = parts["vae"]
@@ -234,9 +276,92 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         vae.eval().requires_grad_(False)
     return SimpleNamespace(
         name=model, xl=preset["xl"], resolution=preset["resolution"], unet=unet, ref_unet=ref_unet, vae=vae,
+        lora=lora_rank > 0, lora_layers=lora_layers,
         text_encoders=[frozen(te) for te in parts["text_encoders"]], tokenizers=parts["tokenizers"],
         scheduler=parts["scheduler"], dtype=dtype, device=torch.device(device),
         vae_scale=vae.config.scaling_factor if vae is not None else 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA: the reference as the adapter-free UNet; saving and loading the diffusers LoRA format
+def _import_peft(flag):
+    # peft is optional: only LoRA needs it, so it is imported here and not at the top.
+    try:
+        import peft
+    except ImportError:
+        raise SystemExit(f"error: {flag} needs peft (pip install peft)")
+    return peft
+
+
+@contextlib.contextmanager
+def reference_unet(m):
+    """`with reference_unet(m) as ref:` gives the UNet that computes ε_ref (E1, reference):
+    m.ref_unet for full fine-tuning; for LoRA m.unet itself with its adapters disabled for the
+    duration of the block (the base weights are frozen, so that is the starting UNet).
+
+    Safe between a policy forward and its backward: the adapter weights enter the policy's
+    graph as leaves, and the graph only keeps references to them, so running the base UNet in
+    between changes nothing that backward reads. One catch: peft's enable_adapters(False)
+    also sets requires_grad=False on the adapter weights, and autograd's AccumulateGrad then
+    silently *drops* their gradients (checked: all grads None). enable_adapters(True) sets
+    requires_grad back on the active adapter, so the adapters are re-enabled in `finally`,
+    before any backward can run (tests/test_lora.py compares the gradients)."""
+    if not getattr(m, "lora", False):
+        yield m.ref_unet
+        return
+    # peft's per-layer switch, on the layers found once at load (UNet.disable_adapters() does the
+    # same but walks every module of the UNet each call: thousands for SDXL, twice a micro-batch).
+    for layer in m.lora_layers:
+        layer.enable_adapters(False)
+    try:
+        yield m.unet
+    finally:
+        for layer in m.lora_layers:
+            layer.enable_adapters(True)
+
+
+def save_lora(m, directory):
+    """The adapter of m.unet -> DIRECTORY/pytorch_lora_weights.safetensors in the diffusers LoRA
+    format: keys "unet.<module>.lora.down.weight" / ".lora.up.weight" (peft's lora_A / lora_B),
+    exactly what StableDiffusion(XL)Pipeline.save_lora_weights writes and load_lora_weights
+    reads. The LoraConfig goes into the safetensors header as diffusers' adapter metadata:
+    without it a loader infers alpha = rank from the shapes, which is wrong for any
+    lora_alpha != lora_rank (the output would be scaled by rank/alpha)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    pipeline = StableDiffusionXLPipeline if m.xl else StableDiffusionPipeline  # same layout either way
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
+    pipeline.save_lora_weights(directory, unet_lora_layers={k: v.contiguous() for k, v in layers.items()},
+                               unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict(),
+                               weight_name=LORA_FILE, safe_serialization=True)
+
+
+def load_lora(m, directory):
+    """Weights saved by save_lora -> the adapter of m.unet, in place and bit for bit (train.py
+    --resume). The inverse of save_lora's renaming; every adapter tensor must be in the file."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(directory, LORA_FILE), device=str(m.device))
+    saved = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in saved.items()})
+    expected = get_peft_model_state_dict(m.unet)
+    if saved.keys() != expected.keys() or any(saved[k].shape != v.shape for k, v in expected.items()):
+        raise SystemExit(f"error: the LoRA in '{directory}' does not match this adapter (--lora_rank/--lora_targets)")
+    set_peft_model_state_dict(m.unet, saved, adapter_name="default")
+
+
+def fuse_lora(unet, directory):
+    """Merge a saved LoRA into a plain UNet's weights, W += (alpha/R)·B·A, and drop the adapter:
+    what remains is an ordinary UNet2DConditionModel (sampling at full speed, savable with
+    save_pretrained). Uses diffusers' own loader, so the adapter metadata (alpha) is honoured
+    exactly as load_lora_weights would."""
+    _import_peft("a LoRA (lora_dir)")
+    if not os.path.isfile(os.path.join(directory, LORA_FILE)):
+        raise SystemExit(f"error: no LoRA at '{directory}' (expected {LORA_FILE})")
+    unet.load_lora_adapter(directory, prefix="unet", weight_name=LORA_FILE, adapter_name="loaded")
+    unet.fuse_lora()
+    unet.unload_lora()
 
 
 # ---------------------------------------------------------------------------------------

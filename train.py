@@ -4,6 +4,7 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
     python train.py                                  # RPO on the tiny preset and toy set, CPU, minutes
     python train.py --model sd15 --pretrained /models/sd15 --data pairs.jsonl --mixed_precision bf16 \
                     --gradient_checkpointing --batch_size 8 --grad_accum 32
+    python train.py --lora_rank 8                    # LoRA: only adapters train; ε_ref = adapters off
 
 Reads top to bottom: flags; models; data; the loss of one micro-batch (E1..E9 of
 ../shared/SPEC.md, via loss.py); checkpoints; the loop. Each optimizer step draws its
@@ -39,6 +40,11 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="train a LoRA of this rank (needs peft) instead of the whole UNet; 0: full fine-tune")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale is alpha/rank (default alpha: the rank)")
+    g.add_argument("--lora_targets", default=",".join(M.LORA_TARGETS),
+                   help="comma list of UNet module-name suffixes that get adapters")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="toy", help="toy (pairs), toy-base (single images, for --loss sft), or a .jsonl manifest")
     g.add_argument("--resolution", type=int, default=None, help="default: the preset's")
@@ -89,11 +95,20 @@ def parse_args(argv=None):
             p.error(f"--{name} must be at least 1")
     if args.tau <= 0:
         p.error("--tau must be positive")
+    if args.lora_rank < 0:
+        p.error("--lora_rank must be 0 (full fine-tune) or positive")
+    if args.lora_alpha is not None and args.lora_rank == 0:
+        p.error("--lora_alpha needs --lora_rank")
+    args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
     return args
 
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints: diffusers unet/ layout + optimizer tensors in safetensors + JSON; no pickle.
+# LoRA runs save only the adapter, in lora/ instead of unet/: lora/pytorch_lora_weights.safetensors
+# in the diffusers LoRA format (model.save_lora), so a checkpoint's lora/ and the final
+# OUT_DIR/lora/ both load with the stock pipe.load_lora_weights(dir). A subfolder (not the
+# file loose in checkpoint-N/ or OUT_DIR/) mirrors unet/, so one code path links either.
 def optimizer_to_tensors(optimizer):
     sd = optimizer.state_dict()
     tensors = {f"{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
@@ -108,12 +123,15 @@ def optimizer_from_tensors(optimizer, tensors, param_groups):
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_checkpoint(path, unet, optimizer, scaler, state, keep=None):
+def save_checkpoint(path, m, optimizer, scaler, state, keep=None):
     """Write everything into PATH.tmp, then rename: a crash mid-write never leaves a
     half-written checkpoint that --resume would pick up."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+    if m.lora:
+        M.save_lora(m, os.path.join(tmp, "lora"))
+    else:
+        m.unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
     tensors, param_groups = optimizer_to_tensors(optimizer)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     rng = {"torch_cpu": torch.get_rng_state()}
@@ -159,8 +177,11 @@ def diffusion_loss(m, latents, cond, generator, loss="rpo", timesteps="batch", b
     err = L.denoising_error(pred, target)  # E1 for the policy
     if not pairs:
         return L.sft_loss(err)  # E9
-    with torch.no_grad(), autocast:
-        ref_err = L.denoising_error(M.predict_noise(m.ref_unet, noisy, t, cond), target)  # E1, reference
+    # E1, reference: m.ref_unet, or for LoRA the policy UNet with its adapters off. This runs
+    # after the policy forward and before its backward; model.reference_unet explains why that
+    # is safe (the adapters are back on, with requires_grad, when the block exits).
+    with torch.no_grad(), autocast, M.reference_unet(m) as ref_unet:
+        ref_err = L.denoising_error(M.predict_noise(ref_unet, noisy, t, cond), target)
     err_w, err_l = err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
     if loss == "dpo":
@@ -178,8 +199,11 @@ def main(argv=None):
 
     # -----------------------------------------------------------------------------------
     # Models: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text encoder(s).
+    # With --lora_rank the policy is the frozen UNet + adapter and the reference that UNet with
+    # the adapter off (model.reference_unet): m.ref_unet is None, and only the adapter trains.
     m = M.load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
-                      args.gradient_checkpointing, reference=args.loss != "sft")
+                      args.gradient_checkpointing, reference=args.loss != "sft", lora_rank=args.lora_rank,
+                      lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")))
     resolution = m.resolution = args.resolution or m.resolution  # also SDXL's target size in the time ids
     pred_type = m.scheduler.config.prediction_type
     if pred_type not in ("epsilon", "v_prediction"):
@@ -241,7 +265,7 @@ def main(argv=None):
 
     # -----------------------------------------------------------------------------------
     # Optimizer, and where to start.
-    params = [p for p in m.unet.parameters() if p.requires_grad]
+    params = [p for p in m.unet.parameters() if p.requires_grad]  # LoRA: the adapter's A and B only
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_eps, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
@@ -253,10 +277,18 @@ def main(argv=None):
             raise SystemExit(f"error: --resume found no checkpoint in '{ckpt or args.out_dir}'")
         with open(os.path.join(ckpt, "state.json")) as f:
             state = json.load(f)
-        for key in ("model", "init", "loss"):  # the reference must be the same starting UNet
-            if state["args"][key] != getattr(args, key):
-                raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {state['args'][key]}, not {getattr(args, key)}")
-        m.unet.load_state_dict(load_file(os.path.join(ckpt, "unet", "diffusion_pytorch_model.safetensors"), device=str(m.device)))
+        # The reference must be the same starting UNet, and the weights the same shape. (.get: a
+        # checkpoint from before the LoRA flags was a full fine-tune with the default targets.)
+        defaults = dict(lora_rank=0, lora_alpha=None, lora_targets=",".join(M.LORA_TARGETS))
+        keys = ("model", "init", "loss", "lora_rank") + (("lora_alpha", "lora_targets") if args.lora_rank else ())
+        for key in keys:
+            if state["args"].get(key, defaults.get(key)) != getattr(args, key):
+                raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {state['args'].get(key, defaults.get(key))}, "
+                                 f"not {getattr(args, key)}")
+        if m.lora:  # the adapter only: the frozen base is rebuilt identically by load_models
+            M.load_lora(m, os.path.join(ckpt, "lora"))
+        else:
+            m.unet.load_state_dict(load_file(os.path.join(ckpt, "unet", "diffusion_pytorch_model.safetensors"), device=str(m.device)))
         optimizer_from_tensors(optimizer, load_file(os.path.join(ckpt, "optimizer.safetensors"), device=str(m.device)),
                                state["param_groups"])
         if state.get("scaler"):
@@ -270,9 +302,12 @@ def main(argv=None):
     def checkpoint(path, keep=None):
         state = dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skip_counts=skip_counts, args=vars(args),
                      rng="timesteps/noise: Generator(seed, step, micro-batch); crops: (seed, epoch, index)")
-        save_checkpoint(path, m.unet, optimizer, scaler, state, keep)
+        save_checkpoint(path, m, optimizer, scaler, state, keep)
 
-    print(f"training {args.loss} on {args.model} ({M.unet_size(m.unet) / 1e6:.1f}M-parameter UNet) on {m.device}, "
+    what = f"{M.unet_size(m.unet) / 1e6:.1f}M-parameter UNet"
+    if m.lora:
+        what += f", LoRA rank {args.lora_rank}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable"
+    print(f"training {args.loss} on {args.model} ({what}) on {m.device}, "
           f"{args.batch_size}×{args.grad_accum} pairs/step, data {args.data} ({len(dataset)} items)")
 
     # -----------------------------------------------------------------------------------
@@ -341,16 +376,18 @@ def main(argv=None):
     # -----------------------------------------------------------------------------------
     # The end: a last checkpoint (resumable) and OUT_DIR/unet (for sample.py and the
     # stock diffusers pipelines), hard-linked to the checkpoint's weights to save disk.
+    # LoRA runs: OUT_DIR/lora/pytorch_lora_weights.safetensors instead (pipe.load_lora_weights).
     if bar is not None:
         bar.close()
     metrics_file.close()
     final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
     checkpoint(final, keep=args.keep_checkpoints)
-    unet_dir, tmp = os.path.join(args.out_dir, "unet"), os.path.join(args.out_dir, "unet.tmp")
+    folder = "lora" if m.lora else "unet"
+    unet_dir, tmp = os.path.join(args.out_dir, folder), os.path.join(args.out_dir, folder + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name in os.listdir(os.path.join(final, "unet")):
-        src = os.path.join(final, "unet", name)
+    for name in os.listdir(os.path.join(final, folder)):
+        src = os.path.join(final, folder, name)
         try:
             os.link(src, os.path.join(tmp, name))
         except OSError:
@@ -359,7 +396,7 @@ def main(argv=None):
     os.rename(tmp, unet_dir)
     if skip_counts:
         print(f"skipped (counted): {skip_counts}")
-    print(f"done: {step} steps; UNet in {unet_dir}")
+    print(f"done: {step} steps; {'LoRA' if m.lora else 'UNet'} in {unet_dir}")
     return m
 
 
