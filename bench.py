@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", choices=list(M.PRESETS))
     p.add_argument("--init", default="random", help="random (architecture only) or a saved unet/ folder")
-    p.add_argument("--loss", default="rpo", choices=["rpo", "dpo", "sft"])
+    p.add_argument("--loss", default="rpo", help="rpo, dpo or sft; a comma list (rpo,dpo) runs each in this process")
+    p.add_argument("--repeat", type=int, default=1, help="with a loss list: alternate the losses this many times "
+                                                          "and report each one's median (fairer on a noisy machine)")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per step")
     p.add_argument("--resolution", type=int, default=None, help="default: the preset's")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -113,7 +115,10 @@ def run(cfg):
     if cfg.get("offload_reference") and m.ref_unet is not None:
         # The official Diffusion-DPO SDXL script's memory saver: the reference lives in CPU RAM and
         # each submodule is copied to the GPU for its forward, every step.
-        from accelerate import cpu_offload
+        try:
+            from accelerate import cpu_offload
+        except ImportError:
+            raise SystemExit("error: --preset dpo-reference offloads with accelerate (pip install accelerate)")
         m.ref_unet = cpu_offload(m.ref_unet.to("cpu"), execution_device=device)
     if cfg["channels_last"]:
         m.unet.to(memory_format=torch.channels_last)
@@ -174,7 +179,7 @@ def run(cfg):
     seconds = (time.perf_counter() - t0) / cfg["steps"]
     result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1),
                   trainable_params_M=round(sum(p.numel() for p in params) / 1e6, 3), ms_per_step=round(1e3 * seconds, 2),
-                  pairs_per_s=round(B / seconds, 3), tflops_per_step=round(flops / 1e12, 3),
+                  pairs_per_s=round(B / seconds, 3), flops_per_step=flops, tflops_per_step=round(flops / 1e12, 3),
                   achieved_tflops=round(flops / seconds / 1e12, 1))
     if device.type == "cuda":
         result["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -212,10 +217,24 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    cfg = {k: v for k, v in vars(args).items() if k not in ("preset", "json")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("preset", "json", "repeat")}
     cfg["device"] = device
-    ours = run(cfg)
-    show(ours, args.json)
+    losses = args.loss.split(",")
+    if any(name not in ("rpo", "dpo", "sft") for name in losses):
+        raise SystemExit(f"error: --loss takes rpo, dpo, sft or a comma list of them, not {args.loss!r}")
+    results = {name: [] for name in losses}
+    for _ in range(args.repeat):  # interleaved, so drifts in machine load hit every loss alike
+        for name in losses:
+            results[name].append(run(dict(cfg, loss=name)))
+            show(results[name][-1], args.json)
+    median = {name: sorted(rs, key=lambda r: r["ms_per_step"])[len(rs) // 2] for name, rs in results.items()}
+    ours = median[losses[0]]
+    if len(losses) > 1:
+        times = {name: r["ms_per_step"] for name, r in median.items()}
+        summary = {"median_ms_per_step": times, f"{losses[0]}_over_{losses[1]}": round(times[losses[0]] / times[losses[1]], 3)}
+        print(json.dumps(summary) if args.json else
+              f"median ms/step: {times}; {losses[0]}/{losses[1]} step time = {summary[f'{losses[0]}_over_{losses[1]}']:.3f}",
+              flush=True)
     if args.preset == "dpo-reference":
         # Diffusion-DPO's official SDXL setup: fp32 master weights under fp16 autocast, reference
         # UNet CPU-offloaded, Adafactor, gradient checkpointing, one pair per step.
