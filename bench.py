@@ -60,19 +60,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_optimizer(name, params, lr=1e-5):
-    if name in ("adamw", "adamw_fused"):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=name == "adamw_fused")
-    if name == "adafactor":  # what the Diffusion-DPO SDXL script uses, with the same settings
-        from transformers.optimization import Adafactor
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=1e-2)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise SystemExit("error: --optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
-    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
-
-
 def fake_batch(m, name, B, R, generator):
     """Random [winners; losers] latents, text conditioning and RPO weights of the right shapes."""
     unet = m.unet
@@ -135,7 +122,7 @@ def run(cfg):
         return latents, cond, weights
 
     params = [p for p in m.unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg["optimizer"], params)
+    optimizer = train.make_optimizer(cfg["optimizer"], params, lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] == "fp16")
     autocast = torch.autocast(device.type, dtype=m.dtype, enabled=cfg["mixed_precision"] != "no")
 
@@ -162,9 +149,9 @@ def run(cfg):
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
     if cfg["compile"]:
-        m.unet = torch.compile(m.unet)
+        m.unet.compile()  # in place, as train.py --compile does
         if m.ref_unet is not None:
-            m.ref_unet = torch.compile(m.ref_unet)
+            m.ref_unet.compile()
     latents, cond, weights = batch_of(B)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(cfg["warmup"]):

@@ -47,9 +47,14 @@ VARIANTS = {  # label -> train.py flags
     "rpo τ=0.5 inside": ["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
     "rpo τ=0.5 text": ["--loss", "rpo", "--tau", "0.5", "--embed", "text"],
 }
+# A shared learning-rate grid: at equal lr the methods take very different step sizes (RPO's
+# weights shrink its gradient, SFT's has no β), so only the style-content frontier across the
+# grid compares them fairly. The grid brackets where DPO goes from no visible change to
+# washing out content (calibrated by hand: at 1e-6 DPO already loses most of the content).
 STUDIES = {
-    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-5], seeds=[0]),
-    "full": dict(variants=list(VARIANTS), lrs=[3e-6, 1e-5, 3e-5], seeds=[0, 1, 2]),
+    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[3e-7], seeds=[0]),
+    "full": dict(variants=list(VARIANTS), lrs=[1e-7, 3e-7, 1e-6], seeds=[0, 1, 2]),
+    "smoke": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-7, 1e-6], seeds=[0, 1]),  # tests: every code path
 }
 
 
@@ -57,10 +62,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="demo", choices=list(STUDIES))
     p.add_argument("--runs", default="runs", help="where base, runs and results are cached")
-    p.add_argument("--sample_seeds", type=int, default=8, help="sampling seeds per held-out prompt and training seed")
+    p.add_argument("--sample_seeds", type=int, default=4, help="sampling seeds per held-out prompt and training seed")
     p.add_argument("--sample_steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--curve_every", type=int, default=100, help="score checkpoints every N steps for the curves")
+    p.add_argument("--base_steps", type=int, default=1200, help="pretraining steps of the base (recipe: 1200)")
+    p.add_argument("--align_steps", type=int, default=300, help="alignment steps per run (recipe: 300)")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
@@ -69,9 +76,13 @@ def slug(label):
     return label.replace("τ=", "tau").replace(" ", "-")
 
 
-def pretrain_base(base_dir, device):
+def with_steps(argv, steps):
+    return [str(steps) if i > 0 and argv[i - 1] == "--max_steps" else a for i, a in enumerate(argv)]
+
+
+def pretrain_base(base_dir, device, steps):
     """Train the toy base once; a rerun with the same recipe reuses it."""
-    recipe = BASE_ARGS + ["--device", device]
+    recipe = with_steps(BASE_ARGS, steps) + ["--device", device]
     done = os.path.join(base_dir, "recipe.json")
     if os.path.exists(done) and json.load(open(done)) == recipe and os.path.isdir(os.path.join(base_dir, "unet")):
         print(f"base: cached in {base_dir}")
@@ -102,7 +113,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     base_dir = os.path.join(args.runs, "base")
     t_start = time.time()
-    pretrain_base(base_dir, args.device)
+    pretrain_base(base_dir, args.device, args.base_steps)
     scorer, accuracy = evaluate.load_toy_scorer("winter", 16, cache=os.path.join(args.runs, "toy_scorer.safetensors"))
     prompts = data.toy_prompts("test")
     sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]
@@ -124,10 +135,10 @@ def main(argv=None):
         for lr in study["lrs"]:
             per_seed = []
             for seed in study["seeds"]:
-                run = os.path.join(out, slug(label), f"lr{lr:g}", f"seed{seed}")
+                run = os.path.join(args.runs, "align", slug(label), f"lr{lr:g}", f"seed{seed}")  # shared by studies
                 if not os.path.exists(os.path.join(run, "unet", "config.json")):
                     t0 = time.time()
-                    train.main(ALIGN_ARGS + VARIANTS[label] + [
+                    train.main(with_steps(ALIGN_ARGS, args.align_steps) + VARIANTS[label] + [
                         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
                         "--save_every", str(args.curve_every), "--keep_checkpoints", "100", "--out_dir", run,
                         "--device", args.device, "--no_progress"])
@@ -152,7 +163,7 @@ def main(argv=None):
             entry[metric] = evaluate.summarize([r[metric] for r in row["per_seed"]])
         row.update({k: v for k, v in entry.items() if k != "model"})
         table_rows.append(entry)
-    table = evaluate.markdown_table(table_rows, ["style", "content"])
+    table = evaluate.markdown_table(table_rows, ["model", "style", "content"])
     print(f"\nheld-out prompts: {len(prompts)}, sampling seeds per prompt: {args.sample_seeds}, "
           f"training seeds: {study['seeds']}, scorer accuracy: {accuracy}\n")
     print(table)
@@ -171,7 +182,7 @@ def main(argv=None):
     # The grid: rows base, then each method at the middle lr (first training seed); columns:
     # the held-out prompts, one sampling seed, the same for every row.
     mid_lr, seed = study["lrs"][len(study["lrs"]) // 2], study["seeds"][0]
-    unets = [os.path.join(base_dir, "unet")] + [os.path.join(out, slug(v), f"lr{mid_lr:g}", f"seed{seed}", "unet")
+    unets = [os.path.join(base_dir, "unet")] + [os.path.join(args.runs, "align", slug(v), f"lr{mid_lr:g}", f"seed{seed}", "unet")
                                                 for v in study["variants"]]
     images = torch.cat([sample_unet(u, prompts, [sample_seeds(seed)[0]], args) for u in unets])
     sample.make_grid(data.tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
