@@ -17,10 +17,8 @@ gradient checkpointing (model FLOPs: recomputation is not useful work), and MFU 
 the step time and the GPU's dense bf16 peak.
 """
 import argparse
-import contextlib
 import gc
 import json
-import math
 import time
 
 import torch
@@ -173,9 +171,14 @@ def run(cfg):
         result["gpu"] = torch.cuda.get_device_name(device)
         peak = peak_tflops(device)
         result["mfu"] = round(flops / seconds / (peak * 1e12), 4) if peak else None
-    del m, optimizer, latents, cond
+    return result
+
+
+def measure(cfg):
+    """run() in a scope of its own, then free its models before the next configuration."""
+    result = run(cfg)
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
 
@@ -212,7 +215,7 @@ def main(argv=None):
     results = {name: [] for name in losses}
     for _ in range(args.repeat):  # interleaved, so drifts in machine load hit every loss alike
         for name in losses:
-            results[name].append(run(dict(cfg, loss=name)))
+            results[name].append(measure(dict(cfg, loss=name)))
             show(results[name][-1], args.json)
     median = {name: sorted(rs, key=lambda r: r["ms_per_step"])[len(rs) // 2] for name, rs in results.items()}
     ours = median[losses[0]]
@@ -227,7 +230,7 @@ def main(argv=None):
         # UNet CPU-offloaded, Adafactor, gradient checkpointing, one pair per step.
         ref_cfg = dict(cfg, mixed_precision="fp16", optimizer="adafactor", gradient_checkpointing=True,
                        batch_size=1, compile=False, channels_last=False, offload_reference=True, lora_rank=0)
-        base = run(ref_cfg)
+        base = measure(ref_cfg)
         show(base, args.json)
         ratio = ours["pairs_per_s"] / base["pairs_per_s"]
         print(json.dumps({"speedup_vs_dpo_reference": round(ratio, 2)}) if args.json else

@@ -168,7 +168,7 @@ def main(argv=None):
           f"training seeds: {study['seeds']}, scorer accuracy: {accuracy}\n")
     print(table)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table)
     json.dump({"study": args.study, "rows": rows, "scorer_accuracy": accuracy, "prompts": prompts,
                "base_recipe": BASE_ARGS, "align_args": ALIGN_ARGS, "sample_steps": args.sample_steps,
                "guidance": args.guidance, "sample_seeds": args.sample_seeds},

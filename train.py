@@ -16,10 +16,8 @@ import argparse
 import contextlib
 import glob
 import json
-import math
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -177,8 +175,8 @@ def latest_checkpoint(out_dir):
 
 
 # ---------------------------------------------------------------------------------------
-# The loss of one micro-batch, from latents and conditioning on: shared by train.py, the
-# cached-data path and bench.py, so what is benchmarked is what is trained.
+# The loss of one micro-batch, from latents and conditioning on: shared by train.py's loop and
+# bench.py, so what is benchmarked is what is trained.
 def diffusion_loss(m, latents, cond, generator, loss="rpo", timesteps="batch", beta=5000.0, weights=None,
                    rpo_weighting="outside", autocast=contextlib.nullcontext()):
     """latents: [winners; losers] (2B, C, H, W) for rpo/dpo, winners (B, ...) for sft; cond for

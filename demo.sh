@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone on a CPU machine (about 13 minutes on 2 cores):
+# install, pretrain the toy base model (cached in runs/base; a rerun skips it), align it with
+# SFT, DPO and RPO at one seed and one learning rate, sample the 12 held-out prompts, score
+# style and content, print the table, and write runs/demo/{results.md,results.json,grid.png,
+# curves.png}. The full study (seeds × lr grid × variants, the README's table):
+#   python experiment.py --study full
+set -euo pipefail
+cd "$(dirname "$0")"
+# torch first: 2.13.0 is the CPU build this project's CI machines hold on local disk. With a
+# torch already installed (a CUDA build, say) nothing is changed.
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -r requirements.txt
+python3 experiment.py --study demo "$@"
