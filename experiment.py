@@ -47,13 +47,14 @@ VARIANTS = {  # label -> train.py flags
     "rpo τ=0.5 inside": ["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
     "rpo τ=0.5 text": ["--loss", "rpo", "--tau", "0.5", "--embed", "text"],
 }
-# A shared learning-rate grid: at equal lr the methods take very different step sizes (RPO's
-# weights shrink its gradient, SFT's has no β), so only the style-content frontier across the
-# grid compares them fairly. The grid brackets where DPO goes from no visible change to
-# washing out content (calibrated by hand: at 1e-6 DPO already loses most of the content).
+# A shared learning-rate grid, one point per decade: at equal lr the methods take very different
+# effective steps (β = 5000 scales DPO's logits, RPO's weights spread its gradient over the
+# batch, SFT has neither), so only the style-content frontier across the grid compares them
+# fairly. Calibrated by hand on this base: DPO goes from little change (1e-7) to trading most
+# content for style (1e-6); SFT barely moves below 1e-6.
 STUDIES = {
-    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[3e-7], seeds=[0]),
-    "full": dict(variants=list(VARIANTS), lrs=[1e-7, 3e-7, 1e-6], seeds=[0, 1, 2]),
+    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-6], seeds=[0]),
+    "full": dict(variants=list(VARIANTS), lrs=[1e-7, 1e-6, 1e-5], seeds=[0, 1, 2]),
     "smoke": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-7, 1e-6], seeds=[0, 1]),  # tests: every code path
 }
 
