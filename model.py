@@ -419,8 +419,9 @@ def decode_latents(m, latents):
 def predict_noise(unet, noisy_latents, t, cond):
     """ε_θ(z_t, t, c) (or v, for a v-prediction scheduler): the one call that training (policy
     and reference) and sampling share. Inputs are cast to the UNet's dtype; under autocast the
-    fp32 policy still runs its matmuls in the compute dtype."""
-    dtype = unet.dtype
+    fp32 policy still runs its matmuls in the compute dtype. `unet` may be train.py's DDP wrapper
+    of the UNet (the UNet is its .module)."""
+    dtype = getattr(unet, "module", unet).dtype
     added = cond.get("added_cond_kwargs")
     if added is not None:
         added = {k: v.to(dtype) for k, v in added.items()}

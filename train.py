@@ -5,15 +5,25 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
     python train.py --model sd15 --pretrained /models/sd15 --data pairs.jsonl --mixed_precision bf16 \
                     --gradient_checkpointing --batch_size 8 --grad_accum 32
     python train.py --lora_rank 8                    # LoRA: only adapters train; ε_ref = adapters off
+    torchrun --standalone --nproc_per_node 8 train.py --model sdxl ... [--fsdp] [--global_contrast]
 
 Reads top to bottom: flags; models; data; the loss of one micro-batch (E1..E9 of
 ../shared/SPEC.md, via loss.py); checkpoints; the loop. Each optimizer step draws its
 timesteps and noise from a generator seeded by (seed, step, micro-batch), and each item's
 crop and flip from (seed, epoch, index), so a resumed run replays the same randomness as an
 uninterrupted one without any hidden RNG state.
+
+Data parallel (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT): one process per
+device, each with a replica of the policy (DDP) or a shard of it (--fsdp), and a disjoint slice
+of every *global* micro-batch of batch_size × world pairs. Every rank draws t and ε for the
+whole global micro-batch from the shared generator and keeps its own rows, so N ranks with
+--batch_size B see exactly what one process with --batch_size N·B sees; with --global_contrast
+the RPO matrix (E4-E7) spans the global batch too, and the run *is* that one-process run,
+split (tests/test_distributed.py). Rank 0 alone logs and writes metrics and checkpoints.
 """
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -21,7 +31,9 @@ import shutil
 import time
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import loss as L
@@ -46,6 +58,9 @@ def parse_args(argv=None):
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale is alpha/rank (default alpha: the rank)")
     g.add_argument("--lora_targets", default=",".join(M.LORA_TARGETS),
                    help="comma list of UNet module-name suffixes that get adapters")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the policy UNet, its gradients and AdamW state over the ranks "
+                        "(FSDP2 fully_shard) instead of replicating them (DDP); full fine-tunes only")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="toy", help="toy (pairs), toy-base (single images, for --loss sft), or a .jsonl manifest")
     g.add_argument("--resolution", type=int, default=None, help="default: the preset's")
@@ -67,8 +82,13 @@ def parse_args(argv=None):
     g.add_argument("--rpo_weighting", default="outside", choices=["outside", "inside"], help="E7: paper form or LLM-RPO code form")
     g.add_argument("--timesteps", default=None, choices=["batch", "pair"],
                    help="E8: one t per micro-batch or per pair (default: batch for rpo, pair otherwise)")
+    g.add_argument("--global_contrast", action="store_true",
+                   help="under torchrun, rpo: contrast every winner with every loser of the *global* micro-batch "
+                        "(B·W × B·W, E4-E7) instead of each rank's own B × B")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8, help="pairs per device per micro-batch (RPO contrasts B×B)")
+    g.add_argument("--batch_size", type=int, default=8,
+                   help="pairs per device per micro-batch (RPO contrasts B×B; under torchrun the global "
+                        "micro-batch is B × world size)")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=2.048e-5)
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
@@ -103,6 +123,12 @@ def parse_args(argv=None):
         p.error("--lora_rank must be 0 (full fine-tune) or positive")
     if args.lora_alpha is not None and args.lora_rank == 0:
         p.error("--lora_alpha needs --lora_rank")
+    if args.fsdp and args.lora_rank:
+        p.error("--fsdp shards a full fine-tune; a LoRA's trainable part is small, train it with plain DDP")
+    if args.fsdp and args.mixed_precision == "fp16":
+        # GradScaler checks for inf per rank, and FSDP's gradients are shards: ranks could disagree
+        # about skipping a step. bf16 needs no scaler.
+        p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
     return args
 
@@ -129,34 +155,54 @@ def make_optimizer(name, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=
 
 
 def optimizer_to_tensors(optimizer):
-    """Tensors of the optimizer state for safetensors; plain numbers (Adafactor's step) for JSON."""
-    sd = optimizer.state_dict()
+    """Tensors of the optimizer state for safetensors; plain numbers (Adafactor's step) for JSON.
+    `optimizer`: an optimizer, or a state dict in its format (FSDP's, gathered: fsdp_full_state)."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {f"{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
     scalars = {f"{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
     return tensors, dict(param_groups=sd["param_groups"], scalars=scalars)
 
 
-def optimizer_from_tensors(optimizer, tensors, meta):
+def optimizer_state_from_tensors(tensors, meta):
+    """The inverse of optimizer_to_tensors: a state dict in optimizer.state_dict()'s format."""
     state = {}
     for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path, m, optimizer, scaler, state, keep=None):
+def optimizer_from_tensors(optimizer, tensors, meta):
+    optimizer.load_state_dict(optimizer_state_from_tensors(tensors, meta))
+
+
+def load_unet_weights(folder, device):
+    """A saved unet/ folder's weights as one state dict. save_pretrained splits a UNet above
+    10 GB into several diffusion_pytorch_model-0000N-of-0000M.safetensors (SDXL in fp32 is 10.3)."""
+    weights = {}
+    for f in sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors"))):
+        weights.update(load_file(f, device=str(device)))
+    return weights
+
+
+def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     """Write everything into PATH.tmp, then rename: a crash mid-write never leaves a
-    half-written checkpoint that --resume would pick up."""
+    half-written checkpoint that --resume would pick up. `unet` (default m.unet) and `optimizer`
+    (an optimizer or its state dict) may be the full copies gathered from FSDP's shards."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if m.lora:
         M.save_lora(m, os.path.join(tmp, "lora"))
     else:
-        m.unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        (unet or m.unet).save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
     tensors, optimizer_meta = optimizer_to_tensors(optimizer)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and dist.is_initialized():
+        # this process's device only: get_rng_state_all() would open a CUDA context (~0.5 GB)
+        # on every GPU of the node from rank 0. (Informational: training draws on CPU generators.)
+        rng[f"torch_cuda{torch.cuda.current_device()}"] = torch.cuda.get_rng_state()
+    elif torch.cuda.is_available():
         rng.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -175,18 +221,150 @@ def latest_checkpoint(out_dir):
 
 
 # ---------------------------------------------------------------------------------------
+# Data parallel pieces (torchrun). Ranks hold disjoint slices of every global micro-batch; the
+# few tensors that must cross ranks are per-pair scalars and embeddings, never images.
+def world_counts(n, device):
+    """Every rank's number of usable pairs in this micro-batch (one all_gather of an int). Ranks
+    can differ when corrupt images were skipped; a rank with 0 makes every rank skip the
+    micro-batch, since DDP's backward is a collective that all ranks must join."""
+    mine = torch.tensor([n], device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(c) for c in every]
+
+
+def all_ranks(flag, device):
+    """True when `flag` holds on every rank (an all_reduce MIN of one number): decisions that
+    change which collectives run next (skip a step, stop) must be the same on all ranks."""
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_rows(x, counts):
+    """Rows x (n_r, ...) of every rank r, concatenated in rank order: (Σ_r n_r, ...), i.e. the
+    rows one process would hold for the concatenated batch. Autograd-aware: backward hands each
+    rank the gradient of its *own* rows, summed over the ranks' graphs (a reduce-scatter).
+    --global_contrast relies on that sum: every rank computes the same global loss L from the
+    gathered rows, so rank r's parameter gradient is W · ∂L/∂(rank r's rows) · ∂rows/∂θ, and
+    DDP's (or FSDP's) average over W ranks, (1/W) Σ_r W · ..., is exactly ∂L/∂θ (no rescaling).
+    counts: every rank's n_r (world_counts); rows are zero-padded to max(counts) for the
+    collective, which needs equal shapes, and the padding dropped again."""
+    import torch.distributed._functional_collectives as fc
+    n = max(counts)
+    if x.shape[0] < n:
+        x = torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
+    every = fc.wait_tensor(fc.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))  # (W·n, ...)
+    if all(c == n for c in counts):
+        return every
+    return torch.cat([every[r * n:r * n + c] for r, c in enumerate(counts)])
+
+
+@torch.no_grad()
+def encode_latents(m, images, generator, rows=None, total_rows=None):
+    """z = s·VAE.encode(x) (SPEC §1), = M.encode_images when rows is None. Under DDP, rows are
+    this rank's row indices in the global [all winners; all losers] batch of total_rows: the
+    VAE posterior's sample z = μ + σ·n is drawn for all total_rows (the draw M.encode_images
+    makes, via diffusers' randn_tensor: CPU generator, the VAE's dtype) and rows picked, so
+    the latents equal one process's on the concatenated batch and the generator advances alike
+    on every rank (the t and ε draws after it stay in step)."""
+    if m.vae is None or rows is None:
+        return M.encode_images(m, images, generator)
+    post = m.vae.encode(images.to(m.device, m.vae.dtype)).latent_dist
+    n = torch.randn((total_rows, *post.mean.shape[1:]), generator=generator, dtype=post.mean.dtype)[rows]
+    return ((post.mean + post.std * n.to(m.device)) * m.vae_scale).float()
+
+
+def shard_unet(unet):
+    """--fsdp: FSDP2 (fully_shard) on every ResNet and transformer block, then every down/mid/up
+    block (their remaining convs, norms, samplers), then the root (conv_in/out, time and text
+    embeddings). Each parameter lives in its innermost group, as 1/W of a flat fp32 shard per
+    rank; a group's full weights are all-gathered just before its forward (and again for its
+    backward) and freed after, and its gradients reduce-scattered (averaged) as soon as they
+    exist. So one rank holds 1/W of weights, gradients and AdamW moments plus one block's full
+    weights at a time: small groups keep that transient small (SDXL's largest transformer block
+    is ~35M parameters; whole up_blocks[0] would be ~1B). Params stay fp32 and autocast does
+    the bf16 compute, as without FSDP (so the numbers match DDP's; a MixedPrecisionPolicy with
+    bf16 params would halve the all-gather traffic but change the numerics)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch.distributed.fsdp import fully_shard
+    inner = [mod for mod in unet.modules() if isinstance(mod, (BasicTransformerBlock, ResnetBlock2D))]
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    for mod in inner + blocks + [unet]:
+        fully_shard(mod)
+    return unet
+
+
+def trainable_names(unet):
+    # The order of the optimizer's parameters (train.py builds it from unet.parameters()): the
+    # single-device optimizer state numbers parameters in this order, FSDP's names them.
+    return [n for n, p in unet.named_parameters() if p.requires_grad]
+
+
+def fsdp_full_state(unet, optimizer, master):
+    """--fsdp checkpoints: gather the sharded UNet and AdamW state into full CPU tensors on rank 0
+    (collectives: every rank calls this). Returns, on rank 0, a plain UNet2DConditionModel with
+    those weights (so save_pretrained writes the same unet/ as a single-device run) and the
+    optimizer state in the single-device format (parameters numbered, not named), so a
+    checkpoint resumes on any number of ranks, with or without FSDP; (None, None) elsewhere."""
+    from diffusers import UNet2DConditionModel
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, rank 0, CPU
+    weights = dcp.get_model_state_dict(unet, options=options)
+    optim = dcp.get_optimizer_state_dict(unet, optimizer, options=options)
+    if not master:
+        return None, None
+    with torch.device("meta"):  # no memory: the gathered CPU tensors are assigned below
+        plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(weights, assign=True)
+    index = {name: i for i, name in enumerate(trainable_names(unet))}
+    optim = {"state": {index[k]: v for k, v in optim["state"].items()},
+             "param_groups": [dict(g, params=[index[k] for k in g["params"]]) for g in optim["param_groups"]]}
+    return plain, optim
+
+
+def fsdp_load_state(unet, optimizer, weights, optim_state):
+    """--fsdp resume: full weights and a single-device optimizer state dict (any checkpoint of
+    this script) -> every rank's shards. Rank 0 alone reads the checkpoint and passes it here;
+    the other ranks pass {} and receive the tensors from it one by one (broadcast_from_rank0),
+    each keeping its slice: one full copy in host memory per node, not one per rank (SDXL's
+    weights and AdamW state are 31 GB)."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dcp.set_model_state_dict(unet, weights, options=options)
+    if optim_state:
+        names = trainable_names(unet)
+        optim_state = {"state": {names[i]: v for i, v in optim_state["state"].items()},
+                       "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                                        for g in optim_state["param_groups"]]}
+    dcp.set_optimizer_state_dict(unet, optimizer, optim_state, options=options)
+
+
+# ---------------------------------------------------------------------------------------
 # The loss of one micro-batch, from latents and conditioning on: shared by train.py's loop and
 # bench.py, so what is benchmarked is what is trained.
 def diffusion_loss(m, latents, cond, generator, loss="rpo", timesteps="batch", beta=5000.0, weights=None,
-                   rpo_weighting="outside", autocast=contextlib.nullcontext()):
+                   rpo_weighting="outside", autocast=contextlib.nullcontext(), policy=None, rows=None, gather=None):
     """latents: [winners; losers] (2B, C, H, W) for rpo/dpo, winners (B, ...) for sft; cond for
-    the same rows. weights: the B×B RPO weights (E6). Returns (loss, metrics) as loss.py does."""
+    the same rows. weights: the B×B RPO weights (E6). Returns (loss, metrics) as loss.py does.
+    Data parallel (train.py under torchrun; defaults = one process):
+      policy  the module that runs ε_θ: the DDP wrapper of m.unet (default: m.unet itself)
+      rows    (offset, total): these are pairs [offset, offset + B) of a global micro-batch of
+              `total` pairs. t and ε are drawn for all `total` and this slice kept (E8), so
+              every rank draws what one process would for these pairs, and with one t per
+              batch all ranks share the same t.
+      gather  --global_contrast (gather_rows with every rank's counts): E4-E7 over the global
+              batch; `weights` is then the global (total × total) ω."""
     pairs = loss != "sft"
     B = latents.shape[0] // 2 if pairs else latents.shape[0]
+    offset, total = rows or (0, B)
+    mine = slice(offset, offset + B)
     with torch.no_grad():
         # E8: t and ε for this micro-batch; winner i and loser i share both (.repeat(2)).
-        t = L.sample_timesteps(B, m.scheduler.config.num_train_timesteps, timesteps, generator, latents.device)
-        noise = L.sample_noise(latents[:B].shape, generator, latents.device)
+        t = L.sample_timesteps(total, m.scheduler.config.num_train_timesteps, timesteps, generator)[mine]
+        t = t.to(latents.device)
+        noise = L.sample_noise((total, *latents.shape[1:]), generator)[mine].to(latents.device)
         if pairs:
             t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
         # q(z_t | z_0): z_t = sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε
@@ -194,26 +372,55 @@ def diffusion_loss(m, latents, cond, generator, loss="rpo", timesteps="batch", b
         v_pred = m.scheduler.config.prediction_type == "v_prediction"
         target = m.scheduler.get_velocity(latents, noise, t) if v_pred else noise
     with autocast:
-        pred = M.predict_noise(m.unet, noisy, t, cond)
+        pred = M.predict_noise(policy or m.unet, noisy, t, cond)
     err = L.denoising_error(pred, target)  # E1 for the policy
     if not pairs:
         return L.sft_loss(err)  # E9
     # E1, reference: m.ref_unet, or for LoRA the policy UNet with its adapters off. This runs
     # after the policy forward and before its backward; model.reference_unet explains why that
-    # is safe (the adapters are back on, with requires_grad, when the block exits).
+    # is safe (the adapters are back on, with requires_grad, when the block exits). Under DDP it
+    # is m.unet, the module inside the wrapper: no DDP hooks, no gradient, no communication.
     with torch.no_grad(), autocast, M.reference_unet(m) as ref_unet:
         ref_err = L.denoising_error(M.predict_noise(ref_unet, noisy, t, cond), target)
     err_w, err_l = err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
     if loss == "dpo":
         return L.dpo_loss(err_w, err_l, ref_w, ref_l, beta)  # E3
+    if gather is not None:
+        # --global_contrast: E4's Δ_ij needs every winner's and every loser's gap, so gather the
+        # four per-pair errors of every rank: 4 scalars a pair (plus the E5 embeddings gathered
+        # for ω), the contrast matrix (B·W)² scalars, next to nothing beside a UNet. Every rank
+        # then computes the same global E7 loss; gather_rows explains why the gradients need no
+        # rescaling.
+        err_w, err_l, ref_w, ref_l = gather(torch.stack([err_w, err_l, ref_w, ref_l], dim=1)).unbind(1)
     return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, beta, rpo_weighting)  # E4, E7
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    torch.manual_seed(args.seed)
+    # -----------------------------------------------------------------------------------
+    # Data parallel: torchrun (or any launcher) sets RANK/LOCAL_RANK/WORLD_SIZE and the
+    # rendezvous address; without them this is one process and the lines below do nothing.
+    # One device per rank: cuda:LOCAL_RANK with NCCL, or the CPU with gloo (no GPU, --device cpu).
+    ddp = int(os.environ.get("RANK", "-1")) != -1
+    if ddp:
+        gpu = torch.cuda.is_available() and args.device != "cpu"
+        own_group = not dist.is_initialized()  # a caller (a test) may have made the group already
+        if own_group:
+            dist.init_process_group(backend="nccl" if gpu else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device = f"cuda:{local_rank}" if gpu else "cpu"  # --device cuda[:N] means "the GPUs" here
+        if gpu:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    master = rank == 0  # logs, writes metrics.jsonl and checkpoints; every rank computes
+    log = print if master else (lambda *a, **k: None)
+    if args.fsdp and not ddp:
+        raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -236,6 +443,22 @@ def main(argv=None):
         m.unet.compile()
         if m.ref_unet is not None:
             m.ref_unet.compile()
+    # The policy under data parallelism. m.unet stays the UNet itself (the reference forward,
+    # LoRA's adapter switch and saving use it); `policy` is what the training forward calls.
+    #   DDP: a replica per rank; after backward, gradients are averaged over ranks (all-reduce in
+    #   buckets, overlapping the backward). Only parameters with requires_grad are synchronised,
+    #   so a LoRA run all-reduces its adapters only. find_unused_parameters=False: every trainable
+    #   parameter is used every step (no extra graph walk). gradient_as_bucket_view: gradients
+    #   live in the all-reduce buckets, not in a second copy (SDXL: 10 GB saved).
+    #   FSDP (--fsdp): shard_unet shards m.unet in place; the reference stays a full, frozen
+    #   copy in the compute dtype on every rank (bf16 SDXL: 5.1 GB; sharding it too would save
+    #   that but all-gather it on every forward), computed without communication.
+    policy = m.unet
+    if args.fsdp:
+        policy = shard_unet(m.unet)
+    elif ddp:
+        policy = DDP(m.unet, device_ids=[local_rank] if gpu else None, find_unused_parameters=False,
+                     gradient_as_bucket_view=True)
     resolution = m.resolution = args.resolution or m.resolution  # also SDXL's target size in the time ids
     pred_type = m.scheduler.config.prediction_type
     if pred_type not in ("epsilon", "v_prediction"):
@@ -252,58 +475,97 @@ def main(argv=None):
         raise SystemExit(f"error: {err}")
     if args.loss != "sft" and isinstance(dataset, data.ToyImages):
         raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}")
-    skip_counts = dict(getattr(dataset, "skip_counts", {}))  # manifest-level skips, counted at load
+    global_batch = args.batch_size * world  # one micro-batch of all ranks together
+    if len(dataset) < global_batch:
+        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
+                         + (f" × {world} ranks" if ddp else ""))
+    skip_counts = dict(getattr(dataset, "skip_counts", {}))  # manifest-level (the same on every rank), or resumed
+    new_skips = {}  # corrupt images this rank met while decoding; summed over ranks by all_skips()
 
-    def data_stream(epoch, batch_in_epoch):
-        """Batches of item indices in a per-epoch permutation seeded by (seed, epoch); resuming
-        at (epoch, batch_in_epoch) replays exactly the batches an uninterrupted run would see."""
+    def all_skips():
+        """skip_counts plus every rank's new_skips (a collective under DDP: all ranks call it)."""
+        every = [new_skips]
+        if ddp:
+            every = [None] * world
+            dist.all_gather_object(every, new_skips)
+        total = dict(skip_counts)
+        for counts in every:
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def data_stream(epoch, item):
+        """Batches of item indices in a per-epoch permutation seeded by (seed, epoch). A global
+        micro-batch is global_batch consecutive items of it, and rank r takes items
+        [r·B, (r+1)·B) of each: the ranks' union is what one process with --batch_size B·W takes.
+        The position is (epoch, items consumed in the epoch), whatever the world size, so resuming
+        at it replays exactly the items an uninterrupted run would see, on any number of ranks."""
         while True:
             dataset.epoch = epoch
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).tolist()
-            batches = [order[i:i + args.batch_size] for i in range(0, len(order) - args.batch_size + 1, args.batch_size)]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[batch_in_epoch:],
+            starts = range(item, len(order) - global_batch + 1, global_batch)
+            batches = [order[s + rank * args.batch_size:s + (rank + 1) * args.batch_size] for s in starts]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                                  collate_fn=data.collate_pairs, num_workers=args.num_workers)
             for batch in loader:
-                batch_in_epoch += 1
-                yield epoch, batch_in_epoch, batch
-            epoch, batch_in_epoch = epoch + 1, 0
+                item += global_batch
+                yield epoch, item, batch
+            epoch, item = epoch + 1, 0
 
     # -----------------------------------------------------------------------------------
     # The loss of one micro-batch.
     autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
-    def micro_batch_loss(batch, generator):
+    def micro_batch_loss(batch, generator, counts):
+        """counts: every rank's number of pairs in this micro-batch ([B] for one process). This
+        rank's pairs are pairs [offset, offset + B) of the global micro-batch; each random draw
+        below is made for the whole global micro-batch and sliced, so every rank gets exactly
+        the numbers one process would draw for these pairs, and the shared generator stays in
+        step on all ranks (one t per batch is then the same t everywhere)."""
         prompts, B = batch["prompt"], len(batch["prompt"])
+        offset, total = sum(counts[:rank]), sum(counts)
         if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
-            drop = torch.rand(B, generator=generator) < args.caption_dropout
+            drop = torch.rand(total, generator=generator)[offset:offset + B] < args.caption_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         pairs = args.loss != "sft"
         images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
         with torch.no_grad():
-            # SPEC §1: z = s·VAE.encode(x) (the images themselves for pixel-space presets).
-            latents = M.encode_images(m, images, generator)
+            # SPEC §1: z = s·VAE.encode(x) (the images themselves for pixel-space presets). Under
+            # DDP the VAE's sample is drawn for the global [winners; losers] and our rows kept.
+            mine = torch.arange(offset, offset + B)
+            rows = (torch.cat([mine, total + mine]) if pairs else mine) if ddp else None
+            latents = encode_latents(m, images, generator, rows, (2 if pairs else 1) * total)
             sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
             crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
             cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
-        weights = None
+        weights, gather = None, None
         if args.loss == "rpo":
             emb_w = data.clip_embeddings(*embedder, prompts, batch["winner"], args.embed)  # E5
             emb_l = data.clip_embeddings(*embedder, prompts, batch["loser"], args.embed)
+            if ddp and args.global_contrast:
+                # E5 embeddings of the global batch, so that ω (E6) is the global (B·W)² matrix.
+                # gather: the per-pair errors inside diffusion_loss, with autograd (gather_rows).
+                gather = functools.partial(gather_rows, counts=counts)
+                emb_w, emb_l = gather(torch.stack([emb_w, emb_l], dim=1)).unbind(1)
             weights = L.rpo_weights(emb_w, emb_l, args.tau)  # E6
         return diffusion_loss(m, latents, cond, generator, args.loss, args.timesteps, args.beta, weights,
-                              args.rpo_weighting, autocast)
+                              args.rpo_weighting, autocast, policy=policy, rows=(offset, total), gather=gather)
 
     # -----------------------------------------------------------------------------------
     # Optimizer, and where to start.
+    # The optimizer holds the trainable parameters as the ranks see them: DDP's replicas (the
+    # same tensors as m.unet's), or FSDP's shards (DTensors: AdamW's moments are then sharded too).
     params = [p for p in m.unet.parameters() if p.requires_grad]  # LoRA: the adapter's A and B only
     optimizer = make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
                                args.weight_decay)
     scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
-    step, epoch, batch_in_epoch = 0, 0, 0
-    os.makedirs(args.out_dir, exist_ok=True)
+    step, epoch, items_in_epoch = 0, 0, 0
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
     if args.resume:
+        # Every rank reads the checkpoint (on multi-node runs OUT_DIR must be a shared file system).
+        # It holds the full weights and optimizer state in the single-device format whatever
+        # wrote it, so it resumes on any number of ranks, with or without --fsdp.
         ckpt = latest_checkpoint(args.out_dir) if args.resume == "latest" else args.resume
         if ckpt is None or not os.path.isfile(os.path.join(ckpt, "state.json")):
             raise SystemExit(f"error: --resume found no checkpoint in '{ckpt or args.out_dir}'")
@@ -317,37 +579,55 @@ def main(argv=None):
             if state["args"].get(key, defaults.get(key)) != getattr(args, key):
                 raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {state['args'].get(key, defaults.get(key))}, "
                                  f"not {getattr(args, key)}")
+        # FSDP: rank 0 reads the full tensors into host memory and fsdp_load_state hands every
+        # rank its shard (a full fp32 SDXL state on the GPU next to the shards would not fit 24 GB).
+        where = "cpu" if args.fsdp else str(m.device)
+        reads = master or not args.fsdp
+        optimizer_state = optimizer_state_from_tensors(
+            load_file(os.path.join(ckpt, "optimizer.safetensors"), device=where), state["optimizer"]) if reads else {}
         if m.lora:  # the adapter only: the frozen base is rebuilt identically by load_models
             M.load_lora(m, os.path.join(ckpt, "lora"))
+        elif args.fsdp:
+            weights = load_unet_weights(os.path.join(ckpt, "unet"), where) if master else {}
+            fsdp_load_state(m.unet, optimizer, weights, optimizer_state)
         else:
-            m.unet.load_state_dict(load_file(os.path.join(ckpt, "unet", "diffusion_pytorch_model.safetensors"), device=str(m.device)))
-        optimizer_from_tensors(optimizer, load_file(os.path.join(ckpt, "optimizer.safetensors"), device=str(m.device)),
-                               state["optimizer"])
+            m.unet.load_state_dict(load_unet_weights(os.path.join(ckpt, "unet"), where))
+        if not args.fsdp:
+            optimizer.load_state_dict(optimizer_state)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         rng = load_file(os.path.join(ckpt, "rng.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        # Position in the data: items consumed in the epoch, which any world size can continue
+        # from (checkpoints before data parallelism counted batches of --batch_size).
+        step, epoch = state["step"], state["epoch"]
+        items_in_epoch = state.get("items_in_epoch", state.get("batch_in_epoch", 0) * state["args"]["batch_size"])
         skip_counts = state.get("skip_counts", skip_counts)
-        print(f"resumed from {ckpt} at step {step}")
+        log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} "
+                                                     f"process(es), continued by {world})" if ddp else ""))
 
     def checkpoint(path, keep=None):
-        state = dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skip_counts=skip_counts, args=vars(args),
-                     rng="timesteps/noise: Generator(seed, step, micro-batch); crops: (seed, epoch, index)")
-        save_checkpoint(path, m, optimizer, scaler, state, keep)
+        # Every rank calls this: FSDP gathers the shards (collectives), skips are summed; rank 0 writes.
+        state = dict(step=step, epoch=epoch, items_in_epoch=items_in_epoch, world_size=world, skip_counts=all_skips(),
+                     args=vars(args), rng="timesteps/noise: Generator(seed, step, micro-batch), drawn for the "
+                                          "global micro-batch; crops: (seed, epoch, index)")
+        unet, optim = fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
+        if master:
+            save_checkpoint(path, m, optim, scaler, state, keep, unet=unet)
 
     what = f"{M.unet_size(m.unet) / 1e6:.1f}M-parameter UNet"
     if m.lora:
         what += f", LoRA rank {args.lora_rank}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable"
-    print(f"training {args.loss} on {args.model} ({what}) on {m.device}, "
-          f"{args.batch_size}×{args.grad_accum} pairs/step, data {args.data} ({len(dataset)} items)")
+    on = (f"{world} ranks ({'FSDP' if args.fsdp else 'DDP'}, {dist.get_backend()}, {m.device.type}), "
+          f"{args.batch_size}×{args.grad_accum}×{world}") if ddp else f"{m.device}, {args.batch_size}×{args.grad_accum}"
+    log(f"training {args.loss} on {args.model} ({what}) on {on} pairs/step, data {args.data} ({len(dataset)} items)")
 
     # -----------------------------------------------------------------------------------
     # The loop.
-    stream = data_stream(epoch, batch_in_epoch)
-    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
+    stream = data_stream(epoch, items_in_epoch)
+    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and master:
         from tqdm import tqdm
         bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
     bad_steps, last_epoch = 0, epoch
@@ -356,48 +636,73 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums, n_pairs, n_micro, finite = {}, 0, 0, True
+        sums, n_pairs, n_micro, finite, synced = {}, 0, 0, True, True
         for micro in range(args.grad_accum):
-            epoch, batch_in_epoch, batch = next(stream)
+            epoch, items_in_epoch, batch = next(stream)
             for reason in batch["skipped"]:  # corrupt images found while decoding
                 kind = " ".join(reason.split(" ")[:2])  # e.g. "corrupt image"
-                skip_counts[kind] = skip_counts.get(kind, 0) + 1
-            if batch["winner"] is None or len(batch["prompt"]) == 0:
+                new_skips[kind] = new_skips.get(kind, 0) + 1
+            n = 0 if batch["winner"] is None else len(batch["prompt"])
+            counts = world_counts(n, m.device) if ddp else [n]
+            if min(counts) == 0:  # (on every rank alike: a rank with no pairs cannot join DDP's backward)
                 continue
             generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009 + micro)
-            loss, metrics = micro_batch_loss(batch, generator)
-            if not torch.isfinite(loss):
-                finite = False
+            # DDP: all-reduce gradients only in the last micro-batch's backward; before it, each rank
+            # accumulates its own (no_sync), which the last all-reduce then averages in one go. FSDP
+            # reduce-scatters every micro-batch instead: skipping that (set_requires_gradient_sync)
+            # would hold full unsharded gradients, the memory FSDP is there to save.
+            accumulate = ddp and not args.fsdp and micro < args.grad_accum - 1
+            with policy.no_sync() if accumulate else contextlib.nullcontext():
+                loss, metrics = micro_batch_loss(batch, generator, counts)
+                finite = bool(torch.isfinite(loss)) if not ddp else all_ranks(torch.isfinite(loss).item(), m.device)
+                if finite or ddp:  # DDP/FSDP: every forward needs its backward (the reducer waits for it)
+                    scaler.scale(loss / args.grad_accum).backward()
+            synced = not accumulate
+            if not finite:
                 break
-            scaler.scale(loss / args.grad_accum).backward()
             for k, v in dict(metrics, loss=loss.item()).items():
                 sums[k] = sums.get(k, 0.0) + v
-            n_pairs += len(batch["prompt"])
+            n_pairs += n
             n_micro += 1
-        if epoch != last_epoch and skip_counts:
-            print(f"epoch {last_epoch} done; skipped so far: {skip_counts}")
+        if epoch != last_epoch:
+            skips = all_skips()
+            if skips:
+                log(f"epoch {last_epoch} done; skipped so far: {skips}")
         last_epoch = epoch
         if not finite or n_pairs == 0:
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
-            print(f"warning: step {step}: {'non-finite loss' if not finite else 'no usable pairs'}; step skipped")
+            log(f"warning: step {step}: {'non-finite loss' if not finite else 'no usable pairs'}; step skipped")
             if bad_steps >= args.max_bad_steps:
                 checkpoint(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
                 raise SystemExit(f"error: {bad_steps} bad steps in a row at step {step} (NaN/inf loss or no data); "
                                  f"weights before them saved in {args.out_dir}/checkpoint-{step:06d}; try a lower --lr")
             continue
+        if not synced:  # DDP and the last micro-batch was skipped: its all-reduce never ran
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
         bad_steps = 0
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        # FSDP: the norm of sharded gradients is a DTensor; full_tensor() is the global norm.
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
+        if ddp:  # the log's figures as global means: every rank's sums, summed (one all_reduce a step)
+            keys = list(sums)  # the same order on every rank: the same code ran
+            v = torch.tensor([sums[k] for k in keys] + [n_pairs], dtype=torch.float64, device=m.device)
+            dist.all_reduce(v)
+            sums, n_pairs = {k: x / world for k, x in zip(keys, v.tolist())}, int(v[-1].item())
         record = {k: v / n_micro for k, v in sums.items()}
         record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if master:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
@@ -411,24 +716,35 @@ def main(argv=None):
     # LoRA runs: OUT_DIR/lora/pytorch_lora_weights.safetensors instead (pipe.load_lora_weights).
     if bar is not None:
         bar.close()
-    metrics_file.close()
     final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
     checkpoint(final, keep=args.keep_checkpoints)
     folder = "lora" if m.lora else "unet"
     unet_dir, tmp = os.path.join(args.out_dir, folder), os.path.join(args.out_dir, folder + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in os.listdir(os.path.join(final, folder)):
-        src = os.path.join(final, folder, name)
-        try:
-            os.link(src, os.path.join(tmp, name))
-        except OSError:
-            shutil.copy2(src, os.path.join(tmp, name))
-    shutil.rmtree(unet_dir, ignore_errors=True)
-    os.rename(tmp, unet_dir)
-    if skip_counts:
-        print(f"skipped (counted): {skip_counts}")
-    print(f"done: {step} steps; {'LoRA' if m.lora else 'UNet'} in {unet_dir}")
+    if master:
+        metrics_file.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in os.listdir(os.path.join(final, folder)):
+            src = os.path.join(final, folder, name)
+            try:
+                os.link(src, os.path.join(tmp, name))
+            except OSError:
+                shutil.copy2(src, os.path.join(tmp, name))
+        shutil.rmtree(unet_dir, ignore_errors=True)
+        os.rename(tmp, unet_dir)
+    skips = all_skips()
+    if skips:
+        log(f"skipped (counted): {skips}")
+    log(f"done: {step} steps; {'LoRA' if m.lora else 'UNet'} in {unet_dir}")
+    if ddp:
+        # Free DDP's reducer while the process group is still registered: the reducer holds the
+        # group from C++ and, were it the last holder, would destroy it with the GIL held, while
+        # a gloo worker thread may still need the GIL to drop a finished collective's tensors
+        # (seen: a hang at exit). destroy_process_group frees the group with the GIL released.
+        policy = None
+        dist.barrier()  # no rank leaves before rank 0 has written the result
+        if own_group:
+            dist.destroy_process_group()
     return m
 
 
