@@ -625,7 +625,18 @@ def main(argv=None):
     # -----------------------------------------------------------------------------------
     # The loop.
     stream = data_stream(epoch, items_in_epoch)
-    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics_file = None
+    if master:
+        # One line per step, never two: a resumed run replays the steps after its checkpoint, so
+        # their old lines go; a fresh run (no --resume) starts a fresh log.
+        metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+        kept = []
+        if args.resume and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+        metrics_file = open(metrics_path, "a")
     bar = None
     if not args.no_progress and master:
         from tqdm import tqdm

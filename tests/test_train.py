@@ -122,3 +122,13 @@ def test_bad_flags_end_with_a_clear_error(tmp_path, argv, needle):
         assert err.value.code == 2  # argparse's usage error
     else:
         assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_metrics_keep_one_line_per_step_across_resumes_and_reruns(tmp_path):
+    common = ["--loss", "dpo", "--lr", "1e-3", "--out_dir", str(tmp_path), *FAST]
+    train.main(common + ["--max_steps", "3", "--save_every", "1", "--keep_checkpoints", "5"])
+    # resume from the step-1 checkpoint: steps 2 and 3 are replayed, their old lines replaced
+    train.main(common + ["--max_steps", "3", "--resume", str(tmp_path / "checkpoint-000001")])
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    train.main(common + ["--max_steps", "2"])  # a fresh run into the same folder: a fresh log
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
