@@ -174,6 +174,8 @@ def main(argv=None):
         entry = {"model": row["model"] + ("" if row["lr"] is None else f" lr={row['lr']:g}")}
         for metric in ("style", "content"):
             entry[metric] = evaluate.summarize([r[metric] for r in row["per_seed"]])
+            if len(row["per_seed"]) == 1:  # one training seed (the demo): no spread to report
+                entry[metric] = entry[metric][0]
         row.update({k: v for k, v in entry.items() if k != "model"})
         table_rows.append(entry)
     table = evaluate.markdown_table(table_rows, ["model", "style", "content"])
