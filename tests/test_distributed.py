@@ -90,6 +90,16 @@ def rows_loss(m, rows, case, policy=None, gather=None, embed=None):
     return loss.item(), metrics, grads
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The workers run with one thread each; the in-process reference runs must too: a sum over
+    2 threads rounds differently, and β/2 = 2500 turns that into ~1e-4 differences in the loss."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
