@@ -378,13 +378,17 @@ def clip_embeddings(clip, tokenizer, prompts, images, mode="mean"):
     E5: f(c, x) = normalize( normalize(CLIP_text(c)) + normalize(CLIP_image(x)) ) ("mean");
     "text" = prompt only (as the LLM RPO), "image" = image only. `images` are (B,3,H,W) in
     [-1, 1]; they are resized to CLIP's input size on the model's device (batched, no PIL).
+    `images` may hold k images per prompt, in k blocks ([winners; losers]: k = 2): the text is
+    encoded once and repeated, as model.encode_prompts does. Returns (k·B, D).
     """
+    repeat = len(images) // len(prompts)
     device = next(clip.parameters()).device
     parts = []
     if mode in ("mean", "text"):
         ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
-        parts.append(torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)).float(), dim=-1))
+        text = _features(clip.get_text_features(input_ids=ids)).float()
+        parts.append(torch.nn.functional.normalize(text, dim=-1).repeat(repeat, 1))
     if mode in ("mean", "image"):
         size = clip.config.vision_config.image_size
         x = (images.to(device, torch.float32) + 1) / 2

@@ -161,10 +161,11 @@ def main(argv=None):
                     # the curves: style over training steps, from the kept checkpoints
                     name = f"{label} lr={lr:g}"
                     curves[name] = run
+                    # (the last checkpoint is the final UNet, scored just above: reuse that score)
                     steps = sorted(int(d.split("-")[1]) for d in os.listdir(run) if d.startswith("checkpoint-"))
                     style_points[name] = [(0, rows[0]["per_seed"][0]["style"])] + [
                         (s, scored(os.path.join(run, f"checkpoint-{s:06d}", "unet"), seed, f"{run}@{s}")["style"])
-                        for s in steps]
+                        for s in steps[:-1]] + [(steps[-1], per_seed[-1]["style"])]
             rows.append({"model": label, "lr": lr, "per_seed": per_seed})
 
     # ---------------------------------------------------------------------------------

@@ -540,8 +540,8 @@ def main(argv=None):
             cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
         weights, gather = None, None
         if args.loss == "rpo":
-            emb_w = data.clip_embeddings(*embedder, prompts, batch["winner"], args.embed)  # E5
-            emb_l = data.clip_embeddings(*embedder, prompts, batch["loser"], args.embed)
+            # E5 for [winners; losers] in one pass (each prompt's text encoded once)
+            emb_w, emb_l = data.clip_embeddings(*embedder, prompts, images, args.embed).chunk(2)
             if ddp and args.global_contrast:
                 # E5 embeddings of the global batch, so that ω (E6) is the global (B·W)² matrix.
                 # gather: the per-pair errors inside diffusion_loss, with autograd (gather_rows).

@@ -330,5 +330,10 @@ def test_clip_embeddings_follow_E5():
     assert torch.allclose(f_image, torch.nn.functional.normalize(out.image_embeds, dim=-1), atol=1e-5)
     assert torch.allclose(f_mean, torch.nn.functional.normalize(f_text + f_image, dim=-1), atol=1e-6)
     assert torch.allclose(f_mean.norm(dim=-1), torch.ones(2))
+    # [winners; losers] in one call (the text encoded once, repeated) = two separate calls
+    both = clip_embeddings(clip, tok, prompts, torch.cat([images, images.flip(0)]), "mean")
+    assert both.shape == (4, f_mean.shape[1])
+    assert torch.allclose(both[:2], f_mean, atol=1e-5)
+    assert torch.allclose(both[2:], clip_embeddings(clip, tok, prompts, images.flip(0), "mean"), atol=1e-5)
     with pytest.raises(ValueError):
         clip_embeddings(clip, tok, prompts, images, "audio")
