@@ -155,17 +155,19 @@ def _offline_exit(what, source, err):
                      f"text_encoder/, tokenizer/, scheduler/).")
 
 
-def load_real(source, xl):
+def load_real(source, xl, encoders=True):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     kw = dict(local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
     try:
-        parts = dict(
-            scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-            tokenizers=[CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)],
-            text_encoders=[CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)],
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw))
+        parts = dict(scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+                     unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
+                     vae=None, text_encoders=[], tokenizers=[])
+        if not encoders:
+            return parts
+        parts.update(tokenizers=[CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)],
+                     text_encoders=[CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)],
+                     vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw))
         if xl:
             parts["tokenizers"].append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw))
             parts["text_encoders"].append(
@@ -190,7 +192,7 @@ def load_unet(path):
 # The one loader that train.py, sample.py and evaluate.py use
 def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mixed_precision="no",
                 gradient_checkpointing=False, reference=True, random_unet=False, lora_rank=0, lora_alpha=None,
-                lora_targets=LORA_TARGETS, lora_dir=None):
+                lora_targets=LORA_TARGETS, lora_dir=None, encoders=True):
     """Returns a namespace with
       unet       the policy ε_θ: fp32 master weights, train mode, requires grad
       ref_unet   the reference ε_ref: a frozen copy of the *starting* UNet in the compute dtype,
@@ -207,6 +209,8 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
     adapter disabled: use `with reference_unet(m) as ref:` rather than m.ref_unet.
     lora_dir: a saved LoRA (a folder with pytorch_lora_weights.safetensors, e.g. train.py's
     OUT_DIR/lora) merged into the starting UNet's weights, e.g. for sample.py.
+    encoders=False: no VAE and no text encoders (vae None, empty lists): training from data.py's
+    cache of latents and text states needs only the UNets and the scheduler.
     """
     if model not in PRESETS:
         raise SystemExit(f"error: unknown --model {model!r}; choose from {', '.join(PRESETS)}")
@@ -218,6 +222,8 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         if pretrained:
             raise SystemExit(f"error: --model {model} is built in code; --pretrained is for sd15/sdxl")
         parts = build_tiny(preset["xl"], preset["vae"])
+        if not encoders:
+            parts.update(vae=None, text_encoders=[], tokenizers=[])
     elif random_unet:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         with torch.device(device):  # initialise on the GPU directly: 2.6B random weights take minutes on a CPU
@@ -226,7 +232,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
                      scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                              beta_start=0.00085, beta_end=0.012, clip_sample=False))
     else:
-        parts = load_real(pretrained or preset["pretrained"], preset["xl"])
+        parts = load_real(pretrained or preset["pretrained"], preset["xl"], encoders)
     if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference
         parts["unet"] = load_unet(init_unet)
     if lora_dir:  # a saved LoRA merged into the weights: from here on it *is* the starting UNet
@@ -377,6 +383,13 @@ def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1
     once, and original_sizes / crop_top_left (LongTensors (repeat·B, 2); default: the training
     resolution and (0, 0)) give each image its own time ids.
     """
+    hidden, pooled = encode_text(m, prompts)
+    return text_conditioning(m, hidden, pooled, original_sizes, crop_top_left, repeat)
+
+
+def encode_text(m, prompts):
+    """The text encoders' outputs for prompts: hidden states (B, L, D) and, for SDXL, the pooled
+    embedding (B, P) (else None). What data.py's cache stores per prompt."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
         ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
@@ -385,10 +398,15 @@ def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1
         hidden.append(out.hidden_states[-2] if m.xl else out[0])
         if m.xl:
             pooled = out[0]  # CLIPTextModelWithProjection's text_embeds (the 2nd encoder's)
-    cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).repeat(repeat, 1, 1)}
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def text_conditioning(m, hidden, pooled=None, original_sizes=None, crop_top_left=None, repeat=1):
+    """encode_text's outputs (computed now or read from a cache) -> predict_noise's cond."""
+    cond = {"encoder_hidden_states": hidden.to(m.device).repeat(repeat, 1, 1)}
     if m.xl:
-        B, R = repeat * len(prompts), m.resolution
-        pooled = pooled.repeat(repeat, 1)
+        B, R = repeat * len(hidden), m.resolution
+        pooled = pooled.to(m.device).repeat(repeat, 1)
         if original_sizes is None:
             original_sizes = torch.tensor([[R, R]] * B)
         if crop_top_left is None:

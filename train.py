@@ -62,7 +62,14 @@ def parse_args(argv=None):
                    help="under torchrun: shard the policy UNet, its gradients and AdamW state over the ranks "
                         "(FSDP2 fully_shard) instead of replicating them (DDP); full fine-tunes only")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="toy", help="toy (pairs), toy-base (single images, for --loss sft), or a .jsonl manifest")
+    g.add_argument("--data", default=None,
+                   help="toy (pairs), toy-base (single images, for --loss sft), a .jsonl manifest, pickapic:DIR (parquet "
+                        f"shards), pickapic:HUB_ID, or cache:DIR (data.py cache). Default: toy for tiny presets, "
+                        f"pickapic:{data.PICKAPIC_HUB} for sd15/sdxl")
+    g.add_argument("--data_split", default="train", help="pickapic: the shards' split (file prefix / hub split); toy: prompts")
+    g.add_argument("--shuffle_window", type=int, default=4,
+                   help="pickapic:DIR: rows are shuffled across this many row groups at a time (memory: that many + 1)")
+    g.add_argument("--shuffle_buffer", type=int, default=1000, help="pickapic:HUB_ID: the datasets shuffle buffer (rows)")
     g.add_argument("--resolution", type=int, default=None, help="default: the preset's")
     g.add_argument("--style", default="winter", choices=list(data.STYLES), help="toy set: the preferred style")
     g.add_argument("--style_fraction", type=float, default=1 / 3, help="toy-base: share of styled images")
@@ -112,6 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar (logs only)")
     args = p.parse_args(argv)
     args.timesteps = args.timesteps or ("batch" if args.loss == "rpo" else "pair")
+    if args.data is None:  # a real model gets real data: Pick-a-Pic v2, as in the paper
+        args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else f"pickapic:{data.PICKAPIC_HUB}"
     if args.embed_model is None:
         args.embed_model = "tiny" if M.PRESETS[args.model]["pretrained"] is None else "openai/clip-vit-large-patch14"
     for name in ("batch_size", "grad_accum", "max_steps"):
@@ -275,6 +284,33 @@ def encode_latents(m, images, generator, rows=None, total_rows=None):
     return ((post.mean + post.std * n.to(m.device)) * m.vae_scale).float()
 
 
+@torch.no_grad()
+def cached_inputs(m, batch, generator, drop, rows=None, total_rows=None, pairs=True):
+    """--data cache:DIR: what encode_latents, M.encode_prompts and the E5 CLIP would compute,
+    from data.py's cache. The VAE posterior's sample z = s·(μ + σ·n) is drawn here exactly as
+    encode_latents draws it (n for all total_rows, this rank's rows kept), so a cached batch
+    gives the raw batch's latents, and the generator advances alike. drop: the caption-dropout
+    mask, which swaps in the cached empty prompt. Returns latents, cond and the E5 halves
+    (text features (B, D), image features (rows, D)) for data.combine_features."""
+    cat = lambda key: torch.cat([batch[key + "_w"], batch[key + "_l"]]) if pairs else batch[key + "_w"]
+    z = cat("cache_latent").float()
+    if "cache_latent_std_w" in batch:
+        total_rows = total_rows or len(z)
+        n = torch.randn((total_rows, *z.shape[1:]), generator=generator, dtype=torch.float32)
+        z = z + cat("cache_latent_std").float() * (n if rows is None else n[rows])
+    latents = (z * m.vae_scale).to(m.device)
+    empty = batch["empty"]
+    pick = lambda key: torch.where(drop.view(-1, *[1] * (batch[key].dim() - 1)), empty[key[6:]].to(batch[key].dtype),
+                                   batch[key])
+    hidden = pick("cache_text_hidden").to(m.dtype)
+    pooled = pick("cache_text_pooled").to(m.dtype) if "cache_text_pooled" in batch else None
+    sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
+    crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
+    cond = M.text_conditioning(m, hidden, pooled, sizes, crops, repeat=2 if pairs else 1)
+    features = (pick("cache_clip_text").float().to(m.device), cat("cache_clip_image").float().to(m.device))
+    return latents, cond, features
+
+
 def shard_unet(unet):
     """--fsdp: FSDP2 (fully_shard) on every ResNet and transformer block, then every down/mid/up
     block (their remaining convs, norms, samplers), then the root (conv_in/out, time and text
@@ -433,12 +469,38 @@ def main(argv=None):
         args.optimizer = "adamw_fused" if gpu else "adamw"
 
     # -----------------------------------------------------------------------------------
+    # Data first (a wrong path should fail in seconds, not after loading SDXL): preference
+    # pairs, single images for SFT on toy-base, or a cache of latents and text states.
+    resolution = args.resolution or M.PRESETS[args.model]["resolution"]  # also SDXL's target size in the time ids
+    cached = args.data.startswith("cache:")
+    try:
+        dataset = data.build_dataset(args.data, args.resolution if cached else resolution, seed=args.seed, split=args.data_split, style=args.style,
+                                     style_fraction=args.style_fraction, random_crop=args.random_crop,
+                                     random_flip=args.random_flip, num_items=args.num_items, window=args.shuffle_window,
+                                     shuffle_buffer=args.shuffle_buffer, model=args.model, pretrained=args.pretrained,
+                                     embed_model=args.embed_model if args.loss == "rpo" else None)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
+    streamed = isinstance(dataset, data.PickapicHub)  # no length, no index: read in order, endlessly
+    if cached:
+        resolution = dataset.resolution
+    if args.loss != "sft" and isinstance(dataset, data.ToyImages):
+        raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
+    global_batch = args.batch_size * world  # one micro-batch of all ranks together
+    if not streamed and len(dataset) < global_batch:
+        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
+                         + (f" × {world} ranks" if ddp else ""))
+    skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
+    new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...); summed by all_skips()
+
+    # -----------------------------------------------------------------------------------
     # Models: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text encoder(s).
     # With --lora_rank the policy is the frozen UNet + adapter and the reference that UNet with
     # the adapter off (model.reference_unet): m.ref_unet is None, and only the adapter trains.
     m = M.load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
                       args.gradient_checkpointing, reference=args.loss != "sft", lora_rank=args.lora_rank,
-                      lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")))
+                      lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
+                      encoders=not cached)  # a cache holds what the VAE and text encoders would compute
     if args.compile:  # in place: state_dict keys, save_pretrained and resume stay as they are
         m.unet.compile()
         if m.ref_unet is not None:
@@ -459,28 +521,13 @@ def main(argv=None):
     elif ddp:
         policy = DDP(m.unet, device_ids=[local_rank] if gpu else None, find_unused_parameters=False,
                      gradient_as_bucket_view=True)
-    resolution = m.resolution = args.resolution or m.resolution  # also SDXL's target size in the time ids
+    m.resolution = resolution
+    if cached:
+        m.vae_scale = dataset.index["vae_scale"]  # s in z = s·(μ + σ·n), from the VAE that made the cache
     pred_type = m.scheduler.config.prediction_type
     if pred_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"error: unsupported scheduler prediction_type {pred_type!r}")
-    embedder = M.load_embedder(args.embed_model, device) if args.loss == "rpo" else None
-
-    # -----------------------------------------------------------------------------------
-    # Data: preference pairs (or single images for SFT on toy-base).
-    try:
-        dataset = data.build_dataset(args.data, resolution, seed=args.seed, style=args.style,
-                                     style_fraction=args.style_fraction, random_crop=args.random_crop,
-                                     random_flip=args.random_flip, num_items=args.num_items)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
-    if args.loss != "sft" and isinstance(dataset, data.ToyImages):
-        raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
-    global_batch = args.batch_size * world  # one micro-batch of all ranks together
-    if len(dataset) < global_batch:
-        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
-                         + (f" × {world} ranks" if ddp else ""))
-    skip_counts = dict(getattr(dataset, "skip_counts", {}))  # manifest-level (the same on every rank), or resumed
-    new_skips = {}  # corrupt images this rank met while decoding; summed over ranks by all_skips()
+    embedder = M.load_embedder(args.embed_model, device) if args.loss == "rpo" and not cached else None
 
     def all_skips():
         """skip_counts plus every rank's new_skips (a collective under DDP: all ranks call it)."""
@@ -499,12 +546,32 @@ def main(argv=None):
         micro-batch is global_batch consecutive items of it, and rank r takes items
         [r·B, (r+1)·B) of each: the ranks' union is what one process with --batch_size B·W takes.
         The position is (epoch, items consumed in the epoch), whatever the world size, so resuming
-        at it replays exactly the items an uninterrupted run would see, on any number of ranks."""
+        at it replays exactly the items an uninterrupted run would see, on any number of ranks.
+        pickapic:DIR deals whole row groups to ranks instead (dataset.epoch_batches): the same
+        position resumes exactly on the same number of ranks, and approximately on another.
+        pickapic:HUB_ID is read in stream order; `item` then counts rows read, over all ranks."""
+        if streamed:
+            rows, kept, skipped = item // world, [], []
+            for new_epoch, it in dataset.stream(epoch, rank, world, rows):
+                rows = 1 if new_epoch != epoch else rows + 1
+                epoch = new_epoch
+                if "skip" in it:
+                    skipped.append(it["skip"])
+                    continue
+                kept.append(it)
+                if len(kept) == args.batch_size:
+                    batch = data.collate_pairs(kept)
+                    batch["skipped"] = skipped
+                    yield epoch, rows * world, batch
+                    kept, skipped = [], []
         while True:
             dataset.epoch = epoch
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).tolist()
-            starts = range(item, len(order) - global_batch + 1, global_batch)
-            batches = [order[s + rank * args.batch_size:s + (rank + 1) * args.batch_size] for s in starts]
+            if hasattr(dataset, "epoch_batches"):
+                batches = dataset.epoch_batches(epoch, rank, world, args.batch_size)[item // global_batch:]
+            else:
+                order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).tolist()
+                starts = range(item, len(order) - global_batch + 1, global_batch)
+                batches = [order[s + rank * args.batch_size:s + (rank + 1) * args.batch_size] for s in starts]
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                                  collate_fn=data.collate_pairs, num_workers=args.num_workers)
             for batch in loader:
@@ -524,24 +591,32 @@ def main(argv=None):
         step on all ranks (one t per batch is then the same t everywhere)."""
         prompts, B = batch["prompt"], len(batch["prompt"])
         offset, total = sum(counts[:rank]), sum(counts)
+        drop = torch.zeros(B, dtype=torch.bool)
         if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
             drop = torch.rand(total, generator=generator)[offset:offset + B] < args.caption_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         pairs = args.loss != "sft"
-        images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
-        with torch.no_grad():
-            # SPEC §1: z = s·VAE.encode(x) (the images themselves for pixel-space presets). Under
-            # DDP the VAE's sample is drawn for the global [winners; losers] and our rows kept.
-            mine = torch.arange(offset, offset + B)
-            rows = (torch.cat([mine, total + mine]) if pairs else mine) if ddp else None
-            latents = encode_latents(m, images, generator, rows, (2 if pairs else 1) * total)
-            sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
-            crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
-            cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
+        mine = torch.arange(offset, offset + B)
+        rows = (torch.cat([mine, total + mine]) if pairs else mine) if ddp else None
+        if cached:
+            batch["empty"] = dataset.empty  # the empty prompt's cached states, for caption dropout
+            latents, cond, features = cached_inputs(m, batch, generator, drop, rows, (2 if pairs else 1) * total, pairs)
+        else:
+            images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
+            with torch.no_grad():
+                # SPEC §1: z = s·VAE.encode(x) (the images themselves for pixel-space presets). Under
+                # DDP the VAE's sample is drawn for the global [winners; losers] and our rows kept.
+                latents = encode_latents(m, images, generator, rows, (2 if pairs else 1) * total)
+                sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
+                crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
+                cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
         weights, gather = None, None
         if args.loss == "rpo":
             # E5 for [winners; losers] in one pass (each prompt's text encoded once)
-            emb_w, emb_l = data.clip_embeddings(*embedder, prompts, images, args.embed).chunk(2)
+            if cached:
+                emb_w, emb_l = data.combine_features(*features, args.embed).chunk(2)
+            else:
+                emb_w, emb_l = data.clip_embeddings(*embedder, prompts, images, args.embed).chunk(2)
             if ddp and args.global_contrast:
                 # E5 embeddings of the global batch, so that ω (E6) is the global (B·W)² matrix.
                 # gather: the per-pair errors inside diffusion_loss, with autograd (gather_rows).
@@ -650,10 +725,14 @@ def main(argv=None):
         sums, n_pairs, n_micro, finite, synced = {}, 0, 0, True, True
         for micro in range(args.grad_accum):
             epoch, items_in_epoch, batch = next(stream)
-            for reason in batch["skipped"]:  # corrupt images found while decoding
-                kind = " ".join(reason.split(" ")[:2])  # e.g. "corrupt image"
+            for reason in batch["skipped"]:  # found while reading: corrupt images (hub: ties, ... too)
+                kind = reason.split(":")[0]  # "corrupt image: PATH" -> "corrupt image"
                 new_skips[kind] = new_skips.get(kind, 0) + 1
-            n = 0 if batch["winner"] is None else len(batch["prompt"])
+            if streamed and ddp:  # ranks' stream epochs can differ by a batch: log the latest one
+                e = torch.tensor([epoch], device=m.device)
+                dist.all_reduce(e, op=dist.ReduceOp.MAX)
+                epoch = int(e.item())
+            n = len(batch["prompt"])
             counts = world_counts(n, m.device) if ddp else [n]
             if min(counts) == 0:  # (on every rank alike: a rank with no pairs cannot join DDP's backward)
                 continue
@@ -675,10 +754,10 @@ def main(argv=None):
                 sums[k] = sums.get(k, 0.0) + v
             n_pairs += n
             n_micro += 1
-        if epoch != last_epoch:
+        epoch_done = epoch != last_epoch
+        if epoch_done:  # (a collective under DDP: every rank sees the same epoch here)
             skips = all_skips()
-            if skips:
-                log(f"epoch {last_epoch} done; skipped so far: {skips}")
+            log(f"epoch {last_epoch} done; skipped so far: {skips or 'nothing'}")
         last_epoch = epoch
         if not finite or n_pairs == 0:
             optimizer.zero_grad(set_to_none=True)
@@ -711,6 +790,10 @@ def main(argv=None):
             sums, n_pairs = {k: x / world for k, x in zip(keys, v.tolist())}, int(v[-1].item())
         record = {k: v / n_micro for k, v in sums.items()}
         record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
+        if epoch_done:  # skip counts in the metrics too: at each epoch's end and at the last step
+            record["skipped"] = skips
+        if step == args.max_steps:
+            record["skipped"] = all_skips()
         if master:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()

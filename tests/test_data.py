@@ -202,7 +202,7 @@ def test_corrupt_image_is_skip_marker_and_collate_drops_it(tmp_path):
     ds = ManifestPairs(m, resolution=8)
     assert len(ds) == 2  # the file exists, so construction keeps it
     marker = ds[1]
-    assert marker == {"skip": f"corrupt image {tmp_path / 'x.png'}", "index": 1}
+    assert marker == {"skip": f"corrupt image: {tmp_path / 'x.png'}", "index": 1}
     batch = collate_pairs([ds[0], marker, ds[0]])
     assert batch["prompt"] == ["good", "good"] and batch["winner"].shape == (2, 3, 8, 8)
     assert batch["skipped"] == [marker["skip"]] and batch["index"].tolist() == [0, 0]

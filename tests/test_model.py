@@ -112,13 +112,17 @@ def test_saved_unet_loads_with_stock_from_pretrained(tmp_path):
 
 def test_real_preset_without_weights_ends_with_one_clear_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    for args in (["--model", "sdxl"], ["--model", "sd15", "--pretrained", str(tmp_path / "missing")]):
+    # A real preset's default data is Pick-a-Pic v2 from the hub: checked first (before minutes of
+    # model loading), and unreachable it says how to use local shards. Then the weights.
+    for args, hint in ((["--model", "sdxl"], "--data pickapic:/path/to/folder"),
+                       (["--model", "sdxl", "--data", "toy"], "--pretrained"),
+                       (["--model", "sd15", "--pretrained", str(tmp_path / "missing"), "--data", "toy"], "--pretrained")):
         r = subprocess.run([sys.executable, "train.py", *args, "--no_progress"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0
         assert "Traceback" not in r.stderr
         last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith("error:") and "--pretrained" in last
+        assert last.startswith("error:") and hint in last, last
 
 
 def test_tiny_clip_embedder_is_deterministic_and_offline():
