@@ -3,6 +3,7 @@ Sample images from the base or a trained UNet, with the stock diffusers samplers
 
     python sample.py --model tiny --unet out/rpo-tiny/unet --prompts toy-test --seeds 0-3 --out out/samples-rpo
     python sample.py --model tiny --prompts toy-test --seeds 0-3 --out out/samples-base
+    python sample.py --model sd15 --prompts PartiPrompts.tsv --seeds 0 --out out/parti-base  # or builtin, anime.json
     python sample.py --model tiny --unet out/rpo-tiny/unet --prompts toy-test --out out/samples-rpo \
                      --compare out/samples-base             # base | tuned, side by side, per (prompt, seed)
 
@@ -44,14 +45,75 @@ def parse_seeds(text):
     return seeds
 
 
+# A dozen varied prompts in the spirit of the paper's qualitative figures (people, animals, scenes,
+# objects, text, styles) for a quick look at real models: `--prompts builtin`.
+BUILTIN_PROMPTS = [
+    "a portrait of an old fisherman with a grey beard, dramatic lighting",
+    "a corgi wearing a red scarf sitting in a field of sunflowers",
+    "a cozy wooden cabin in a snowy forest at night, warm light in the windows",
+    "a bowl of ramen with a soft-boiled egg, studio photo",
+    "an astronaut riding a horse on the moon",
+    "a futuristic city skyline at sunset, flying cars, digital art",
+    "a watercolor painting of a lighthouse on a rocky coast",
+    "a red sports car parked on a wet street in Tokyo at night",
+    "a cat reading a book in a library, oil painting",
+    "a glass teapot with blooming flowers inside, macro photo",
+    'a wooden sign that says "open" hanging on a bakery door',
+    "a mountain lake at dawn with mist over the water",
+]
+
+
+def _tsv_prompts(lines, spec):
+    """PartiPrompts' format: a tab-separated header with a Prompt column, no quoting (a prompt's
+    own quotes are kept as they are)."""
+    header = lines[0].rstrip("\r\n").split("\t")
+    if "Prompt" not in header:
+        raise SystemExit(f"error: {spec}: a .tsv prompts file needs a Prompt column (PartiPrompts format)")
+    col = header.index("Prompt")
+    rows = [line.rstrip("\r\n").split("\t") for line in lines[1:]]
+    return [r[col] for r in rows if len(r) > col]
+
+
+def _json_prompts(f, spec):
+    """HPSv2's benchmark prompts: a JSON list of strings (one style file, e.g. anime.json), or a
+    dict style -> list (hpsv2.benchmark_prompts('all')), concatenated in the file's key order."""
+    try:
+        obj = json.load(f)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"error: {spec}: not valid JSON ({err})")
+    lists = list(obj.values()) if isinstance(obj, dict) else [obj]
+    if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists):
+        raise SystemExit(f"error: {spec}: expected a JSON list of prompt strings or a dict of such lists "
+                         f"(HPSv2 benchmark format)")
+    return [p for v in lists for p in v]
+
+
 def read_prompts(spec):
-    """A text file (one prompt per line), toy-test / toy-train / toy-all, or literal text with
-    '|' between prompts. Duplicates are dropped: (prompt, seed) is the key of an image."""
-    if spec in ("toy-test", "toy-train", "toy-all"):
+    """Where prompts come from:
+      builtin                      BUILTIN_PROMPTS (a dozen varied real-image prompts)
+      toy-test / toy-train / toy-all   the procedural toy set's prompts (data.py)
+      FILE.json                    HPSv2 benchmark: a list of strings, or a dict of lists
+      FILE (.tsv or any file whose first line is a tab-separated header with a Prompt column)
+                                   PartiPrompts: the Prompt column
+      FILE (anything else)         one prompt per line
+      "a cat|a dog"                literal text, '|' between prompts
+    Duplicates are dropped (first one kept): (prompt, seed) is the key of an image."""
+    if spec == "builtin":
+        prompts = list(BUILTIN_PROMPTS)
+    elif spec in ("toy-test", "toy-train", "toy-all"):
         prompts = data.toy_prompts(spec[4:])
     elif os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f]
+            if spec.lower().endswith(".json"):
+                prompts = _json_prompts(f, spec)
+            else:
+                lines = f.readlines()
+                first = lines[0].rstrip("\r\n").split("\t") if lines else []
+                if spec.lower().endswith(".tsv") or (len(first) > 1 and "Prompt" in first):
+                    prompts = _tsv_prompts(lines, spec) if lines else []
+                else:
+                    prompts = lines
+        prompts = [p.strip() for p in prompts]
     elif spec.lower().endswith(PATH_SUFFIXES):  # meant as a file: sampling its name would be a silent mistake
         raise SystemExit(f"error: prompts file '{spec}' not found")
     else:
@@ -183,7 +245,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py)")
     p.add_argument("--pretrained", default=None, help="hub id or local diffusers folder for sd15/sdxl")
     p.add_argument("--unet", default=None, help="a unet/ folder saved by train.py (or its parent); default: the preset's")
-    p.add_argument("--prompts", default="toy-test", help="file (one per line), toy-test/toy-train/toy-all, or text ('|' between)")
+    p.add_argument("--prompts", default="toy-test",
+                   help="builtin, toy-test/toy-train/toy-all, a file (one per line; PartiPrompts .tsv; HPSv2 benchmark "
+                        ".json), or text ('|' between)")
     p.add_argument("--seeds", type=parse_seeds, default="0-3", help="0-3, 0,5,7 or 2")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 5.0 for SDXL presets, else 7.5)")

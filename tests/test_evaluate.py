@@ -110,19 +110,19 @@ def test_cli_scores_folders_per_seed(scorer, tmp_path, capsys):
     write_sample_folder(tmp_path / "b", [False] * 6, [3] * 6)
     out = tmp_path / "results.json"
     E.main(["--images", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "rpo,base",
-            "--scorer_cache", scorer[2], "--out", str(out)])
+            "--scorer_cache", scorer[2], "--out", str(out)])  # default --metrics toy_style,toy_content
     res = json.load(open(out))
     a, b = res["runs"]
     assert a["label"] == "rpo" and a["n_images"] == 24 and b["n_images"] == 6
-    style = a["metrics"]["style"]
+    style = a["metrics"]["toy_style"]
     assert style["per_seed"]["0"] == pytest.approx(0.75, abs=0.03)
     assert style["per_seed"]["1"] == pytest.approx(0.25, abs=0.03)
     assert style["mean"] == pytest.approx(0.5, abs=0.03)
     assert style["std"] == pytest.approx(np.std([0.75, 0.25], ddof=1), abs=0.03)
-    assert a["metrics"]["content"]["mean"] >= 0.95 and b["metrics"]["style"]["mean"] < 0.05
-    assert b["metrics"]["style"]["std"] == 0.0 and res["scorer_accuracy"] == scorer[1]
+    assert a["metrics"]["toy_content"]["mean"] >= 0.95 and b["metrics"]["toy_style"]["mean"] < 0.05
+    assert b["metrics"]["toy_style"]["std"] == 0.0 and res["scorer_accuracy"] == scorer[1]
     table = capsys.readouterr().out
-    assert table.startswith("| model | images | style | content |")
+    assert table.startswith("| model | images | toy_style | toy_content |")
     assert "| rpo | 24 | 0.5" in table and "| base | 6 | 0.0" in table
 
 
