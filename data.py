@@ -815,10 +815,11 @@ class CachedPairs(torch.utils.data.Dataset):
         # Flip decision keyed on (seed, epoch, index) like the raw images' (its own draw).
         flip = self.random_flip and np.random.default_rng([self.seed, self.epoch, i, 1]).random() < 0.5
         item = {"prompt": prompts[r], "index": i}
-        for key in handle.keys():
+        keys = handle.keys()
+        for key in keys:
             if key.endswith("_flip"):
                 continue
-            source = key + "_flip" if flip and key + "_flip" in handle.keys() else key
+            source = key + "_flip" if flip and key + "_flip" in keys else key
             value = handle.get_slice(source)[r:r + 1][0]
             if key in ("original_size_w", "original_size_l", "crop_top_left"):
                 item[key] = tuple(value.tolist())

@@ -1,0 +1,138 @@
+"""data.py cache + train.py --data cache:DIR: the cached batch trains exactly as the raw one."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import loss as L
+import model as M
+import train
+
+
+def manifest(folder, n=8):
+    """n pairs of random images in non-square sizes: resize, centre crop and SDXL's size/crop
+    conditioning all matter."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    with open(folder / "pairs.jsonl", "w") as f:
+        for i in range(n):
+            size = (48, 40) if i % 2 else (40, 52)
+            for side in ("w", "l"):
+                Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(folder / f"{i}{side}.png")
+            f.write(json.dumps({"prompt": f"a red circle {i}", "winner": f"{i}w.png", "loser": f"{i}l.png"}) + "\n")
+    return folder / "pairs.jsonl"
+
+
+def run(tmp_path, name, data_arg, *extra):
+    out = tmp_path / name
+    train.main(["--model", "tiny-xl", "--data", data_arg, "--batch_size", "4", "--max_steps", "3", "--seed", "1",
+                "--caption_dropout", "0.5", "--lr", "1e-3", "--out_dir", str(out), "--no_progress", *extra])
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
+    """One fixed batch, same seed, same crops, caption dropout on two of four pairs: the cache's
+    latents (VAE posterior re-sampled from the cached μ, σ with the same draw), conditioning
+    (SDXL: both encoders' states, pooled embedding, time ids) and E5 embeddings equal the raw
+    ones, and so does the RPO loss."""
+    pairs = manifest(tmp_path / "raw")
+    index = data.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", batch_size=3,
+                             shard_size=5, progress=False)  # 2 shards, batches straddling them
+    assert index["num_pairs"] == 8 and [s["num_pairs"] for s in index["shards"]] == [6, 2]
+    m = M.load_models("tiny-xl")
+    raw_ds, cached_ds = data.ManifestPairs(pairs, 32), data.CachedPairs(str(tmp_path / "cache"), "tiny-xl")
+    idx, drop = [3, 0, 5, 6], torch.tensor([True, False, False, True])
+    raw, cached = data.collate_pairs([raw_ds[i] for i in idx]), data.collate_pairs([cached_ds[i] for i in idx])
+    cached["empty"] = cached_ds.empty
+    prompts = ["" if d else p for p, d in zip(raw["prompt"], drop.tolist())]
+    images = torch.cat([raw["winner"], raw["loser"]])
+    z_raw = train.encode_latents(m, images, torch.Generator().manual_seed(5))
+    c_raw = M.encode_prompts(m, prompts, torch.cat([raw["original_size_w"], raw["original_size_l"]]),
+                             raw["crop_top_left"].repeat(2, 1), repeat=2)
+    e_raw = data.clip_embeddings(*M.load_embedder("tiny"), prompts, images)
+    z, c, features = train.cached_inputs(m, cached, torch.Generator().manual_seed(5), drop)
+    e = data.combine_features(*features)
+    assert torch.equal(z, z_raw) and torch.equal(c["encoder_hidden_states"], c_raw["encoder_hidden_states"])
+    assert torch.equal(c["added_cond_kwargs"]["time_ids"], c_raw["added_cond_kwargs"]["time_ids"])
+    # (the empty prompt's pooled embedding was computed in a batch of one: float rounding only)
+    assert torch.allclose(c["added_cond_kwargs"]["text_embeds"], c_raw["added_cond_kwargs"]["text_embeds"], atol=1e-6)
+    assert torch.allclose(e, e_raw, atol=1e-6)
+    with torch.no_grad():  # a policy one AdamW-sized step away from the reference: the loss is not ln 2
+        for p in m.unet.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    w_raw, w = L.rpo_weights(*e_raw.chunk(2), 0.5), L.rpo_weights(*e.chunk(2), 0.5)
+    loss_raw, _ = train.diffusion_loss(m, z_raw, c_raw, torch.Generator().manual_seed(9), "rpo", weights=w_raw)
+    loss, _ = train.diffusion_loss(m, z, c, torch.Generator().manual_seed(9), "rpo", weights=w)
+    assert abs(loss_raw.item() - math.log(2)) > 1e-2
+    # β = 5000 multiplies the error differences: 1e-7 of float rounding in ε_θ is 2.5e-4 in a logit
+    assert abs(loss.item() - loss_raw.item()) < 1e-3, (loss.item(), loss_raw.item())
+
+
+@pytest.mark.parametrize("loss", ["rpo", "sft"])
+def test_cached_training_follows_the_raw_run(tmp_path, loss):
+    """train.py end to end: the same pairs in the same order, the same dropout, t and ε. The
+    reference's denoising errors (data-dependent; the reference never changes) agree to float
+    rounding at every step; the policy's to 1e-3 (AdamW's first steps are sign-like, so β's
+    amplification of rounding moves a few near-zero-gradient weights differently)."""
+    pairs = manifest(tmp_path / "raw")
+    data.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", progress=False)
+    raw = run(tmp_path, "raw-run", str(pairs), "--loss", loss)
+    cached = run(tmp_path, "cached-run", f"cache:{tmp_path / 'cache'}", "--loss", loss)
+    exact, close = (["ref_mse_w", "ref_mse_l"], ["mse_w", "mse_l"]) if loss == "rpo" else (["loss"], [])
+    assert all(abs(raw[0][k] - cached[0][k]) <= 1e-6 for k in exact + close)  # step 1: the same model
+    for a, b in zip(raw, cached):
+        assert all(abs(a[k] - b[k]) <= 1e-6 * abs(a[k]) for k in exact[:2 if loss == "rpo" else 0]), (a, b)
+        assert all(abs(a[k] - b[k]) <= 1e-3 * abs(a[k]) for k in exact + close), (a, b)
+    assert len({round(r[exact[0]], 3) for r in raw}) == 3  # the steps saw different data
+
+
+def test_cache_holds_encoder_outputs_and_flips(tmp_path):
+    pairs = manifest(tmp_path / "raw", n=3)
+    data.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", flip=True, progress=False)
+    m = M.load_models("tiny-xl", reference=False)
+    raw = data.ManifestPairs(pairs, 32)[2]
+    post = m.vae.encode(torch.stack([raw["winner"], raw["winner"].flip(-1)])).latent_dist
+    ds = data.CachedPairs(str(tmp_path / "cache"), "tiny-xl", random_flip=True)
+    flips = []
+    for epoch in range(8):
+        ds.epoch = epoch
+        it = ds[2]
+        flipped = torch.allclose(it["cache_latent_w"], post.mean[1], atol=1e-6)
+        assert flipped or torch.allclose(it["cache_latent_w"], post.mean[0], atol=1e-6)
+        flips.append(flipped)
+    assert any(flips) and not all(flips)  # both views are used over epochs
+    hidden, pooled = M.encode_text(m, [raw["prompt"]])
+    assert torch.allclose(it["cache_text_hidden"], hidden[0]) and torch.allclose(it["cache_text_pooled"], pooled[0])
+    assert it["original_size_w"] == raw["original_size_w"] and it["crop_top_left"] == raw["crop_top_left"]
+
+
+def test_cache_refuses_another_model_or_setting(tmp_path):
+    data.build_cache("tiny", "toy", str(tmp_path / "cache"), num_items=8, dtype="fp32", progress=False)
+    spec = f"cache:{tmp_path / 'cache'}"
+    for args, words in ((["--model", "tiny-sd"], "built for --model tiny, not --model tiny-sd"),
+                        (["--random_flip"], "rebuild it with --flip"),
+                        (["--resolution", "32"], "holds 16px crops"),
+                        (["--embed_model", str(tmp_path)], "E5 features of --embed_model tiny"),
+                        (["--random_crop"], "centre crops only")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--data", spec, "--out_dir", str(tmp_path / "o"), *args])
+        assert str(e.value).startswith("error: ") and words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", f"cache:{tmp_path / 'nothing'}", "--out_dir", str(tmp_path / "o")])
+    assert "index.json missing" in str(e.value)
+
+
+def test_cached_training_loads_no_encoders(tmp_path, monkeypatch):
+    data.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=8, dtype="fp32", progress=False)
+    seen = {}
+    real = M.load_models
+    monkeypatch.setattr(M, "load_models", lambda *a, **k: seen.setdefault("m", real(*a, **k)))
+    monkeypatch.setattr(M, "load_embedder", lambda *a, **k: pytest.fail("CLIP loaded for a cached run"))
+    train.main(["--model", "tiny-sd", "--data", f"cache:{tmp_path / 'cache'}", "--max_steps", "1",
+                "--out_dir", str(tmp_path / "o"), "--no_progress"])
+    assert seen["m"].vae is None and seen["m"].text_encoders == [] and seen["m"].vae_scale == 0.18215
