@@ -879,6 +879,8 @@ def build_style(style, src, out, editor="timbrooks/instruct-pix2pix", limit=None
     interrupted run leaves at most orphan PNGs that the rerun overwrites. Returns new pairs."""
     if style not in STYLE_EDITS:
         raise ValueError(f"unknown --style {style!r}; choose from {', '.join(STYLE_EDITS)}")
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"--src {src} not found")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     manifest = os.path.join(out, "pairs.jsonl")
     done = set()
