@@ -876,9 +876,13 @@ def evaluate_rewards(args, metrics):
     return runs, win_rates
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": those helps say what happens instead
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults)
     p.add_argument("--images", nargs="+", help="sample.py output folders (each with samples.jsonl)")
     p.add_argument("--baseline", default=None,
                    help="reward metrics: a folder (e.g. the base model's) to pair with each --images folder by "
@@ -888,8 +892,8 @@ def main(argv=None):
     p.add_argument("--metrics", default="toy_style,toy_content",
                    help=f"comma-separated. Toy set: {','.join(TOY_METRICS)}. Real images: {','.join(REWARD_METRICS)} "
                         "(style also reports clip: content kept). The two kinds go in separate runs")
-    p.add_argument("--out", default=None, help="results.json (scoring; reward metrics also write its .png bar chart) "
-                                               "or curves.png (--curves)")
+    p.add_argument("--out", default=None, help="scoring: the JSON file, results.json by default (reward metrics also "
+                                               "write a bar chart next to it, .json -> .png); --curves: curves.png")
     g = p.add_argument_group("reward models (real images)")
     g.add_argument("--pickscore_model", default=REWARD_DEFAULTS["pickscore_model"], help="hub id or local folder")
     g.add_argument("--pickscore_processor", default=REWARD_DEFAULTS["pickscore_processor"],

@@ -315,6 +315,22 @@ def test_cli_scores_pairs_and_writes_table_json_and_chart(tiny, tmp_path, capsys
     assert Image.open(tmp_path / "res" / "results.png").size == (4 * 300, 350)  # one panel per metric
 
 
+def test_several_folders_against_one_baseline_and_no_matplotlib(tiny, tmp_path, capsys, monkeypatch):
+    keys = [(p, 0) for p in PROMPTS]
+    a = write_folder(tmp_path / "a", keys, random_images(3, 0))
+    a2 = write_folder(tmp_path / "a2", keys, random_images(3, 0))  # the same images as a
+    b = write_folder(tmp_path / "b", keys, random_images(3, 1))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the chart is optional: table and JSON still come
+    out = tmp_path / "r.json"
+    E.main(["--images", a, a2, "--baseline", b, "--metrics", "clip", "--clip_model", f"{tiny}/clip", "--out", str(out)])
+    res = json.load(open(out))
+    assert list(res["win_rates"]) == ["a", "a2"] and res["win_rates"]["a"] == res["win_rates"]["a2"]
+    printed = capsys.readouterr()
+    assert "| metric | a (mean ± std) | a2 (mean ± std) | b (mean ± std) | win rate a > b [95% CI] | " \
+           "win rate a2 > b [95% CI] |" in printed.out
+    assert "no bar chart (plotting needs matplotlib" in printed.err and not os.path.exists(tmp_path / "r.png")
+
+
 # ----------------------------------------------------------------------------------------------
 # One-line errors: missing packages, models and files; toy names
 
