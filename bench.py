@@ -6,6 +6,7 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
                     --mixed_precision bf16 --gradient_checkpointing --optimizer adamw_fused
     python bench.py --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
     python bench.py --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
+    python bench.py --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
 
 The step is train.diffusion_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
@@ -55,6 +56,10 @@ def parse_args(argv=None):
                    help="also run the official Diffusion-DPO SDXL setup and print the speed ratio")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON line per configuration")
+    p.add_argument("--data", default=None, help="instead: train.py's pairs/s on this --data spec, raw vs cached "
+                                                "(the cache is built first, untimed); fake-pickapic: 512² JPEG "
+                                                "pairs in Pick-a-Pic's parquet layout, made here")
+    p.add_argument("--num_workers", type=int, default=0, help="--data: DataLoader workers for both runs")
     return p.parse_args(argv)
 
 
@@ -200,9 +205,76 @@ def show(result, as_json):
     print(line, flush=True)
 
 
+def fake_pickapic(folder, n, size=512):
+    """n pairs of toy renders upscaled to size² with noise, as JPEG bytes in Pick-a-Pic's columns."""
+    import io
+    import os
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    import data
+    os.makedirs(folder, exist_ok=True)
+    rng, prompts = np.random.default_rng(0), data.toy_prompts("all")
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for i in range(n):
+        prompt = prompts[i % len(prompts)]
+        for col in ("jpg_0", "jpg_1"):
+            img = np.kron(data.render_toy(prompt, size // 8, rng), np.ones((8, 8, 1), dtype=np.uint8))
+            img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            rows[col].append(buf.getvalue())
+        rows["caption"].append(prompt)
+        rows["label_0"].append(float(i % 2))
+    pq.write_table(pa.table(rows), os.path.join(folder, "train-00000-of-00001.parquet"), row_group_size=64)
+    return folder
+
+
+def bench_data(args, device):
+    """--data SPEC: train.py end to end, on the raw pairs of SPEC (decoding, VAE, text encoders,
+    E5's CLIP every step) and on a cache of the same pairs (data.py cache: none of those). The
+    figure is the median of train.py's own per-step pairs/s after --warmup steps."""
+    import statistics
+    import tempfile
+
+    import data
+    tmp = tempfile.mkdtemp(prefix="bench-data-")
+    steps, n = args.steps + args.warmup, args.batch_size * (args.steps + args.warmup)
+    if args.data == "fake-pickapic":  # Pick-a-Pic-like shards: 512x512 JPEG pairs (q 90), so decoding costs what it does
+        args.data = f"pickapic:{fake_pickapic(f'{tmp}/pickapic', n)}"
+    t0 = time.time()
+    mp = args.mixed_precision if device.startswith("cuda") else "no"
+    index = data.build_cache(args.model, args.data, f"{tmp}/cache", resolution=args.resolution, device=device,
+                             mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=args.num_workers,
+                             progress=False)
+    print(f"cache: {index['num_pairs']} pairs in {time.time() - t0:.1f} s ({tmp}/cache)", flush=True)
+    rates = {}
+    for name, spec in (("raw", args.data), ("cached", f"cache:{tmp}/cache")):
+        flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
+                 str(args.batch_size), "--max_steps", str(steps), "--num_items", str(n), "--out_dir", f"{tmp}/{name}",
+                 "--no_progress", "--num_workers", str(args.num_workers), "--device", device, "--mixed_precision",
+                 mp] + (["--resolution", str(args.resolution)] if args.resolution else []) + (
+                 ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+        train.main(flags)
+        with open(f"{tmp}/{name}/metrics.jsonl") as f:
+            rates[name] = statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:])
+    result = {"model": args.model, "data": args.data, "batch_size": args.batch_size, "device": device,
+              "raw_pairs_per_s": round(rates["raw"], 2), "cached_pairs_per_s": round(rates["cached"], 2),
+              "cached_over_raw": round(rates["cached"] / rates["raw"], 2)}
+    print(json.dumps(result) if args.json else
+          f"{args.model} on {args.data}, {args.batch_size} pairs/step, {device}: raw {rates['raw']:.1f} pairs/s, "
+          f"cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x)", flush=True)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.data:
+        return bench_data(args, device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -669,6 +669,7 @@ def clip_embeddings(clip, tokenizer, prompts, images, mode="mean"):
 # CLIP. Centre crops only (the cache holds one crop); --flip adds the mirrored images.
 
 CACHE_FORMAT = "rpo-diffusion-cache/1"
+PER_PROMPT = ("text_hidden", "text_pooled", "clip_text")  # stored once per distinct prompt of a shard
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -701,10 +702,18 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, flip=Fa
     shards, buf, skips, n_pairs = [], {}, dict(getattr(dataset, "skip_counts", {})), 0
 
     def write_shard():
+        # Per-prompt tensors (text states, E5 text features) once per distinct prompt in the
+        # shard, and a prompt_row per pair: Pick-a-Pic has ~15 pairs per caption, often adjacent.
         nonlocal buf
-        tensors = {k: torch.cat(v).contiguous() for k, v in buf.items() if k != "prompt"}
+        prompts = buf["prompt"]
+        distinct = list(dict.fromkeys(prompts))
+        first = torch.tensor([prompts.index(p) for p in distinct])
+        row = {p: j for j, p in enumerate(distinct)}
+        tensors = {k: torch.cat(v)[first] if k in PER_PROMPT else torch.cat(v) for k, v in buf.items() if k != "prompt"}
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        tensors["prompt_row"] = torch.tensor([row[p] for p in prompts])
         name = f"shard-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(out, name + ".tmp"), metadata={"prompts": json.dumps(buf["prompt"])})
+        save_file(tensors, os.path.join(out, name + ".tmp"), metadata={"prompts": json.dumps(distinct)})
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))  # atomic: whole shards only
         shards.append({"file": name, "num_pairs": len(buf["prompt"])})
         buf = {}
@@ -814,13 +823,15 @@ class CachedPairs(torch.utils.data.Dataset):
         handle, prompts = self._shard(s)
         # Flip decision keyed on (seed, epoch, index) like the raw images' (its own draw).
         flip = self.random_flip and np.random.default_rng([self.seed, self.epoch, i, 1]).random() < 0.5
-        item = {"prompt": prompts[r], "index": i}
+        p = int(handle.get_slice("prompt_row")[r:r + 1][0])
+        item = {"prompt": prompts[p], "index": i}
         keys = handle.keys()
         for key in keys:
-            if key.endswith("_flip"):
+            if key.endswith("_flip") or key == "prompt_row":
                 continue
             source = key + "_flip" if flip and key + "_flip" in keys else key
-            value = handle.get_slice(source)[r:r + 1][0]
+            k = p if key in PER_PROMPT else r
+            value = handle.get_slice(source)[k:k + 1][0]
             if key in ("original_size_w", "original_size_l", "crop_top_left"):
                 item[key] = tuple(value.tolist())
             else:

@@ -136,3 +136,18 @@ def test_cached_training_loads_no_encoders(tmp_path, monkeypatch):
     train.main(["--model", "tiny-sd", "--data", f"cache:{tmp_path / 'cache'}", "--max_steps", "1",
                 "--out_dir", str(tmp_path / "o"), "--no_progress"])
     assert seen["m"].vae is None and seen["m"].text_encoders == [] and seen["m"].vae_scale == 0.18215
+
+
+def test_text_states_are_stored_once_per_distinct_prompt(tmp_path):
+    data.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=40, dtype="fp32", shard_size=100,
+                     progress=False)
+    shard = load_file(tmp_path / "cache" / "shard-00000.safetensors")
+    ds = data.CachedPairs(str(tmp_path / "cache"), "tiny-sd")
+    prompts = [ds[i]["prompt"] for i in range(len(ds))]
+    assert prompts == [data.ToyPairs(40, 32)[i]["prompt"] for i in range(40)]  # order and prompts kept
+    assert len(set(prompts)) < 40 and shard["text_hidden"].shape[0] == len(set(prompts))
+    assert shard["latent_w"].shape[0] == 40
+    m = M.load_models("tiny-sd", reference=False)
+    for i in (0, 17, 39):
+        hidden, _ = M.encode_text(m, [prompts[i]])
+        assert torch.allclose(ds[i]["cache_text_hidden"], hidden[0], atol=1e-6)
