@@ -60,6 +60,8 @@ def parse_args(argv=None):
                                                 "(the cache is built first, untimed); fake-pickapic: 512² JPEG "
                                                 "pairs in Pick-a-Pic's parquet layout, made here")
     p.add_argument("--num_workers", type=int, default=0, help="--data: DataLoader workers for both runs")
+    p.add_argument("--pretrained", default=None, help="--data with sd15/sdxl: hub id or local diffusers folder")
+    p.add_argument("--embed_model", default=None, help="--data: CLIP for E5 (train.py's default when not given)")
     return p.parse_args(argv)
 
 
@@ -235,8 +237,9 @@ def fake_pickapic(folder, n, size=512):
 
 def bench_data(args, device):
     """--data SPEC: train.py end to end, on the raw pairs of SPEC (decoding, VAE, text encoders,
-    E5's CLIP every step) and on a cache of the same pairs (data.py cache: none of those). The
-    figure is the median of train.py's own per-step pairs/s after --warmup steps."""
+    E5's CLIP every step) and on a cache of the same pairs (data.py cache: none of those). A
+    run's figure is the median of train.py's own per-step pairs/s after --warmup steps; with
+    --repeat N the two alternate N times and the medians of the runs are reported."""
     import statistics
     import tempfile
 
@@ -247,26 +250,32 @@ def bench_data(args, device):
         args.data = f"pickapic:{fake_pickapic(f'{tmp}/pickapic', n)}"
     t0 = time.time()
     mp = args.mixed_precision if device.startswith("cuda") else "no"
-    index = data.build_cache(args.model, args.data, f"{tmp}/cache", resolution=args.resolution, device=device,
+    index = data.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
+                             embed_model=args.embed_model, resolution=args.resolution, device=device,
                              mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=args.num_workers,
                              progress=False)
     print(f"cache: {index['num_pairs']} pairs in {time.time() - t0:.1f} s ({tmp}/cache)", flush=True)
-    rates = {}
-    for name, spec in (("raw", args.data), ("cached", f"cache:{tmp}/cache")):
+    runs = {"raw": [], "cached": []}
+    for name, spec in [("raw", args.data), ("cached", f"cache:{tmp}/cache")] * args.repeat:  # interleaved
         flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
                  str(args.batch_size), "--max_steps", str(steps), "--num_items", str(n), "--out_dir", f"{tmp}/{name}",
                  "--no_progress", "--num_workers", str(args.num_workers), "--device", device, "--mixed_precision",
                  mp] + (["--resolution", str(args.resolution)] if args.resolution else []) + (
+                 ["--pretrained", args.pretrained] if args.pretrained else []) + (
+                 ["--embed_model", args.embed_model] if args.embed_model else []) + (
                  ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
         train.main(flags)
         with open(f"{tmp}/{name}/metrics.jsonl") as f:
-            rates[name] = statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:])
+            runs[name].append(statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:]))
+    rates = {name: statistics.median(r) for name, r in runs.items()}
     result = {"model": args.model, "data": args.data, "batch_size": args.batch_size, "device": device,
               "raw_pairs_per_s": round(rates["raw"], 2), "cached_pairs_per_s": round(rates["cached"], 2),
-              "cached_over_raw": round(rates["cached"] / rates["raw"], 2)}
+              "cached_over_raw": round(rates["cached"] / rates["raw"], 2), "runs": runs}
     print(json.dumps(result) if args.json else
           f"{args.model} on {args.data}, {args.batch_size} pairs/step, {device}: raw {rates['raw']:.1f} pairs/s, "
-          f"cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x)", flush=True)
+          f"cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x); medians of {args.repeat} "
+          f"interleaved runs each: raw {[round(x, 1) for x in runs['raw']]}, cached {[round(x, 1) for x in runs['cached']]}",
+          flush=True)
     return result
 
 

@@ -1,17 +1,28 @@
 """
 Data for Diffusion-RPO: preference pairs (prompt, winner image, loser image), SPEC §1.
 
-Two sources, one item format:
+Sources, one item format (build_dataset maps train.py's --data to them):
   1. A procedural toy set (no files, deterministic from a seed): coloured shapes on plain
      backgrounds. ToyPairs is the paper's Style Alignment task (SPEC §10): winner = the styled
      render, loser = the plain render of the same geometry. ToyImages gives single images for
      pretraining a toy base model with plain denoising.
   2. A JSONL manifest of real pairs (ManifestPairs), either {"prompt","winner","loser"} or the
      Pick-a-Pic form {"caption","image_0","image_1","label_0"} with ties dropped.
+  3. Pick-a-Pic v2 itself: its parquet shards in a local folder (PickapicParquet, streamed a
+     row group at a time, disjoint row groups per DDP rank), or the hub (PickapicHub, through
+     the datasets library's streaming mode).
+  4. A cache of everything the frozen encoders compute from a pair (CachedPairs, written by
+     `python data.py cache`): training from it needs no VAE, text encoder or CLIP.
+And one builder: `python data.py build-style` turns source images into Style Alignment pairs
+with InstructPix2Pix edits (SPEC §10), written as a manifest (2.).
 
 Every dataset returns dicts; collate_pairs stacks them. Images are float32 (3,R,R) in [-1, 1],
 the range the SD VAE expects. Randomness is always derived from (seed, [epoch,] index), so an
 item can be reproduced on its own and resuming needs no saved RNG state.
+
+    python data.py cache --model sdxl --pretrained /models/sdxl --data pickapic:/data/pickapic_v2 \
+        --out /data/cache-sdxl --flip --mixed_precision bf16
+    python data.py build-style --style vangogh --src /data/pickapic_v2 --out /data/vangogh --limit 10000
 """
 import io
 import json

@@ -282,3 +282,21 @@ def test_fsdp_resumes_trains_and_saves_single_device_checkpoints(one_process, tm
     train.main(COMMON + ["--batch_size", "4", "--max_steps", "4", "--out_dir", str(out), "--resume",
                          str(out / "checkpoint-000003")])
     assert_close_weights(weights(out / "unet"), weights(one_process / "unet"))
+
+
+def test_two_processes_on_pickapic_shards(tmp_path):
+    """pickapic:DIR under torchrun: ranks read disjoint row groups, end every epoch at the same
+    batch (else a collective would hang), and the skip counts are summed over ranks."""
+    pytest.importorskip("pyarrow")
+    from test_pickapic import write_shards
+    write_shards(tmp_path / "pp")
+    ds = data.PickapicParquet(tmp_path / "pp", 16, seed=0, window=1)
+    per_epoch = len(ds.epoch_batches(0, 0, 2, 1))
+    out = tmp_path / "run"
+    torchrun("--data", f"pickapic:{tmp_path / 'pp'}", "--batch_size", "1", "--max_steps", str(2 * per_epoch + 1),
+             "--resolution", "16", "--shuffle_window", "1", "--out_dir", str(out), "--no_progress", "--device", "cpu")
+    records = read_metrics(out)
+    epochs = [r["epoch"] for r in records]  # (a step whose pair was the corrupt one is skipped: steps ≠ batches)
+    assert epochs == sorted(epochs) and epochs[-1] >= 2 and len(records) == 2 * per_epoch + 1
+    assert {k: records[-1]["skipped"][k] for k in ("tie", "missing_field", "missing_column")} == \
+        {"tie": 2, "missing_field": 2, "missing_column": 2}  # index-level: counted once, not per rank
