@@ -598,7 +598,7 @@ def build_dataset(spec, resolution, seed=0, split="train", style="winter", style
         where = spec[len("pickapic:"):]
         if os.path.isdir(where):
             return PickapicParquet(where, resolution, seed, random_crop, random_flip, split, window)
-        if where.startswith((".", "/", "~")) or os.sep + os.sep in where:
+        if where.startswith((".", "/", "~")) or where.count("/") > 1:  # meant as a folder, not an org/name id
             raise FileNotFoundError(f"--data {spec}: no folder {where}")
         return PickapicHub(where, resolution, seed, random_crop, random_flip, split, shuffle_buffer)
     if spec.startswith("cache:"):

@@ -285,12 +285,12 @@ def encode_latents(m, images, generator, rows=None, total_rows=None):
 
 
 @torch.no_grad()
-def cached_inputs(m, batch, generator, drop, rows=None, total_rows=None, pairs=True):
+def cached_inputs(m, batch, empty, generator, drop, rows=None, total_rows=None, pairs=True):
     """--data cache:DIR: what encode_latents, M.encode_prompts and the E5 CLIP would compute,
     from data.py's cache. The VAE posterior's sample z = s·(μ + σ·n) is drawn here exactly as
     encode_latents draws it (n for all total_rows, this rank's rows kept), so a cached batch
     gives the raw batch's latents, and the generator advances alike. drop: the caption-dropout
-    mask, which swaps in the cached empty prompt. Returns latents, cond and the E5 halves
+    mask, which swaps in `empty`, the cached empty prompt's states (CachedPairs.empty). Returns latents, cond and the E5 halves
     (text features (B, D), image features (rows, D)) for data.combine_features."""
     cat = lambda key: torch.cat([batch[key + "_w"], batch[key + "_l"]]) if pairs else batch[key + "_w"]
     z = cat("cache_latent").float()
@@ -299,9 +299,10 @@ def cached_inputs(m, batch, generator, drop, rows=None, total_rows=None, pairs=T
         n = torch.randn((total_rows, *z.shape[1:]), generator=generator, dtype=torch.float32)
         z = z + cat("cache_latent_std").float() * (n if rows is None else n[rows])
     latents = (z * m.vae_scale).to(m.device)
-    empty = batch["empty"]
-    pick = lambda key: torch.where(drop.view(-1, *[1] * (batch[key].dim() - 1)), empty[key[6:]].to(batch[key].dtype),
-                                   batch[key])
+    def pick(key):  # the prompt's cached tensor, or the empty prompt's where the caption was dropped
+        x = batch[key]
+        return torch.where(drop.view(-1, *[1] * (x.dim() - 1)), empty[key.removeprefix("cache_")].to(x.dtype), x)
+
     hidden = pick("cache_text_hidden").to(m.dtype)
     pooled = pick("cache_text_pooled").to(m.dtype) if "cache_text_pooled" in batch else None
     sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
@@ -474,8 +475,9 @@ def main(argv=None):
     resolution = args.resolution or M.PRESETS[args.model]["resolution"]  # also SDXL's target size in the time ids
     cached = args.data.startswith("cache:")
     try:
-        dataset = data.build_dataset(args.data, args.resolution if cached else resolution, seed=args.seed, split=args.data_split, style=args.style,
-                                     style_fraction=args.style_fraction, random_crop=args.random_crop,
+        dataset = data.build_dataset(args.data, args.resolution if cached else resolution, seed=args.seed,
+                                     split=args.data_split, style=args.style, style_fraction=args.style_fraction,
+                                     random_crop=args.random_crop,
                                      random_flip=args.random_flip, num_items=args.num_items, window=args.shuffle_window,
                                      shuffle_buffer=args.shuffle_buffer, model=args.model, pretrained=args.pretrained,
                                      embed_model=args.embed_model if args.loss == "rpo" else None)
@@ -599,8 +601,8 @@ def main(argv=None):
         mine = torch.arange(offset, offset + B)
         rows = (torch.cat([mine, total + mine]) if pairs else mine) if ddp else None
         if cached:
-            batch["empty"] = dataset.empty  # the empty prompt's cached states, for caption dropout
-            latents, cond, features = cached_inputs(m, batch, generator, drop, rows, (2 if pairs else 1) * total, pairs)
+            latents, cond, features = cached_inputs(m, batch, dataset.empty, generator, drop, rows,
+                                                    (2 if pairs else 1) * total, pairs)
         else:
             images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
             with torch.no_grad():
@@ -695,7 +697,8 @@ def main(argv=None):
         what += f", LoRA rank {args.lora_rank}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable"
     on = (f"{world} ranks ({'FSDP' if args.fsdp else 'DDP'}, {dist.get_backend()}, {m.device.type}), "
           f"{args.batch_size}×{args.grad_accum}×{world}") if ddp else f"{m.device}, {args.batch_size}×{args.grad_accum}"
-    log(f"training {args.loss} on {args.model} ({what}) on {on} pairs/step, data {args.data} ({len(dataset)} items)")
+    log(f"training {args.loss} on {args.model} ({what}) on {on} pairs/step, data {args.data} "
+        + ("(streamed)" if streamed else f"({len(dataset)} items)"))
 
     # -----------------------------------------------------------------------------------
     # The loop.

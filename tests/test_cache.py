@@ -48,14 +48,13 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
     raw_ds, cached_ds = data.ManifestPairs(pairs, 32), data.CachedPairs(str(tmp_path / "cache"), "tiny-xl")
     idx, drop = [3, 0, 5, 6], torch.tensor([True, False, False, True])
     raw, cached = data.collate_pairs([raw_ds[i] for i in idx]), data.collate_pairs([cached_ds[i] for i in idx])
-    cached["empty"] = cached_ds.empty
     prompts = ["" if d else p for p, d in zip(raw["prompt"], drop.tolist())]
     images = torch.cat([raw["winner"], raw["loser"]])
     z_raw = train.encode_latents(m, images, torch.Generator().manual_seed(5))
     c_raw = M.encode_prompts(m, prompts, torch.cat([raw["original_size_w"], raw["original_size_l"]]),
                              raw["crop_top_left"].repeat(2, 1), repeat=2)
     e_raw = data.clip_embeddings(*M.load_embedder("tiny"), prompts, images)
-    z, c, features = train.cached_inputs(m, cached, torch.Generator().manual_seed(5), drop)
+    z, c, features = train.cached_inputs(m, cached, cached_ds.empty, torch.Generator().manual_seed(5), drop)
     e = data.combine_features(*features)
     assert torch.equal(z, z_raw) and torch.equal(c["encoder_hidden_states"], c_raw["encoder_hidden_states"])
     assert torch.equal(c["added_cond_kwargs"]["time_ids"], c_raw["added_cond_kwargs"]["time_ids"])
