@@ -528,7 +528,9 @@ class PickapicHub(ImagePairs):
         while True:
             ds.set_epoch(epoch)
             self.epoch = epoch
-            for n, row in enumerate(ds.skip(skip_rows) if skip_rows else ds, skip_rows):
+            for n, row in enumerate(ds):
+                if n < skip_rows:  # resuming: these were read before (not ds.skip, which reorders a shuffled stream)
+                    continue
                 reason, won = pickapic_row(row["caption"], row["label_0"])
                 if reason:
                     yield epoch, {"skip": reason, "index": n}

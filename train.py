@@ -299,6 +299,7 @@ def cached_inputs(m, batch, empty, generator, drop, rows=None, total_rows=None, 
         n = torch.randn((total_rows, *z.shape[1:]), generator=generator, dtype=torch.float32)
         z = z + cat("cache_latent_std").float() * (n if rows is None else n[rows])
     latents = (z * m.vae_scale).to(m.device)
+
     def pick(key):  # the prompt's cached tensor, or the empty prompt's where the caption was dropped
         x = batch[key]
         return torch.where(drop.view(-1, *[1] * (x.dim() - 1)), empty[key.removeprefix("cache_")].to(x.dtype), x)
