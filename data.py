@@ -24,6 +24,7 @@ item can be reproduced on its own and resuming needs no saved RNG state.
         --out /data/cache-sdxl --flip --mixed_precision bf16
     python data.py build-style --style vangogh --src /data/pickapic_v2 --out /data/vangogh --limit 10000
 """
+import glob
 import io
 import json
 import os
@@ -694,25 +695,30 @@ def _cache_identity(model, pretrained):
 @torch.no_grad()
 def build_cache(model, data_spec, out, pretrained=None, resolution=None, flip=False, batch_size=16, device="cpu",
                 mixed_precision="no", embed_model=None, dtype="fp16", shard_size=1024, split="train", seed=0,
-                num_items=8192, num_workers=0, progress=True):
+                num_items=8192, num_workers=0, progress=True, part=0, parts=1):
     """One pass over a pair data set (in index order, centre crops) -> safetensors shards and
-    OUT/index.json. Returns the index dict."""
+    OUT/index.json. Returns the index dict. part/parts: this process caches the part-th of
+    `parts` equal, contiguous index ranges and writes index-PPP-of-NNN.json instead; CachedPairs
+    joins the parts in order, so N processes (one per GPU: torchrun) build the cache one would."""
     import model as M
     from safetensors.torch import save_file
-    m = M.load_models(model, pretrained, device=device, mixed_precision=mixed_precision, reference=False)
-    m.unet = None  # only the frozen encoders are needed here
-    m.resolution = resolution = resolution or m.resolution
-    embed_model = embed_model or ("tiny" if M.PRESETS[model]["pretrained"] is None else "openai/clip-vit-large-patch14")
-    clip, clip_tok = M.load_embedder(embed_model, device)
+    resolution = resolution or M.PRESETS[model]["resolution"]
     dataset = build_dataset(data_spec, resolution, seed=seed, split=split, num_items=num_items)
     if not isinstance(dataset, (ToyPairs, ImagePairs)) or isinstance(dataset, (ToyImages, PickapicHub)):
         raise ValueError(f"cache: --data {data_spec} is not a pair data set that can be read in order "
                          f"(toy, a .jsonl manifest or pickapic:DIR)")
+    m = M.load_models(model, pretrained, device=device, mixed_precision=mixed_precision, reference=False)
+    m.unet = None  # only the frozen encoders are needed here
+    m.resolution = resolution
+    embed_model = embed_model or ("tiny" if M.PRESETS[model]["pretrained"] is None else "openai/clip-vit-large-patch14")
+    clip, clip_tok = M.load_embedder(embed_model, device)
     store = CACHE_DTYPES[dtype]
     os.makedirs(out, exist_ok=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pairs,
-                                         num_workers=num_workers)
-    shards, buf, skips, n_pairs = [], {}, dict(getattr(dataset, "skip_counts", {})), 0
+    lo, hi = part * len(dataset) // parts, (part + 1) * len(dataset) // parts
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                         collate_fn=collate_pairs, num_workers=num_workers)
+    # index-level skips (ties, ...) belong to the whole data set: counted by part 0 only
+    shards, buf, skips, n_pairs = [], {}, dict(getattr(dataset, "skip_counts", {})) if part == 0 else {}, 0
 
     def write_shard():
         # Per-prompt tensors (text states, E5 text features) once per distinct prompt in the
@@ -725,7 +731,7 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, flip=Fa
         tensors = {k: torch.cat(v)[first] if k in PER_PROMPT else torch.cat(v) for k, v in buf.items() if k != "prompt"}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         tensors["prompt_row"] = torch.tensor([row[p] for p in prompts])
-        name = f"shard-{len(shards):05d}.safetensors"
+        name = f"shard-{len(shards):05d}.safetensors" if parts == 1 else f"shard-{part:03d}-{len(shards):05d}.safetensors"
         save_file(tensors, os.path.join(out, name + ".tmp"), metadata={"prompts": json.dumps(distinct)})
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))  # atomic: whole shards only
         shards.append({"file": name, "num_pairs": len(buf["prompt"])})
@@ -775,14 +781,42 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, flip=Fa
     empty = {"text_hidden": hidden.to(store).cpu(), "clip_text": clip_features(clip, clip_tok, [""], None)[0].cpu()}
     if pooled is not None:
         empty["text_pooled"] = pooled.to(store).cpu()
-    save_file(empty, os.path.join(out, "empty.safetensors"))
+    save_file(empty, os.path.join(out, f"empty.safetensors.tmp{part}"))  # (every part writes the same file)
+    os.replace(os.path.join(out, f"empty.safetensors.tmp{part}"), os.path.join(out, "empty.safetensors"))
     index = dict(format=CACHE_FORMAT, **_cache_identity(model, pretrained), xl=m.xl, resolution=resolution,
                  vae_scale=m.vae_scale, latents="image" if m.vae is None else "posterior (mean, std)",
                  embed_model=embed_model, dtype=dtype, flip=flip, data=data_spec, num_pairs=n_pairs,
                  skip_counts=skips, shards=shards)
-    with open(os.path.join(out, "index.json.tmp"), "w") as f:
+    name = "index.json" if parts == 1 else f"index-{part:03d}-of-{parts:03d}.json"
+    with open(os.path.join(out, name + ".tmp"), "w") as f:
         json.dump(index, f, indent=1)
-    os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
+    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    return index
+
+
+def read_cache_index(folder):
+    """index.json, or the index-PPP-of-NNN.json of a cache built in parts, joined in part order."""
+    path = os.path.join(folder, "index.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    found = sorted(glob.glob(os.path.join(folder, "index-[0-9][0-9][0-9]-of-[0-9][0-9][0-9].json")))
+    if not found:
+        raise FileNotFoundError(f"no cache at {folder} (index.json missing; build one with python data.py cache)")
+    parts = int(found[0][-8:-5])
+    want = [os.path.join(folder, f"index-{p:03d}-of-{parts:03d}.json") for p in range(parts)]
+    if found != want:
+        raise FileNotFoundError(f"cache {folder} is incomplete: {len(set(found) & set(want))} of its {parts} part "
+                                f"indexes (index-PPP-of-{parts:03d}.json) are there; the build did not finish")
+    indices = []
+    for p in want:
+        with open(p) as f:
+            indices.append(json.load(f))
+    index = dict(indices[0], shards=[s for i in indices for s in i["shards"]], skip_counts={},
+                 num_pairs=sum(i["num_pairs"] for i in indices))
+    for i in indices:
+        for k, v in i["skip_counts"].items():
+            index["skip_counts"][k] = index["skip_counts"].get(k, 0) + v
     return index
 
 
@@ -792,13 +826,9 @@ class CachedPairs(torch.utils.data.Dataset):
     without any encoder. Refuses a cache built for another model or resolution."""
 
     def __init__(self, folder, model, pretrained=None, resolution=None, seed=0, random_flip=False, embed_model=None):
-        path = os.path.join(folder, "index.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no cache at {folder} (index.json missing; build one with python data.py cache)")
-        with open(path) as f:
-            self.index = index = json.load(f)
+        self.index = index = read_cache_index(folder)
         if index.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{path}: not a {CACHE_FORMAT} cache (format {index.get('format')!r})")
+            raise ValueError(f"{folder}: not a {CACHE_FORMAT} cache (format {index.get('format')!r})")
         want, have = _cache_identity(model, pretrained), {k: index[k] for k in ("model", "pretrained")}
         if want != have:
             name = lambda d: f"--model {d['model']}" + (f" --pretrained {d['pretrained']}" if d["pretrained"] else "")
@@ -1005,13 +1035,19 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    # torchrun data.py cache ...: every process caches its part on its own GPU; no communication
+    part, parts = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if parts > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', part)}"
     try:
         if args.command == "cache":
             index = build_cache(args.model, args.data, args.out, args.pretrained, args.resolution, args.flip,
                                 args.batch_size, device, args.mixed_precision, args.embed_model, args.dtype,
-                                args.shard_size, args.data_split, args.seed, args.num_items, args.num_workers)
+                                args.shard_size, args.data_split, args.seed, args.num_items, args.num_workers,
+                                progress=part == 0, part=part, parts=parts)
             size = sum(os.path.getsize(os.path.join(args.out, s["file"])) for s in index["shards"])
-            print(f"cached {index['num_pairs']} pairs in {len(index['shards'])} shards ({size / 2**20:.1f} MiB) "
+            print(("" if parts == 1 else f"part {part + 1} of {parts}: ") +
+                  f"cached {index['num_pairs']} pairs in {len(index['shards'])} shards ({size / 2**20:.1f} MiB) "
                   f"in {args.out}" + (f"; skipped {index['skip_counts']}" if index["skip_counts"] else ""))
         else:
             new = build_style(args.style, args.src, args.out, args.editor, args.limit, args.resolution, args.steps,

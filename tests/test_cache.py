@@ -150,3 +150,25 @@ def test_text_states_are_stored_once_per_distinct_prompt(tmp_path):
     for i in (0, 17, 39):
         hidden, _ = M.encode_text(m, [prompts[i]])
         assert torch.allclose(ds[i]["cache_text_hidden"], hidden[0], atol=1e-6)
+
+
+def test_cache_built_in_parts_reads_as_one(tmp_path):
+    """torchrun data.py cache: each process caches a contiguous part; the parts read as the
+    one-process cache (same items, same order, index-level skips counted once)."""
+    pairs = manifest(tmp_path / "raw", n=7)
+    with open(pairs, "a") as f:
+        f.write(json.dumps({"caption": "tie", "image_0": "0w.png", "image_1": "0l.png", "label_0": 0.5}) + "\n")
+    data.build_cache("tiny-xl", str(pairs), str(tmp_path / "one"), dtype="fp32", progress=False)
+    for part in (1, 0, 2):  # any order, as processes finish
+        if part == 2:
+            with pytest.raises(FileNotFoundError, match="2 of its 3 part indexes"):
+                data.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
+        data.build_cache("tiny-xl", str(pairs), str(tmp_path / "parts"), dtype="fp32", progress=False,
+                         shard_size=2, part=part, parts=3)
+    one, parts = data.CachedPairs(str(tmp_path / "one"), "tiny-xl"), data.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
+    assert len(one) == len(parts) == 7 and parts.index["skip_counts"] == one.index["skip_counts"] == {"tie": 1}
+    for i in range(7):
+        a, b = one[i], parts[i]
+        assert a.keys() == b.keys() and a["prompt"] == b["prompt"]
+        # (equal up to float rounding: the encoders ran on batches of other sizes)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a if k.startswith("cache_")), i
