@@ -767,8 +767,11 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, flip=Fa
         rows["clip_text"] = clip_features(clip, clip_tok, batch["prompt"], None)[0].cpu()
         for key in ("original_size_w", "original_size_l", "crop_top_left"):
             rows[key] = batch[key]
-        for k, v in rows.items():
-            buf.setdefault(k, []).append(v) if k != "prompt" else buf.setdefault(k, []).extend(v)
+        for k, v in rows.items():  # tensors: one per batch, concatenated per shard; prompts: one list
+            if k == "prompt":
+                buf.setdefault(k, []).extend(v)
+            else:
+                buf.setdefault(k, []).append(v)
         n_pairs += B
         if len(buf["prompt"]) >= shard_size:
             write_shard()
