@@ -472,18 +472,24 @@ class PickapicParquet(ImagePairs):
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[u]
 
-    def __getitem__(self, i):
+    def row(self, i):
+        """Pair i undecoded: (caption, [(column, JPEG bytes) of the winner, of the loser], where
+        it lives in the shards)."""
         u = int(np.searchsorted(self.starts, i, side="right") - 1)
         r = int(self.rows[u][i - self.starts[u]])
         t = self._row_group(u)
         caption, label = t.column("caption")[r].as_py(), t.column("label_0")[r].as_py()
         _, won = pickapic_row(caption, label)
         lost = "jpg_1" if won == "jpg_0" else "jpg_0"
-        win, los = (decode_image(t.column(c)[r].as_py() or b"") for c in (won, lost))
+        fi, rg = self.units[u]
+        images = [(c, t.column(c)[r].as_py() or b"") for c in (won, lost)]
+        return caption, images, f"{self.files[fi]} row group {rg} row {r}"
+
+    def __getitem__(self, i):
+        caption, images, where = self.row(i)
+        win, los = (decode_image(jpg) for _, jpg in images)
         if win is None or los is None:
-            fi, rg = self.units[u]
-            return {"skip": f"corrupt image: {self.files[fi]} row group {rg} row {r} "
-                            f"{won if win is None else lost}", "index": i}
+            return {"skip": f"corrupt image: {where} {images[0 if win is None else 1][0]}", "index": i}
         return self.pair_item(caption, win, los, i)
 
 
@@ -909,11 +915,8 @@ def style_sources(src, split="train"):
         return
     ds = PickapicParquet(src, split=split)
     for i in range(len(ds)):
-        u = int(np.searchsorted(ds.starts, i, side="right") - 1)
-        r = int(ds.rows[u][i - ds.starts[u]])
-        t = ds._row_group(u)
-        caption, label = t.column("caption")[r].as_py(), t.column("label_0")[r].as_py()
-        img = decode_image(t.column(pickapic_row(caption, label)[1])[r].as_py() or b"")
+        caption, ((_, preferred), _), _ = ds.row(i)
+        img = decode_image(preferred)  # (the loser stays undecoded: build-style does not use it)
         if img is not None:
             yield i, caption, img
 
