@@ -1,0 +1,106 @@
+"""
+Behaviour check for refactors: fixed-seed training runs whose final weights and metrics must be
+bit-identical before and after a change to the code.
+
+    python tools/same_runs.py record before.json     # on the old code
+    python tools/same_runs.py check before.json      # on the new code: exit 1 on any difference
+
+Each run trains 20 steps on a tiny preset (CPU, one thread per process) and is summarised by
+the SHA-256 of every file of its final unet/ or lora/ folder and of its metrics.jsonl with the
+timing column (pairs_per_s) removed. A refactor that changes nothing changes none of these.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ["--max_steps", "20", "--batch_size", "4", "--no_progress", "--num_items", "256"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RUNS = {  # name: (command before train.py's flags, flags)
+    "tiny-rpo": ([], ["--model", "tiny", "--loss", "rpo", "--caption_dropout", "0.2", "--random_flip",
+                      "--random_crop", "--grad_accum", "2", "--warmup_steps", "5"]),
+    "tiny-rpo-inside-text": ([], ["--model", "tiny", "--loss", "rpo", "--rpo_weighting", "inside", "--embed", "text",
+                                  "--timesteps", "pair", "--tau", "0.1"]),
+    "tiny-dpo": ([], ["--model", "tiny", "--loss", "dpo"]),
+    "tiny-sft": ([], ["--model", "tiny", "--loss", "sft", "--data", "toy-base"]),
+    "tiny-xl-rpo": ([], ["--model", "tiny-xl", "--loss", "rpo", "--random_flip"]),
+    "tiny-sd-cache-rpo": ([], ["--model", "tiny-sd", "--loss", "rpo", "--data", "cache:{cache}", "--caption_dropout", "0.2"]),
+    "tiny-lora-rpo": ([], ["--model", "tiny", "--loss", "rpo", "--lora_rank", "4"]),
+    "ddp-global-contrast": (TORCHRUN, ["--model", "tiny", "--loss", "rpo", "--device", "cpu", "--global_contrast",
+                                       "--caption_dropout", "0.2"]),
+    "fsdp": (TORCHRUN, ["--model", "tiny-xl", "--loss", "rpo", "--device", "cpu", "--fsdp", "--grad_accum", "2"]),
+}
+
+
+def digest(path):
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes), not of the file:
+    the header's metadata (and its key order) may differ between two saves of the same weights."""
+    from safetensors.torch import load_file
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(path).items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def summarise(out):
+    result = {}
+    for folder in ("unet", "lora"):
+        d = os.path.join(out, folder)
+        if os.path.isdir(d):
+            for name in sorted(os.listdir(d)):
+                if name.endswith(".safetensors"):  # the weights; config.json records the diffusers version
+                    result[f"{folder}/{name}"] = digest(os.path.join(d, name))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    for line in lines:
+        line.pop("pairs_per_s")
+    result["metrics"] = hashlib.sha256(json.dumps(lines, sort_keys=True).encode()).hexdigest()
+    result["final_loss"] = lines[-1]["loss"]
+    return result
+
+
+def run_all(work):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    cache = os.path.join(work, "cache")
+    subprocess.run([sys.executable, "data.py", "cache", "--model", "tiny-sd", "--data", "toy", "--num_items", "64",
+                    "--out", cache, "--dtype", "fp32"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    results = {}
+    for name, (launcher, flags) in RUNS.items():
+        out = os.path.join(work, name)
+        flags = [f.format(cache=cache) for f in flags]
+        cmd = (launcher or [sys.executable]) + ["train.py"] + STEPS + flags + ["--out_dir", out]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"error: run {name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        results[name] = summarise(out)
+        print(f"{name}: final loss {results[name]['final_loss']:.6f}", flush=True)
+    return results
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in ("record", "check"):
+        sys.exit(__doc__)
+    mode, path = sys.argv[1:]
+    with tempfile.TemporaryDirectory() as work:
+        results = run_all(work)
+    if mode == "record":
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"recorded {len(results)} runs in {path}")
+        return
+    with open(path) as f:
+        before = json.load(f)
+    bad = [f"{name}: {key}" for name in before for key in before[name]
+           if results.get(name, {}).get(key) != before[name][key]]
+    print("identical: every run's weights and metrics" if not bad else "DIFFERENT:\n  " + "\n  ".join(bad))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
