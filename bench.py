@@ -8,7 +8,7 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python bench.py --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
     python bench.py --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
 
-The step is train.diffusion_loss (what train.py runs) plus backward and the optimizer: policy
+The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
 reference forward is the same UNet with its adapters off: model.reference_unet). UNets are built from their
 architecture (model.ARCHITECTURES) with random weights and fed random latents and text states
@@ -24,9 +24,9 @@ import time
 
 import torch
 
-import loss as L
 import model as M
 import train
+import toy
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -66,7 +66,8 @@ def parse_args(argv=None):
 
 
 def fake_batch(m, name, B, R, generator):
-    """Random [winners; losers] latents, text conditioning and RPO weights of the right shapes."""
+    """An already-encoded batch for train.micro_batch_loss: random [winners; losers] latents,
+    text conditioning and E5 features (CLIP text (B, 64), image (2B, 64)) of the right shapes."""
     unet = m.unet
     factor = 8 if name in ("sd15", "sdxl") else (2 if m.vae is not None else 1)
     latents = torch.randn(2 * B, unet.config.in_channels, R // factor, R // factor, generator=generator).to(m.device)
@@ -80,8 +81,8 @@ def fake_batch(m, name, B, R, generator):
                                          "time_ids": time_ids.to(m.device, m.dtype)}
     else:
         cond = M.encode_prompts(m, ["a red circle on a black background"] * B, repeat=2)
-    weights = L.rpo_weights(torch.randn(B, 64, generator=generator), torch.randn(B, 64, generator=generator), 0.5)
-    return latents, cond, weights.to(m.device)
+    features = (torch.randn(B, 64, generator=generator).to(m.device), torch.randn(2 * B, 64, generator=generator).to(m.device))
+    return {"prompt": [""] * B, "latents": latents, "cond": cond, "features": features}
 
 
 def peak_tflops(device):
@@ -119,21 +120,22 @@ def run(cfg):
     generator = torch.Generator().manual_seed(0)
 
     def batch_of(pairs):
-        latents, cond, weights = fake_batch(m, name, pairs, R, generator)
+        batch = fake_batch(m, name, pairs, R, generator)
         if cfg["loss"] == "sft":  # winners only
-            latents = latents[:pairs]
-            cond = {k: (v[:pairs] if torch.is_tensor(v) else {kk: vv[:pairs] for kk, vv in v.items()})
-                    for k, v in cond.items()}
-        return latents, cond, weights
+            batch["latents"] = batch["latents"][:pairs]
+            batch["cond"] = {k: (v[:pairs] if torch.is_tensor(v) else {kk: vv[:pairs] for kk, vv in v.items()})
+                             for k, v in batch["cond"].items()}
+        return batch
 
     params = [p for p in m.unet.parameters() if p.requires_grad]
     optimizer = train.make_optimizer(cfg["optimizer"], params, lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] == "fp16")
     autocast = torch.autocast(device.type, dtype=m.dtype, enabled=cfg["mixed_precision"] != "no")
 
-    def step(latents, cond, weights):
-        loss, _ = train.diffusion_loss(m, latents, cond, generator, cfg["loss"], "batch", 5000.0, weights, "outside",
-                                       autocast)
+    flags = train.parse_args(["--loss", cfg["loss"], "--timesteps", "batch"])  # β, τ, ω placement: train.py's defaults
+
+    def step(batch):
+        loss, _ = train.micro_batch_loss(m, batch, generator, flags, autocast=autocast)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -149,7 +151,7 @@ def run(cfg):
         m.unet.disable_gradient_checkpointing()
     counter = FlopCounterMode(display=False)
     with counter:
-        step(*batch_of(1))
+        step(batch_of(1))
     flops = counter.get_total_flops() * B
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
@@ -157,16 +159,16 @@ def run(cfg):
         m.unet.compile()  # in place, as train.py --compile does
         if m.ref_unet is not None:
             m.ref_unet.compile()
-    latents, cond, weights = batch_of(B)
+    batch = batch_of(B)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(cfg["warmup"]):
-        step(latents, cond, weights)
+        step(batch)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(cfg["steps"]):
-        step(latents, cond, weights)
+        step(batch)
     sync()
     seconds = (time.perf_counter() - t0) / cfg["steps"]
     result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1),
@@ -219,12 +221,12 @@ def fake_pickapic(folder, n, size=512):
 
     import data
     os.makedirs(folder, exist_ok=True)
-    rng, prompts = np.random.default_rng(0), data.toy_prompts("all")
+    rng, prompts = np.random.default_rng(0), toy.toy_prompts("all")
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
     for i in range(n):
         prompt = prompts[i % len(prompts)]
         for col in ("jpg_0", "jpg_1"):
-            img = np.kron(data.render_toy(prompt, size // 8, rng), np.ones((8, 8, 1), dtype=np.uint8))
+            img = np.kron(toy.render_toy(prompt, size // 8, rng), np.ones((8, 8, 1), dtype=np.uint8))
             img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=90)
@@ -236,7 +238,7 @@ def fake_pickapic(folder, n, size=512):
 
 
 def bench_data(args, device):
-    """--data SPEC: train.py end to end, on the raw pairs of SPEC (decoding, VAE, text encoders,
+    """--data DATA: train.py end to end, on the raw pairs of DATA (decoding, VAE, text encoders,
     E5's CLIP every step) and on a cache of the same pairs (data.py cache: none of those). A
     run's figure is the median of train.py's own per-step pairs/s after --warmup steps; with
     --repeat N the two alternate N times and the medians of the runs are reported."""

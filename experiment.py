@@ -1,5 +1,5 @@
 """
-The toy Style Alignment experiment (SPEC §10) at CPU scale: pretrain a small base model,
+The toy Style Alignment experiment (docs/method.md#style-alignment) at CPU scale: pretrain a small base model,
 align it with SFT, DPO and RPO at equal step and pair budgets, sample held-out prompts,
 and score how much of the preferred style the samples show (style) and whether they still
 show the prompt (content).
@@ -8,7 +8,7 @@ show the prompt (content).
     python experiment.py --study full    # seeds × lr grid × variants: the README's table
 
 The data: prompts "a {colour} {shape} on a {background} background" (72 of them; 12 held out
-for evaluation, data.toy_prompts). Preferred image = the "winter" version of a render,
+for evaluation, toy.toy_prompts). Preferred image = the "winter" version of a render,
 dispreferred = the plain render, same prompt — the paper's Style Alignment set, built
 procedurally. The base model is pretrained (plain denoising, --loss sft) on single images of
 which a third carry the style with unchanged captions, so the preference pairs lie within the
@@ -33,6 +33,8 @@ import evaluate
 import model as M
 import sample
 import train
+import toy
+import images
 
 # The base model's pretraining recipe (cached under RUNS/base; a change retrains it).
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
@@ -125,7 +127,7 @@ def main(argv=None):
     t_start = time.time()
     pretrain_base(base_dir, args.device, args.base_steps)
     scorer, accuracy = evaluate.load_toy_scorer("winter", 16, cache=os.path.join(args.runs, "toy_scorer.safetensors"))
-    prompts = data.toy_prompts("test")
+    prompts = toy.toy_prompts("test")
     sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]
 
     # Scores are cached per UNet folder, so a rerun or an extended study only does new work.
@@ -201,7 +203,7 @@ def main(argv=None):
     unets = [os.path.join(base_dir, "unet")] + [os.path.join(args.runs, "align", slug(v), f"lr{mid_lr:g}", f"seed{seed}", "unet")
                                                 for v in study["variants"]]
     images = torch.cat([sample_unet(u, prompts, [sample_seeds(seed)[0]], args) for u in unets])
-    sample.make_grid(data.tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
+    sample.make_grid(images.tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
         os.path.join(out, "grid.png"))
     with open(os.path.join(out, "grid.txt"), "w") as f:
         f.write("rows: base, " + ", ".join(f"{v} lr={mid_lr:g}" for v in study["variants"]) + "\ncolumns: " +

@@ -3,7 +3,7 @@ The objectives of Diffusion-RPO and its baselines, as pure functions on tensors.
 
 Nothing in this file knows about UNets, VAEs or data: train.py runs the networks and hands
 per-sample denoising errors to these functions. That keeps every equation of the paper
-(../shared/SPEC.md, E1..E9) in one short file that can be checked by hand, and lets the
+(docs/method.md, E1..E9) in one short file that can be checked by hand, and lets the
 tests compare each loss against hand-computed numbers.
 
 Reading order, following the paper:
@@ -11,7 +11,8 @@ Reading order, following the paper:
   sample_timesteps  E8  one t per batch (RPO default) or per pair (Diffusion-DPO)
   sample_noise      E8  winner and loser of a pair share their noise
   dpo_loss          E2, E3  the Diffusion-DPO baseline
-  rpo_weights       E5, E6  multi-modal similarity -> softmax weights over losers
+  combine_features  E5  f(c, x): normalize(CLIP text + CLIP image)
+  rpo_weights       E6  multi-modal similarity -> softmax weights over losers
   rpo_loss          E4, E7  every winner against every loser in the batch
   sft_loss          E9  plain denoising loss on winners
 
@@ -91,7 +92,7 @@ def _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag_logits):
 def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=5000.0):
     # E3: Δ_ii = (e_θ(w_i) - e_ref(w_i)) - (e_θ(l_i) - e_ref(l_i))
     delta = _reward_gaps(err_w, ref_err_w) - _reward_gaps(err_l, ref_err_l)
-    # E3: logit_ii = -(β/2) Δ_ii; the 1/2 follows the official Diffusion-DPO code (SPEC §4).
+    # E3: logit_ii = -(β/2) Δ_ii; the 1/2 follows the official Diffusion-DPO code (docs/method.md, E3).
     logits = -0.5 * beta * delta
     # E3: L_DPO = -(1/B) Σ_i log σ(logit_ii). logsigmoid is the stable form of log(sigmoid()).
     loss = -F.logsigmoid(logits).mean()
@@ -100,11 +101,24 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=5000.0):
 
 # ---------------------------------------------------------------------------------------
 # E5, E6: multi-modal weights
+def combine_features(text, image, mode="mean", rows=None):
+    """E5: f(c, x) = normalize(text + image) ("mean"), or one of them ("text" / "image"). text
+    (B, D) is repeated to `rows` (default: image's k·B rows; [winners; losers]: k = 2)."""
+    if mode not in ("mean", "text", "image"):
+        raise ValueError(f"embed mode must be 'mean', 'text' or 'image', got {mode!r}")
+    rows = rows or len(image)
+    parts = []
+    if mode in ("mean", "text"):
+        parts.append(text.repeat(rows // len(text), 1))
+    if mode in ("mean", "image"):
+        parts.append(image)
+    return torch.nn.functional.normalize(sum(parts), dim=-1)  # E5: normalize(text + image)
+
+
 def rpo_weights(emb_w, emb_l, tau=0.5):
     """ω (B_w × B_l): softmax over losers j of -d_ij/τ, with d_ij = 1 - cos(f_w_i, f_l_j).
 
-    emb_w[i] = f(c_i, x^w_i) and emb_l[j] = f(c_j, x^l_j) are the E5 embeddings (data.py
-    builds them). Every row sums to 1. No gradient flows through the weights (E6).
+    emb_w[i] = f(c_i, x^w_i) and emb_l[j] = f(c_j, x^l_j) are the E5 embeddings (combine_features). Every row sums to 1. No gradient flows through the weights (E6).
     """
     with torch.no_grad():
         emb_w = F.normalize(emb_w.float(), dim=-1)

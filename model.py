@@ -36,6 +36,9 @@ from types import SimpleNamespace
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+import loss as L
+from toy import BACKGROUNDS, COLOURS, SHAPES
+
 diffusers_logging.set_verbosity_error()  # silences a dtype-cast notice on every .to()
 
 PRESETS = {
@@ -73,11 +76,10 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(dir
 # Tiny components, built in code
 def tiny_tokenizer(max_length=16):
     """A real CLIPTokenizer (byte-level BPE) with a small vocabulary: every byte, plus
-    whole-word tokens for the toy set's words (data.py), so toy prompts are ~10 tokens and
+    whole-word tokens for the toy set's words (toy.py), so toy prompts are ~10 tokens and
     any other text still tokenizes, character by character."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from data import BACKGROUNDS, COLOURS, SHAPES
 
     byte_chars = list(bytes_to_unicode().values())
     vocab = ["<|startoftext|>", "<|endoftext|>"] + byte_chars + [c + "</w>" for c in byte_chars]
@@ -246,7 +248,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         pass
     ref_unet, lora_layers = None, []
     if lora_rank > 0:
-        # LoRA: policy = frozen UNet + adapter, reference = the same UNet, adapter off (SPEC §1:
+        # LoRA: policy = frozen UNet + adapter, reference = the same UNet, adapter off (docs/method.md:
         # ε_ref is the frozen starting UNet, which is exactly what the adapter-free path computes).
         LoraConfig = _import_peft("--lora_rank").LoraConfig
         unet.requires_grad_(False)  # (peft's injection also marks only adapters trainable; explicit here)
@@ -270,7 +272,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         from peft.tuners.tuners_utils import BaseTunerLayer
         lora_layers = [mod for mod in unet.modules() if isinstance(mod, BaseTunerLayer)]
     elif reference:
-        # The reference is the frozen starting point of the policy (SPEC §1). Kept on the same
+        # The reference is the frozen starting point of the policy (docs/method.md, Setting). Kept on the same
         # device in the compute dtype: no CPU offload, half the memory of an fp32 copy.
         ref_unet = copy.deepcopy(unet).to(dtype).eval().requires_grad_(False)
     if gradient_checkpointing:  # diffusers checkpoints non-reentrantly: fine with a frozen base
@@ -419,7 +421,7 @@ def text_conditioning(m, hidden, pooled=None, original_sizes=None, crop_top_left
 
 @torch.no_grad()
 def encode_images(m, images, generator=None):
-    """Images in [-1, 1] (B,3,H,W) -> latents z = s · VAE.encode(x) (SPEC §1), fp32.
+    """Images in [-1, 1] (B,3,H,W) -> latents z = s · VAE.encode(x) (docs/method.md, Setting), fp32.
     Pixel-space presets: z = x."""
     if m.vae is None:
         return images.to(m.device, torch.float32)
@@ -472,6 +474,77 @@ def load_embedder(name="tiny", device="cpu"):
             raise SystemExit(f"error: cannot load the CLIP embedder '{name}' ({str(err).splitlines()[0][:160]}). "
                              f"Download it once and pass --embed_model /path/to/folder, or use --loss dpo.")
     return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# E5's CLIP passes (the combination itself is loss.combine_features)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _features(out):
+    # transformers < 5 returns the projected features; 5.x wraps them in .pooler_output
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+@torch.no_grad()
+def clip_features(clip, tokenizer, prompts, images):
+    """The two halves of E5 before they are combined: L2-normalised CLIP text features of the
+    prompts (B, D) (None if prompts is None) and image features of `images` (N, D) (None if
+    images is None). Images are (N,3,H,W) in [-1, 1], resized to CLIP's input size on the
+    model's device (batched, no PIL)."""
+    device = next(clip.parameters()).device
+    text = image = None
+    if prompts is not None:
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        text = torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)).float(), dim=-1)
+    if images is not None:
+        size = clip.config.vision_config.image_size
+        x = (images.to(device, torch.float32) + 1) / 2
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                                            antialias=True)
+        mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+        pixels = ((x - mean) / std).to(clip.dtype)
+        image = torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=pixels)).float(), dim=-1)
+    return text, image
+
+
+
+@torch.no_grad()
+def clip_embeddings(clip, tokenizer, prompts, images, mode="mean"):
+    """f(c, x) for each sample, L2-normalised, float32 (k·B, D) (E5; loss.combine_features).
+    `images` may hold k images per prompt, in k blocks ([winners; losers]: k = 2): the text is
+    encoded once and repeated, as model.encode_prompts does."""
+    text, image = clip_features(clip, tokenizer, None if mode == "image" else prompts,
+                                None if mode == "text" else images)
+    return L.combine_features(text, image, mode, rows=len(images))
+
+
+
+@torch.no_grad()
+def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=True):
+    """--data cache:DIR: what the VAE, the text encoders and E5's CLIP would compute, from the
+    cache's tensors (cache.py). The VAE posterior's sample z = s·(μ + σ·n) is drawn as from the
+    raw images (n for all `rows` of the global batch, this process's kept), so a cached batch
+    gives the raw batch's latents. drop: the caption-dropout mask, which swaps in m.empty, the
+    cached empty prompt's states. Returns latents, cond and E5's halves (text (B, D), image)."""
+    cat = lambda key: torch.cat([batch[key + "_w"], batch[key + "_l"]]) if pairs else batch[key + "_w"]
+    z = cat("cache_latent").float()
+    if "cache_latent_std_w" in batch:
+        n = torch.randn((rows, *z.shape[1:]), generator=generator, dtype=torch.float32)
+        z = z + cat("cache_latent_std").float() * share.keep(n, pairs)
+    latents = (z * m.vae_scale).to(m.device)
+
+    def pick(key):  # the prompt's cached tensor, or the empty prompt's where the caption was dropped
+        x = batch[key]
+        return torch.where(drop.view(-1, *[1] * (x.dim() - 1)), m.empty[key.removeprefix("cache_")].to(x.dtype), x)
+
+    hidden = pick("cache_text_hidden").to(m.dtype)
+    pooled = pick("cache_text_pooled").to(m.dtype) if "cache_text_pooled" in batch else None
+    cond = text_conditioning(m, hidden, pooled, sizes, crops, repeat=2 if pairs else 1)
+    return latents, cond, (pick("cache_clip_text").float().to(m.device), cat("cache_clip_image").float().to(m.device))
 
 
 def unet_size(unet):

@@ -12,8 +12,8 @@ import model as M
 def forward_flops(name, B):
     """FLOPs of ONE policy forward on B samples, counted independently of bench.run."""
     m = M.load_models(name, reference=False)
-    latents, cond, _ = bench.fake_batch(m, name, B, m.resolution, torch.Generator().manual_seed(0))
-    latents = latents[:B]
+    batch = bench.fake_batch(m, name, B, m.resolution, torch.Generator().manual_seed(0))
+    latents, cond = batch["latents"][:B], batch["cond"]
     cond = {k: (v[:B] if torch.is_tensor(v) else {kk: vv[:B] for kk, vv in v.items()}) for k, v in cond.items()}
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

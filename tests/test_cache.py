@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 import data
 import loss as L
 import model as M
+import distributed as D
 import train
+import cache
 
 
 def manifest(folder, n=8):
@@ -36,7 +38,7 @@ def run(tmp_path, name, data_arg, *extra):
 
 
 def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
-    """One fixed batch, same seed, same crops, caption dropout on two of four pairs: the cache's
+    """One fixed batch, same seed, same crops, caption dropout at p = 0.5: the cache's
     latents (VAE posterior re-sampled from the cached μ, σ with the same draw), conditioning
     (SDXL: both encoders' states, pooled embedding, time ids) and E5 embeddings equal the raw
     ones, and so does the RPO loss."""
@@ -45,17 +47,19 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
                              shard_size=5, progress=False)  # 2 shards, batches straddling them
     assert index["num_pairs"] == 8 and [s["num_pairs"] for s in index["shards"]] == [6, 2]
     m = M.load_models("tiny-xl")
-    raw_ds, cached_ds = data.ManifestPairs(pairs, 32), data.CachedPairs(str(tmp_path / "cache"), "tiny-xl")
-    idx, drop = [3, 0, 5, 6], torch.tensor([True, False, False, True])
+    raw_ds, cached_ds = data.ManifestPairs(pairs, 32), cache.CachedPairs(str(tmp_path / "cache"), "tiny-xl")
+    idx = [3, 0, 5, 6]
     raw, cached = data.collate_pairs([raw_ds[i] for i in idx]), data.collate_pairs([cached_ds[i] for i in idx])
-    prompts = ["" if d else p for p, d in zip(raw["prompt"], drop.tolist())]
-    images = torch.cat([raw["winner"], raw["loser"]])
-    z_raw = train.encode_latents(m, images, torch.Generator().manual_seed(5))
-    c_raw = M.encode_prompts(m, prompts, torch.cat([raw["original_size_w"], raw["original_size_l"]]),
-                             raw["crop_top_left"].repeat(2, 1), repeat=2)
-    e_raw = data.clip_embeddings(*M.load_embedder("tiny"), prompts, images)
-    z, c, features = train.cached_inputs(m, cached, cached_ds.empty, torch.Generator().manual_seed(5), drop)
-    e = data.combine_features(*features)
+    m.empty = cached_ds.empty  # (train.py sets this for --data cache:DIR)
+    args = train.parse_args(["--loss", "rpo", "--caption_dropout", "0.5"])
+    # Caption dropout draws from the generator like everything else: the same draw (seed 5)
+    # drops the same prompts in both batches.
+    g = lambda: torch.Generator().manual_seed(5)
+    z_raw, c_raw, f_raw = train.model_inputs(m, raw, g(), args, D.Share([4]), M.load_embedder("tiny"))
+    z, c, features = train.model_inputs(m, cached, g(), args, D.Share([4]))
+    dropped = torch.rand(4, generator=g()) < 0.5
+    assert 0 < dropped.sum() < 4  # some prompts dropped, some kept
+    e_raw, e = L.combine_features(*f_raw), L.combine_features(*features)
     assert torch.equal(z, z_raw) and torch.equal(c["encoder_hidden_states"], c_raw["encoder_hidden_states"])
     assert torch.equal(c["added_cond_kwargs"]["time_ids"], c_raw["added_cond_kwargs"]["time_ids"])
     # (the empty prompt's pooled embedding was computed in a batch of one: float rounding only)
@@ -64,9 +68,8 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
     with torch.no_grad():  # a policy one AdamW-sized step away from the reference: the loss is not ln 2
         for p in m.unet.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    w_raw, w = L.rpo_weights(*e_raw.chunk(2), 0.5), L.rpo_weights(*e.chunk(2), 0.5)
-    loss_raw, _ = train.diffusion_loss(m, z_raw, c_raw, torch.Generator().manual_seed(9), "rpo", weights=w_raw)
-    loss, _ = train.diffusion_loss(m, z, c, torch.Generator().manual_seed(9), "rpo", weights=w)
+    loss_raw, _ = train.micro_batch_loss(m, raw, g(), args, embedder=M.load_embedder("tiny"))
+    loss, _ = train.micro_batch_loss(m, cached, g(), args)
     assert abs(loss_raw.item() - math.log(2)) > 1e-2
     # β = 5000 multiplies the error differences: 1e-7 of float rounding in ε_θ is 2.5e-4 in a logit
     assert abs(loss.item() - loss_raw.item()) < 1e-3, (loss.item(), loss_raw.item())
@@ -96,7 +99,7 @@ def test_cache_holds_encoder_outputs_and_flips(tmp_path):
     m = M.load_models("tiny-xl", reference=False)
     raw = data.ManifestPairs(pairs, 32)[2]
     post = m.vae.encode(torch.stack([raw["winner"], raw["winner"].flip(-1)])).latent_dist
-    ds = data.CachedPairs(str(tmp_path / "cache"), "tiny-xl", random_flip=True)
+    ds = cache.CachedPairs(str(tmp_path / "cache"), "tiny-xl", random_flip=True)
     flips = []
     for epoch in range(8):
         ds.epoch = epoch
@@ -141,7 +144,7 @@ def test_text_states_are_stored_once_per_distinct_prompt(tmp_path):
     data.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=40, dtype="fp32", shard_size=100,
                      progress=False)
     shard = load_file(tmp_path / "cache" / "shard-00000.safetensors")
-    ds = data.CachedPairs(str(tmp_path / "cache"), "tiny-sd")
+    ds = cache.CachedPairs(str(tmp_path / "cache"), "tiny-sd")
     prompts = [ds[i]["prompt"] for i in range(len(ds))]
     assert prompts == [data.ToyPairs(40, 32)[i]["prompt"] for i in range(40)]  # order and prompts kept
     assert len(set(prompts)) < 40 and shard["text_hidden"].shape[0] == len(set(prompts))
@@ -162,10 +165,10 @@ def test_cache_built_in_parts_reads_as_one(tmp_path):
     for part in (1, 0, 2):  # any order, as processes finish
         if part == 2:
             with pytest.raises(FileNotFoundError, match="2 of its 3 part indexes"):
-                data.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
+                cache.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
         data.build_cache("tiny-xl", str(pairs), str(tmp_path / "parts"), dtype="fp32", progress=False,
                          shard_size=2, part=part, parts=3)
-    one, parts = data.CachedPairs(str(tmp_path / "one"), "tiny-xl"), data.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
+    one, parts = cache.CachedPairs(str(tmp_path / "one"), "tiny-xl"), cache.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
     assert len(one) == len(parts) == 7 and parts.index["skip_counts"] == one.index["skip_counts"] == {"tie": 1}
     for i in range(7):
         a, b = one[i], parts[i]

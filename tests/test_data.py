@@ -1,4 +1,5 @@
-"""Tests for data.py: pair alignment (same crop/flip), manifest skipping, toy determinism."""
+"""Tests for data.py, images.py and toy.py: pair alignment (same crop/flip), manifest skipping,
+toy determinism."""
 import json
 import os
 import sys
@@ -9,9 +10,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import (BACKGROUNDS, COLOURS, SHAPES, ManifestPairs, ToyImages, ToyPairs,  # noqa: E402
-                  apply_style, build_dataset, collate_pairs, image_to_tensor, render_toy,
-                  tensor_to_uint8, toy_prompts)
+from data import ManifestPairs, ToyImages, ToyPairs, build_dataset  # noqa: E402
+from images import collate_pairs, image_to_tensor, tensor_to_uint8  # noqa: E402
+from toy import BACKGROUNDS, COLOURS, SHAPES, apply_style, render_toy, toy_prompts  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -314,7 +315,7 @@ def test_image_tensor_roundtrip():
 
 def test_clip_embeddings_follow_E5():
     import model as M
-    from data import CLIP_MEAN, CLIP_STD, clip_embeddings
+    from model import CLIP_MEAN, CLIP_STD, clip_embeddings
     clip, tok = M.load_embedder("tiny")
     prompts = ["a red circle on a black background", "a blue square on a white background"]
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -13,7 +13,6 @@ Equalities are to float tolerance, not bitwise: a rank's forward on B rows and o
 loss), and AdamW turns gradient noise on near-zero gradients into ~1e-5 of weight after a few
 steps at lr 1e-3.
 """
-import functools
 import json
 import os
 import shutil
@@ -30,7 +29,9 @@ from safetensors.torch import load_file
 
 import data
 import model as M
+import distributed as D
 import train
+import pickapic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4  # pairs in the global micro-batch of the gradient test
@@ -70,21 +71,18 @@ def make_model(lora_rank):
     return m
 
 
-def rows_loss(m, rows, case, policy=None, gather=None, embed=None):
-    """train.diffusion_loss on pairs rows = slice(a, b) of the global batch; backward; returns
-    (loss, metrics, gradients). gather: None (the rows' own B×B ω and E4) or --global_contrast."""
+def rows_loss(m, share, case, policy=None, embed=None):
+    """train.micro_batch_loss on this process's rows (a distributed.Share) of the global batch;
+    backward; returns (loss, metrics, gradients). With share.global_contrast every rank's rows
+    are gathered for E4-E7, else the rows' own B×B matrix is used."""
     loss_name, timesteps, _, _, _ = case
     winner, loser, prompts = global_batch()
-    w, l, p = winner[rows], loser[rows], prompts[rows]
-    weights = None
-    if loss_name == "rpo":
-        emb_w, emb_l = (data.clip_embeddings(*embed, p, x, "mean") for x in (w, l))  # E5
-        if gather is not None:  # as train.micro_batch_loss does: the global embeddings
-            emb_w, emb_l = gather(torch.stack([emb_w, emb_l], dim=1)).unbind(1)
-        weights = train.L.rpo_weights(emb_w, emb_l, 0.5)  # E6
-    generator = torch.Generator().manual_seed(123)
-    loss, metrics = train.diffusion_loss(m, torch.cat([w, l]), M.encode_prompts(m, p, repeat=2), generator, loss_name,
-                                         timesteps, 5000.0, weights, policy=policy, rows=(rows.start, B), gather=gather)
+    mine = slice(share.offset, share.offset + share.n)
+    p, images = prompts[mine], torch.cat([winner[mine], loser[mine]])  # tiny is pixel space: latents = images
+    batch = {"prompt": p, "latents": images, "cond": M.encode_prompts(m, p, repeat=2),
+             "features": M.clip_features(*embed, p, images) if loss_name == "rpo" else None}  # E5's halves
+    args = train.parse_args(["--loss", loss_name, "--timesteps", timesteps])
+    loss, metrics = train.micro_batch_loss(m, batch, torch.Generator().manual_seed(123), args, share, policy)
     loss.backward()
     grads = {n: q.grad.clone() for n, q in m.unet.named_parameters() if q.requires_grad}
     return loss.item(), metrics, grads
@@ -112,8 +110,7 @@ def _ddp_worker(rank, world, port, out):
         m = make_model(case[4])
         policy = torch.nn.parallel.DistributedDataParallel(m.unet, find_unused_parameters=False,
                                                            gradient_as_bucket_view=True)
-        gather = functools.partial(train.gather_rows, counts=counts) if case[3] else None
-        loss, metrics, grads = rows_loss(m, slice(a, a + counts[rank]), case, policy, gather, embed)
+        loss, metrics, grads = rows_loss(m, D.Share(counts, rank, case[3]), case, policy, embed)
         logged = torch.tensor([loss])  # what train.py logs: the mean over ranks
         dist.all_reduce(logged)
         results[name] = (loss, logged.item() / world, metrics, grads)
@@ -148,7 +145,7 @@ def test_ddp_loss_and_gradients(ddp_results, name):
         # the concatenated batch. DDP averages the ranks' gradients; with the flag each rank
         # computed the global loss from gathered rows, and the gather's backward summed the W
         # ranks' copies, so the average is the global gradient with no rescaling.
-        want_loss, want_metrics, want_grads = rows_loss(make_model(case[4]), slice(0, B), case, embed=embed)
+        want_loss, want_metrics, want_grads = rows_loss(make_model(case[4]), D.Share([B]), case, embed=embed)
         assert logged == pytest.approx(want_loss, rel=1e-4)
         if case[3]:  # every rank holds the global loss and logs the global batch's figures
             assert loss == pytest.approx(want_loss, rel=1e-4)
@@ -156,12 +153,12 @@ def test_ddp_loss_and_gradients(ddp_results, name):
                 assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-6)
     else:
         # local contrast: each rank's own B×B matrix; DDP gives the mean of the two local runs.
-        runs = [rows_loss(make_model(case[4]), slice(a, a + 2), case, embed=embed) for a in (0, 2)]
+        runs = [rows_loss(make_model(case[4]), D.Share([2, 2], r), case, embed=embed) for r in (0, 1)]
         want_loss = (runs[0][0] + runs[1][0]) / 2
         want_grads = {k: (runs[0][2][k] + runs[1][2][k]) / 2 for k in runs[0][2]}
         assert loss == pytest.approx(runs[0][0], rel=1e-4) and logged == pytest.approx(want_loss, rel=1e-4)
         # ... which is not the global contrast's loss
-        global_loss = rows_loss(make_model(0), slice(0, B), (*case[:3], True, 0), embed=embed)[0]
+        global_loss = rows_loss(make_model(0), D.Share([B]), (*case[:3], True, 0), embed=embed)[0]
         assert abs(want_loss - global_loss) > 1e-2 * global_loss
     assert_close_grads(grads, want_grads)
     assert 0.01 < loss < 50  # neither saturated nor trivially ln 2
@@ -175,12 +172,20 @@ def test_ddp_of_a_lora_unet_synchronises_only_the_adapters(ddp_results):
 def test_vae_posterior_sample_of_a_rank_is_its_slice_of_the_global_draw():
     m = M.load_models("tiny-sd", reference=False)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    full = M.encode_images(m, images, torch.Generator().manual_seed(7))
-    # rows None: exactly M.encode_images (one process: unchanged randomness)
-    assert torch.equal(train.encode_latents(m, images, torch.Generator().manual_seed(7)), full)
-    rows = torch.tensor([1, 2, 4, 5])  # e.g. rank 1 of 2 with [winners; losers] of 3 pairs
-    part = train.encode_latents(m, images[rows], torch.Generator().manual_seed(7), rows, 6)
-    torch.testing.assert_close(part, full[rows], rtol=1e-5, atol=1e-5)
+    full = M.encode_images(m, images, torch.Generator().manual_seed(7))  # diffusers' own sample
+    args = train.parse_args(["--loss", "dpo"])
+
+    def latents(pairs, share):  # train.model_inputs on raw pairs [winners; losers] = images[pairs], images[3 + pairs]
+        batch = {"prompt": ["a"] * len(pairs), "winner": images[pairs], "loser": images[[3 + i for i in pairs]],
+                 "original_size_w": torch.full((len(pairs), 2), 32), "original_size_l": torch.full((len(pairs), 2), 32),
+                 "crop_top_left": torch.zeros(len(pairs), 2, dtype=torch.long)}
+        return train.model_inputs(m, batch, torch.Generator().manual_seed(7), args, share)[0]
+
+    # one process: exactly diffusers' VAE sample (unchanged randomness)
+    assert torch.equal(latents([0, 1, 2], D.Share([3])), full)
+    # rank 1 of 2 with 1 + 2 pairs: its winners and losers, rows [1, 2, 4, 5] of the global draw
+    part = latents([1, 2], D.Share([1, 2], rank=1))
+    torch.testing.assert_close(part, full[[1, 2, 4, 5]], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,7 +295,7 @@ def test_two_processes_on_pickapic_shards(tmp_path):
     pytest.importorskip("pyarrow")
     from test_pickapic import write_shards
     write_shards(tmp_path / "pp")
-    ds = data.PickapicParquet(tmp_path / "pp", 16, seed=0, window=1)
+    ds = pickapic.PickapicParquet(tmp_path / "pp", 16, seed=0, window=1)
     per_epoch = len(ds.epoch_batches(0, 0, 2, 1))
     out = tmp_path / "run"
     torchrun("--data", f"pickapic:{tmp_path / 'pp'}", "--batch_size", "1", "--max_steps", str(2 * per_epoch + 1),

@@ -1,4 +1,4 @@
-"""loss.py against hand-computed numbers and the invariants of SPEC E1..E9."""
+"""loss.py against hand-computed numbers and the invariants of E1..E9 (docs/method.md)."""
 import math
 
 import pytest

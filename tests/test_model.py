@@ -47,7 +47,7 @@ def test_tiny_presets_build_offline_with_the_real_component_classes(name):
     again = M.load_models(name)
     assert torch.equal(next(m.text_encoders[0].parameters()), next(again.text_encoders[0].parameters()))
     assert torch.equal(next(m.unet.parameters()), next(again.unet.parameters()))
-    # the policy starts equal to the reference: the loss is ln 2 (SPEC E3)
+    # the policy starts equal to the reference: the loss is ln 2 (E3, docs/method.md)
     loss, _ = one_dpo_loss(m)
     assert loss.item() == pytest.approx(0.693147, abs=1e-3)
 

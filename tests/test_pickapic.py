@@ -1,4 +1,4 @@
-"""Pick-a-Pic v2 from parquet shards (data.PickapicParquet), the hub path (data.PickapicHub, via
+"""Pick-a-Pic v2 from parquet shards (pickapic.PickapicParquet), the hub path (pickapic.PickapicHub, via
 the datasets library on local files), and train.py on them: exact pairs, skips, DDP sharding."""
 import io
 import json
@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import train
+import pickapic
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -69,7 +70,7 @@ def close(a, b, tol=6):
 def test_exact_pairs_and_skip_counts(tmp_path):
     expected = write_shards(tmp_path / "pp")
     ds = data.build_dataset(f"pickapic:{tmp_path / 'pp'}", 16)
-    assert isinstance(ds, data.PickapicParquet) and len(ds) == len(expected) == 7
+    assert isinstance(ds, pickapic.PickapicParquet) and len(ds) == len(expected) == 7
     # ties 2, empty/missing captions 2, the shard without label_0: its 2 rows; test split ignored
     assert ds.skip_counts == {"tie": 2, "missing_field": 2, "missing_column": 2}
     seen, markers = {}, []
@@ -89,7 +90,7 @@ def test_exact_pairs_and_skip_counts(tmp_path):
 
 def test_ranks_read_disjoint_row_groups_and_stop_together(tmp_path):
     write_shards(tmp_path / "pp")
-    ds = data.PickapicParquet(tmp_path / "pp", 16, seed=3, window=1)
+    ds = pickapic.PickapicParquet(tmp_path / "pp", 16, seed=3, window=1)
     for epoch in range(3):
         one = [i for b in ds.epoch_batches(epoch, 0, 1, 1) for i in b]
         assert sorted(one) == list(range(len(ds)))  # one rank, batch 1: every pair once
@@ -126,7 +127,7 @@ def test_missing_pyarrow_and_bad_folder_are_one_line(tmp_path, monkeypatch, caps
     assert "no train-*.parquet" in str(e.value)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(SystemExit) as e:
-        data.PickapicParquet(tmp_path / "empty")
+        pickapic.PickapicParquet(tmp_path / "empty")
     assert "pip install pyarrow" in str(e.value)
 
 
@@ -134,7 +135,7 @@ def test_hub_path_streams_with_datasets(tmp_path):
     pytest.importorskip("datasets")
     expected = write_shards(tmp_path / "pp")
     (tmp_path / "pp" / "train-00002-of-00003.parquet").unlink()  # datasets wants one schema per split
-    hub = data.PickapicHub(str(tmp_path / "pp"), 16, shuffle_buffer=4)
+    hub = pickapic.PickapicHub(str(tmp_path / "pp"), 16, shuffle_buffer=4)
     got = []
     for epoch, it in hub.stream(0):
         got.append((epoch, it))
@@ -159,7 +160,7 @@ def test_hub_path_streams_with_datasets(tmp_path):
 def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(SystemExit) as e:
-        data.PickapicHub("yuvalkirstain/pickapic_v2")
+        pickapic.PickapicHub("yuvalkirstain/pickapic_v2")
     assert "pip install datasets" in str(e.value) and "pickapic:/path/to/folder" in str(e.value)
     monkeypatch.undo()
     datasets = pytest.importorskip("datasets")
@@ -168,7 +169,7 @@ def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as e:
-        data.PickapicHub("no-such-user/no-such-dataset-xyz")
+        pickapic.PickapicHub("no-such-user/no-such-dataset-xyz")
     assert str(e.value).startswith("error: cannot stream the data set") and "pickapic:/path/to/folder" in str(e.value)
 
 

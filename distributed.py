@@ -1,0 +1,232 @@
+"""
+Data parallelism for train.py, in one place: every collective the training run makes is a call
+to a function of this file. docs/multi-gpu.md explains the design; in short:
+
+- One process per device (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE); without torchrun every
+  function here is a no-op and train.py is one plain process.
+- Each rank holds a disjoint slice of every *global* micro-batch of batch_size × world pairs.
+  Every random draw of a micro-batch (caption dropout, the VAE's sample, t and ε) is made for the
+  whole global micro-batch from the shared generator and sliced (Share.keep), so N ranks with
+  --batch_size B compute exactly what one process with --batch_size N·B computes.
+- The policy is replicated (DDP) or sharded (--fsdp, FSDP2); the frozen reference is never
+  wrapped. With --global_contrast the RPO matrix spans the global micro-batch (Share.everyone).
+- Rank 0 alone logs and writes files; checkpoints hold full, single-device state, so a run
+  resumes on any number of ranks, with or without FSDP.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device_flag):
+    """-> (rank, world, device, own_group). One device per rank: cuda:LOCAL_RANK with NCCL, or
+    the CPU with gloo (no GPU, or --device cpu). own_group: this call made the process group (a
+    caller, e.g. a test, may have made it already), so teardown() should end it."""
+    if int(os.environ.get("RANK", "-1")) == -1:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device_flag == "auto" else device_flag
+        return 0, 1, device, False
+    gpu = torch.cuda.is_available() and device_flag != "cpu"
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="nccl" if gpu else "gloo")
+    rank = dist.get_rank()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if gpu else "cpu"  # --device cuda[:N]: "the GPUs"
+    if gpu:
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device, own_group
+
+
+def active():
+    return dist.is_available() and dist.is_initialized()
+
+
+def teardown(own_group):
+    # Every rank waits until rank 0 has written the result. The caller drops its DDP wrapper
+    # first: DDP's reducer holds the group from C++ and, were it the last holder, would destroy
+    # it with the GIL held while a gloo thread may still need the GIL (seen: a hang at exit).
+    if active():
+        dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
+
+
+class Share:
+    """This process's pairs [offset, offset + n) of a global micro-batch of `total` pairs; one
+    process: offset 0, n = total. counts: every rank's number of pairs (world_counts).
+
+    keep(x): x was drawn for the whole global micro-batch, (total, ...) rows, or with pairs=True
+      [all winners; all losers] (2·total, ...) rows: this process's rows of it, in the same layout.
+    everyone(*xs): with --global_contrast, the per-pair tensors of every rank concatenated in
+      rank order (gather_rows, with autograd); otherwise xs unchanged."""
+
+    def __init__(self, counts, rank=0, global_contrast=False):
+        self.counts, self.global_contrast = counts, global_contrast
+        self.offset, self.n, self.total = sum(counts[:rank]), counts[rank], sum(counts)
+
+    def keep(self, x, pairs=False):
+        mine = slice(self.offset, self.offset + self.n)
+        if not pairs:
+            return x[mine]
+        return torch.cat([x[mine], x[self.total + self.offset:self.total + self.offset + self.n]])
+
+    def everyone(self, *xs):
+        if not self.global_contrast:
+            return xs
+        return gather_rows(torch.stack(xs, dim=1), self.counts).unbind(1)
+
+
+def world_counts(n, device):
+    """Every rank's number of usable pairs in this micro-batch (one all_gather of an int); [n]
+    for one process. Ranks can differ when corrupt images were skipped; a rank with 0 makes
+    every rank skip the micro-batch, since DDP's backward is a collective all ranks must join."""
+    if not active():
+        return [n]
+    mine = torch.tensor([n], device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(c) for c in every]
+
+
+def all_ranks(flag, device):
+    """True when `flag` holds on every rank (all_reduce MIN): decisions that change which
+    collectives run next (skip a step, stop) must be the same on all ranks."""
+    if not active():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def latest_epoch(epoch, device):
+    """The largest epoch of any rank (streamed data: ranks' stream epochs can differ by a batch)."""
+    if not active():
+        return epoch
+    e = torch.tensor([epoch], device=device)
+    dist.all_reduce(e, op=dist.ReduceOp.MAX)
+    return int(e.item())
+
+
+def gather_rows(x, counts):
+    """Rows x (n_r, ...) of every rank r, concatenated in rank order: (Σ_r n_r, ...), the rows
+    one process would hold for the concatenated batch. Autograd-aware: backward hands each rank
+    the gradient of its *own* rows, summed over the ranks' graphs (a reduce-scatter). Every rank
+    computes the same global loss L from the gathered rows, so rank r's parameter gradient is
+    W · ∂L/∂(rank r's rows) · ∂rows/∂θ, and DDP's/FSDP's average over W ranks is exactly ∂L/∂θ.
+    Rows are zero-padded to max(counts) for the collective (equal shapes) and the padding dropped."""
+    import torch.distributed._functional_collectives as fc
+    n = max(counts)
+    if x.shape[0] < n:
+        x = torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
+    every = fc.wait_tensor(fc.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))  # (W·n, ...)
+    if all(c == n for c in counts):
+        return every
+    return torch.cat([every[r * n:r * n + c] for r, c in enumerate(counts)])
+
+
+def sum_counts(counts):
+    """A dict name -> count summed over every rank (all_gather_object; a collective)."""
+    every = [counts]
+    if active():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, counts)
+    total = {}
+    for c in every:
+        for kind, n in c.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
+def mean_over_ranks(sums, n_pairs, device):
+    """The log's figures as global means: every rank's sums, summed (one all_reduce a step)."""
+    if not active():
+        return sums, n_pairs
+    keys, world = list(sums), dist.get_world_size()  # the same key order on every rank: the same code ran
+    v = torch.tensor([sums[k] for k in keys] + [n_pairs], dtype=torch.float64, device=device)
+    dist.all_reduce(v)
+    return {k: x / world for k, x in zip(keys, v.tolist())}, int(v[-1].item())
+
+
+def average_grads(params):
+    """The all-reduce DDP would have made, for a step whose last micro-batch was skipped."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def wrap_policy(unet, fsdp, device):
+    """The module the training forward calls; the UNet itself stays m.unet (the reference
+    forward, LoRA's adapter switch and saving use it).
+      DDP: a replica per rank; gradients averaged after backward (all-reduce in buckets,
+        overlapping the backward), only for requires_grad parameters (a LoRA all-reduces its
+        adapters only). gradient_as_bucket_view: no second copy of the gradients (SDXL: 10 GB).
+      FSDP (--fsdp): shard_unet shards the UNet in place; the reference stays a full frozen copy."""
+    if fsdp:
+        return shard_unet(unet)
+    if not active():
+        return unet
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    gpu = str(device).startswith("cuda")
+    return DDP(unet, device_ids=[torch.device(device).index] if gpu else None, find_unused_parameters=False,
+               gradient_as_bucket_view=True)
+
+
+def shard_unet(unet):
+    """--fsdp: FSDP2 (fully_shard) on every ResNet and transformer block, then every down/mid/up
+    block, then the root. Each parameter lives in its innermost group, as 1/W of a flat fp32
+    shard per rank; a group's full weights are all-gathered just before its forward (and again
+    for its backward) and freed after, and its gradients reduce-scattered as soon as they exist:
+    small groups keep the transient small (docs/multi-gpu.md). Params stay fp32 and autocast
+    does the bf16 compute, as without FSDP, so the numbers match DDP's."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch.distributed.fsdp import fully_shard
+    inner = [mod for mod in unet.modules() if isinstance(mod, (BasicTransformerBlock, ResnetBlock2D))]
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    for mod in inner + blocks + [unet]:
+        fully_shard(mod)
+    return unet
+
+
+def trainable_names(unet):
+    # The order of the optimizer's parameters (train.py builds it from unet.parameters()): the
+    # single-device optimizer state numbers parameters in this order, FSDP's names them.
+    return [n for n, p in unet.named_parameters() if p.requires_grad]
+
+
+def fsdp_full_state(unet, optimizer, master):
+    """--fsdp checkpoints: gather the sharded UNet and AdamW state into full CPU tensors on rank 0
+    (collectives: every rank calls this). Returns, on rank 0, a plain UNet2DConditionModel with
+    those weights (save_pretrained then writes what a single-device run writes) and the optimizer
+    state in the single-device format (parameters numbered, not named); (None, None) elsewhere."""
+    from diffusers import UNet2DConditionModel
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, rank 0, CPU
+    weights = dcp.get_model_state_dict(unet, options=options)
+    optim = dcp.get_optimizer_state_dict(unet, optimizer, options=options)
+    if not master:
+        return None, None
+    with torch.device("meta"):  # no memory: the gathered CPU tensors are assigned below
+        plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(weights, assign=True)
+    index = {name: i for i, name in enumerate(trainable_names(unet))}
+    optim = {"state": {index[k]: v for k, v in optim["state"].items()},
+             "param_groups": [dict(g, params=[index[k] for k in g["params"]]) for g in optim["param_groups"]]}
+    return plain, optim
+
+
+def fsdp_load_state(unet, optimizer, weights, optim_state):
+    """--fsdp resume: full weights and a single-device optimizer state dict -> every rank's
+    shards. Rank 0 alone reads the checkpoint and passes it here; the other ranks pass {} and
+    receive the tensors from it one by one (broadcast_from_rank0), each keeping its slice: one
+    full copy in host memory per node, not one per rank (SDXL's weights and AdamW state: 31 GB)."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dcp.set_model_state_dict(unet, weights, options=options)
+    if optim_state:
+        names = trainable_names(unet)
+        optim_state = {"state": {names[i]: v for i, v in optim_state["state"].items()},
+                       "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                                        for g in optim_state["param_groups"]]}
+    dcp.set_optimizer_state_dict(unet, optimizer, optim_state, options=options)
