@@ -76,7 +76,7 @@ def parser():
                    help="CLIP for E5 (default: built-in tiny CLIP for tiny presets, else openai/clip-vit-large-patch14)")
     g = p.add_argument_group("objective")
     g.add_argument("--loss", default="rpo", choices=["rpo", "dpo", "sft"])
-    g.add_argument("--beta", type=float, default=5000.0, help="E3/E4: logit = -(beta/2)·Δ")
+    g.add_argument("--beta", "--beta_dpo", type=float, default=5000.0, help="E3/E4: logit = -(beta/2)·Δ")
     g.add_argument("--tau", type=float, default=0.5, help="E6: softmax temperature of the RPO weights")
     g.add_argument("--rpo_weighting", default="outside", choices=["outside", "inside"], help="E7: paper form or LLM-RPO code form")
     g.add_argument("--timesteps", default=None, choices=["batch", "pair"],
@@ -85,13 +85,13 @@ def parser():
                    help="under torchrun, rpo: contrast every winner with every loser of the *global* micro-batch "
                         "(B·W × B·W, E4-E7) instead of each rank's own B × B")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8,
+    g.add_argument("--batch_size", "--train_batch_size", type=int, default=8,
                    help="pairs per device per micro-batch (RPO contrasts B×B; under torchrun the global "
                         "micro-batch is B × world size)")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=2.048e-5)
+    g.add_argument("--grad_accum", "--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", "--learning_rate", type=float, default=2.048e-5)
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
-    g.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    g.add_argument("--max_steps", "--max_train_steps", type=int, default=300, help="optimizer steps")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "adamw_fused", "adafactor", "adamw8bit"],
                    help="auto: fused AdamW on a GPU, AdamW on the CPU. adafactor: what Diffusion-DPO's SDXL "
@@ -103,10 +103,10 @@ def parser():
     g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
-    g.add_argument("--out_dir", default="out/rpo-tiny")
-    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--out_dir", "--output_dir", default="out/rpo-tiny")
+    g.add_argument("--save_every", "--checkpointing_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
+    g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar (logs only)")
     return p
@@ -120,11 +120,20 @@ def parse_args(argv=None):
         args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else f"pickapic:{pickapic.PICKAPIC_HUB}"
     if args.embed_model is None:
         args.embed_model = "tiny" if M.PRESETS[args.model]["pretrained"] is None else "openai/clip-vit-large-patch14"
-    for name in ("batch_size", "grad_accum", "max_steps"):
+    for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.tau <= 0:
-        p.error("--tau must be positive")
+    for name in ("warmup_steps", "save_every", "seed", "num_workers"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
+    for name in ("beta", "tau", "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
+        if not 0 < getattr(args, name) < float("inf"):
+            p.error(f"--{name} must be a positive finite number, not {getattr(args, name)}")
+    for name in ("caption_dropout", "style_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
+    if args.resolution is not None and args.resolution <= 0:
+        p.error(f"--resolution must be positive, not {args.resolution}")
     if args.lora_rank < 0:
         p.error("--lora_rank must be 0 (full fine-tune) or positive")
     if args.lora_alpha is not None and args.lora_rank == 0:
@@ -137,12 +146,6 @@ def parse_args(argv=None):
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
     return args
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints: diffusers unet/ layout + optimizer tensors in safetensors + JSON; no pickle.
-# LoRA runs save only the adapter, in lora/ instead of unet/: lora/pytorch_lora_weights.safetensors
-# in the diffusers LoRA format (model.save_lora), so a checkpoint's lora/ and the final
 
 
 # ---------------------------------------------------------------------------------------
