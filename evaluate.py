@@ -13,14 +13,23 @@ interval; written: results.json (per-image scores too) and a bar chart next to i
 pickscore, hps, imagereward, aesthetic, clip, style (a CLIP zero-shot style probability,
 reported with clip to the prompt: content kept); hps and imagereward need their own packages.
 
-Toy part (SPEC §10, Style Alignment on data.py's procedural set; metrics toy_style, toy_content,
+What is read from a folder: only the images its samples.jsonl lists, and only if they lie inside
+the folder (real paths, symlinks resolved: a listed '../x' or '/etc/x' is refused). Other files
+there (grid.png, compare.png, notes) are ignored; a listed file that is not a readable image stops
+the run with one line naming it, before any model loads: a score over fewer images than listed
+would not be the folder's score, and win rates would pair different sets.
+
+Toy part (Style Alignment on toy.py's procedural set, docs/method.md; metrics toy_style, toy_content,
 ...): a small CNN trained on procedural renders says, per image, whether the style shows (style
 score) and whether the prompt's shape, colour and background are still there (content score).
 It is trained once per (style, resolution, seed), cached, and refuses to score anything unless
 its held-out accuracy is >= 0.95: a weak scorer would make every table below meaningless.
 """
 import argparse
+import codecs
 import contextlib
+import hashlib
+import io
 import json
 import os
 import re
@@ -34,6 +43,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import data
+from images import image_to_tensor
+import model as M
+import toy
 
 # ----------------------------------------------------------------------------------------------
 # 1. Toy scorer
@@ -68,9 +80,9 @@ def one_thread():
 def toy_labels(prompt):
     """'a red circle on a gray background' -> (shape, colour, background) indices."""
     m = PROMPT_RE.match(prompt)
-    if not m or m[1] not in data.COLOURS or m[2] not in data.SHAPES or m[3] not in data.BACKGROUNDS:
+    if not m or m[1] not in toy.COLOURS or m[2] not in toy.SHAPES or m[3] not in toy.BACKGROUNDS:
         raise ValueError(f"toy scorer: not a toy prompt: {prompt!r}")
-    return data.SHAPES.index(m[2]), list(data.COLOURS).index(m[1]), list(data.BACKGROUNDS).index(m[3])
+    return toy.SHAPES.index(m[2]), list(toy.COLOURS).index(m[1]), list(toy.BACKGROUNDS).index(m[3])
 
 
 def toy_scorer_net():
@@ -92,12 +104,12 @@ def toy_logits(net, x):
 
 def toy_renders(n, style, resolution, seed):
     """n renders of random prompts from all 72, styled with p=0.5 -> (x [-1,1], labels dict)."""
-    rng, prompts = np.random.default_rng(seed), data.toy_prompts("all")
+    rng, prompts = np.random.default_rng(seed), toy.toy_prompts("all")
     imgs, labels = [], {k: [] for k in HEADS}
     for _ in range(n):
         prompt = prompts[rng.integers(len(prompts))]
-        img, styled = data.render_toy(prompt, resolution, rng), rng.random() < 0.5
-        imgs.append(data.apply_style(img, style, rng) if styled else img)
+        img, styled = toy.render_toy(prompt, resolution, rng), rng.random() < 0.5
+        imgs.append(toy.apply_style(img, style, rng) if styled else img)
         for k, v in zip(("style", "shape", "colour", "background"), (int(styled), *toy_labels(prompt))):
             labels[k].append(v)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -176,8 +188,8 @@ def check_accuracy(acc, threshold=THRESHOLD):
 
 def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0):
     """Train (or load from cache) the toy scorer; gate on held-out accuracy -> (net, accuracy)."""
-    if style not in data.STYLES:
-        raise SystemExit(f"error: unknown style {style!r}; expected one of {data.STYLES}")
+    if style not in toy.STYLES:
+        raise SystemExit(f"error: unknown style {style!r}; expected one of {toy.STYLES}")
     cache = cache or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache",
                                   f"toy_scorer_{style}_{resolution}.safetensors")
     meta_path = os.path.splitext(cache)[0] + ".json"
@@ -304,8 +316,48 @@ def load_clip(name, flag, what, device, processor=None, processor_flag=None):
 
 
 def _open_rgb(path):
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # e.g. a truncated PNG
+        raise SystemExit(f"error: {path}: not a readable image ({type(err).__name__}: {_first_line(err)})")
+
+
+def read_utf8(path):
+    """A text file's content (a UTF-8 BOM dropped). Anything else ends in one line naming the file,
+    line and column of the first byte that is not UTF-8: guessing another encoding could turn a
+    prompt into different text without a word."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise SystemExit(f"error: {path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+                         f"save the file as UTF-8")
+
+
+def path_inside(folder, name):
+    """FOLDER/NAME if its real path (symlinks resolved) lies inside FOLDER's, else None: a
+    samples.jsonl must not make us read (or show) files from elsewhere."""
+    root = os.path.realpath(folder)
+    try:
+        path = os.path.realpath(os.path.join(root, name))
+    except ValueError:  # a NUL byte in the name: no path at all
+        return None
+    return path if os.path.commonpath([root, path]) == root else None
+
+
+def url_cache_path(url, cache_dir):
+    """Where a download from URL is cached: CACHE_DIR/<hash>-<file name>. The name is sanitised
+    (decoded, last component only, no leading dots, [A-Za-z0-9._+-]) so that no URL can choose a
+    path outside CACHE_DIR; the hash of the whole URL keeps two URLs with one file name apart."""
+    from urllib.parse import unquote, urlsplit
+    name = os.path.basename(unquote(urlsplit(url).path).replace("\\", "/"))
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "download"
+    return os.path.join(cache_dir, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
 
 
 def _batches(n, batch_size, desc):
@@ -320,7 +372,7 @@ def clip_image_features(model, processor, paths, batch_size=32, desc="images"):
     for i in _batches(len(paths), batch_size, desc):
         images = [_open_rgb(p) for p in paths[i:i + batch_size]]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, model.dtype)
-        out = data._features(model.get_image_features(pixel_values=pixels))
+        out = M._features(model.get_image_features(pixel_values=pixels))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
     return torch.cat(feats)
 
@@ -335,7 +387,7 @@ def clip_text_features(model, processor, texts, batch_size=32):
     for i in range(0, len(texts), batch_size):
         tok = processor(text=list(texts[i:i + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        out = data._features(model.get_text_features(input_ids=tok["input_ids"].to(device),
+        out = M._features(model.get_text_features(input_ids=tok["input_ids"].to(device),
                                                      attention_mask=tok["attention_mask"].to(device)))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
     return torch.cat(feats)
@@ -381,11 +433,10 @@ class AestheticHead(torch.nn.Module):
 def load_aesthetic_head(path, embed_dim, device="cpu"):
     """Head weights from a .safetensors file, or the published .pth read with
     torch.load(weights_only=True): tensors only, never arbitrary pickled objects. An http(s)
-    URL is downloaded once into torch's hub cache."""
+    URL is downloaded once into torch's hub cache (checkpoints/, a name from url_cache_path)."""
     flag = "--aesthetic_head /path/to/sac+logos+ava1-l14-linearMSE.pth (or .safetensors)"
     if path.startswith(("http://", "https://")):
-        from urllib.parse import unquote
-        local = os.path.join(torch.hub.get_dir(), "checkpoints", unquote(path.rsplit("/", 1)[-1]))
+        local = url_cache_path(path, os.path.join(torch.hub.get_dir(), "checkpoints"))
         if not os.path.isfile(local):
             try:
                 os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -578,25 +629,35 @@ def markdown_table(rows, columns):
 
 def read_index(folder):
     """A sample.py output folder's samples.jsonl -> records (dicts with prompt, seed, file and
-    path = the image's path), every image file checked to exist."""
+    path = the image's path). Every listed file must lie inside the folder and be an image (its
+    header is read here, so a bad folder fails before any model loads)."""
     index = os.path.join(folder, "samples.jsonl")
     if not os.path.isfile(index):
         raise SystemExit(f"error: {folder}: no samples.jsonl (not a sample.py output folder?)")
     records = []
-    with open(index, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise SystemExit(f"error: {index}:{n}: not valid JSON")
-            if not all(k in rec for k in ("prompt", "seed", "file")):
-                raise SystemExit(f"error: {index}:{n}: needs the keys prompt, seed and file")
-            rec["path"] = os.path.join(folder, rec["file"])
-            if not os.path.isfile(rec["path"]):
-                raise SystemExit(f"error: {index}:{n}: image file {rec['path']} is missing")
-            records.append(rec)
+    for n, line in enumerate(io.StringIO(read_utf8(index), newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise SystemExit(f"error: {index}:{n}: not valid JSON")
+        if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "seed", "file")):
+            raise SystemExit(f"error: {index}:{n}: needs the keys prompt, seed and file")
+        if not (isinstance(rec["prompt"], str) and isinstance(rec["file"], str) and rec["file"]
+                and isinstance(rec["seed"], int) and not isinstance(rec["seed"], bool)):
+            raise SystemExit(f"error: {index}:{n}: prompt and file must be text, seed an integer")
+        rec["path"] = path_inside(folder, rec["file"])
+        if rec["path"] is None:
+            raise SystemExit(f"error: {index}:{n}: image path {rec['file']!r} points outside {folder}; "
+                             f"evaluate.py reads only files inside the folder it is given")
+        if not os.path.isfile(rec["path"]):
+            raise SystemExit(f"error: {index}:{n}: image file {rec['path']} is missing")
+        try:
+            Image.open(rec["path"]).close()  # the header only: cheap, and catches a non-image
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise SystemExit(f"error: {index}:{n}: {rec['file']} is not an image ({_first_line(err)})")
+        records.append(rec)
     if not records:
         raise SystemExit(f"error: {index} lists no samples")
     return records
@@ -613,7 +674,7 @@ def load_samples(folder, resolution):
                 raise SystemExit(f"error: {path} is {im.size[0]}x{im.size[1]}, smaller than the "
                                  f"scorer's {resolution}px; pass --resolution")
             im = im.resize((resolution, resolution), Image.BOX)  # box = the renders' own filter
-        images.append(data.image_to_tensor(im))
+        images.append(image_to_tensor(im))
         prompts.append(rec["prompt"])
         seeds.append(rec["seed"])
     return torch.stack(images), prompts, seeds
@@ -814,8 +875,7 @@ def folder_labels(args):
 def evaluate_toy(args, metrics):
     labels = folder_labels(args)[1]
     for d in args.images:  # fail on a bad folder before spending time on the scorer
-        if not os.path.isfile(os.path.join(d, "samples.jsonl")):
-            raise SystemExit(f"error: {d}: no samples.jsonl (not a sample.py output folder?)")
+        read_index(d)
     scorer, acc = load_toy_scorer(args.style, args.resolution, args.scorer_cache, args.scorer_seed)
     runs = [evaluate_folder(d, lab, scorer, metrics) for d, lab in zip(args.images, labels)]
     rows = [{"model": r["label"], "images": r["n_images"],
@@ -883,7 +943,10 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults)
-    p.add_argument("--images", nargs="+", help="sample.py output folders (each with samples.jsonl)")
+    p.add_argument("--images", nargs="+",
+                   help="sample.py output folders. Only the images each samples.jsonl lists are read, and only "
+                        "inside the folder (a path leading out of it is refused); other files there are ignored; "
+                        "a listed file that is not a readable image is an error naming it (nothing is skipped)")
     p.add_argument("--baseline", default=None,
                    help="reward metrics: a folder (e.g. the base model's) to pair with each --images folder by "
                         "(prompt, seed) for win rates")
@@ -916,7 +979,7 @@ def main(argv=None):
     g.add_argument("--batch_size", type=int, default=32, help="images per model call")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t = p.add_argument_group("toy scorer (procedural toy set)")
-    t.add_argument("--style", default="winter", choices=list(data.STYLES), help="the toy style the scorer detects")
+    t.add_argument("--style", default="winter", choices=list(toy.STYLES), help="the toy style the scorer detects")
     t.add_argument("--resolution", type=int, default=16, help="toy scorer input size")
     t.add_argument("--scorer_cache", default=None,
                    help="default: .cache/toy_scorer_{style}_{resolution}.safetensors next to this file")
@@ -940,10 +1003,10 @@ def main(argv=None):
         hint = " (the toy scorer's are now toy_style, toy_content)" if {"content"} & set(unknown) else ""
         raise SystemExit(f"error: unknown --metrics {','.join(unknown) or args.metrics!r}{hint}; toy set: "
                          f"{','.join(TOY_METRICS)}; real images: {','.join(REWARD_METRICS)}")
-    toy = [m for m in metrics if m in TOY_METRICS]
-    if toy and len(toy) < len(metrics):
+    toy_metrics = [m for m in metrics if m in TOY_METRICS]
+    if toy_metrics and len(toy_metrics) < len(metrics):
         raise SystemExit("error: toy metrics (toy_*) and reward-model metrics go in separate runs")
-    if toy:
+    if toy_metrics:
         if args.baseline:
             raise SystemExit("error: --baseline (win rates) is for reward-model metrics; list toy folders in --images")
         return evaluate_toy(args, metrics)

@@ -34,7 +34,7 @@ import model as M
 import sample
 import train
 import toy
-import images
+from images import tensor_to_uint8
 
 # The base model's pretraining recipe (cached under RUNS/base; a change retrains it).
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
@@ -203,7 +203,7 @@ def main(argv=None):
     unets = [os.path.join(base_dir, "unet")] + [os.path.join(args.runs, "align", slug(v), f"lr{mid_lr:g}", f"seed{seed}", "unet")
                                                 for v in study["variants"]]
     images = torch.cat([sample_unet(u, prompts, [sample_seeds(seed)[0]], args) for u in unets])
-    sample.make_grid(images.tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
+    sample.make_grid(tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
         os.path.join(out, "grid.png"))
     with open(os.path.join(out, "grid.txt"), "w") as f:
         f.write("rows: base, " + ", ".join(f"{v} lr={mid_lr:g}" for v in study["variants"]) + "\ncolumns: " +

@@ -181,7 +181,7 @@ class PickapicHub(ImagePairs):
         except Exception as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise SystemExit(f"error: cannot stream the data set '{hub_id}' ({reason}). Without hub access, download "
-                             f"its parquet shards once (huggingface-cli download --repo-type dataset {hub_id} "
+                             f"its parquet shards once (hf download --repo-type dataset {hub_id} "
                              f"--include 'data/{split}-*') and pass --data pickapic:/path/to/folder")
         missing = [c for c in PICKAPIC_COLUMNS if c not in first]
         if missing:

@@ -6,26 +6,44 @@ Sample images from the base or a trained UNet, with the stock diffusers samplers
     python sample.py --model sd15 --prompts PartiPrompts.tsv --seeds 0 --out out/parti-base  # or builtin, anime.json
     python sample.py --model tiny --unet out/rpo-tiny/unet --prompts toy-test --out out/samples-rpo \
                      --compare out/samples-base             # base | tuned, side by side, per (prompt, seed)
+    python sample.py --model tiny --lora out/rpo-lora/lora --out out/samples-lora   # train.py --lora_rank's output
+    python sample.py --model sd15 --unet mhdang/dpo-sd1.5-text2image-v1 --prompts builtin \
+                     --negative_prompt "blurry, low quality" --out out/dpo-release   # a hub UNet (its unet/)
 
 Writes OUT/0000_seed0.png ..., OUT/samples.jsonl (one line per image) and OUT/grid.png
 (rows = prompts, columns = seeds). Image (prompt, seed) starts from the same noise as the stock
 StableDiffusion(XL)Pipeline given generator=torch.Generator("cpu").manual_seed(seed), and
 follows the same sampling loop, so a saved unet/ gives the same image here and there
-(tests/test_sample.py checks this to 1e-4).
+(tests/test_sample.py checks this to 1e-4), --negative_prompt included.
+
+--unet is a local folder (a unet/ folder or its parent) or, when no such path exists, a hub id
+(owner/name; its unet/ subfolder when it has one, as in a full pipeline repo; HF_HUB_OFFLINE=1
+uses the local cache only). --lora merges train.py's OUT_DIR/lora into that UNet.
+Mistakes (a truncated weights file, a LoRA or UNet of another preset, a prompts file that is not
+UTF-8, an --out that is a file) end in one line `error: ...`, before any sampling.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
+import sys
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
 import data
+import evaluate as E
+from images import tensor_to_uint8
 import model as M
+import toy
 
 SCHEDULERS = ("ddim", "euler", "dpm")
 PATH_SUFFIXES = (".txt", ".tsv", ".json", ".jsonl", ".csv")  # an argument ending so is a file, not a prompt
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: what --unet may mean when no such path exists
 
 
 def parse_seeds(text):
@@ -74,11 +92,11 @@ def _tsv_prompts(lines, spec):
     return [r[col] for r in rows if len(r) > col]
 
 
-def _json_prompts(f, spec):
+def _json_prompts(text, spec):
     """HPSv2's benchmark prompts: a JSON list of strings (one style file, e.g. anime.json), or a
     dict style -> list (hpsv2.benchmark_prompts('all')), concatenated in the file's key order."""
     try:
-        obj = json.load(f)
+        obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise SystemExit(f"error: {spec}: not valid JSON ({err})")
     lists = list(obj.values()) if isinstance(obj, dict) else [obj]
@@ -97,22 +115,23 @@ def read_prompts(spec):
                                    PartiPrompts: the Prompt column
       FILE (anything else)         one prompt per line
       "a cat|a dog"                literal text, '|' between prompts
-    Duplicates are dropped (first one kept): (prompt, seed) is the key of an image."""
+    Files must be UTF-8 (else one line naming file, line and column). Duplicates are dropped
+    (first one kept): (prompt, seed) is the key of an image."""
     if spec == "builtin":
         prompts = list(BUILTIN_PROMPTS)
     elif spec in ("toy-test", "toy-train", "toy-all"):
-        prompts = data.toy_prompts(spec[4:])
+        prompts = toy.toy_prompts(spec[4:])
     elif os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            if spec.lower().endswith(".json"):
-                prompts = _json_prompts(f, spec)
+        text = E.read_utf8(spec)
+        if spec.lower().endswith(".json"):
+            prompts = _json_prompts(text, spec)
+        else:
+            lines = io.StringIO(text, newline=None).readlines()  # \r\n and \r too, as open() reads them
+            first = lines[0].rstrip("\r\n").split("\t") if lines else []
+            if spec.lower().endswith(".tsv") or (len(first) > 1 and "Prompt" in first):
+                prompts = _tsv_prompts(lines, spec) if lines else []
             else:
-                lines = f.readlines()
-                first = lines[0].rstrip("\r\n").split("\t") if lines else []
-                if spec.lower().endswith(".tsv") or (len(first) > 1 and "Prompt" in first):
-                    prompts = _tsv_prompts(lines, spec) if lines else []
-                else:
-                    prompts = lines
+                prompts = lines
         prompts = [p.strip() for p in prompts]
     elif spec.lower().endswith(PATH_SUFFIXES):  # meant as a file: sampling its name would be a silent mistake
         raise SystemExit(f"error: prompts file '{spec}' not found")
@@ -122,6 +141,155 @@ def read_prompts(spec):
     if not prompts:
         raise SystemExit(f"error: no prompts in '{spec}'")
     return prompts
+
+
+# ---------------------------------------------------------------------------------------
+# The UNet to sample: --unet (local folder or hub id) and --lora, each checked before use.
+# (load_unet / install_unet / check_lora would sit better in model.py, next to load_models.)
+@contextlib.contextmanager
+def _quiet():
+    # Library deprecation notices on stderr would bury the one line a failure ends in.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def safetensors_problem(path):
+    """Why a .safetensors file cannot be whole (e.g. a copy cut short), or None. Reads only the
+    header: the byte ranges it declares must end exactly at the end of the file."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return f"{size} bytes, shorter than its header"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "its header is not a safetensors header"
+    return None if 8 + n + end == size else f"{size} bytes where its header promises {8 + n + end}"
+
+
+def load_unet(spec):
+    """--unet: a local unet/ folder (or its parent), or, when no such path exists, a hub id
+    owner/name. Any problem ends in one line naming the argument."""
+    from diffusers import UNet2DConditionModel
+    if not os.path.exists(spec):
+        if not HUB_ID.fullmatch(spec):
+            raise SystemExit(f"error: --unet {spec}: no such folder (nor a hub id of the form owner/name)")
+        return _hub_unet(spec)
+    path = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: --unet {spec}: no UNet there (expected a diffusers unet/ folder with config.json)")
+    for name in sorted(os.listdir(path)):  # diffusers' own message for a cut file names no cause
+        problem = safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
+        if problem:
+            raise SystemExit(f"error: --unet {spec}: {os.path.join(path, name)} is truncated or corrupt "
+                             f"({problem}); copy or save it again")
+    try:
+        with _quiet():
+            return UNet2DConditionModel.from_pretrained(path)
+    except Exception as err:  # a bad config.json, a .bin that is not a checkpoint, ...
+        raise SystemExit(f"error: --unet {spec}: cannot load the UNet in {path} "
+                         f"({type(err).__name__}: {E._first_line(err)})")
+
+
+def _hub_unet(repo):
+    """A hub repo's UNet: its unet/ subfolder (a pipeline repo such as mhdang/dpo-sd1.5-text2image-v1)
+    or its root (a UNet-only repo), whichever holds config.json."""
+    from diffusers import UNet2DConditionModel
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    reason = None
+    for sub in ("unet", None):
+        try:
+            with _quiet():
+                hf_hub_download(repo, "config.json", subfolder=sub)
+        except RemoteEntryNotFoundError:  # the hub answered: not in this repo, try its root
+            continue
+        except (OSError, ValueError) as err:  # offline and not cached, no network, no such repo
+            if constants.HF_HUB_OFFLINE:  # the hub's own message would only say "check your connection"
+                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+                continue  # the cache may hold the root layout
+            reason = E._first_line(err)
+            break  # the other layout would only wait for the network again
+        try:
+            with _quiet():
+                return UNet2DConditionModel.from_pretrained(repo, subfolder=sub)
+        except Exception as err:  # weights that fail to download or load
+            reason = E._first_line(err)
+            break
+    if reason is None:
+        raise SystemExit(f"error: --unet {repo}: the hub repo has no unet/config.json nor config.json (not a "
+                         f"diffusers UNet)")
+    raise SystemExit(f"error: --unet {repo}: not a local folder, and it could not be downloaded from the Hugging "
+                     f"Face hub ({reason}); download it where there is network (hf download {repo}) "
+                     f"and pass its folder")
+
+
+def install_unet(m, unet, spec):
+    """Put a loaded UNet in place of the preset's, prepared as load_models prepares its own (fp32 on
+    the device, fused attention), after checking that it fits the preset's text and latents: a
+    UNet of another preset would otherwise fail deep inside the first step, or worse, run."""
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                "projection_class_embeddings_input_dim"):
+        want, got = m.unet.config.get(key), unet.config.get(key)
+        if want != got:
+            raise SystemExit(f"error: --unet {spec} does not fit --model {m.name}: its {key} is {got}, the preset's "
+                             f"{want}; pass the --model it was trained with")
+    m.unet = None  # let the preset's UNet go before this one moves to the GPU: not two there at once
+    unet = unet.to(m.device).float().train()
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        unet.set_attn_processor(AttnProcessor2_0())
+    except ImportError:
+        pass
+    m.unet = unet
+
+
+# The LoRA matrices of a weight W: down/A is (r, in, ...), sharing W's dim 1; up/B (out, r, ...) dim 0.
+LORA_SUFFIXES = {".lora.down.weight": 1, ".lora_A.weight": 1, ".lora.up.weight": 0, ".lora_B.weight": 0}
+
+
+def check_lora(directory, unet=None):
+    """--lora: train.py's OUT_DIR/lora (diffusers LoRA format). Without `unet`: the file is there
+    and whole. With it: every tensor adapts a layer of that UNet with matching shapes. Checked by
+    hand because a loader that skips what it cannot place would sample another model silently."""
+    from safetensors import safe_open
+    path = os.path.join(directory, M.LORA_FILE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --lora {directory}: no {M.LORA_FILE} there (expected train.py --lora_rank's "
+                         f"OUT_DIR/lora)")
+    problem = safetensors_problem(path)
+    if problem:
+        raise SystemExit(f"error: --lora {directory}: {path} is truncated or corrupt ({problem})")
+    if unet is None:
+        return
+    with safe_open(path, "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    modules, bad = dict(unet.named_modules()), []
+    for key, shape in shapes.items():
+        suffix = next((x for x in LORA_SUFFIXES if key.endswith(x)), None)
+        layer = modules.get(key.removeprefix("unet.")[:-len(suffix)]) if key.startswith("unet.") and suffix else None
+        weight = getattr(layer, "weight", None)
+        i = LORA_SUFFIXES.get(suffix)
+        if weight is None or len(shape) != weight.dim() or shape[i] != weight.shape[i]:
+            bad.append(key)
+    if bad or not shapes:
+        raise SystemExit(f"error: --lora {directory}: {len(bad)} of {len(shapes)} tensors fit no layer of this UNet "
+                         f"(e.g. {bad[0] if bad else 'none: the file is empty'}); was it trained on another "
+                         f"--model or --unet?")
+
+
+def check_out_dir(out):
+    """--out must be (or become) a folder: found out before sampling, not after."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is an existing file, not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SystemExit(f"error: --out {out}: {parent} is a file, not a folder")
 
 
 def make_scheduler(name, m):
@@ -142,9 +310,11 @@ def make_scheduler(name, m):
 
 
 @torch.no_grad()
-def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_size=32):
+def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_size=32, negative_prompt=None):
     """Images for every (prompt, seed), prompt-major (all seeds of prompts[0] first), as a float
-    CPU tensor (len(prompts)·len(seeds), 3, H, W) in [-1, 1]. `m` is model.load_models(...)."""
+    CPU tensor (len(prompts)·len(seeds), 3, H, W) in [-1, 1]. `m` is model.load_models(...).
+    negative_prompt: the text of the unconditional half of classifier-free guidance, as the
+    pipelines' negative_prompt (None: their default, see below)."""
     items = [(p, s) for p in prompts for s in seeds]
     # Latent size as the stock pipelines compute it: 2^(levels-1) from the VAE config (not the
     # SD-typical 8, which is wrong for the 2-level tiny VAE); pixel space without a VAE.
@@ -155,7 +325,11 @@ def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_
     # The unconditional input. SD1.5: the text encoding of "" (the pipeline's default negative
     # prompt). SDXL: zeros for hidden states and pooled embedding (force_zeros_for_empty_prompt=
     # True in SDXL base's pipeline config), with the same time ids as the conditional half.
-    empty = M.encode_prompts(m, [""]) if cfg and not m.xl else None
+    # A negative prompt is encoded like a prompt, pooled embedding included; as in the SDXL
+    # pipeline, only None (not "") means zeros there.
+    if negative_prompt is None and not m.xl:
+        negative_prompt = ""
+    neg = M.encode_prompts(m, [negative_prompt]) if cfg and negative_prompt is not None else None
     was_training = m.unet.training  # the toy experiment may call this mid-training: restore the mode
     m.unet.eval()
     out = []
@@ -175,12 +349,14 @@ def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_
             cond = M.encode_prompts(m, [p for p, _ in chunk])
             if cfg:  # one UNet call on [unconditional; conditional], the pipelines' order
                 hidden, added = cond["encoder_hidden_states"], cond.get("added_cond_kwargs")
-                uncond = torch.zeros_like(hidden) if m.xl else empty["encoder_hidden_states"].expand(B, -1, -1)
+                uncond = torch.zeros_like(hidden) if neg is None else neg["encoder_hidden_states"].expand(B, -1, -1)
                 cond = {"encoder_hidden_states": torch.cat([uncond, hidden])}
                 if m.xl:
-                    cond["added_cond_kwargs"] = {
-                        "text_embeds": torch.cat([torch.zeros_like(added["text_embeds"]), added["text_embeds"]]),
-                        "time_ids": added["time_ids"].repeat(2, 1)}
+                    pooled = added["text_embeds"]
+                    un_pooled = torch.zeros_like(pooled) if neg is None else \
+                        neg["added_cond_kwargs"]["text_embeds"].expand(B, -1)
+                    cond["added_cond_kwargs"] = {"text_embeds": torch.cat([un_pooled, pooled]),
+                                                 "time_ids": added["time_ids"].repeat(2, 1)}
             for t in sched.timesteps:
                 z = sched.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
                 with autocast:
@@ -213,24 +389,24 @@ def write_compare(base_dir, out_dir, prompts, seeds, images_uint8, scale, settin
     """OUT/compare.png: per (prompt, seed) a cell with BASE_DIR's image left and this run's right;
     rows = prompts, cols = seeds (the layout of grid.png); cells with no match stay black.
     `settings` (steps, guidance, scheduler of this run): a difference from the base run is
-    reported, since then the same seed no longer means the same sampling path."""
-    with open(os.path.join(base_dir, "samples.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    base = {(r["prompt"], r["seed"]): r["file"] for r in records}
+    reported, since then the same seed no longer means the same sampling path. BASE_DIR is read
+    as evaluate.py reads a folder: listed images only, inside it, each one an image."""
+    records = E.read_index(base_dir)
+    base = {(r["prompt"], r["seed"]): r for r in records}
     for k, v in (settings or {}).items():
         if records and records[0].get(k) != v:
             print(f"warning: --compare {base_dir} was sampled with {k} {records[0].get(k)}, this run with {v}")
     cells, missing = [], 0
     for k, key in enumerate((p, s) for p in prompts for s in seeds):
-        path = os.path.join(base_dir, base[key]) if key in base else None
-        if path is None or not os.path.isfile(path):
+        if key not in base:
             cells.append(None)
             missing += 1
             continue
-        base_img = np.asarray(Image.open(path).convert("RGB"))
+        base_img = np.asarray(E._open_rgb(base[key]["path"]))
         if base_img.shape != images_uint8[k].shape:
-            raise SystemExit(f"error: --compare {base_dir}: {base[key]} is {base_img.shape[1]}x{base_img.shape[0]}, "
-                             f"this run's images are {images_uint8[k].shape[1]}x{images_uint8[k].shape[0]}")
+            raise SystemExit(f"error: --compare {base_dir}: {base[key]['file']} is "
+                             f"{base_img.shape[1]}x{base_img.shape[0]}, this run's images are "
+                             f"{images_uint8[k].shape[1]}x{images_uint8[k].shape[0]}")
         cells.append(np.concatenate([base_img, images_uint8[k]], axis=1))
     if missing == len(cells):
         raise SystemExit(f"error: --compare {base_dir}: none of this run's (prompt, seed) pairs is in its samples.jsonl")
@@ -244,15 +420,24 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py)")
     p.add_argument("--pretrained", default=None, help="hub id or local diffusers folder for sd15/sdxl")
-    p.add_argument("--unet", default=None, help="a unet/ folder saved by train.py (or its parent); default: the preset's")
+    p.add_argument("--unet", default=None,
+                   help="a unet/ folder saved by train.py (or its parent), or a hub id when no such path exists "
+                        "(owner/name, its unet/ subfolder if it has one, e.g. mhdang/dpo-sd1.5-text2image-v1); "
+                        "default: the preset's")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="a LoRA saved by train.py --lora_rank (OUT_DIR/lora, diffusers format), merged into the UNet "
+                        "(--unet's, or the preset's)")
     p.add_argument("--prompts", default="toy-test",
                    help="builtin, toy-test/toy-train/toy-all, a file (one per line; PartiPrompts .tsv; HPSv2 benchmark "
                         ".json), or text ('|' between)")
     p.add_argument("--seeds", type=parse_seeds, default="0-3", help="0-3, 0,5,7 or 2")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 5.0 for SDXL presets, else 7.5)")
+    p.add_argument("--negative_prompt", default=None,
+                   help="text for the unconditional half of guidance (needs --guidance > 1), as the pipelines' "
+                        "negative_prompt; default: SD1.5 the empty prompt, SDXL zeros (as its pipeline)")
     p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
-    p.add_argument("--out", default="out/samples", help="output folder")
+    p.add_argument("--out", default="out/samples", help="output folder (created; files in it are overwritten)")
     p.add_argument("--compare", default=None, help="a folder from an earlier run (e.g. the base model): write compare.png")
     p.add_argument("--batch_size", type=int, default=32, help="images per UNet batch (results do not depend on it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -266,17 +451,46 @@ def parse_args(argv=None):
     return args
 
 
+def load_for_sampling(args):
+    """The preset's models with --unet in place of its UNet and --lora merged into it. The inputs
+    are checked first (the UNet loads to the CPU before the preset does): a bad one fails fast."""
+    if args.lora:
+        check_lora(args.lora)
+    unet = load_unet(args.unet) if args.unet else None
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    m = M.load_models(args.model, args.pretrained, device=device, mixed_precision=args.mixed_precision,
+                      reference=False)
+    if args.lora:
+        # Merged on the CPU whatever the device (the preset's UNet comes back from it): one code
+        # path, the one the tests run, as load_models(lora_dir=...) merges before moving too.
+        unet = unet if unet is not None else m.unet.cpu()
+        check_lora(args.lora, unet)
+        try:
+            with _quiet():
+                M.fuse_lora(unet, args.lora)
+        except Exception as err:  # SystemExit passes: fuse_lora's own messages are one line already
+            raise SystemExit(f"error: --lora {args.lora}: cannot merge it ({type(err).__name__}: "
+                             f"{E._first_line(err)})")
+    if unet is not None:
+        install_unet(m, unet, args.unet or f"(the preset's, with --lora {args.lora})")
+    return m
+
+
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)  # before loading models: bad input fails in a second
-    if args.compare and not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
-        raise SystemExit(f"error: --compare {args.compare}: no samples.jsonl there")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    m = M.load_models(args.model, args.pretrained, init_unet=args.unet, device=device,
-                      mixed_precision=args.mixed_precision, reference=False)
-    guidance = args.guidance if args.guidance is not None else (5.0 if m.xl else 7.5)  # SPEC §11
-    images = data.tensor_to_uint8(generate(m, prompts, args.seeds, args.steps, guidance, args.scheduler,
-                                           args.batch_size))
+    check_out_dir(args.out)
+    if args.compare:
+        if not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
+            raise SystemExit(f"error: --compare {args.compare}: no samples.jsonl there")
+        E.read_index(args.compare)  # a damaged folder fails now, not after sampling
+    m = load_for_sampling(args)
+    guidance = args.guidance if args.guidance is not None else (5.0 if m.xl else 7.5)  # docs/method.md, Evaluation
+    if args.negative_prompt is not None and guidance <= 1:
+        print(f"warning: --negative_prompt has no effect with --guidance {guidance} (no unconditional pass)",
+              file=sys.stderr)
+    images = tensor_to_uint8(generate(m, prompts, args.seeds, args.steps, guidance, args.scheduler,
+                                           args.batch_size, args.negative_prompt))
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
@@ -284,14 +498,16 @@ def main(argv=None):
             name = f"{i:04d}_seed{seed}.png"
             Image.fromarray(img).save(os.path.join(args.out, name))
             f.write(json.dumps(dict(prompt=prompt, seed=seed, file=name, model=args.model, unet=args.unet,
-                                    steps=args.steps, guidance=guidance, scheduler=args.scheduler)) + "\n")
+                                    lora=args.lora, steps=args.steps, guidance=guidance, scheduler=args.scheduler,
+                                    negative_prompt=args.negative_prompt)) + "\n")
     scale = args.grid_scale or (4 if images.shape[1] < 64 else 1)
     make_grid(list(images), len(prompts), len(args.seeds), scale).save(os.path.join(args.out, "grid.png"))
     print(f"{len(images)} images ({len(prompts)} prompts x {len(args.seeds)} seeds, {args.scheduler}, "
           f"{args.steps} steps, guidance {guidance}) in {args.out}")
     if args.compare:
         write_compare(args.compare, args.out, prompts, args.seeds, images, scale,
-                      dict(steps=args.steps, guidance=guidance, scheduler=args.scheduler))
+                      dict(steps=args.steps, guidance=guidance, scheduler=args.scheduler,
+                           negative_prompt=args.negative_prompt))
     return images
 
 

@@ -9,6 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+from images import image_to_tensor
+import toy
 import evaluate as E
 
 
@@ -25,8 +27,8 @@ def renders(prompts, per_prompt, styled, seed):
     imgs, out_prompts = [], []
     for p in prompts:
         for _ in range(per_prompt):
-            img = data.render_toy(p, 16, rng)
-            imgs.append(data.apply_style(img, "winter", rng) if styled else img)
+            img = toy.render_toy(p, 16, rng)
+            imgs.append(toy.apply_style(img, "winter", rng) if styled else img)
             out_prompts.append(p)
     return np.stack(imgs), out_prompts
 
@@ -35,7 +37,7 @@ def test_scorer_is_accurate_on_heldout_renders_and_unseen_prompts(scorer):
     net, acc, _ = scorer
     assert set(acc) == {"style", "shape", "colour", "background"}
     assert all(v >= 0.95 for v in acc.values()), acc
-    test_prompts = data.toy_prompts("test")  # combinations the diffusion model never trained on
+    test_prompts = toy.toy_prompts("test")  # combinations the diffusion model never trained on
     plain, prompts = renders(test_prompts, 20, styled=False, seed=123)
     styled, _ = renders(test_prompts, 20, styled=True, seed=456)
     s_plain, s_styled = E.score_toy(net, plain, prompts), E.score_toy(net, styled, prompts)
@@ -43,7 +45,7 @@ def test_scorer_is_accurate_on_heldout_renders_and_unseen_prompts(scorer):
     assert (s_plain["style"] < 0.5).float().mean() >= 0.95
     assert s_plain["content"].mean() >= 0.95 and s_styled["content"].mean() >= 0.95
     # float input in [-1, 1] and uint8 input give the same scores
-    as_float = torch.stack([data.image_to_tensor(im) for im in styled])
+    as_float = torch.stack([image_to_tensor(im) for im in styled])
     assert torch.equal(E.score_toy(net, as_float, prompts)["content"], s_styled["content"])
     # content really compares against the prompt: the same images under a wrong colour fail
     wrong = [p.replace(p.split()[1], "green" if p.split()[1] != "green" else "red") for p in prompts]
@@ -93,12 +95,12 @@ def test_summarize_and_markdown_table():
 def write_sample_folder(folder, styled_flags, seeds):
     """Fake sample.py output: renders of test prompts, styled where styled_flags says."""
     os.makedirs(folder, exist_ok=True)
-    rng, prompts = np.random.default_rng(7), data.toy_prompts("test")
+    rng, prompts = np.random.default_rng(7), toy.toy_prompts("test")
     with open(os.path.join(folder, "samples.jsonl"), "w") as f:
         for i, (styled, seed) in enumerate(zip(styled_flags, seeds)):
             prompt = prompts[i % len(prompts)]
-            img = data.render_toy(prompt, 32, rng)  # 32 px: evaluate must box-resize it to 16
-            img = data.apply_style(img, "winter", rng) if styled else img
+            img = toy.render_toy(prompt, 32, rng)  # 32 px: evaluate must box-resize it to 16
+            img = toy.apply_style(img, "winter", rng) if styled else img
             Image.fromarray(img).save(os.path.join(folder, f"{i:03d}.png"))
             f.write(json.dumps({"prompt": prompt, "seed": seed, "file": f"{i:03d}.png", "model": "fake"}) + "\n")
 

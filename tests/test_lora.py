@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytest.importorskip("peft", reason="LoRA needs peft (pip install -r requirements.txt)")
+
 import model as M
 import train
 

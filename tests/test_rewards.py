@@ -117,7 +117,7 @@ def manual_pixels(path):
     nw, nh = (SIZE, int(SIZE * h / w)) if w <= h else (int(SIZE * w / h), SIZE)
     x = np.asarray(im.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255
     top, left = (nh - SIZE) // 2, (nw - SIZE) // 2
-    x = (x[top:top + SIZE, left:left + SIZE] - np.float32(data.CLIP_MEAN)) / np.float32(data.CLIP_STD)
+    x = (x[top:top + SIZE, left:left + SIZE] - np.float32(M.CLIP_MEAN)) / np.float32(M.CLIP_STD)
     return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
 
 
@@ -284,7 +284,8 @@ def test_cli_scores_pairs_and_writes_table_json_and_chart(tiny, tmp_path, capsys
         paths = [os.path.join(folder, f"{i:04d}_seed{s}.png") for i, (_, s) in enumerate(keys)]
         expected = expected_scores(tiny, paths, [p for p, _ in keys], "a pencil sketch", "a photo")
         for m, want in expected.items():
-            scale = max(1.0, np.abs(want).max())  # clip/pickscore are in units of 100·cos
+            # clip/pickscore are in units of 100·cos; float(): pytest 9 rejects a numpy scalar as abs=
+            scale = float(max(1.0, np.abs(want).max()))
             assert np.asarray(run["scores"][m]) == pytest.approx(want, abs=TOL * scale), m
             assert run["metrics"][m]["mean"] == pytest.approx(np.mean(run["scores"][m]), abs=1e-9)
             assert run["metrics"][m]["std"] == pytest.approx(np.std(run["scores"][m], ddof=1), abs=1e-9)

@@ -10,6 +10,8 @@ from PIL import Image
 
 import data
 import model as M
+from images import tensor_to_uint8
+import toy
 import sample as S
 
 P0, P1 = "a red circle on a black background", "a blue square on a white background"
@@ -102,7 +104,7 @@ def test_cli_writes_pngs_jsonl_grid_and_compare(tmp_path, capsys):
     assert all(r["model"] == "tiny" and r["unet"] is None and r["steps"] == 4 and r["guidance"] == 7.5
                and r["scheduler"] == "ddim" for r in rows)
     assert [r["file"] for r in rows] == ["0000_seed0.png", "0001_seed1.png", "0002_seed0.png", "0003_seed1.png"]
-    expected = data.tensor_to_uint8(S.generate(M.load_models("tiny", reference=False), [P0, P1], [0, 1], steps=4))
+    expected = tensor_to_uint8(S.generate(M.load_models("tiny", reference=False), [P0, P1], [0, 1], steps=4))
     pngs = np.stack([np.asarray(Image.open(os.path.join(out, r["file"]))) for r in rows])
     assert np.array_equal(pngs, expected)
     grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
@@ -144,7 +146,7 @@ def test_prompt_and_seed_parsing(tmp_path):
     f.write_text(f"{P0}\n\n  {P1}  \n{P0}\n")
     assert S.read_prompts(str(f)) == [P0, P1]  # blank lines skipped, stripped, duplicates dropped
     assert S.read_prompts(f"{P0} | {P1}|") == [P0, P1]
-    assert S.read_prompts("toy-test") == data.toy_prompts("test") and len(S.read_prompts("toy-all")) == 72
+    assert S.read_prompts("toy-test") == toy.toy_prompts("test") and len(S.read_prompts("toy-all")) == 72
     assert S.parse_seeds("0-3") == [0, 1, 2, 3] and S.parse_seeds("0,5,7") == [0, 5, 7] and S.parse_seeds("2") == [2]
 
 
@@ -169,3 +171,110 @@ def test_bad_seeds_are_an_argparse_error(tmp_path, capsys, seeds):
     with pytest.raises(SystemExit) as err:
         S.main(["--seeds", seeds, "--out", str(tmp_path)])
     assert err.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# --lora, --unet from the hub, --negative_prompt
+def fuse_by_hand(unet, lora_dir):
+    """W += (alpha/r)·up·down for every adapted layer, read straight from the safetensors file and
+    its diffusers metadata: no diffusers or peft code involved."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(lora_dir, M.LORA_FILE), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    scale = meta["unet.lora_alpha"] / meta["unet.r"]
+    layers = dict(unet.named_modules())
+    with torch.no_grad():
+        for key, down in weights.items():
+            if key.endswith(".lora.down.weight"):
+                name = key.removeprefix("unet.").removesuffix(".lora.down.weight")
+                layers[name].weight += scale * weights[key.replace(".lora.down.", ".lora.up.")] @ down
+    return len(weights) // 2
+
+
+def test_lora_flag_samples_the_fused_unet(tmp_path):
+    import train
+    run = tmp_path / "lora-run"
+    # --lr 1e-2: at the default 2e-5, 3 steps move the adapter too little to tell the images apart
+    train.main(["--model", "tiny", "--lora_rank", "4", "--lora_alpha", "8", "--max_steps", "3", "--batch_size", "4",
+                "--lr", "1e-2", "--no_progress", "--out_dir", str(run)])
+    out = str(tmp_path / "samples")
+    got = S.main(["--model", "tiny", "--lora", str(run / "lora"), "--prompts", f"{P0}|{P1}", "--seeds", "0-1",
+                  "--steps", "4", "--out", out])
+    m = M.load_models("tiny", reference=False)
+    base = tensor_to_uint8(S.generate(m, [P0, P1], [0, 1], steps=4))
+    assert fuse_by_hand(m.unet, str(run / "lora")) == 32  # 4 transformer blocks x 2 attentions x 4 projections
+    fused = tensor_to_uint8(S.generate(m, [P0, P1], [0, 1], steps=4))
+    assert np.abs(got.astype(int) - fused).max() <= 1  # float rounding of the merge order, at most
+    assert np.abs(got.astype(int) - base).mean() > 5  # and the LoRA does change the images
+    rows = read_jsonl(os.path.join(out, "samples.jsonl"))
+    assert all(r["lora"] == str(run / "lora") and r["unet"] is None for r in rows)
+
+
+def fake_hub_cache(hf_home, repo, unet, subfolder):
+    """`unet` saved into a Hugging Face cache laid out as a download of `repo` leaves it (a pipeline
+    repo: subfolder "unet"; a UNet-only repo: ""), so that HF_HUB_OFFLINE=1 finds it there."""
+    root = os.path.join(hf_home, "hub", "models--" + repo.replace("/", "--"))
+    rev = "0" * 40
+    os.makedirs(os.path.join(root, "refs"))
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write(rev)
+    unet.save_pretrained(os.path.join(root, "snapshots", rev, subfolder))
+
+
+def test_unet_hub_id_loads_its_unet_subfolder_or_its_root(tmp_path):
+    import subprocess
+    import sys
+    m = M.load_models("tiny", reference=False)
+    unet_dir = perturbed_unet_dir(m, str(tmp_path / "local"))  # m.unet is now the perturbed UNet
+    hf_home = str(tmp_path / "hf")
+    fake_hub_cache(hf_home, "someone/pipeline-repo", m.unet, "unet")
+    fake_hub_cache(hf_home, "someone/unet-repo", m.unet, "")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=hf_home)
+    want = tensor_to_uint8(S.generate(M.load_models("tiny", init_unet=unet_dir, reference=False), [P0], [0],
+                                           steps=3))
+    for repo in ("someone/pipeline-repo", "someone/unet-repo"):
+        out = str(tmp_path / repo.split("/")[1])
+        r = subprocess.run([sys.executable, os.path.abspath(S.__file__), "--model", "tiny", "--unet", repo,
+                            "--prompts", P0, "--seeds", "0", "--steps", "3", "--out", out],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        got = np.asarray(Image.open(os.path.join(out, "0000_seed0.png")))
+        assert np.abs(got.astype(int) - want[0]).max() <= 1, repo
+
+
+def test_negative_prompt_replaces_the_empty_prompt(tmp_path):
+    m = M.load_models("tiny", reference=False)
+    default = S.generate(m, [P0], [0, 1], steps=3, guidance=7.5)
+    assert torch.equal(S.generate(m, [P0], [0, 1], steps=3, guidance=7.5, negative_prompt=""), default)
+    assert (S.generate(m, [P0], [0, 1], steps=3, guidance=7.5, negative_prompt=P1) - default).abs().max() > 0.1
+    # without guidance there is no unconditional pass: nothing changes, and the CLI says so
+    plain = S.generate(m, [P0], [0, 1], steps=3, guidance=1.0)
+    assert torch.equal(S.generate(m, [P0], [0, 1], steps=3, guidance=1.0, negative_prompt=P1), plain)
+    # the CLI: --negative_prompt "" is the default, recorded in samples.jsonl
+    outs = {}
+    for name, extra in (("none", []), ("empty", ["--negative_prompt", ""]), ("text", ["--negative_prompt", P1])):
+        outs[name] = S.main(["--prompts", P0, "--seeds", "0", "--steps", "3", "--out", str(tmp_path / name), *extra])
+        assert read_jsonl(tmp_path / name / "samples.jsonl")[0]["negative_prompt"] == (extra[1] if extra else None)
+    assert np.array_equal(outs["none"], outs["empty"]) and not np.array_equal(outs["none"], outs["text"])
+
+
+@pytest.mark.parametrize("name,negative", [("tiny-sd", P1), ("tiny-xl", P1), ("tiny-xl", "")])
+def test_negative_prompt_equals_the_stock_pipeline(name, negative):
+    # SDXL: as in its pipeline, "" is encoded like any text, only None means zeros
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    m = M.load_models(name, reference=False)
+    ours = S.generate(m, [P0], [3], steps=4, guidance=5.0, negative_prompt=negative)
+    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet.eval(),
+                 scheduler=DDIMScheduler.from_config(m.scheduler.config))
+    if m.xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1], tokenizer_2=m.tokenizers[1],
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(prompt=P0, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0, output_type="pt",
+                 generator=torch.Generator("cpu").manual_seed(3), height=m.resolution, width=m.resolution).images
+    assert ((ours + 1) / 2 - stock).abs().max() < 1e-4
+    assert (S.generate(m, [P0], [3], steps=4, guidance=5.0) - ours).abs().max() > 1e-3  # it did matter
