@@ -96,7 +96,18 @@ def tiny_tokenizer(max_length=16):
             if cur not in seen:
                 vocab.append(cur)
                 seen.add(cur)
-    return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+    ids = {v: i for i, v in enumerate(vocab)}
+    try:
+        return CLIPTokenizer(vocab=ids, merges=merges, model_max_length=max_length)  # transformers >= 5
+    except TypeError:  # transformers 4.x builds it from files only
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="tiny-tokenizer-")
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(ids, f)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                             model_max_length=max_length)
 
 
 def _tiny_text_config(vocab_size, max_length, hidden=32):
