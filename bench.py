@@ -8,7 +8,7 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python bench.py --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
     python bench.py --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
 
-The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
+The step is method.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
 reference forward is the same UNet with its adapters off: model.reference_unet). UNets are built from their
 architecture (model.ARCHITECTURES) with random weights and fed random latents and text states
@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import method
 import model as M
 import train
 import toy
@@ -66,7 +67,7 @@ def parse_args(argv=None):
 
 
 def fake_batch(m, name, B, R, generator):
-    """An already-encoded batch for train.micro_batch_loss: random [winners; losers] latents,
+    """An already-encoded batch for method.micro_batch_loss: random [winners; losers] latents,
     text conditioning and E5 features (CLIP text (B, 64), image (2B, 64)) of the right shapes."""
     unet = m.unet
     factor = 8 if name in ("sd15", "sdxl") else (2 if m.vae is not None else 1)
@@ -128,14 +129,14 @@ def run(cfg):
         return batch
 
     params = [p for p in m.unet.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(cfg["optimizer"], params, lr=1e-5)
+    optimizer = M.make_optimizer(cfg["optimizer"], params, lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] == "fp16")
     autocast = torch.autocast(device.type, dtype=m.dtype, enabled=cfg["mixed_precision"] != "no")
 
     flags = train.parse_args(["--loss", cfg["loss"], "--timesteps", "batch"])  # β, τ, ω placement: train.py's defaults
 
     def step(batch):
-        loss, _ = train.micro_batch_loss(m, batch, generator, flags, autocast=autocast)
+        loss, _ = method.micro_batch_loss(m, batch, generator, flags, autocast=autocast)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

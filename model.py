@@ -303,6 +303,22 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
 
 # ---------------------------------------------------------------------------------------
 # LoRA: the reference as the adapter-free UNet; saving and loading the diffusers LoRA format
+def make_optimizer(name, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    """train.py's --optimizer: adamw, adamw_fused, adafactor or adamw8bit (bitsandbytes)."""
+    if name in ("adamw", "adamw_fused"):  # fused: one kernel for all parameters (CUDA)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 fused=name == "adamw_fused")
+    if name == "adafactor":  # Diffusion-DPO's SDXL setting: factored second moments, fixed lr
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("error: --optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
 def _import_peft(flag):
     # peft is optional: only LoRA needs it, so it is imported here and not at the top.
     try:

@@ -7,16 +7,15 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
     python train.py --lora_rank 8                    # LoRA: only adapters train; ε_ref = adapters off
     torchrun --standalone --nproc_per_node 8 train.py --model sdxl ... [--fsdp] [--global_contrast]
 
-Reads top to bottom: flags; the loss of one micro-batch (micro_batch_loss: the method, equation
-by equation, with docs/method.md's labels E1..E9; the equations themselves are loss.py's); the
-loop. Each optimizer step draws its timesteps and noise from a generator seeded by (seed, step,
+Reads top to bottom: flags; set-up; the loop, whose every micro-batch is one call of
+method.micro_batch_loss (the method, equation by equation, with docs/method.md's labels E1..E9;
+the equations themselves are loss.py's); the end. Each optimizer step draws its timesteps and noise from a generator seeded by (seed, step,
 micro-batch), and each item's crop and flip from (seed, epoch, index), so a resumed run replays
 the same randomness as an uninterrupted one without any hidden RNG state. Under torchrun, the
 few lines that involve other processes call distributed.py (docs/multi-gpu.md); checkpoints and
 outputs are checkpoint.py's.
 """
 import argparse
-import json
 import contextlib
 import os
 import time
@@ -26,9 +25,10 @@ import torch
 import checkpoint as C
 import data
 import distributed as D
-import loss as L
+import method
 import model as M
 import pickapic
+import report as R
 import toy
 
 
@@ -89,7 +89,10 @@ def parser():
                    help="pairs per device per micro-batch (RPO contrasts B×B; under torchrun the global "
                         "micro-batch is B × world size)")
     g.add_argument("--grad_accum", "--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", "--learning_rate", type=float, default=2.048e-5)
+    g.add_argument("--lr", "--learning_rate", type=float, default=2.048e-5,
+                   help="per optimizer step (the paper's recipe: 2.048e-5 for 2048 pairs per step, i.e. 1e-8 per pair)")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="read --lr as per pair and multiply it by the pairs per step (batch × accumulation × ranks)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
     g.add_argument("--max_steps", "--max_train_steps", type=int, default=300, help="optimizer steps")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -108,7 +111,18 @@ def parser():
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
     g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
-    g.add_argument("--no_progress", action="store_true", help="no tqdm bar (logs only)")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
+    g.add_argument("--log_every", type=int, default=10, help="with --no_progress: print figures every N steps (0: never)")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also log scalars and validation grids there (tensorboard: OUT_DIR/logs)")
+    g = p.add_argument_group("validation: sample fixed prompts and seeds while training")
+    g.add_argument("--validation_prompts", default=None,
+                   help="as sample.py --prompts: builtin, toy-test, a file, or 'a cat|a dog'. Sampled at the end "
+                        "and every --validation_every steps into OUT_DIR/validation/")
+    g.add_argument("--validation_every", type=int, default=0, help="steps between validation grids (0: the end only)")
+    g.add_argument("--validation_seeds", default="0-3", help="seeds of the validation images (sample.py's syntax)")
+    g.add_argument("--validation_steps", type=int, default=25, help="sampler steps (DDIM)")
+    g.add_argument("--validation_guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL), 5 (toy)")
     return p
 
 
@@ -123,7 +137,7 @@ def parse_args(argv=None):
     for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    for name in ("warmup_steps", "save_every", "seed", "num_workers"):
+    for name in ("warmup_steps", "save_every", "seed", "num_workers", "log_every", "validation_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
     for name in ("beta", "tau", "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
@@ -145,92 +159,18 @@ def parse_args(argv=None):
         # about skipping a step. bf16 needs no scaler.
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.validation_prompts is not None:
+        import sample  # (sampling is only needed here)
+        if args.data.startswith("cache:"):
+            p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
+        args.validation_prompts = sample.read_prompts(args.validation_prompts)
+        args.validation_seeds = sample.parse_seeds(args.validation_seeds)
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# The loss of one micro-batch: the method, in the paper's order. Shared by the loop below and
-# bench.py, so what is benchmarked is what is trained.
-def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedder=None, autocast=None):
-    """One micro-batch -> (loss, metrics), as loss.py returns them.
-    batch    what data.py yields: raw pairs (prompts, winner/loser images), a cache's tensors
-             (--data cache:DIR), or already-encoded inputs {"latents", "cond", "features"}.
-    args     train.py's flags (loss, timesteps, beta, tau, rpo_weighting, embed, caption_dropout).
-    share    this process's rows of the global micro-batch (distributed.Share; default: all of it).
-    policy   the module that runs ε_θ: m.unet, or its DDP/FSDP wrapper under torchrun.
-    embedder (CLIP, tokenizer) for E5 from raw images."""
-    pairs = args.loss != "sft"  # SFT trains on winners alone
-    share = share or D.Share([len(batch["prompt"])])
-    autocast = autocast or contextlib.nullcontext()
-    # The data as the networks see it (model.py): latents z = s·VAE.encode(x) for [winners;
-    # losers], the text conditioning c (caption dropout swaps in the empty prompt), and E5's
-    # CLIP text and image features (none for DPO/SFT).
-    latents, cond, features = model_inputs(m, batch, generator, args, share, embedder)
-    with torch.no_grad():
-        # E8: one t per micro-batch (RPO) or per pair (DPO), and ε; winner i and loser i share
-        # both (.repeat(2)), so their errors differ by the images, not by the noise.
-        T = m.scheduler.config.num_train_timesteps
-        t = share.keep(L.sample_timesteps(share.total, T, args.timesteps, generator)).to(latents.device)
-        noise = share.keep(L.sample_noise((share.total, *latents.shape[1:]), generator)).to(latents.device)
-        if pairs:
-            t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
-        # The forward process q(z_t | z_0): z_t = sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε
-        noisy = m.scheduler.add_noise(latents, noise, t)
-        v_pred = m.scheduler.config.prediction_type == "v_prediction"
-        target = m.scheduler.get_velocity(latents, noise, t) if v_pred else noise
-    with autocast:
-        err = L.denoising_error(M.predict_noise(policy or m.unet, noisy, t, cond), target)  # E1, policy
-    if not pairs:
-        return L.sft_loss(err)  # E9: plain denoising loss on winners
-    # E1 for the frozen reference: m.ref_unet, or for LoRA the same UNet with its adapters off
-    # (model.reference_unet). No gradient, and under DDP no communication: it is never wrapped.
-    with torch.no_grad(), autocast, M.reference_unet(m) as ref_unet:
-        ref_err = L.denoising_error(M.predict_noise(ref_unet, noisy, t, cond), target)
-    err_w, err_l = err.chunk(2)
-    ref_w, ref_l = ref_err.chunk(2)
-    if args.loss == "dpo":
-        return L.dpo_loss(err_w, err_l, ref_w, ref_l, args.beta)  # E2, E3
-    # E5: f(c, x) for every winner and loser; E6: ω_ij = softmax over losers j of -(1 - cos)/τ.
-    # With --global_contrast, everyone() gathers every rank's rows first, so that the matrix
-    # spans the global micro-batch (4 scalars and 2 embeddings a pair cross ranks, never images).
-    emb = L.combine_features(*features, args.embed, rows=len(latents))
-    emb_w, emb_l = share.everyone(*emb.chunk(2))
-    weights = L.rpo_weights(emb_w, emb_l, args.tau)
-    err_w, err_l, ref_w, ref_l = share.everyone(err_w, err_l, ref_w, ref_l)
-    return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, args.beta, args.rpo_weighting)  # E4, E7
-
-
-@torch.no_grad()
-def model_inputs(m, batch, generator, args, share, embedder=None):
-    """batch -> (latents, cond, (CLIP text features, CLIP image features)) for micro_batch_loss.
-    Random draws (caption dropout, the VAE posterior's sample z = μ + σ·n) are made for the
-    global micro-batch and this process's rows kept, in this order, so every rank computes what
-    one process computes for the concatenated batch."""
-    if "latents" in batch:  # already encoded (bench.py, tests)
-        return batch["latents"], batch["cond"], batch.get("features")
-    pairs, B, rows = args.loss != "sft", share.n, (2 if args.loss != "sft" else 1) * share.total
-    drop = torch.zeros(B, dtype=torch.bool)
-    if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
-        drop = share.keep(torch.rand(share.total, generator=generator)) < args.caption_dropout
-    both = (lambda w, l: torch.cat([w, l])) if pairs else (lambda w, l: w)
-    sizes = both(batch["original_size_w"], batch["original_size_l"])
-    crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
-    if "cache_latent_w" in batch:  # --data cache:DIR: the encoders' outputs, stored
-        return M.cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs)
-    images = both(batch["winner"], batch["loser"])
-    if m.vae is None:  # pixel-space presets: z = x
-        latents = images.to(m.device, torch.float32)
-    else:
-        post = m.vae.encode(images.to(m.device, m.vae.dtype)).latent_dist
-        n = share.keep(torch.randn((rows, *post.mean.shape[1:]), generator=generator, dtype=post.mean.dtype), pairs)
-        latents = ((post.mean + post.std * n.to(m.device)) * m.vae_scale).float()
-    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
-    cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
-    features = None
-    if args.loss == "rpo":  # E5's halves, one CLIP pass for [winners; losers], each prompt once
-        features = M.clip_features(*embedder, None if args.embed == "image" else prompts,
-                                   None if args.embed == "text" else images)
-    return latents, cond, features
+def learning_rate(args, step):
+    """The lr of optimizer step `step` (0-based): linear warm-up, then constant."""
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,6 +233,9 @@ def make_models(args, device, dataset, resolution):
     return m, D.wrap_policy(m.unet, args.fsdp, device), embedder
 
 
+RECIPE_LR_PER_PAIR = 1e-8  # Diffusion-DPO's recipe, which the paper follows: 2.048e-5 for 2048 pairs per step
+
+
 def describe(args, m, params, world, dataset):
     """The start-up line: what trains, on what, how many pairs per optimizer step."""
     what = f"{M.unet_size(m.unet) / 1e6:.1f}M-parameter UNet"
@@ -301,22 +244,10 @@ def describe(args, m, params, world, dataset):
     on = (f"{world} ranks ({'FSDP' if args.fsdp else 'DDP'}, {torch.distributed.get_backend()}, {m.device.type}), "
           f"{args.batch_size}×{args.grad_accum}×{world}") if world > 1 else f"{m.device}, {args.batch_size}×{args.grad_accum}"
     size = "(streamed)" if hasattr(dataset, "stream") else f"({len(dataset)} items)"
-    return f"training {args.loss} on {args.model} ({what}) on {on} pairs/step, data {args.data} {size}"
-
-
-def make_optimizer(name, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-    if name in ("adamw", "adamw_fused"):  # fused: one kernel for all parameters (CUDA)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 fused=name == "adamw_fused")
-    if name == "adafactor":  # Diffusion-DPO's SDXL setting: factored second moments, fixed lr
-        from transformers.optimization import Adafactor
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=weight_decay)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise SystemExit("error: --optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)")
-    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    pairs = args.batch_size * args.grad_accum * world
+    return (f"training {args.loss} on {args.model} ({what}) on {on} = {pairs} pairs/step, data {args.data} {size}\n"
+            f"lr {args.lr:g} per step = {args.lr / pairs:.3g} per pair (the paper's recipe: {RECIPE_LR_PER_PAIR:g} per "
+            f"pair, 2.048e-5 for 2048 pairs/step)")
 
 
 def count_skips(counts, reasons):
@@ -334,6 +265,9 @@ def main(argv=None):
     if args.fsdp and world == 1:
         raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
     torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
+    pairs_per_step = args.batch_size * args.grad_accum * world
+    if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
+        args.lr *= pairs_per_step
     device_defaults(args, device)
     dataset, resolution = make_dataset(args, world)
     streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
@@ -346,7 +280,7 @@ def main(argv=None):
     # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are
     # sharded too), and where to start.
     params = [p for p in m.unet.parameters() if p.requires_grad]  # LoRA: the adapter's A and B only
-    optimizer = make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+    optimizer = M.make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
                                args.weight_decay)
     scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
     step, epoch, items_in_epoch = 0, 0, 0
@@ -359,6 +293,11 @@ def main(argv=None):
         log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} process(es), "
                                                      f"continued by {world})" if world > 1 else ""))
     log(describe(args, m, params, world, dataset))
+    if M.PRESETS[args.model]["pretrained"] and args.lr / pairs_per_step > 10 * RECIPE_LR_PER_PAIR:
+        log(f"warning: lr per pair {args.lr / pairs_per_step:.3g} is {args.lr / pairs_per_step / RECIPE_LR_PER_PAIR:.0f}× "
+            f"the paper's; for its rate pass --scale_lr --lr 1e-8, or more accumulation (--grad_accum)")
+    if master:
+        R.write_args(args)
 
     def save(path, keep=None):  # every rank calls it (FSDP gathers, skips are summed); rank 0 writes
         position = dict(step=step, epoch=epoch, items_in_epoch=items_in_epoch)
@@ -371,15 +310,11 @@ def main(argv=None):
     # The loop: grad_accum micro-batches, one optimizer step.
     stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
                                  args.num_workers)
-    metrics_file = C.open_metrics(args.out_dir, step, args.resume) if master else None
-    bar = None
-    if not args.no_progress and master:
-        from tqdm import tqdm
-        bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
-    bad_steps, last_epoch = 0, epoch
+    reporter = R.Reporter(args, step, master)
+    bad_steps, last_epoch, grid = 0, epoch, None
     while step < args.max_steps:
         t0 = time.time()
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums, n_pairs, n_micro, finite, synced = {}, 0, 0, True, True
@@ -396,7 +331,7 @@ def main(argv=None):
             accumulate = world > 1 and not args.fsdp and micro < args.grad_accum - 1
             with policy.no_sync() if accumulate else contextlib.nullcontext():
                 share = D.Share(counts, rank, global_contrast=args.global_contrast and world > 1)
-                loss, metrics = micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
+                loss, metrics = method.micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
                 finite = D.all_ranks(torch.isfinite(loss).item(), m.device)
                 if finite or world > 1:  # DDP/FSDP: every forward needs its backward (the reducer waits)
                     scaler.scale(loss / args.grad_accum).backward()
@@ -435,27 +370,22 @@ def main(argv=None):
         record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
         if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
             record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
-        if master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
-                            pairs_s=f"{record['pairs_per_s']:.1f}")
+        reporter.step(record)
+        if args.validation_prompts and (step == args.max_steps or args.validation_every and step % args.validation_every == 0):
+            grid = R.validate(args, m, step, reporter, master)
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"), keep=args.keep_checkpoints)
 
     # The end: a last (resumable) checkpoint, and OUT_DIR/unet (or lora/) for sample.py and the
-    # stock diffusers pipelines, hard-linked to the checkpoint's weights.
-    if bar is not None:
-        bar.close()
+    # stock diffusers pipelines, hard-linked to the checkpoint's weights; a model card beside it.
+    reporter.close()
     final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
     save(final, keep=args.keep_checkpoints)
     folder = "lora" if m.lora else "unet"
     out = os.path.join(args.out_dir, folder)
     if master:
-        metrics_file.close()
         C.export(args.out_dir, final, folder)
+        R.model_card(args, step, pairs_per_step, folder, grid)
     skips = all_skips()
     if skips:
         log(f"skipped (counted): {skips}")

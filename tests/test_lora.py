@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft", reason="LoRA needs peft (pip install -r requirements.txt)")
 
+import method
 import model as M
 import train
 
@@ -40,17 +41,17 @@ DPO = train.parse_args(["--loss", "dpo", "--timesteps", "pair"])
 
 
 def encoded(latents, cond):
-    """An already-encoded micro-batch (train.model_inputs passes it through)."""
+    """An already-encoded micro-batch (method.model_inputs passes it through)."""
     return {"prompt": PROMPTS, "latents": latents, "cond": cond}
 
 
 def dpo_step(m, optimizer, seed=1):
-    """One train.micro_batch_loss (DPO) step on random [winners; losers] latents."""
+    """One method.micro_batch_loss (DPO) step on random [winners; losers] latents."""
     g = torch.Generator().manual_seed(seed)
     C, S = m.unet.config.in_channels, m.unet.config.sample_size
     latents = torch.randn(4, C, S, S, generator=g)
     cond = M.encode_prompts(m, PROMPTS, repeat=2)
-    loss, _ = train.micro_batch_loss(m, encoded(latents, cond), g, DPO)
+    loss, _ = method.micro_batch_loss(m, encoded(latents, cond), g, DPO)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -97,7 +98,7 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32():
     assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}} and m.ref_unet is None
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 3, 16, 16, generator=g)
-    loss, _ = train.micro_batch_loss(m, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO,
+    loss, _ = method.micro_batch_loss(m, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO,
                                      autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     loss.backward()
     grads = [p.grad for p in m.unet.parameters() if p.requires_grad]
@@ -118,7 +119,7 @@ def test_switching_the_adapter_off_for_the_reference_keeps_the_policy_gradient(c
     for mm in (m, separate):
         g = torch.Generator().manual_seed(3)
         latents = torch.randn(4, 3, 16, 16, generator=g)
-        loss, _ = train.micro_batch_loss(mm, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO)
+        loss, _ = method.micro_batch_loss(mm, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO)
         loss.backward()
         grads.append([p.grad.clone() for p in m.unet.parameters() if p.requires_grad])
         m.unet.zero_grad(set_to_none=True)

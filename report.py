@@ -1,0 +1,149 @@
+"""
+What a training run reports, on rank 0: OUT_DIR/metrics.jsonl (one line per optimizer step), a
+progress bar or, with --no_progress, a line every --log_every steps, the scalars and validation
+grids in TensorBoard or Weights & Biases (--report_to), and at the end OUT_DIR/README.md, a model
+card that says how the weights were made and how to load them. The validation grids themselves
+(fixed prompts and seeds, sample.py's sampler) are written under OUT_DIR/validation/.
+"""
+import json
+import os
+
+import torch
+
+import checkpoint as C
+import model as M
+
+
+class Reporter:
+    def __init__(self, args, step, master):
+        self.args, self.master, self.tracker, self.bar = args, master, None, None
+        if not master:
+            return
+        self.metrics = C.open_metrics(args.out_dir, step, args.resume)
+        if not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
+        if args.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("error: --report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+            self.tracker = SummaryWriter(os.path.join(args.out_dir, "logs"), purge_step=step + 1 if args.resume else None)
+        elif args.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --report_to wandb needs the wandb package (pip install wandb)")
+            self.tracker = wandb.init(project="rpo-diffusion", dir=args.out_dir, config=vars(args),
+                                      name=os.path.basename(os.path.normpath(args.out_dir)), resume="allow")
+
+    def step(self, record):
+        """One optimizer step's figures (a dict with "step")."""
+        if not self.master:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        if self.args.report_to == "tensorboard":
+            for k, v in scalars.items():
+                self.tracker.add_scalar(f"train/{k}", v, record["step"])
+        elif self.args.report_to == "wandb":
+            self.tracker.log({f"train/{k}": v for k, v in scalars.items()}, step=record["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
+                                 pairs_s=f"{record['pairs_per_s']:.1f}")
+        elif self.args.log_every and record["step"] % self.args.log_every == 0:
+            shown = ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "implicit_acc", "reward_margin", "grad_norm",
+                                                              "lr", "pairs_per_s") if k in record)
+            print(f"step {record['step']}/{self.args.max_steps}: {shown}", flush=True)
+
+    def image(self, step, name, grid):
+        """A validation grid (PIL image), already saved under OUT_DIR/validation/."""
+        if not self.master:
+            return
+        if self.args.report_to == "tensorboard":
+            import numpy as np
+            self.tracker.add_image(f"validation/{name}", np.asarray(grid), step, dataformats="HWC")
+        elif self.args.report_to == "wandb":
+            import wandb
+            self.tracker.log({f"validation/{name}": wandb.Image(grid)}, step=step)
+
+    def close(self):
+        if not self.master:
+            return
+        self.metrics.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
+
+
+def write_args(args):
+    """OUT_DIR/args.json: every flag as the run resolved it (defaults filled in)."""
+    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+
+def model_card(args, step, pairs_per_step, folder, grid=None):
+    """OUT_DIR/README.md: base model, data, objective, β, τ, pairs per step, steps, the last
+    validation grid, and how to load the result in diffusers."""
+    hub = args.pretrained or M.PRESETS[args.model]["pretrained"]
+    base = hub or f"the built-in `{args.model}` preset"
+    objective = {"rpo": f"Diffusion-RPO (β = {args.beta:g}, τ = {args.tau:g}, ω {args.rpo_weighting} the "
+                        f"log-sigmoid, E5 embeddings: {args.embed}, timesteps per {args.timesteps})",
+                 "dpo": f"Diffusion-DPO (β = {args.beta:g}, timesteps per {args.timesteps})",
+                 "sft": "supervised fine-tuning on the preferred images"}[args.loss]
+    pipe = "StableDiffusionXLPipeline" if M.PRESETS[args.model]["xl"] else "StableDiffusionPipeline"
+    weights = os.path.join(args.out_dir, folder)
+    if folder == "lora":
+        load = f"pipe = {pipe}.from_pretrained(\"{hub}\")\npipe.load_lora_weights(\"{weights}\")"
+    else:
+        load = (f"unet = UNet2DConditionModel.from_pretrained(\"{weights}\")\n"
+                f"pipe = {pipe}.from_pretrained(\"{hub}\", unet=unet)")
+    sample_cmd = (f"python sample.py --model {args.model}" + (f" --pretrained {hub}" if args.pretrained else "")
+                  + f" --{'lora' if folder == 'lora' else 'unet'} {weights} --prompts "
+                  + ("builtin" if hub else "toy-test") + " --seeds 0-3 --out samples")
+    lines = ["# " + os.path.basename(os.path.normpath(args.out_dir)), "",
+             f"A {'LoRA (rank ' + str(args.lora_rank) + ')' if folder == 'lora' else 'UNet'} fine-tuned from "
+             f"{base} with rpo-diffusion.", "",
+             "| | |", "|---|---|",
+             f"| base model | {base} |", f"| data | `{args.data}` |", f"| objective | {objective} |",
+             f"| pairs per optimizer step | {pairs_per_step} ({args.batch_size} per micro-batch × {args.grad_accum} "
+             f"accumulation × {pairs_per_step // (args.batch_size * args.grad_accum)} processes) |",
+             f"| optimizer steps | {step} (lr {args.lr:g}, warm-up {args.warmup_steps}, {args.optimizer}) |",
+             f"| resolution | {args.resolution or M.PRESETS[args.model]['resolution']} |", "",
+             "Every flag of the run: `args.json`; one line of figures per step: `metrics.jsonl`.", ""]
+    if grid:
+        lines += ["Validation samples at the last step (rows: prompts, columns: seeds):", "", f"![validation]({grid})", ""]
+    lines += ["## Load it", "", "```bash", sample_cmd, "```", ""]
+    if hub:  # the stock diffusers pipelines load the result as they are
+        lines += ["```python", f"from diffusers import {pipe}, UNet2DConditionModel", load, "```", ""]
+    with open(os.path.join(args.out_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+@torch.no_grad()
+def validate(args, m, step, reporter, master):
+    """Sample the validation prompts × seeds with the current policy (sample.py's sampler, the
+    same images sample.py would make from a checkpoint) into OUT_DIR/validation/step-N.png.
+    Every rank runs it under FSDP (the sharded UNet's forward is a collective), rank 0 else."""
+    import sample
+    from images import tensor_to_uint8
+    if not (master or args.fsdp):
+        return None
+    guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
+    training = m.unet.training
+    m.unet.eval()
+    images = sample.generate(m, args.validation_prompts, args.validation_seeds, args.validation_steps, guidance,
+                             batch_size=args.batch_size)
+    m.unet.train(training)
+    if not master:
+        return None
+    scale = max(1, 128 // m.resolution)  # tiny presets' 16-32 px images, enlarged to be seen
+    grid = sample.make_grid(tensor_to_uint8(images), len(args.validation_prompts), len(args.validation_seeds), scale)
+    name = os.path.join("validation", f"step-{step:06d}.png")
+    os.makedirs(os.path.join(args.out_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.out_dir, name))
+    reporter.image(step, "grid", grid)
+    return name

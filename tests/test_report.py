@@ -1,0 +1,69 @@
+"""What a training run reports and leaves behind: the start line (pairs per step, lr per pair),
+metrics.jsonl, log lines, validation grids, TensorBoard event files, args.json, the model card,
+and the diffusers training scripts' flag names."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+
+# the anchors' (diffusers' train_diffusion_dpo*.py) flag names, as a user would paste them
+DIFFUSERS_FLAGS = ["--output_dir", "{out}", "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                   "--learning_rate", "1e-4", "--max_train_steps", "3", "--checkpointing_steps", "2",
+                   "--beta_dpo", "2500"]
+
+
+def test_diffusers_flag_names_mean_ours(tmp_path):
+    flags = [f.format(out=tmp_path) for f in DIFFUSERS_FLAGS]
+    args = train.parse_args(flags + ["--resume_from_checkpoint", "latest"])
+    assert (args.out_dir, args.batch_size, args.grad_accum, args.lr, args.max_steps, args.save_every, args.beta,
+            args.resume) == (str(tmp_path), 4, 2, 1e-4, 3, 2, 2500.0, "latest")
+
+
+def test_a_run_with_diffusers_flag_names_trains_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main([f.format(out=out) for f in DIFFUSERS_FLAGS] + [
+        "--num_items", "16", "--no_progress", "--log_every", "1", "--validation_prompts", "toy-test",
+        "--validation_seeds", "0-1", "--validation_every", "2", "--report_to", "tensorboard"])
+    text = capsys.readouterr().out
+    # the start line: pairs per optimizer step (micro-batch × accumulation) and the per-pair lr
+    assert "4×2 = 8 pairs/step" in text
+    assert "lr 0.0001 per step = 1.25e-05 per pair" in text
+    assert "step 3/3: loss" in text  # --no_progress: a line every --log_every steps
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    # validation grids at step 2 and at the end: 12 toy-test prompts × 2 seeds of 16 px, enlarged 8×
+    for step in (2, 3):
+        grid = Image.open(out / "validation" / f"step-{step:06d}.png")
+        assert grid.size == (2 * 16 * 8, 12 * 16 * 8)
+    # TensorBoard: the scalars of every step and the validation images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert np.allclose([e.value for e in loss], [r["loss"] for r in lines], rtol=1e-6)
+    assert [e.step for e in events.Images("validation/grid")] == [2, 3]
+    # args.json: every resolved flag; the model card names base, data, objective and the grid
+    args = json.load(open(out / "args.json"))
+    assert args["lr"] == 1e-4 and args["beta"] == 2500 and args["data"] == "toy"
+    card = open(out / "README.md").read()
+    for text in ("`toy`", "β = 2500", "τ = 0.5", "| pairs per optimizer step | 8 ", "| optimizer steps | 3 ",
+                 "validation/step-000003.png", "python sample.py --model tiny --unet"):
+        assert text in card, text
+
+
+def test_scale_lr_reads_lr_per_pair(tmp_path, capsys):
+    train.main(["--scale_lr", "--lr", "1e-8", "--batch_size", "4", "--grad_accum", "2", "--max_steps", "1",
+                "--num_items", "16", "--no_progress", "--out_dir", str(tmp_path)])
+    assert "lr 8e-08 per step = 1e-08 per pair" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "metrics.jsonl"))["lr"] == pytest.approx(8e-8)
+
+
+def test_validation_prompts_need_the_encoders(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", f"cache:{tmp_path}", "--validation_prompts", "a cat"])
+    assert "--validation_prompts needs the VAE and text encoders" in capsys.readouterr().err
