@@ -128,12 +128,42 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     return index
 
 
+# What CachedPairs and train.py read from an index, and its JSON type.
+_INDEX_KEYS = {"model": str, "pretrained": (str, type(None)), "resolution": int, "embed_model": str,
+               "flip": bool, "vae_scale": (int, float), "num_pairs": int, "skip_counts": dict, "shards": list}
+
+
+def _load_index(path):
+    """One index file -> its dict, checked, or a one-line ValueError naming the file and what is
+    wrong (a half-written, hand-edited or foreign file must not surface as a KeyError)."""
+    try:
+        with open(path, "rb") as f:
+            index = json.loads(f.read())
+    except (OSError, ValueError, RecursionError) as err:  # (JSON and UTF-8 errors are ValueErrors)
+        raise ValueError(f"{path}: unreadable cache index ({str(err).splitlines()[0][:160]})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: not a cache index (a JSON {type(index).__name__}, not an object)")
+    if index.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: not a {CACHE_FORMAT} cache index (format {index.get('format')!r})")
+    for key, kind in _INDEX_KEYS.items():
+        if key not in index:
+            raise ValueError(f"{path}: cache index has no {key!r} (rebuild it with python data.py cache)")
+        if not isinstance(index[key], kind) or (kind is int and isinstance(index[key], bool)):
+            raise ValueError(f"{path}: cache index {key!r} is {index[key]!r:.80}, of the wrong type")
+    for s in index["shards"]:
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and s["file"]
+                and isinstance(s.get("num_pairs"), int) and s["num_pairs"] >= 0):
+            raise ValueError(f"{path}: cache index shard entry {s!r:.80} is not "
+                             '{"file": NAME, "num_pairs": N >= 0}')
+    return index
+
+
 def read_cache_index(folder):
-    """index.json, or the index-PPP-of-NNN.json of a cache built in parts, joined in part order."""
+    """index.json, or the index-PPP-of-NNN.json of a cache built in parts, joined in part order.
+    Each file is checked (_load_index); parts of different builds are refused."""
     path = os.path.join(folder, "index.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        return _load_index(path)
     found = sorted(glob.glob(os.path.join(folder, "index-[0-9][0-9][0-9]-of-[0-9][0-9][0-9].json")))
     if not found:
         raise FileNotFoundError(f"no cache at {folder} (index.json missing; build one with python data.py cache)")
@@ -142,10 +172,11 @@ def read_cache_index(folder):
     if found != want:
         raise FileNotFoundError(f"cache {folder} is incomplete: {len(set(found) & set(want))} of its {parts} part "
                                 f"indexes (index-PPP-of-{parts:03d}.json) are there; the build did not finish")
-    indices = []
-    for p in want:
-        with open(p) as f:
-            indices.append(json.load(f))
+    indices = [_load_index(p) for p in want]
+    same = lambda i: {k: v for k, v in i.items() if k not in ("shards", "num_pairs", "skip_counts")}
+    for p, i in zip(want, indices):
+        if same(i) != same(indices[0]):
+            raise ValueError(f"{p}: a part of another cache build than {want[0]} (settings differ); rebuild the cache")
     index = dict(indices[0], shards=[s for i in indices for s in i["shards"]], skip_counts={},
                  num_pairs=sum(i["num_pairs"] for i in indices))
     for i in indices:
@@ -154,15 +185,47 @@ def read_cache_index(folder):
     return index
 
 
+def _check_files(folder, index):
+    """Every file the index lists exists, and its safetensors header parses and agrees with the
+    index: a missing or truncated shard fails at start-up, not hours into training. Reads
+    headers only (safetensors checks the file covers every tensor the header lists)."""
+    from safetensors import SafetensorError, safe_open
+    for s in index["shards"]:
+        path = os.path.join(folder, s["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: cache shard missing (listed in the index); rebuild the cache")
+        try:
+            with safe_open(path, framework="pt") as f:
+                prompts = json.loads((f.metadata() or {}).get("prompts", "null"))
+                rows = {k: f.get_slice(k).get_shape()[:1] for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable cache shard, truncated or not safetensors "
+                             f"({str(err).splitlines()[0][:120]}); rebuild the cache") from None
+        if not isinstance(prompts, list) or "prompt_row" not in rows:
+            raise ValueError(f"{path}: not a cache shard (no prompt list or prompt_row)")
+        for k, r in rows.items():
+            want = len(prompts) if k in PER_PROMPT else s["num_pairs"]
+            if r != [want]:
+                raise ValueError(f"{path}: {k} has {r[0] if r else 'no'} rows, not {want}; rebuild the cache")
+    path = os.path.join(folder, "empty.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (the cache build did not finish); rebuild the cache")
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: unreadable ({str(err).splitlines()[0][:120]}); rebuild the cache") from None
+
+
 class CachedPairs(torch.utils.data.Dataset):
     """Pairs from a build_cache folder. Items carry the cached tensors under "cache_*" keys
     (collate_pairs stacks them); train.py turns them into latents, conditioning and E5 embeddings
-    without any encoder. Refuses a cache built for another model or resolution."""
+    without any encoder. Refuses a cache built for another model or resolution, and, with a
+    one-line error naming the file, a damaged one: an index that is not JSON, not an object or
+    lacks a key; a shard that is missing, truncated or disagrees with the index."""
 
     def __init__(self, folder, model, pretrained=None, resolution=None, seed=0, random_flip=False, embed_model=None):
         self.index = index = read_cache_index(folder)
-        if index.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{folder}: not a {CACHE_FORMAT} cache (format {index.get('format')!r})")
         want, have = _cache_identity(model, pretrained), {k: index[k] for k in ("model", "pretrained")}
         if want != have:
             name = lambda d: f"--model {d['model']}" + (f" --pretrained {d['pretrained']}" if d["pretrained"] else "")
@@ -178,8 +241,7 @@ class CachedPairs(torch.utils.data.Dataset):
         self.resolution, self.skip_counts = index["resolution"], {}  # its skips were counted when it was built
         self.starts = np.cumsum([0] + [s["num_pairs"] for s in index["shards"]])
         self._open = {}
-        from safetensors.torch import load_file
-        self.empty = load_file(os.path.join(folder, "empty.safetensors"))
+        self.empty = _check_files(folder, index)  # the empty prompt's states (caption dropout)
 
     def __len__(self):
         return int(self.starts[-1])

@@ -30,7 +30,7 @@ from PIL import Image
 import cache
 import model as M
 import pickapic
-from images import ImagePairs, collate_pairs, decode_image, image_to_tensor
+from images import ImagePairs, collate_pairs, decode_image, image_to_tensor, read_image
 from toy import STYLES, apply_style, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
@@ -101,14 +101,33 @@ _SKIP_WORDS = {
     "tie": "that are ties (label_0 == 0.5)",
     "bad_label": "with a label_0 other than 0, 0.5 or 1",
     "missing_image": "with a missing image file",
+    "bad_encoding": "that are not valid UTF-8",
+    "bad_prompt": "with a prompt that is not valid text (a lone surrogate escape)",
 }
+
+
+def _manifest_lines(f):
+    """(line number, bytes) of a file opened in binary, split at LF, CRLF or CR as text mode
+    would, undecoded: one line of bad bytes must not reject the whole file."""
+    n = 0
+    for raw in f:
+        parts = raw.rstrip(b"\n").split(b"\r")
+        if len(parts) > 1 and parts[-1] == b"" and raw.endswith(b"\n"):
+            parts.pop()  # the \r of a \r\n
+        for part in parts:
+            n += 1
+            yield n, part
 
 
 
 class ManifestPairs(ImagePairs):
-    """Pairs listed in a JSONL file. Bad lines are skipped and counted at construction (one
-    warning per reason); a corrupt image found while loading becomes a skip marker that
-    collate_pairs drops, so one bad file never kills a long run."""
+    """Pairs listed in a JSONL file. Bad lines (unreadable JSON, bytes that are not UTF-8,
+    missing fields or image files, ties, prompts that are not valid text) are skipped and
+    counted at construction, one warning per reason. An image refused while loading (corrupt,
+    too large, extreme aspect ratio: images.read_image) becomes a skip marker that
+    collate_pairs drops, so one bad file never kills a long run; each such image is named in
+    one warning, the first time it is met (per process: each DataLoader worker keeps its own
+    record, so a worker may name a file another one already named)."""
 
     def __init__(self, path, resolution=512, seed=0, random_crop=False, random_flip=False):
         self.path = Path(path)
@@ -116,13 +135,20 @@ class ManifestPairs(ImagePairs):
             raise FileNotFoundError(f"manifest not found: {path}")
         super().__init__(resolution, seed, random_crop, random_flip)
         self.pairs = []  # (prompt, winner_path, loser_path)
+        self.warned = set()  # image paths already named in a warning
         first = {}  # reason -> "file:line detail" of the first occurrence
         root = self.path.parent
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not data
-                reason, detail, pair = self._parse(line, root)
+        with open(self.path, "rb") as f:
+            for n, raw in _manifest_lines(f):
+                try:  # (line 1 may start with the byte-order mark some Windows editors write)
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    reason, pair = "bad_encoding", None
+                    detail = f"byte {raw[err.start]:#04x} at column {err.start + 1}"
+                else:
+                    if not line.strip():
+                        continue  # blank lines (e.g. a trailing newline) are not data
+                    reason, detail, pair = self._parse(line, root)
                 if reason:
                     self.skip_counts[reason] = self.skip_counts.get(reason, 0) + 1
                     first.setdefault(reason, f"{path}:{n}" + (f" {detail!r}" if detail else ""))
@@ -140,7 +166,7 @@ class ManifestPairs(ImagePairs):
         """One manifest line -> (skip_reason, detail, None) or (None, None, pair)."""
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # (RecursionError: "[[[[..." nested too deep)
             return "bad_json", None, None
         if not isinstance(rec, dict):
             return "bad_json", None, None
@@ -165,6 +191,10 @@ class ManifestPairs(ImagePairs):
             prompt, winner, loser = field("prompt"), field("winner"), field("loser")
             if prompt is None or winner is None or loser is None:
                 return "missing_field", None, None
+        try:  # JSON's "\\ud800" decodes to a str that no tokenizer (nor UTF-8) can encode
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            return "bad_prompt", prompt[:80], None
         paths = []
         for p in (winner, loser):
             full = root / p  # an absolute p wins over root in pathlib's "/"
@@ -178,9 +208,13 @@ class ManifestPairs(ImagePairs):
 
     def __getitem__(self, i):
         prompt, wpath, lpath = self.pairs[i]
-        win, los = decode_image(wpath), decode_image(lpath)
-        if win is None or los is None:
-            return {"skip": f"corrupt image: {wpath if win is None else lpath}", "index": i}
+        (win, wbad), (los, lbad) = read_image(wpath, self.resolution), read_image(lpath, self.resolution)
+        for path, bad in ((wpath, wbad), (lpath, lbad)):
+            if bad and path not in self.warned:
+                self.warned.add(path)
+                print(f"warning: {path}: {bad[0]} ({bad[1]}); pairs using it are skipped", file=sys.stderr)
+        if wbad or lbad:  # "kind: path", counted by kind (train.count_skips)
+            return {"skip": f"{(wbad or lbad)[0]}: {wpath if wbad else lpath}", "index": i}
         return self.pair_item(prompt, win, los, i)
 
 
