@@ -187,7 +187,10 @@ def run_files(out_dir):
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if os.path.isdir(metrics) or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
         found.append("metrics.jsonl")  # (an empty one: a run that stopped before its first step)
-    return found + [name for name in ("unet", "lora") if os.path.isdir(os.path.join(out_dir, name))]
+    found += [name for name in ("unet", "lora", "validation", "logs") if os.path.isdir(os.path.join(out_dir, name))]
+    if os.path.isfile(os.path.join(out_dir, "args.json")):  # report.py's: the flags, and the model card beside them
+        found += ["args.json"] + (["README.md"] if os.path.isfile(os.path.join(out_dir, "README.md")) else [])
+    return found
 
 
 def _inside(path, folder):
@@ -203,7 +206,7 @@ def check_out_dir(args, master):
     """Before a run: a fresh one (no --resume) must not write into an OUT_DIR that holds another
     run's checkpoints or log (its keep-N clean-up, its metrics.jsonl, its final export would mix
     with or destroy them). With --overwrite, that run's checkpoint-* folders, metrics.jsonl,
-    unet/ and lora/ are deleted (nothing else). Rank 0 decides and deletes; every rank calls it."""
+    unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else). Rank 0 decides and deletes; every rank calls it."""
     problem = None
     if master:
         try:

@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import time
 
 import torch
@@ -98,7 +99,7 @@ def pretrain_base(base_dir, device, steps):
         print(f"base: cached in {base_dir}")
         return
     t0 = time.time()
-    train.main(recipe + ["--out_dir", base_dir, "--no_progress", "--keep_checkpoints", "1"])
+    train.main(recipe + ["--out_dir", base_dir, "--no_progress", "--keep_checkpoints", "1", "--overwrite"])
     json.dump(recipe, open(done, "w"))
     print(f"base: pretrained in {time.time() - t0:.0f}s")
 
@@ -156,7 +157,7 @@ def main(argv=None):
                     train.main(with_steps(ALIGN_ARGS, args.align_steps) + VARIANTS[label] + [
                         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
                         "--save_every", str(args.curve_every), "--keep_checkpoints", "100", "--out_dir", run,
-                        "--device", args.device, "--no_progress"])
+                        "--device", args.device, "--no_progress", "--overwrite"])  # (an unfinished run restarts)
                     print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
                 if seed == study["seeds"][0] and lr == study["lrs"][len(study["lrs"]) // 2]:
@@ -164,7 +165,7 @@ def main(argv=None):
                     name = f"{label} lr={lr:g}"
                     curves[name] = run
                     # (the last checkpoint is the final UNet, scored just above: reuse that score)
-                    steps = sorted(int(d.split("-")[1]) for d in os.listdir(run) if d.startswith("checkpoint-"))
+                    steps = sorted(int(d.split("-")[1]) for d in os.listdir(run) if re.fullmatch(r"checkpoint-\d+", d))
                     style_points[name] = [(0, rows[0]["per_seed"][0]["style"])] + [
                         (s, scored(os.path.join(run, f"checkpoint-{s:06d}", "unet"), seed, f"{run}@{s}")["style"])
                         for s in steps[:-1]] + [(steps[-1], per_seed[-1]["style"])]

@@ -199,7 +199,10 @@ def _hub_unet(repo):
     or its root (a UNet-only repo), whichever holds config.json."""
     from diffusers import UNet2DConditionModel
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    try:
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+    except ImportError:  # huggingface_hub < 1.0
+        from huggingface_hub.errors import EntryNotFoundError as RemoteEntryNotFoundError
     reason = None
     for sub in ("unet", None):
         try:

@@ -17,6 +17,7 @@ outputs are checkpoint.py's.
 """
 import argparse
 import contextlib
+import math
 import os
 import time
 
@@ -109,6 +110,12 @@ def parser():
     g.add_argument("--out_dir", "--output_dir", default="out/rpo-tiny")
     g.add_argument("--save_every", "--checkpointing_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out_dir that holds a run: its checkpoint-* folders, metrics.jsonl and "
+                        "unet/ (lora/) are deleted first (without it, such a run is refused)")
+    g.add_argument("--allow_changed_resume", action="store_true",
+                   help="--resume even with another --resolution, --data or objective (--loss, --beta, --tau, "
+                        "--rpo_weighting, --timesteps, --embed) than the checkpoint's")
     g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
@@ -264,6 +271,7 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     if args.fsdp and world == 1:
         raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
+    C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
     torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
     pairs_per_step = args.batch_size * args.grad_accum * world
     if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
@@ -346,21 +354,29 @@ def main(argv=None):
             skips = all_skips()
             log(f"epoch {last_epoch} done; skipped so far: {skips or 'nothing'}")
         last_epoch = epoch
-        if not finite or n_pairs == 0:
+        grad_norm = None
+        if finite and n_pairs:
+            if not synced:  # DDP and the last micro-batch was skipped: its all-reduce never ran
+                D.average_grads(params)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP
+        # A bad step changes no weight: a non-finite loss or gradient (fp16's scaler skips its own
+        # inf steps), or no usable pairs. Too many in a row stop the run, weights kept.
+        cause = ("non-finite loss" if not finite else "no usable pairs" if not n_pairs else
+                 "non-finite gradient" if not scaler.is_enabled() and not math.isfinite(grad_norm) else None)
+        if cause:
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
-            log(f"warning: step {step}: {'non-finite loss' if not finite else 'no usable pairs'}; step skipped")
+            log(f"warning: step {step}: {cause}; step skipped")
             if bad_steps >= args.max_bad_steps:
                 save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
-                raise SystemExit(f"error: {bad_steps} bad steps in a row at step {step} (NaN/inf loss or no data); "
-                                 f"weights before them saved in {args.out_dir}/checkpoint-{step:06d}; try a lower --lr")
+                hint = ("the data gave no usable pairs (see the skip counts)" if cause == "no usable pairs" else
+                        "try a lower --lr or --beta, and check the data")
+                raise SystemExit(f"error: {bad_steps} bad steps in a row at step {step} (last: {cause}); weights "
+                                 f"before them saved in {args.out_dir}/checkpoint-{step:06d}; {hint}")
             continue
-        if not synced:  # DDP and the last micro-batch was skipped: its all-reduce never ran
-            D.average_grads(params)
         bad_steps = 0
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -33,8 +33,8 @@ def finished(tmp_path_factory):
     """A finished 3-step run: checkpoint-000001..3, metrics.jsonl, unet/."""
     out = tmp_path_factory.mktemp("finished") / "run"
     train.main(["--max_steps", "3", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out), *FAST])
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003",
-                                       "metrics.jsonl", "unet"]
+    assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "checkpoint-000002",
+                                       "checkpoint-000003", "metrics.jsonl", "unet"]
     return out
 
 
@@ -105,7 +105,7 @@ def test_overwrite_deletes_that_run_and_nothing_else(finished, tmp_path, capsys)
     assert sorted(os.listdir(out)) == ["notes.txt", "samples"]
     assert capsys.readouterr().out.splitlines() == [
         f"--overwrite: deleted the run in {out} (checkpoint-000004.tmp, checkpoint-000003, checkpoint-000002, "
-        f"checkpoint-000001, metrics.jsonl, unet)"]
+        f"checkpoint-000001, metrics.jsonl, unet, args.json, README.md)"]
 
 
 def test_overwrite_will_not_delete_the_init_it_starts_from(finished, tmp_path):
@@ -114,8 +114,8 @@ def test_overwrite_will_not_delete_the_init_it_starts_from(finished, tmp_path):
     assert exit_message(C.check_out_dir, run_args(out, overwrite=True, init=init), True) == (
         f"error: --init {init} lies in {out / 'unet'}, which --overwrite would delete; move it out first or "
         f"choose another --out_dir")
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003",
-                                       "metrics.jsonl", "unet"]
+    assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "checkpoint-000002",
+                                       "checkpoint-000003", "metrics.jsonl", "unet"]
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -161,7 +161,8 @@ def test_the_testers_case_end_to_end(finished, tmp_path, capsys):
     assert exit_message(train.main, argv).startswith(f"error: {out} holds a run (checkpoint-000003, metrics.jsonl)")
     assert read_steps(out) == [1, 2, 3]
     train.main(argv + ["--overwrite"])
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "checkpoint-000002", "metrics.jsonl", "unet"]
+    assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "checkpoint-000002", "metrics.jsonl",
+                                "unet"]
     assert read_steps(out) == [1, 2]
     capsys.readouterr()
     train.main(argv + ["--resume"])
@@ -238,7 +239,8 @@ def test_resume_falls_back_past_a_broken_newest_checkpoint(finished, tmp_path, c
     assert read_steps(out) == [1, 2, 3]
     assert C.checkpoint_problem(str(out / "checkpoint-000003")) is None
     # (--keep_checkpoints 2: the final save prunes checkpoint 1; no .tmp or .old is left)
-    assert sorted(os.listdir(out)) == ["checkpoint-000002", "checkpoint-000003", "metrics.jsonl", "unet"]
+    assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000002", "checkpoint-000003",
+                                "metrics.jsonl", "unet"]
 
 
 def test_a_kill_between_delete_and_rename_resumes_from_the_complete_tmp(finished, tmp_path, capsys):
@@ -253,7 +255,8 @@ def test_a_kill_between_delete_and_rename_resumes_from_the_complete_tmp(finished
     assert lines[-1] == f"done: 3 steps; UNet in {out / 'unet'}"
     assert same_weights(out / "unet" / "diffusion_pytorch_model.safetensors",
                         finished / "unet" / "diffusion_pytorch_model.safetensors")
-    assert sorted(os.listdir(out)) == ["checkpoint-000002", "checkpoint-000003", "metrics.jsonl", "unet"]
+    assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000002", "checkpoint-000003",
+                                "metrics.jsonl", "unet"]
     assert C.checkpoint_problem(str(out / "checkpoint-000003")) is None
 
 

@@ -97,12 +97,13 @@ def test_checkpoint_layout_is_diffusers_and_safetensors_only(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in unet.state_dict().items())
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_the_weights(tmp_path):
+def test_nan_loss_stops_with_one_line_and_keeps_the_weights(tmp_path, monkeypatch):
+    dpo_loss = L.dpo_loss
+    monkeypatch.setattr(L, "dpo_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(dpo_loss(*a, **k)))
     with pytest.raises(SystemExit) as err:
-        train.main(["--loss", "dpo", "--beta", "nan", "--max_steps", "10", "--max_bad_steps", "3",
-                    "--out_dir", str(tmp_path), *FAST])
+        train.main(["--loss", "dpo", "--max_steps", "10", "--max_bad_steps", "3", "--out_dir", str(tmp_path), *FAST])
     msg = str(err.value)
-    assert msg.startswith("error: 3 bad steps") and "\n" not in msg
+    assert msg.startswith("error: 3 bad steps in a row at step 0 (last: non-finite loss)") and "\n" not in msg
     saved = load_file(tmp_path / "checkpoint-000000" / "unet" / "diffusion_pytorch_model.safetensors")
     start = M.load_models("tiny", reference=False).unet.state_dict()
     assert all(torch.equal(saved[k], start[k]) for k in saved)  # no NaN update reached the weights
@@ -130,5 +131,17 @@ def test_metrics_keep_one_line_per_step_across_resumes_and_reruns(tmp_path):
     # resume from the step-1 checkpoint: steps 2 and 3 are replayed, their old lines replaced
     train.main(common + ["--max_steps", "3", "--resume", str(tmp_path / "checkpoint-000001")])
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
-    train.main(common + ["--max_steps", "2"])  # a fresh run into the same folder: a fresh log
+    train.main(common + ["--max_steps", "2", "--overwrite"])  # starting over in the same folder: a fresh log
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_non_finite_gradients_are_bad_steps(tmp_path):
+    # β = 1e38 passes the flag check (positive, finite) but overflows every gradient: no update
+    # may happen, and the stop names the cause.
+    with pytest.raises(SystemExit) as err:
+        train.main(["--loss", "dpo", "--beta", "1e38", "--max_steps", "5", "--max_bad_steps", "2",
+                    "--out_dir", str(tmp_path), *FAST])
+    assert str(err.value).startswith("error: 2 bad steps in a row at step 0 (last: non-finite gradient)")
+    saved = load_file(tmp_path / "checkpoint-000000" / "unet" / "diffusion_pytorch_model.safetensors")
+    start = M.load_models("tiny", reference=False).unet.state_dict()
+    assert all(torch.equal(saved[k], start[k]) for k in saved)
