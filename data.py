@@ -7,7 +7,9 @@ build_dataset, maps train.py's --data to a source:
                     pretraining a toy base model
   PATH.jsonl        ManifestPairs: {"prompt","winner","loser"} or Pick-a-Pic's
                     {"caption","image_0","image_1","label_0"} lines, ties dropped
-  pickapic:DIR|ID   Pick-a-Pic v2's parquet shards, local or streamed from the hub (pickapic.py)
+  hf:DIR|ID[#S]     preference pairs in parquet, local shards or streamed from the hub, with a column
+                    schema S: Pick-a-Pic, open-image-preferences, HPDv2 or a mapping (pickapic.py);
+                    pickapic:DIR|ID is the same with Pick-a-Pic's columns
   cache:DIR         what the frozen encoders compute from each pair, stored (cache.py)
 
 Every dataset returns dicts that images.collate_pairs stacks; stream_batches deals them out to
@@ -230,8 +232,11 @@ def build_dataset(spec, resolution, seed=0, split="train", style="winter", style
       toy               ToyPairs (procedural Style Alignment pairs; `split` of the toy prompts)
       toy-base          ToyImages (single images, for pretraining with --loss sft)
       PATH.jsonl        ManifestPairs
-      pickapic:DIR      PickapicParquet: the parquet shards under DIR (file names <split>-*)
-      pickapic:HUB_ID   PickapicHub: streamed by the datasets library (when DIR does not exist)
+      hf:DIR[#SCHEMA]   pickapic.ParquetPairs: the parquet shards under DIR (file names <split>-*)
+      hf:ID[#SCHEMA]    pickapic.HubPairs: streamed by the datasets library (when DIR does not exist);
+                        SCHEMA: pickapic, open-image-preferences, hpdv2 or a column mapping
+                        (default: the id's, else the one the columns fit)
+      pickapic:DIR|ID   the same with the pickapic schema (caption, jpg_0, jpg_1, label_0)
       cache:DIR         CachedPairs, checked against model / pretrained / embed_model
     Arguments that don't apply to the chosen kind are ignored."""
     spec = str(spec)
@@ -241,19 +246,14 @@ def build_dataset(spec, resolution, seed=0, split="train", style="winter", style
         return ToyImages(num_items, resolution, seed, style, split, style_fraction)
     if spec.endswith(".jsonl"):
         return ManifestPairs(spec, resolution, seed, random_crop, random_flip)
-    if spec.startswith("pickapic:"):
-        where = spec[len("pickapic:"):]
-        if os.path.isdir(where):
-            return pickapic.PickapicParquet(where, resolution, seed, random_crop, random_flip, split, window)
-        if where.startswith((".", "/", "~")) or where.count("/") > 1:  # meant as a folder, not an org/name id
-            raise FileNotFoundError(f"--data {spec}: no folder {where}")
-        return pickapic.PickapicHub(where, resolution, seed, random_crop, random_flip, split, shuffle_buffer)
+    if spec.startswith(("hf:", "pickapic:")):
+        return pickapic.open_pairs(spec, resolution, seed, random_crop, random_flip, split, window, shuffle_buffer)
     if spec.startswith("cache:"):
         if random_crop:
             raise ValueError("--data cache:DIR holds centre crops only; drop --random_crop (or train from raw images)")
         return cache.CachedPairs(spec[len("cache:"):], model, pretrained, resolution, seed, random_flip, embed_model)
-    raise ValueError(f"unknown data spec {spec!r}; expected toy, toy-base, a .jsonl manifest, pickapic:DIR, "
-                     f"pickapic:HUB_ID or cache:DIR")
+    raise ValueError(f"unknown data spec {spec!r}; expected toy, toy-base, a .jsonl manifest, hf:DIR, hf:HUB_ID "
+                     f"(or pickapic:DIR|HUB_ID) or cache:DIR")
 
 
 

@@ -1,5 +1,6 @@
-"""Pick-a-Pic v2 from parquet shards (pickapic.PickapicParquet), the hub path (pickapic.PickapicHub, via
-the datasets library on local files), and train.py on them: exact pairs, skips, DDP sharding."""
+"""Pick-a-Pic v2 from parquet shards (pickapic:DIR, pickapic.PickapicParquet = ParquetPairs), the hub path
+(pickapic.PickapicHub = HubPairs, via the datasets library on local files), and train.py on them: exact
+pairs, skips, DDP sharding. The other schemas and the hf: spelling: tests/test_hubdata.py."""
 import io
 import json
 import sys
@@ -158,9 +159,10 @@ def test_hub_path_streams_with_datasets(tmp_path):
 
 
 def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
+    # the pickapic: alias keeps its own prefix in the hints (the hf: spelling: tests/test_hubdata.py)
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(SystemExit) as e:
-        pickapic.PickapicHub("yuvalkirstain/pickapic_v2")
+        data.build_dataset("pickapic:yuvalkirstain/pickapic_v2", 16)
     assert "pip install datasets" in str(e.value) and "pickapic:/path/to/folder" in str(e.value)
     monkeypatch.undo()
     datasets = pytest.importorskip("datasets")
@@ -169,8 +171,10 @@ def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as e:
-        pickapic.PickapicHub("no-such-user/no-such-dataset-xyz")
-    assert str(e.value).startswith("error: cannot stream the data set") and "pickapic:/path/to/folder" in str(e.value)
+        data.build_dataset("pickapic:no-such-user/no-such-dataset-xyz", 16)
+    msg = str(e.value)
+    assert msg.startswith("error: cannot stream the data set") and "pickapic:/path/to/folder" in msg and "\n" not in msg
+    assert "offline" in msg and pickapic.DEFAULT_HUB in msg
 
 
 def test_resume_on_shards_replays_the_same_pairs(tmp_path):
