@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from images import ImagePairs, decode_image
+from images import ImagePairs, read_image
 
 # train.py's data for sd15/sdxl when --data is not given: Apache-2.0, thousands of community-voted pairs
 # (FLUX.1-dev vs SD3.5-large images; the hub's size class 1K-10K), two parquet shards of ~430 MB.
@@ -191,9 +191,9 @@ class _PreferencePairs(ImagePairs):
             raw = image_bytes(cell)
             if raw is None:
                 return {"skip": f"image is not bytes: {where} {col}", "index": i}
-            img = decode_image(raw)
+            img, refused = read_image(raw, self.resolution)  # every PIL mode, within the pixel budget
             if img is None:
-                return {"skip": f"corrupt image: {where} {col}", "index": i}
+                return {"skip": f"{refused[0]}: {where} {col}", "index": i}
             images.append(img)
         return self.pair_item(prompt, images[0], images[1], i)
 

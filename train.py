@@ -56,13 +56,14 @@ def parser():
                         "(FSDP2 fully_shard) instead of replicating them (DDP); full fine-tunes only")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
-                   help="toy (pairs), toy-base (single images, for --loss sft), a .jsonl manifest, pickapic:DIR (parquet "
-                        f"shards), pickapic:HUB_ID, or cache:DIR (data.py cache). Default: toy for tiny presets, "
-                        f"pickapic:{pickapic.PICKAPIC_HUB} for sd15/sdxl")
-    g.add_argument("--data_split", default="train", help="pickapic: the shards' split (file prefix / hub split); toy: prompts")
+                   help="toy (pairs), toy-base (single images, for --loss sft), a .jsonl manifest, hf:DIR or hf:HUB_ID "
+                        "(parquet preference pairs, optionally #SCHEMA: pickapic, open-image-preferences, hpdv2 or "
+                        "#prompt=COL,winner=COL,loser=COL; pickapic:DIR|HUB_ID = #pickapic), or cache:DIR (data.py "
+                        f"cache). Default: toy for tiny presets, {pickapic.DEFAULT_DATA} for sd15/sdxl")
+    g.add_argument("--data_split", default="train", help="hf:/pickapic: the shards' split (file prefix / hub split); toy: prompts")
     g.add_argument("--shuffle_window", type=int, default=4,
-                   help="pickapic:DIR: rows are shuffled across this many row groups at a time (memory: that many + 1)")
-    g.add_argument("--shuffle_buffer", type=int, default=1000, help="pickapic:HUB_ID: the datasets shuffle buffer (rows)")
+                   help="hf:DIR: rows are shuffled across this many row groups at a time (memory: that many + 1)")
+    g.add_argument("--shuffle_buffer", type=int, default=1000, help="hf:HUB_ID: the datasets shuffle buffer (rows)")
     g.add_argument("--resolution", type=int, default=None, help="default: the preset's")
     g.add_argument("--style", default="winter", choices=list(toy.STYLES), help="toy set: the preferred style")
     g.add_argument("--style_fraction", type=float, default=1 / 3, help="toy-base: share of styled images")
@@ -137,8 +138,8 @@ def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
     args.timesteps = args.timesteps or ("batch" if args.loss == "rpo" else "pair")
-    if args.data is None:  # a real model gets real data: Pick-a-Pic v2, as in the paper
-        args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else f"pickapic:{pickapic.PICKAPIC_HUB}"
+    if args.data is None:  # a real model gets real preference data that exists (Pick-a-Pic v2 left the hub)
+        args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else pickapic.DEFAULT_DATA
     if args.embed_model is None:
         args.embed_model = "tiny" if M.PRESETS[args.model]["pretrained"] is None else "openai/clip-vit-large-patch14"
     for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps"):

@@ -114,7 +114,7 @@ def test_real_preset_without_weights_ends_with_one_clear_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     # A real preset's default data is Pick-a-Pic v2 from the hub: checked first (before minutes of
     # model loading), and unreachable it says how to use local shards. Then the weights.
-    for args, hint in ((["--model", "sdxl"], "--data pickapic:/path/to/folder"),
+    for args, hint in ((["--model", "sdxl"], "--data hf:/path/to/folder"),
                        (["--model", "sdxl", "--data", "toy"], "--pretrained"),
                        (["--model", "sd15", "--pretrained", str(tmp_path / "missing"), "--data", "toy"], "--pretrained")):
         r = subprocess.run([sys.executable, "train.py", *args, "--no_progress"], cwd=ROOT, env=env,
