@@ -54,7 +54,8 @@ fi
 
 # 1. cached vs raw ----------------------------------------------------------------------
 say "1. data: raw vs cached"
-timeout 110 $PY bench.py --data fake-pickapic $DATA --json --out "$rows" 2>&1 | grep -vE 'Warning|warn\(' | tail -n 6
+timeout 110 $PY bench.py --data fake-pickapic $DATA --json --out "$rows" 2>&1 | tee -a "$OUT/full.log" \
+  | grep -vE 'Warning|warn\(' | tail -n 6 | cut -c1-400
 CACHE=$(ls -d "$BENCH_TMP"/bench-data-*/cache 2>/dev/null | head -n 1)
 
 # 2. NCCL: DDP and FSDP under torchrun ---------------------------------------------------
@@ -105,8 +106,9 @@ GRID='[{"checkpointing": "all"},
  {"compile": "regional", "checkpointing": "transformer", "batch_size": '$B8'}]'
 [ "$DRY" = 1 ] && GRID=${GRID//regional/none}  # (inductor on a CPU takes minutes per graph)
 timeout $((left + 60)) $PY bench.py $SDXL --loss rpo --grid "$GRID" --time_budget "$left" --out "$rows" 2>&1 \
-  | grep -vE 'Warning|warn\(' | grep -E '^(sdxl|tiny|Traceback|[A-Za-z]*Error)' | cut -c1-400
+  | tee -a "$OUT/full.log" | grep -vE 'Warning|warn\(' | grep -E '^(sdxl|tiny|Traceback|[A-Za-z]*Error)' | cut -c1-400
 
+tail -n 40 "$BENCH_TMP"/*.log > "$OUT/dist_logs.txt" 2>&1
 say "done; rows in $rows"
 $PY - "$rows" <<'EOF'
 import json, sys
