@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Issue 15's open GPU goals in ONE run of at most ~8 minutes on one H100/H200 (bench.py does the
+# Issue 15's open GPU goals in ONE run of ~8 minutes on one H100/H200 (bench.py does the
 # measuring; each row is one JSON line with the GPU's name, appended to $OUT/bench_gpu.jsonl):
-#   1. data   SD1.5 512², real architectures with random weights (bench.py --pretrained random):
+#   1. sdxl   SDXL 1024² full-FT, bf16 + fused AdamW, 4 pairs, in one process: eager baselines,
+#             cuDNN attention, channels_last, regional compile (cold compile ~100 s on a fresh
+#             machine) with selective checkpointing, the same for DPO, 8 pairs; the grid starts
+#             no row after SDXL_BUDGET seconds
+#   2. data   SD1.5 512², real architectures with random weights (bench.py --pretrained random):
 #             train.py pairs/s on raw JPEG pairs (decode + VAE + text encoder + CLIP ViT-L/14 every
-#             step) vs on data.py's cache of the same pairs, with 0 and 4 DataLoader workers
-#   2. dist   torchrun --nproc_per_node 1 train.py with DDP and with --fsdp: NCCL on the GPU.
-#             tiny-xl: a few steps, --save_every, then --resume (the two series run side by side);
-#             then the SD1.5-size random UNet on the cache from 1., DDP vs FSDP step time and memory
-#   3. sdxl   SDXL 1024² full-FT, bf16 + fused AdamW, in one process: eager baselines, regional
-#             compile, selective checkpointing, channels_last, cuDNN attention, DPO, 8 pairs;
-#             the grid stops starting rows when the run's time is spent (TOTAL seconds)
+#             step) vs on data.py's cache of the same pairs
+#   3. dist   torchrun --nproc_per_node 1 train.py with DDP and with --fsdp: NCCL on the GPU.
+#             tiny-xl: a few steps, --save_every, then --resume (the two series side by side);
+#             then the SD1.5-size random UNet on the cache from 2., DDP vs FSDP step time and memory
+# Measured on an H200 (docs/speed-gpu.md): the first version of this script ran data, dist, sdxl
+# in that order and left the SDXL grid 125 s (data 111 s, dist 170 s); the compile rows were then
+# run as two more bench.py --grid calls. This order puts the SDXL grid first.
 #     bash bench_gpu_levers.sh                  # on the GPU machine
 #     DRY=1 bash bench_gpu_levers.sh            # the same steps on the CPU with tiny presets (a test)
 set -u
@@ -17,7 +21,7 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-results/levers-out}
 mkdir -p "$OUT"
 rows=$OUT/bench_gpu.jsonl
-TOTAL=${TOTAL:-470}   # seconds for the whole script; section 3 gets what 1 and 2 leave
+SDXL_BUDGET=${SDXL_BUDGET:-180}  # seconds after which section 1 starts no new row (H200: ~8.5 min in all)
 DRY=${DRY:-0}
 PY=${PY:-python3}
 export BENCH_TMP=${BENCH_TMP:-/tmp/bench-levers}
@@ -45,21 +49,39 @@ if [ "$DRY" = 1 ]; then
   SDXL="--model tiny-xl --batch_size 2 --steps 1 --warmup 1 --device cpu"
   B8=4
 else
-  DATA="--model sd15 --pretrained random --batch_size 16 --steps 4 --warmup 2 --mixed_precision bf16 --num_workers 0,4"
+  DATA="--model sd15 --pretrained random --batch_size 16 --steps 4 --warmup 2 --mixed_precision bf16 --num_workers 0"
   DIST_TINY="--model tiny-xl --batch_size 4 --num_items 64"
   DIST_BIG="--model sd15 --pretrained random --batch_size 8 --max_steps 5"
   SDXL="--model sdxl --resolution 1024 --mixed_precision bf16 --optimizer adamw_fused --batch_size 4 --steps 4 --warmup 2"
   B8=8
 fi
 
-# 1. cached vs raw ----------------------------------------------------------------------
-say "1. data: raw vs cached"
+# 1. SDXL levers --------------------------------------------------------------------------
+left=$SDXL_BUDGET
+say "1. sdxl: levers, $left s of rows"
+GRID='[{"checkpointing": "all"},
+ {"checkpointing": "none"},
+ {"checkpointing": "none", "sdpa_backend": "cudnn"},
+ {"compile": "regional", "checkpointing": "transformer:0.25", "sdpa_backend": "cudnn"},
+ {"compile": "regional", "checkpointing": "transformer:0.25", "sdpa_backend": "cudnn", "loss": "dpo"},
+ {"compile": "regional", "checkpointing": "none", "sdpa_backend": "cudnn"},
+ {"compile": "regional", "checkpointing": "transformer:0.25", "sdpa_backend": "cudnn"},
+ {"compile": "regional", "checkpointing": "transformer:0.5", "sdpa_backend": "cudnn"},
+ {"checkpointing": "none", "channels_last": true},
+ {"compile": "regional", "checkpointing": "transformer:0.25", "sdpa_backend": "cudnn", "channels_last": true},
+ {"compile": "regional", "checkpointing": "transformer", "sdpa_backend": "cudnn", "batch_size": '$B8'}]'
+[ "$DRY" = 1 ] && GRID=${GRID//regional/none}  # (inductor on a CPU takes minutes per graph)
+timeout $((left + 60)) $PY bench.py $SDXL --loss rpo --grid "$GRID" --time_budget "$left" --out "$rows" 2>&1 \
+  | tee -a "$OUT/full.log" | grep -vE 'Warning|warn\(' | grep -E '^(sdxl|tiny|Traceback|[A-Za-z]*Error)' | cut -c1-400
+
+# 2. cached vs raw ----------------------------------------------------------------------
+say "2. data: raw vs cached"
 timeout 110 $PY bench.py --data fake-pickapic $DATA --json --out "$rows" 2>&1 | tee -a "$OUT/full.log" \
   | grep -vE 'Warning|warn\(' | tail -n 6 | cut -c1-400
 CACHE=$(ls -d "$BENCH_TMP"/bench-data-*/cache 2>/dev/null | head -n 1)
 
-# 2. NCCL: DDP and FSDP under torchrun ---------------------------------------------------
-say "2. dist: tiny-xl DDP and FSDP, save + resume (side by side)"
+# 3. NCCL: DDP and FSDP under torchrun ---------------------------------------------------
+say "3. dist: tiny-xl DDP and FSDP, save + resume (side by side)"
 dist() {  # name port extra-flags...: a run, then a --resume run two steps further
   local name=$1 port=$2; shift 2
   for phase in "--max_steps 4 --save_every 2" "--max_steps 6 --resume"; do
@@ -75,7 +97,7 @@ wait
 cat "$BENCH_TMP/ddp.rows" "$BENCH_TMP/fsdp.rows" | tee -a "$rows"
 for f in "$BENCH_TMP"/tiny-*.log; do grep -iE 'error|Traceback|resumed' "$f" | head -n 5; done
 if [ -n "$CACHE" ]; then
-  say "2. dist: SD1.5-size UNet on the cache, DDP then FSDP"
+  say "3. dist: SD1.5-size UNet on the cache, DDP then FSDP"
   for mode in "" "--fsdp"; do
     timeout 80 $PY -m torch.distributed.run --nproc_per_node 1 --master_port 29513 bench.py train $DIST_BIG \
       --data "cache:$CACHE" --out_dir "$BENCH_TMP/big$mode" --no_progress --keep_checkpoints 1 $mode \
@@ -86,27 +108,6 @@ if [ -n "$CACHE" ]; then
     rm -rf "$BENCH_TMP/big$mode"
   done
 fi
-
-# 3. SDXL levers --------------------------------------------------------------------------
-left=$((TOTAL - SECONDS - 45))
-say "3. sdxl: levers, $left s of rows"
-GRID='[{"checkpointing": "all"},
- {"checkpointing": "none"},
- {"checkpointing": "transformer:0.6"},
- {"checkpointing": "none", "sdpa_backend": "cudnn"},
- {"checkpointing": "none", "channels_last": true},
- {"compile": "regional", "checkpointing": "none"},
- {"compile": "regional", "checkpointing": "transformer:0.5"},
- {"compile": "regional", "checkpointing": "transformer:0.6"},
- {"compile": "regional", "checkpointing": "transformer"},
- {"from_best": true, "loss": "dpo"},
- {"from_best": true, "channels_last": true},
- {"from_best": true, "sdpa_backend": "cudnn"},
- {"from_best": true, "loss": "dpo"},
- {"compile": "regional", "checkpointing": "transformer", "batch_size": '$B8'}]'
-[ "$DRY" = 1 ] && GRID=${GRID//regional/none}  # (inductor on a CPU takes minutes per graph)
-timeout $((left + 60)) $PY bench.py $SDXL --loss rpo --grid "$GRID" --time_budget "$left" --out "$rows" 2>&1 \
-  | tee -a "$OUT/full.log" | grep -vE 'Warning|warn\(' | grep -E '^(sdxl|tiny|Traceback|[A-Za-z]*Error)' | cut -c1-400
 
 tail -n 40 "$BENCH_TMP"/*.log > "$OUT/dist_logs.txt" 2>&1
 say "done; rows in $rows"

@@ -575,7 +575,9 @@ def compile_blocks(unet, **kwargs):
 
 def compile_unet(unet, mode="regional"):
     """--compile: "full" compiles the whole UNet (train.py's --compile until now), "regional"
-    its blocks (compile_blocks), "none" nothing."""
+    its blocks (compile_blocks), "none" nothing. unet may be None (no reference UNet)."""
+    if unet is None:
+        return
     if mode == "full":
         unet.compile()
     elif mode == "regional":
@@ -585,22 +587,36 @@ def compile_unet(unet, mode="regional"):
 
 
 SDPA_BACKENDS = ("default", "flash", "cudnn", "efficient", "math")
+_SDP_DEFAULT_ORDER = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else None
 
 
 def set_sdpa_backend(name="default", fallback=True):
-    """Which kernel F.scaled_dot_product_attention (diffusers' AttnProcessor2_0) may use, process
-    wide: "default" lets PyTorch choose; "flash" (FlashAttention-2), "cudnn" (cuDNN's fused
-    attention, Hopper kernels) or "efficient" (memory-efficient) allows that one, plus the math
-    fallback when fallback=True (for shapes the kernel does not take; bench.py passes False, so
-    that an unsupported shape fails loudly instead of timing the slow math path)."""
+    """Which kernel F.scaled_dot_product_attention (diffusers' AttnProcessor2_0) uses, process
+    wide; call before the first forward (a compiled graph keeps the kernel it was traced with).
+      default    PyTorch's own choice (FlashAttention-2 for SDXL's bf16 head-dim-64 attention)
+      cudnn      cuDNN's fused attention (Hopper kernels): 3.4% faster SDXL steps than the
+                 default in eager on an H200 (docs/speed-gpu.md)
+      flash / efficient / math   that kernel
+    fallback=True (for training): the named kernel first, the others after it for shapes it
+    cannot take (SD1.5's head dim 160 exceeds cuDNN's 128); on a PyTorch without the
+    priority-order switch, the named kernel plus the math one. fallback=False (bench.py): the
+    named kernel alone, so an unsupported shape fails instead of timing another kernel."""
+    from torch.nn.attention import SDPBackend
     if name not in SDPA_BACKENDS:
         raise SystemExit(f"error: --sdpa_backend {name!r}: choose from {', '.join(SDPA_BACKENDS)}")
     b = torch.backends.cuda
-    every = name == "default"
+    every = name == "default" or (fallback and _SDP_DEFAULT_ORDER is not None)
     b.enable_flash_sdp(every or name == "flash")
     b.enable_cudnn_sdp(every or name == "cudnn")
     b.enable_mem_efficient_sdp(every or name == "efficient")
     b.enable_math_sdp(every or fallback or name == "math")
+    if _SDP_DEFAULT_ORDER is not None:
+        order = list(_SDP_DEFAULT_ORDER)
+        if name != "default":
+            first = int({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
+            order = [first] + [x for x in order if x != first]
+        torch._C._set_sdp_priority_order(order)
 
 
 def to_channels_last(*unets):
