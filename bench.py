@@ -18,6 +18,7 @@ gradient checkpointing (model FLOPs: recomputation is not useful work), and MFU 
 the step time and the GPU's dense bf16 peak.
 """
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -30,6 +31,8 @@ import train
 import toy
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
+COMPILED_SDPA = None  # the attention backend of the graphs Dynamo holds (run: reset when it changes)
+FLOPS_PER_PAIR = {}  # (model, init, loss, resolution, lora_rank) -> model FLOPs of one pair's step
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
 
@@ -46,8 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy and reference UNets")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="= --checkpointing all")
+    p.add_argument("--checkpointing", default=None, metavar="{" + ",".join(M.CHECKPOINTING) + ",transformer:F}",
+                   help="which blocks recompute their activations in backward (model.apply_checkpointing)")
+    p.add_argument("--compile", nargs="?", const="full", default="none", choices=["none", "regional", "full"],
+                   help="torch.compile the policy and reference UNets: full (bare --compile) or each block "
+                        "(model.compile_blocks); compile time is reported apart from the step time")
+    p.add_argument("--sdpa_backend", default="default", choices=M.SDPA_BACKENDS,
+                   help="attention kernel (model.set_sdpa_backend); a shape it cannot take fails the row")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--lora_rank", type=int, default=0,
@@ -60,10 +69,25 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="instead: train.py's pairs/s on this --data spec, raw vs cached "
                                                 "(the cache is built first, untimed); fake-pickapic: 512² JPEG "
                                                 "pairs in Pick-a-Pic's parquet layout, made here")
-    p.add_argument("--num_workers", type=int, default=0, help="--data: DataLoader workers for both runs")
-    p.add_argument("--pretrained", default=None, help="--data with sd15/sdxl: hub id or local diffusers folder")
+    p.add_argument("--num_workers", default="0", help="--data: DataLoader workers for both runs; a comma list "
+                                                           "(0,4) compares raw and cached once per value")
+    p.add_argument("--pretrained", default=None, help="--data with sd15/sdxl: hub id or local diffusers folder, or "
+                                                      "'random': their architectures with random weights (no download)")
     p.add_argument("--embed_model", default=None, help="--data: CLIP for E5 (train.py's default when not given)")
-    return p.parse_args(argv)
+    p.add_argument("--grid", default=None,
+                   help="a JSON list of flag overrides, e.g. '[{\"compile\": \"regional\"}, {\"batch_size\": 8}]': "
+                        "each configuration in turn in this one process (one start-up, FLOPs counted once per shape); "
+                        "a failure (OOM, ...) becomes an error row and the next one runs")
+    p.add_argument("--time_budget", type=float, default=0, help="--grid: seconds; configurations that would start "
+                                                                 "after it are skipped (0: no limit)")
+    p.add_argument("--out", default=None, help="also append each JSON row to this file")
+    p.add_argument("--label", default=None, help="a name stored in each row")
+    args = p.parse_args(argv)
+    if args.gradient_checkpointing and args.checkpointing is None:
+        args.checkpointing = "all"
+    args.checkpointing = args.checkpointing or "none"
+    args.gradient_checkpointing = args.checkpointing != "none"
+    return args
 
 
 def fake_batch(m, name, B, R, generator):
@@ -96,13 +120,27 @@ def peak_tflops(device):
     return None
 
 
+def normalise(cfg):
+    """The older spellings too: gradient_checkpointing=True means checkpointing "all", compile
+    True/False means "full"/"none"."""
+    cfg = dict(cfg)
+    if not cfg.get("checkpointing"):
+        cfg["checkpointing"] = "all" if cfg.get("gradient_checkpointing") else "none"
+    cfg["gradient_checkpointing"] = cfg["checkpointing"] != "none"
+    compile_ = cfg.get("compile", "none")
+    cfg["compile"] = {True: "full", False: "none", None: "none"}.get(compile_, compile_)
+    cfg.setdefault("sdpa_backend", "default")
+    return cfg
+
+
 def run(cfg):
     """One configuration: build, warm up, time. Returns a dict of figures."""
+    cfg = normalise(cfg)
     device = torch.device(cfg["device"])
     name, B = cfg["model"], cfg["batch_size"]
     real = name in ("sd15", "sdxl")
     m = M.load_models(name, init_unet=None if cfg["init"] == "random" else cfg["init"], device=str(device),
-                      mixed_precision=cfg["mixed_precision"], gradient_checkpointing=cfg["gradient_checkpointing"],
+                      mixed_precision=cfg["mixed_precision"], gradient_checkpointing=False,
                       reference=cfg["loss"] != "sft", random_unet=real and cfg["init"] == "random",
                       lora_rank=cfg.get("lora_rank", 0))
     R = cfg["resolution"] or m.resolution
@@ -115,9 +153,7 @@ def run(cfg):
             raise SystemExit("error: --preset dpo-reference offloads with accelerate (pip install accelerate)")
         m.ref_unet = cpu_offload(m.ref_unet.to("cpu"), execution_device=device)
     if cfg["channels_last"]:
-        m.unet.to(memory_format=torch.channels_last)
-        if m.ref_unet is not None:
-            m.ref_unet.to(memory_format=torch.channels_last)
+        M.to_channels_last(m.unet, m.ref_unet)
     generator = torch.Generator().manual_seed(0)
 
     def batch_of(pairs):
@@ -146,25 +182,38 @@ def run(cfg):
 
     # Model FLOPs: one eager step on ONE pair without gradient checkpointing (recomputation is
     # not useful work), times B (a UNet's FLOPs are linear in the batch). One pair keeps the
-    # un-checkpointed activations small enough for any GPU that runs the real batch.
-    from torch.utils.flop_counter import FlopCounterMode
-    if cfg["gradient_checkpointing"]:
-        m.unet.disable_gradient_checkpointing()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(batch_of(1))
-    flops = counter.get_total_flops() * B
-    if cfg["gradient_checkpointing"]:
-        m.unet.enable_gradient_checkpointing()
-    if cfg["compile"]:
-        m.unet.compile()  # in place, as train.py --compile does
-        if m.ref_unet is not None:
-            m.ref_unet.compile()
+    # un-checkpointed activations small enough for any GPU that runs the real batch. Counted
+    # before any compile, checkpointing or attention-backend choice, and once per shape in a
+    # process (--grid): the same model FLOPs for every lever.
+    key = (name, cfg["init"], cfg["loss"], R, cfg.get("lora_rank", 0))
+    if key not in FLOPS_PER_PAIR:
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(batch_of(1))
+        FLOPS_PER_PAIR[key] = counter.get_total_flops()
+    flops = FLOPS_PER_PAIR[key] * B
+    M.apply_checkpointing(m.unet, cfg["checkpointing"])
+    if device.type == "cuda":
+        M.set_sdpa_backend(cfg["sdpa_backend"], fallback=False)
+    if cfg["compile"] != "none":
+        # The attention kernel is chosen while a graph is traced and baked into it, and Dynamo does
+        # not guard on the SDPA switches: a cached graph would keep the last row's kernel.
+        global COMPILED_SDPA
+        if COMPILED_SDPA not in (None, cfg["sdpa_backend"]):
+            from torch import _dynamo
+            _dynamo.reset()
+        COMPILED_SDPA = cfg["sdpa_backend"]
+    M.compile_unet(m.unet, cfg["compile"])  # in place, as train.py --compile does
+    M.compile_unet(m.ref_unet, cfg["compile"])
     batch = batch_of(B)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(cfg["warmup"]):
+    warm = []
+    for _ in range(cfg["warmup"]):  # the first step(s) compile: their excess over a timed step is compile time
+        t0 = time.perf_counter()
         step(batch)
-    sync()
+        sync()
+        warm.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -172,12 +221,17 @@ def run(cfg):
         step(batch)
     sync()
     seconds = (time.perf_counter() - t0) / cfg["steps"]
+    if device.type == "cuda":
+        M.set_sdpa_backend("default")
     result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1),
                   trainable_params_M=round(sum(p.numel() for p in params) / 1e6, 3), ms_per_step=round(1e3 * seconds, 2),
                   pairs_per_s=round(B / seconds, 3), flops_per_step=flops, tflops_per_step=round(flops / 1e12, 3),
-                  achieved_tflops=round(flops / seconds / 1e12, 1))
+                  achieved_tflops=round(flops / seconds / 1e12, 1), first_step_s=round(warm[0], 2) if warm else None,
+                  compile_s=round(sum(warm) - len(warm) * seconds, 1) if cfg["compile"] != "none" and warm else 0.0)
     if device.type == "cuda":
         result["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        result["fits_80GB"] = torch.cuda.max_memory_allocated(device) <= 80e9
         result["gpu"] = torch.cuda.get_device_name(device)
         peak = peak_tflops(device)
         result["mfu"] = round(flops / seconds / (peak * 1e12), 4) if peak else None
@@ -193,16 +247,26 @@ def measure(cfg):
     return result
 
 
-def show(result, as_json):
-    if as_json:
+def show(result, args):
+    if getattr(args, "out", None):
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    if args.json:
         print(json.dumps(result), flush=True)
         return
-    flags = [k for k in ("gradient_checkpointing", "compile", "channels_last", "offload_reference") if result.get(k)]
+    if "error" in result:
+        print(f"{result.get('model')} {result.get('loss')} B={result.get('batch_size')}: FAILED {result['error']}", flush=True)
+        return
+    flags = [k for k in ("channels_last", "offload_reference") if result.get(k)]
+    flags += [f"{k}={result[k]}" for k in ("checkpointing", "compile", "sdpa_backend")
+              if result.get(k) not in (None, "none", "default")]
     if result.get("lora_rank"):
         flags.append(f"lora_rank={result['lora_rank']} ({result['trainable_params_M']}M trainable)")
     line = (f"{result['model']} {result['loss']} B={result['batch_size']} {result['resolution']}px "
             f"{result['mixed_precision']} {result['optimizer']} {' '.join(flags)}: {result['ms_per_step']:.1f} ms/step, "
             f"{result['pairs_per_s']:.2f} pairs/s, {1e3 * result['tflops_per_step']:.1f} GFLOP/step")
+    if result.get("compile_s"):
+        line += f", compile {result['compile_s']:.0f} s"
     if "peak_mem_GiB" in result:
         line += f", peak {result['peak_mem_GiB']:.1f} GiB"
         if result.get("mfu") is not None:
@@ -238,48 +302,135 @@ def fake_pickapic(folder, n, size=512):
     return folder
 
 
+@contextlib.contextmanager
+def random_real_weights(enabled=True):
+    """--pretrained random: while the block runs, model.load_real and model.load_embedder build
+    sd15/sdxl's UNet, VAE, text encoders and the E5 CLIP (ViT-L/14) from their architectures with
+    random weights (model.build_random_real, model.random_embedder), on the current GPU, instead
+    of reading them: train.py and data.py then run their real code paths at the real shapes, with
+    no download. Speed only: the numbers they compute mean nothing."""
+    if not enabled:
+        yield
+        return
+    here = lambda: torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    saved = M.load_real, M.load_embedder
+    M.load_real = lambda source, xl, encoders=True: M.build_random_real("sdxl" if xl else "sd15", here(), encoders)
+    M.load_embedder = lambda name="tiny", device="cpu": M.random_embedder(device)
+    try:
+        yield
+    finally:
+        M.load_real, M.load_embedder = saved
+
+
 def bench_data(args, device):
     """--data DATA: train.py end to end, on the raw pairs of DATA (decoding, VAE, text encoders,
     E5's CLIP every step) and on a cache of the same pairs (data.py cache: none of those). A
     run's figure is the median of train.py's own per-step pairs/s after --warmup steps; with
-    --repeat N the two alternate N times and the medians of the runs are reported."""
+    --repeat N the two alternate N times and the medians of the runs are reported.
+    --pretrained random: sd15/sdxl with random weights (random_real_weights). --num_workers may
+    be a comma list (0,4): one raw/cached comparison per value, on the same cache."""
+    import os
     import statistics
     import tempfile
 
     import data
-    tmp = tempfile.mkdtemp(prefix="bench-data-")
+    if os.environ.get("BENCH_TMP"):
+        os.makedirs(os.environ["BENCH_TMP"], exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="bench-data-", dir=os.environ.get("BENCH_TMP"))
     steps, n = args.steps + args.warmup, args.batch_size * (args.steps + args.warmup)
+    workers = [int(w) for w in str(args.num_workers).split(",")]
     if args.data == "fake-pickapic":  # Pick-a-Pic-like shards: 512x512 JPEG pairs (q 90), so decoding costs what it does
         args.data = f"pickapic:{fake_pickapic(f'{tmp}/pickapic', n)}"
-    t0 = time.time()
     mp = args.mixed_precision if device.startswith("cuda") else "no"
-    index = data.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
-                             embed_model=args.embed_model, resolution=args.resolution, device=device,
-                             mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=args.num_workers,
-                             progress=False)
-    print(f"cache: {index['num_pairs']} pairs in {time.time() - t0:.1f} s ({tmp}/cache)", flush=True)
-    runs = {"raw": [], "cached": []}
-    for name, spec in [("raw", args.data), ("cached", f"cache:{tmp}/cache")] * args.repeat:  # interleaved
-        flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
-                 str(args.batch_size), "--max_steps", str(steps), "--num_items", str(n), "--out_dir", f"{tmp}/{name}",
-                 "--no_progress", "--num_workers", str(args.num_workers), "--device", device, "--mixed_precision",
-                 mp] + (["--resolution", str(args.resolution)] if args.resolution else []) + (
-                 ["--pretrained", args.pretrained] if args.pretrained else []) + (
-                 ["--embed_model", args.embed_model] if args.embed_model else []) + (
-                 ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
-        train.main(flags)
-        with open(f"{tmp}/{name}/metrics.jsonl") as f:
-            runs[name].append(statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:]))
-    rates = {name: statistics.median(r) for name, r in runs.items()}
-    result = {"model": args.model, "data": args.data, "batch_size": args.batch_size, "device": device,
-              "raw_pairs_per_s": round(rates["raw"], 2), "cached_pairs_per_s": round(rates["cached"], 2),
-              "cached_over_raw": round(rates["cached"] / rates["raw"], 2), "runs": runs}
-    print(json.dumps(result) if args.json else
-          f"{args.model} on {args.data}, {args.batch_size} pairs/step, {device}: raw {rates['raw']:.1f} pairs/s, "
-          f"cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x); medians of {args.repeat} "
-          f"interleaved runs each: raw {[round(x, 1) for x in runs['raw']]}, cached {[round(x, 1) for x in runs['cached']]}",
-          flush=True)
-    return result
+    results = []
+    with random_real_weights(args.pretrained == "random"):
+        t0 = time.time()
+        index = data.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
+                                 embed_model=args.embed_model, resolution=args.resolution, device=device,
+                                 mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=workers[0],
+                                 progress=False)
+        cache_s = time.time() - t0
+        print(f"cache: {index['num_pairs']} pairs in {cache_s:.1f} s ({tmp}/cache)", flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for num_workers in workers:
+            runs = {"raw": [], "cached": []}
+            for name, spec in [("raw", args.data), ("cached", f"cache:{tmp}/cache")] * args.repeat:  # interleaved
+                flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
+                         str(args.batch_size), "--max_steps", str(steps), "--num_items", str(n), "--out_dir",
+                         f"{tmp}/{name}", "--overwrite", "--no_progress", "--num_workers", str(num_workers), "--device", device,
+                         "--mixed_precision", mp] + (["--resolution", str(args.resolution)] if args.resolution else []) + (
+                         ["--pretrained", args.pretrained] if args.pretrained else []) + (
+                         ["--embed_model", args.embed_model] if args.embed_model else []) + (
+                         ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                train.main(flags)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                with open(f"{tmp}/{name}/metrics.jsonl") as f:
+                    runs[name].append(statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:]))
+            rates = {name: statistics.median(r) for name, r in runs.items()}
+            result = {"mode": "data", "model": args.model, "data": args.data, "pretrained": args.pretrained,
+                      "loss": args.loss.split(",")[0], "batch_size": args.batch_size, "device": device,
+                      "mixed_precision": mp, "num_workers": num_workers, "cache_build_s": round(cache_s, 1),
+                      "raw_pairs_per_s": round(rates["raw"], 2), "cached_pairs_per_s": round(rates["cached"], 2),
+                      "cached_over_raw": round(rates["cached"] / rates["raw"], 2), "runs": runs}
+            if torch.cuda.is_available():
+                result["gpu"] = torch.cuda.get_device_name()
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+            print(json.dumps(result) if args.json else
+                  f"{args.model} on {args.data}, {args.batch_size} pairs/step, {device}, {num_workers} workers: raw "
+                  f"{rates['raw']:.1f} pairs/s, cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x); "
+                  f"medians of {args.repeat} interleaved runs each: raw {[round(x, 1) for x in runs['raw']]}, "
+                  f"cached {[round(x, 1) for x in runs['cached']]}", flush=True)
+            results.append(result)
+    print(f"cache kept in {tmp}/cache", flush=True)
+    return results[0] if len(results) == 1 else results
+
+
+def run_grid(args, cfg):
+    """--grid: each configuration (cfg plus one override dict) in this process, in order. An
+    exception (CUDA out of memory, a kernel that refuses a shape, a compile failure) becomes a
+    row with "error" and the grid goes on; --time_budget skips what would start after it."""
+    import traceback
+    t0, rows = time.time(), []
+    for override in json.loads(args.grid):
+        override = dict(override)
+        if override.pop("from_best", False):
+            # the fastest row so far that fit 80 GB with >= 4 pairs, its levers and batch size
+            # (then this entry's other keys, e.g. "loss": "dpo")
+            fit = [r for r in rows if "error" not in r and r.get("fits_80GB", True) and r["batch_size"] >= 4
+                   and r["loss"] == "rpo"]
+            if fit:
+                best = max(fit, key=lambda r: r.get("mfu") or r["pairs_per_s"])
+                lever_keys = ("compile", "checkpointing", "sdpa_backend", "channels_last", "batch_size")
+                override = dict({k: best[k] for k in lever_keys}, **override)
+        row_cfg = dict(cfg, **override)
+        if row_cfg.get("gradient_checkpointing") and "checkpointing" not in override:
+            row_cfg["checkpointing"] = "all"
+        row_cfg["gradient_checkpointing"] = row_cfg["checkpointing"] != "none"
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            result = dict(row_cfg, error=f"skipped: --time_budget {args.time_budget:.0f} s spent")
+        else:
+            try:
+                result = measure(row_cfg)
+            except Exception as err:  # noqa: BLE001 (the row records it; the grid goes on)
+                traceback.print_exc()
+                result = dict(row_cfg, error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}")
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                result["gpu"] = torch.cuda.get_device_name()
+        result["wall_s"] = round(time.time() - t0, 1)
+        rows.append(result)
+        show(result, args)
+    return rows
 
 
 def main(argv=None):
@@ -291,8 +442,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    cfg = {k: v for k, v in vars(args).items() if k not in ("preset", "json", "repeat")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("preset", "json", "repeat", "grid", "time_budget", "out",
+                                                             "data", "num_workers", "pretrained", "embed_model")}
     cfg["device"] = device
+    if args.grid:
+        return run_grid(args, cfg)
     losses = args.loss.split(",")
     if any(name not in ("rpo", "dpo", "sft") for name in losses):
         raise SystemExit(f"error: --loss takes rpo, dpo, sft or a comma list of them, not {args.loss!r}")
@@ -300,7 +454,7 @@ def main(argv=None):
     for _ in range(args.repeat):  # interleaved, so drifts in machine load hit every loss alike
         for name in losses:
             results[name].append(measure(dict(cfg, loss=name)))
-            show(results[name][-1], args.json)
+            show(results[name][-1], args)
     median = {name: sorted(rs, key=lambda r: r["ms_per_step"])[len(rs) // 2] for name, rs in results.items()}
     ours = median[losses[0]]
     if len(losses) > 1:
@@ -313,14 +467,47 @@ def main(argv=None):
         # Diffusion-DPO's official SDXL setup: fp32 master weights under fp16 autocast, reference
         # UNet CPU-offloaded, Adafactor, gradient checkpointing, one pair per step.
         ref_cfg = dict(cfg, mixed_precision="fp16", optimizer="adafactor", gradient_checkpointing=True,
-                       batch_size=1, compile=False, channels_last=False, offload_reference=True, lora_rank=0)
+                       checkpointing="all", batch_size=1, compile="none", channels_last=False, sdpa_backend="default",
+                       offload_reference=True, lora_rank=0)
         base = measure(ref_cfg)
-        show(base, args.json)
+        show(base, args)
         ratio = ours["pairs_per_s"] / base["pairs_per_s"]
         print(json.dumps({"speedup_vs_dpo_reference": round(ratio, 2)}) if args.json else
               f"speed-up over the Diffusion-DPO reference setup: {ratio:.2f}x pairs/s", flush=True)
     return ours
 
 
+def train_main(argv):
+    """bench.py train [train.py flags]: train.py's main in this process (torchrun may launch it),
+    with --pretrained random building sd15/sdxl from their architectures with random weights (no
+    download). Prints one JSON row: train.py's own per-step figures (metrics.jsonl), the peak GPU
+    memory, the world size and FSDP/DDP, the GPU."""
+    import os
+    import statistics
+    args = train.parse_args(argv)
+    t0 = time.time()
+    with random_real_weights(args.pretrained == "random"):
+        train.main(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
+        rates = [json.loads(line)["pairs_per_s"] for line in f if line.strip()]
+    row = {"mode": "train.py", "argv": " ".join(argv), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+           "parallel": "fsdp" if args.fsdp else ("ddp" if "RANK" in os.environ else "none"),
+           "backend": ("nccl" if torch.cuda.is_available() else "gloo") if "RANK" in os.environ else None,
+           "steps_logged": len(rates), "resumed": bool(args.resume), "wall_s": round(time.time() - t0, 1),
+           "median_pairs_per_s": round(statistics.median(rates[1:] or rates), 2) if rates else None}
+    if rates and torch.cuda.is_available():
+        row["ms_per_step"] = round(1e3 * args.batch_size * args.grad_accum * row["world_size"] / row["median_pairs_per_s"], 1)
+        row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:2] == ["train"]:
+        train_main(sys.argv[2:])
+    else:
+        main()

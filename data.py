@@ -258,6 +258,27 @@ def build_dataset(spec, resolution, seed=0, split="train", style="winter", style
 
 
 
+def from_args(args, world):
+    """train.py's --data and data flags -> (dataset, resolution). Built before the models: a wrong path fails in seconds,
+    not after loading SDXL."""
+    resolution = args.resolution or M.PRESETS[args.model]["resolution"]  # also SDXL's target size in the time ids
+    cached = args.data.startswith("cache:")
+    try:
+        dataset = build_dataset(args.data, args.resolution if cached else resolution, seed=args.seed,
+                                split=args.data_split, style=args.style, style_fraction=args.style_fraction,
+                                random_crop=args.random_crop, random_flip=args.random_flip, num_items=args.num_items,
+                                window=args.shuffle_window, shuffle_buffer=args.shuffle_buffer, model=args.model,
+                                pretrained=args.pretrained, embed_model=args.embed_model if args.loss == "rpo" else None)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
+    if args.loss != "sft" and isinstance(dataset, ToyImages):
+        raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
+    if not hasattr(dataset, "stream") and len(dataset) < args.batch_size * world:
+        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
+                         + (f" × {world} ranks" if world > 1 else ""))
+    return dataset, (dataset.resolution if cached else resolution)
+
+
 def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_workers=0):
     """(epoch, item, batch) forever, from position (epoch, items consumed in the epoch).
     Map-style data: a per-epoch permutation seeded by (seed, epoch); a global micro-batch is

@@ -574,6 +574,254 @@ def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=Tr
     return latents, cond, (pick("cache_clip_text").float().to(m.device), cat("cache_clip_image").float().to(m.device))
 
 
+# ---------------------------------------------------------------------------------------
+# Speed levers for a built UNet: bench.py measures each one (--compile, --checkpointing,
+# --channels_last, --sdpa_backend), and train.py can adopt any of them with one call.
+CHECKPOINTING = ("none", "all", "transformer", "alternate", "resnet", "hires")  # and transformer:F, 0 < F <= 1
+
+
+def apply_checkpointing(unet, which="all"):
+    """Gradient checkpointing of a chosen set of blocks (recomputed in backward instead of
+    keeping their activations), in place; state_dict and forward results unchanged.
+      none           nothing
+      all            diffusers' own: every ResnetBlock2D and every BasicTransformerBlock
+      transformer    every BasicTransformerBlock, no ResNets. SDXL at 1024²: the transformer
+                     blocks hold ~88% of the activations (6.5 of 7.4 GiB a sample, by saved-tensor
+                     bytes) and 75% of the forward FLOPs; the ResNets 10% and 20%
+      transformer:F  the fraction F of the transformer blocks, the widest-activation ones first
+                     (lowest channel count = highest resolution: SDXL's 640-channel blocks at 64²
+                     latents hold 2.2 GiB per forward TFLOP, the 1280-channel ones 1.1), spread
+                     evenly within a width; transformer:0.5 = half the saving, half the recompute
+      alternate      every other BasicTransformerBlock, in module order
+      resnet         every ResnetBlock2D only
+      hires          every ResNet and the transformer blocks of the highest-resolution level
+    diffusers asks each down/mid/up block and each Transformer2DModel to checkpoint its children
+    through module._gradient_checkpointing_func(child, *args); here that function checkpoints
+    the chosen children and calls the others directly. Non-reentrant torch.utils.checkpoint, as
+    diffusers' default: it composes with compile_blocks (the compiled block is recomputed) and
+    with DDP/FSDP."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    fraction = None
+    if which.startswith("transformer:"):
+        try:
+            fraction = float(which.split(":", 1)[1])
+        except ValueError:
+            fraction = -1
+        if not 0 < fraction <= 1:
+            raise SystemExit(f"error: --checkpointing {which!r}: transformer:F needs 0 < F <= 1")
+    elif which not in CHECKPOINTING:
+        raise SystemExit(f"error: --checkpointing {which!r}: choose from {', '.join(CHECKPOINTING)} or transformer:F")
+    if which == "none":
+        unet.disable_gradient_checkpointing()
+        return set()
+    blocks = [mod for mod in unet.modules() if isinstance(mod, BasicTransformerBlock)]
+    resnets = [mod for mod in unet.modules() if isinstance(mod, ResnetBlock2D)]
+    if which == "all":  # diffusers' own function: what --gradient_checkpointing always did
+        unet.enable_gradient_checkpointing()
+        return blocks + resnets
+    if fraction is not None:
+        chosen, want = [], round(fraction * len(blocks))
+        for width in sorted({blk.norm1.normalized_shape[0] for blk in blocks}):
+            group = [blk for blk in blocks if blk.norm1.normalized_shape[0] == width]
+            k = min(len(group), want - len(chosen))
+            chosen += [group[(2 * i + 1) * len(group) // (2 * k)] for i in range(k)]  # k evenly spaced
+    elif which == "transformer":
+        chosen = blocks
+    elif which == "alternate":
+        chosen = blocks[::2]
+    elif which == "resnet":
+        chosen = resnets
+    else:  # hires: transformer blocks of the first (highest-resolution) down block that has attentions
+        first = next(b for b in unet.down_blocks if getattr(b, "attentions", None))
+        chosen = resnets + [mod for mod in first.modules() if isinstance(mod, BasicTransformerBlock)]
+        up = next(b for b in reversed(unet.up_blocks) if getattr(b, "attentions", None))
+        chosen += [mod for mod in up.modules() if isinstance(mod, BasicTransformerBlock)]
+    ids = {id(mod) for mod in chosen}
+
+    def checkpoint_some(module, *args):
+        if id(module) in ids:
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+        return module(*args)
+
+    unet.enable_gradient_checkpointing(checkpoint_some)
+    return chosen
+
+
+def compile_blocks(unet, **kwargs):
+    """Regional compilation: torch.compile every BasicTransformerBlock and ResnetBlock2D in
+    place (Module.compile: state_dict keys, save_pretrained and resume unchanged) instead of the
+    whole UNet. Blocks of the same shape share one compiled graph, so SDXL compiles a few dozen
+    small graphs (per shape: training forward/backward, and the reference's no-grad forward)
+    instead of one huge one; what stays eager (convs in/out, up/down samplers, the
+    Transformer2DModel's norm and projections) is a small share of the FLOPs. dynamic=False: every
+    shape gets its own static graph (the default would switch to dynamic-shape kernels at the
+    second shape), so Dynamo's per-function recompile limit is raised to fit them all."""
+    import torch._dynamo
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 512))
+    kwargs.setdefault("dynamic", False)
+    n = 0
+    for mod in unet.modules():
+        if isinstance(mod, (BasicTransformerBlock, ResnetBlock2D)):
+            mod.compile(**kwargs)
+            n += 1
+    return n
+
+
+def compile_unet(unet, mode="regional"):
+    """--compile: "full" compiles the whole UNet (train.py's --compile until now), "regional"
+    its blocks (compile_blocks), "none" nothing. unet may be None (no reference UNet)."""
+    if unet is None:
+        return
+    if mode == "full":
+        unet.compile()
+    elif mode == "regional":
+        compile_blocks(unet)
+    elif mode not in ("none", None):
+        raise SystemExit(f"error: --compile {mode!r}: choose none, regional or full")
+
+
+SDPA_BACKENDS = ("default", "flash", "cudnn", "efficient", "math")
+_SDP_DEFAULT_ORDER = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else None
+
+
+def set_sdpa_backend(name="default", fallback=True):
+    """Which kernel F.scaled_dot_product_attention (diffusers' AttnProcessor2_0) uses, process
+    wide; call before the first forward (a compiled graph keeps the kernel it was traced with).
+      default    PyTorch's own choice (FlashAttention-2 for SDXL's bf16 head-dim-64 attention)
+      cudnn      cuDNN's fused attention (Hopper kernels): 3.4% faster SDXL steps than the
+                 default in eager on an H200 (docs/speed-gpu.md)
+      flash / efficient / math   that kernel
+    fallback=True (for training): the named kernel first, the others after it for shapes it
+    cannot take (SD1.5's head dim 160 exceeds cuDNN's 128); on a PyTorch without the
+    priority-order switch, the named kernel plus the math one. fallback=False (bench.py): the
+    named kernel alone, so an unsupported shape fails instead of timing another kernel."""
+    from torch.nn.attention import SDPBackend
+    if name not in SDPA_BACKENDS:
+        raise SystemExit(f"error: --sdpa_backend {name!r}: choose from {', '.join(SDPA_BACKENDS)}")
+    b = torch.backends.cuda
+    every = name == "default" or (fallback and _SDP_DEFAULT_ORDER is not None)
+    b.enable_flash_sdp(every or name == "flash")
+    b.enable_cudnn_sdp(every or name == "cudnn")
+    b.enable_mem_efficient_sdp(every or name == "efficient")
+    b.enable_math_sdp(every or fallback or name == "math")
+    if _SDP_DEFAULT_ORDER is not None:
+        order = list(_SDP_DEFAULT_ORDER)
+        if name != "default":
+            first = int({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
+            order = [first] + [x for x in order if x != first]
+        torch._C._set_sdp_priority_order(order)
+
+
+def to_channels_last(*unets):
+    """NHWC memory format for the convolutions of each UNet given (None entries skipped)."""
+    for unet in unets:
+        if unet is not None:
+            unet.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------
+# The real presets' frozen parts with random weights (bench.py --pretrained random): the
+# shapes of their config.json files, so that VAE, text encoders and CLIP cost what the real
+# ones cost, with no download. The tokenizer is tiny_tokenizer at 77 tokens (the text encoders
+# see the same (B, 77) ids shape; the ids only index the random 49408-row embedding).
+REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+REAL_TEXT = {"clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            projection_dim=768, hidden_act="quick_gelu"),
+             "bigg": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                          projection_dim=1280, hidden_act="gelu")}
+REAL_CLIP_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+
+
+def _real_text_config(kind):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **REAL_TEXT[kind])
+
+
+def build_random_real(model, device="cpu", encoders=True):
+    """What load_real returns for sd15/sdxl, built from the architectures with random weights
+    on `device` (initialising 1-3B parameters on a CPU takes minutes; on a GPU, seconds)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    xl = PRESETS[model]["xl"]
+    with torch.device(device):
+        parts = dict(unet=UNet2DConditionModel(**ARCHITECTURES[model]), vae=None, text_encoders=[], tokenizers=[],
+                     scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                             beta_start=0.00085, beta_end=0.012, clip_sample=False))
+        if encoders:
+            parts["vae"] = AutoencoderKL(**REAL_VAE, sample_size=PRESETS[model]["resolution"],
+                                         scaling_factor=0.13025 if xl else 0.18215)
+            parts["tokenizers"] = [tiny_tokenizer(77)]
+            parts["text_encoders"] = [CLIPTextModel(_real_text_config("clip-l"))]
+            if xl:
+                parts["tokenizers"].append(tiny_tokenizer(77))
+                parts["text_encoders"].append(CLIPTextModelWithProjection(_real_text_config("bigg")))
+    return parts
+
+
+def random_embedder(device="cpu"):
+    """load_embedder's (model, tokenizer) with CLIP ViT-L/14's shapes (openai/clip-vit-large-patch14,
+    train.py's default E5 model) and random weights."""
+    from transformers import CLIPConfig, CLIPModel
+    config = CLIPConfig(text_config=_real_text_config("clip-l").to_dict(), vision_config=REAL_CLIP_VISION,
+                        projection_dim=768)
+    with torch.device(device):
+        model = CLIPModel(config)
+    return model.eval().requires_grad_(False), tiny_tokenizer(77)
+
+
+# ---------------------------------------------------------------------------------------
+# train.py's set-up from its flags
+def device_defaults(args, device):
+    """GPU defaults are what bench.py measured fastest (docs/speed.md): bf16 autocast with fp32
+    master weights, the reference in bf16, fused AdamW, SDPA attention, TF32 matmuls."""
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if gpu else "no"
+    if args.optimizer == "auto":
+        args.optimizer = "adamw_fused" if gpu else "adamw"
+    if args.sdpa_backend == "auto":
+        args.sdpa_backend = "cudnn" if gpu else "default"
+    if gpu:
+        set_sdpa_backend(args.sdpa_backend)  # with the others as fallbacks for shapes it cannot take
+
+
+def from_args(args, device, dataset, resolution):
+    """-> (m, policy, embedder). m: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text
+    encoders (model.load_models); with --lora_rank the policy is the frozen UNet + adapter and
+    the reference that UNet with the adapter off (m.ref_unet is None). A cache holds what the
+    encoders compute, so they are not loaded for one. policy: what the training forward calls
+    (m.unet, or its DDP/FSDP wrapper). embedder: CLIP for E5 from raw images."""
+    cached = args.data.startswith("cache:")
+    m = load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
+                    args.gradient_checkpointing == "all", reference=args.loss != "sft", lora_rank=args.lora_rank,
+                    lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")), encoders=not cached)
+    if args.gradient_checkpointing not in ("none", "all"):  # ("all": load_models' own)
+        apply_checkpointing(m.unet, args.gradient_checkpointing)
+    for unet in (m.unet, m.ref_unet):  # in place: state_dict keys, save_pretrained and resume stay as they are
+        compile_unet(unet, args.compile)
+    m.resolution = resolution
+    if cached:
+        m.vae_scale, m.empty = dataset.index["vae_scale"], dataset.empty  # s of the VAE that made the cache
+    if m.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"error: unsupported scheduler prediction_type {m.scheduler.config.prediction_type!r}")
+    embedder = load_embedder(args.embed_model, device) if args.loss == "rpo" and not cached else None
+    import distributed  # (only train.py's set-up wraps the policy)
+    return m, distributed.wrap_policy(m.unet, args.fsdp, device), embedder
+
+
 def unet_size(unet):
     return sum(p.numel() for p in unet.parameters())
 

@@ -42,9 +42,15 @@ def parser():
     g.add_argument("--init", default=None, help="start policy and reference from this saved unet/ folder")
     g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto: bf16 on a GPU (fastest in bench.py, no grad scaler needed), no on the CPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNets (1.4x on SD1.5 in bench.py; minutes of compile time first)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--compile", nargs="?", const="regional", default="none", choices=["none", "regional", "full"],
+                   help="torch.compile the UNets: regional (the flag alone) compiles each block, ~1.6 min once; full "
+                        "the whole UNet (docs/speed.md)")
+    g.add_argument("--sdpa_backend", default="auto", choices=["auto", *M.SDPA_BACKENDS],
+                   help="attention kernel; auto: cudnn on a GPU (fastest on an H200), PyTorch's choice on the CPU")
+    g.add_argument("--gradient_checkpointing", nargs="?", const="all", default="none", metavar="WHICH",
+                   help="recompute activations in backward: all (the flag alone), transformer, transformer:F (that "
+                        "fraction of the transformer blocks, widest first; SDXL 1024² 4 pairs + --compile: "
+                        "transformer:0.25 fits 80 GB), alternate, resnet, hires, none")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--lora_rank", type=int, default=0,
                    help="train a LoRA of this rank (needs peft) instead of the whole UNet; 0: full fine-tune")
@@ -154,6 +160,14 @@ def parse_args(argv=None):
     for name in ("caption_dropout", "style_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
+    which = args.gradient_checkpointing
+    fraction = which.split(":", 1)[1] if which.startswith("transformer:") else None
+    try:
+        ok = which in M.CHECKPOINTING or (fraction is not None and 0 < float(fraction) <= 1)
+    except ValueError:
+        ok = False
+    if not ok:
+        p.error(f"--gradient_checkpointing {which}: choose {', '.join(M.CHECKPOINTING)} or transformer:F with 0 < F <= 1")
     if args.resolution is not None and args.resolution <= 0:
         p.error(f"--resolution must be positive, not {args.resolution}")
     if args.lora_rank < 0:
@@ -183,64 +197,6 @@ def learning_rate(args, step):
 
 # ---------------------------------------------------------------------------------------
 # Set-up pieces of main()
-def device_defaults(args, device):
-    """GPU defaults are what bench.py measured fastest (docs/speed.md): bf16 autocast with fp32
-    master weights, the reference in bf16, fused AdamW, SDPA attention, TF32 matmuls."""
-    gpu = device.startswith("cuda")
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.mixed_precision == "auto":
-        args.mixed_precision = "bf16" if gpu else "no"
-    if args.optimizer == "auto":
-        args.optimizer = "adamw_fused" if gpu else "adamw"
-
-
-def make_dataset(args, world):
-    """--data -> (dataset, resolution). Built before the models: a wrong path fails in seconds,
-    not after loading SDXL."""
-    resolution = args.resolution or M.PRESETS[args.model]["resolution"]  # also SDXL's target size in the time ids
-    cached = args.data.startswith("cache:")
-    try:
-        dataset = data.build_dataset(args.data, args.resolution if cached else resolution, seed=args.seed,
-                                     split=args.data_split, style=args.style, style_fraction=args.style_fraction,
-                                     random_crop=args.random_crop, random_flip=args.random_flip,
-                                     num_items=args.num_items, window=args.shuffle_window,
-                                     shuffle_buffer=args.shuffle_buffer, model=args.model, pretrained=args.pretrained,
-                                     embed_model=args.embed_model if args.loss == "rpo" else None)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
-    if args.loss != "sft" and isinstance(dataset, data.ToyImages):
-        raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
-    if not hasattr(dataset, "stream") and len(dataset) < args.batch_size * world:
-        raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
-                         + (f" × {world} ranks" if world > 1 else ""))
-    return dataset, (dataset.resolution if cached else resolution)
-
-
-def make_models(args, device, dataset, resolution):
-    """-> (m, policy, embedder). m: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text
-    encoders (model.load_models); with --lora_rank the policy is the frozen UNet + adapter and
-    the reference that UNet with the adapter off (m.ref_unet is None). A cache holds what the
-    encoders compute, so they are not loaded for one. policy: what the training forward calls
-    (m.unet, or its DDP/FSDP wrapper). embedder: CLIP for E5 from raw images."""
-    cached = args.data.startswith("cache:")
-    m = M.load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
-                      args.gradient_checkpointing, reference=args.loss != "sft", lora_rank=args.lora_rank,
-                      lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")), encoders=not cached)
-    if args.compile:  # in place: state_dict keys, save_pretrained and resume stay as they are
-        for unet in (m.unet, m.ref_unet):
-            if unet is not None:
-                unet.compile()
-    m.resolution = resolution
-    if cached:
-        m.vae_scale, m.empty = dataset.index["vae_scale"], dataset.empty  # s of the VAE that made the cache
-    if m.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise SystemExit(f"error: unsupported scheduler prediction_type {m.scheduler.config.prediction_type!r}")
-    embedder = M.load_embedder(args.embed_model, device) if args.loss == "rpo" and not cached else None
-    return m, D.wrap_policy(m.unet, args.fsdp, device), embedder
-
-
 RECIPE_LR_PER_PAIR = 1e-8  # Diffusion-DPO's recipe, which the paper follows: 2.048e-5 for 2048 pairs per step
 
 
@@ -277,13 +233,13 @@ def main(argv=None):
     pairs_per_step = args.batch_size * args.grad_accum * world
     if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
         args.lr *= pairs_per_step
-    device_defaults(args, device)
-    dataset, resolution = make_dataset(args, world)
+    M.device_defaults(args, device)
+    dataset, resolution = data.from_args(args, world)
     streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
     skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
     new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
-    m, policy, embedder = make_models(args, device, dataset, resolution)
+    m, policy, embedder = M.from_args(args, device, dataset, resolution)
     autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
     # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are
