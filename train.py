@@ -113,6 +113,12 @@ def parser():
     g.add_argument("--adam_eps", type=float, default=1e-8)
     g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     g.add_argument("--seed", type=int, default=0)
+    output_flags(p)
+    return p
+
+
+def output_flags(p):
+    """Where a run writes, how it reports, and validation while it trains."""
     g = p.add_argument_group("output")
     g.add_argument("--out_dir", "--output_dir", default="out/rpo-tiny")
     g.add_argument("--save_every", "--checkpointing_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -137,7 +143,6 @@ def parser():
     g.add_argument("--validation_seeds", default="0-3", help="seeds of the validation images (sample.py's syntax)")
     g.add_argument("--validation_steps", type=int, default=25, help="sampler steps (DDIM)")
     g.add_argument("--validation_guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL), 5 (toy)")
-    return p
 
 
 def parse_args(argv=None):
