@@ -196,8 +196,9 @@ def parse_args(argv=None):
 
 
 def learning_rate(args, step):
-    """The lr of optimizer step `step` (0-based): linear warm-up, then constant."""
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+    """The lr of optimizer step `step` (0-based): linear warm-up from 0, then constant, as
+    diffusers' constant_with_warmup schedule (stepped after each optimizer step) gives it."""
+    return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
 # ---------------------------------------------------------------------------------------

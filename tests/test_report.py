@@ -67,3 +67,20 @@ def test_validation_prompts_need_the_encoders(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--data", f"cache:{tmp_path}", "--validation_prompts", "a cat"])
     assert "--validation_prompts needs the VAE and text encoders" in capsys.readouterr().err
+
+
+def test_warmup_is_diffusers_constant_with_warmup(tmp_path):
+    import torch
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=3)
+    want = []
+    for _ in range(6):  # what a diffusers training script's optimizer step k runs at
+        want.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    args = train.parse_args(["--lr", "1e-4", "--warmup_steps", "3"])
+    assert [train.learning_rate(args, k) for k in range(6)] == pytest.approx(want)
+    train.main(["--lr", "1e-4", "--warmup_steps", "3", "--max_steps", "5", "--batch_size", "4", "--num_items", "16",
+                "--no_progress", "--out_dir", str(tmp_path)])
+    assert [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl")] == pytest.approx(want[:5])
