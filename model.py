@@ -42,12 +42,26 @@ from toy import BACKGROUNDS, COLOURS, SHAPES
 diffusers_logging.set_verbosity_error()  # silences a dtype-cast notice on every .to()
 
 PRESETS = {
-    "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", xl=False, resolution=512),
-    "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0", xl=True, resolution=1024),
-    "tiny": dict(pretrained=None, xl=False, resolution=16, vae=False),
-    "tiny-sd": dict(pretrained=None, xl=False, resolution=32, vae=True),
-    "tiny-xl": dict(pretrained=None, xl=True, resolution=32, vae=True),
+    # multiple: image sizes must divide by it (VAE factor × the UNet's down-sampling)
+    "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", xl=False, resolution=512, multiple=64),
+    "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0", xl=True, resolution=1024, multiple=32),
+    "tiny": dict(pretrained=None, xl=False, resolution=16, vae=False, multiple=2),
+    "tiny-sd": dict(pretrained=None, xl=False, resolution=32, vae=True, multiple=4),
+    "tiny-xl": dict(pretrained=None, xl=True, resolution=32, vae=True, multiple=4),
 }
+
+
+def device_exists(name):
+    """Whether torch can place tensors on `name` here (cpu, cuda, cuda:N, mps, ...)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
 # The real presets' UNet architectures (their unet/config.json, non-default fields), so that
 # bench.py can build them with random weights and no download. Text-encoder outputs they
 # expect: sd15 hidden states (B, 77, 768); sdxl (B, 77, 2048) plus pooled (B, 1280) and 6 time ids.
@@ -190,6 +204,11 @@ def load_real(source, xl, encoders=True):
     return parts
 
 
+# What a UNet must share with a preset's to take its place (latents, text states, SDXL's extras).
+UNET_FIT = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+            "projection_class_embeddings_input_dim")
+
+
 def load_unet(path):
     """A UNet saved by train.py (or any diffusers unet/ folder): `path` may be the folder that
     holds config.json or its parent with a unet/ inside."""
@@ -247,7 +266,13 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
     else:
         parts = load_real(pretrained or preset["pretrained"], preset["xl"], encoders)
     if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference
-        parts["unet"] = load_unet(init_unet)
+        unet = load_unet(init_unet)
+        for key in UNET_FIT:  # a UNet of another preset would fail deep inside the first step, or run
+            want, got = parts["unet"].config.get(key), unet.config.get(key)
+            if want != got:
+                raise SystemExit(f"error: --init {init_unet} does not fit --model {model}: its {key} is {got}, the "
+                                 f"preset's {want}; pass the --model it was trained with")
+        parts["unet"] = unet
     if lora_dir:  # a saved LoRA merged into the weights: from here on it *is* the starting UNet
         fuse_lora(parts["unet"], lora_dir)
 

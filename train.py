@@ -173,8 +173,12 @@ def parse_args(argv=None):
         ok = False
     if not ok:
         p.error(f"--gradient_checkpointing {which}: choose {', '.join(M.CHECKPOINTING)} or transformer:F with 0 < F <= 1")
-    if args.resolution is not None and args.resolution <= 0:
-        p.error(f"--resolution must be positive, not {args.resolution}")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
+        p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
+                f"{args.model} (what its VAE and UNet down-sample by), not {args.resolution}")
+    if args.device not in ("auto", "cpu") and not M.device_exists(args.device):
+        p.error(f"--device {args.device}: no such device here (auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available()
+                                                                               else "; no GPU is visible") + ")")
     if args.lora_rank < 0:
         p.error("--lora_rank must be 0 (full fine-tune) or positive")
     if args.lora_alpha is not None and args.lora_rank == 0:

@@ -1,6 +1,8 @@
 """Bad flags end in one line naming the flag and the valid range, before anything loads."""
 import pytest
+import torch
 
+import model as M
 import train
 
 CASES = {  # flags -> the one line argparse prints after "train.py: error: "
@@ -14,8 +16,16 @@ CASES = {  # flags -> the one line argparse prints after "train.py: error: "
     ("--warmup_steps", "-5"): "--warmup_steps must be 0 or more, not -5",
     ("--seed", "-1"): "--seed must be 0 or more, not -1",
     ("--num_workers", "-1"): "--num_workers must be 0 or more, not -1",
-    ("--resolution", "0"): "--resolution must be positive, not 0",
-    ("--resolution", "-16"): "--resolution must be positive, not -16",
+    ("--resolution", "0"): "--resolution must be a positive multiple of 2 for --model tiny (what its VAE and UNet "
+                           "down-sample by), not 0",
+    ("--resolution", "-16"): "--resolution must be a positive multiple of 2 for --model tiny (what its VAE and UNet "
+                             "down-sample by), not -16",
+    ("--model", "sd15", "--resolution", "500"): "--resolution must be a positive multiple of 64 for --model sd15 (what "
+                                                "its VAE and UNet down-sample by), not 500",
+    ("--device", "foo"): "--device foo: no such device here (auto, cpu; no GPU is visible)",
+    ("--device", "cuda:7"): "--device cuda:7: no such device here (auto, cpu; no GPU is visible)",
+    ("--gradient_checkpointing", "transformer:2"): "--gradient_checkpointing transformer:2: choose none, all, "
+                                                   "transformer, alternate, resnet, hires or transformer:F with 0 < F <= 1",
     ("--caption_dropout", "2"): "--caption_dropout is a probability: between 0 and 1, not 2.0",
     ("--style_fraction", "-0.1"): "--style_fraction is a probability: between 0 and 1, not -0.1",
     ("--keep_checkpoints", "0"): "--keep_checkpoints must be at least 1",
@@ -25,8 +35,19 @@ CASES = {  # flags -> the one line argparse prints after "train.py: error: "
 
 @pytest.mark.parametrize("flags", list(CASES), ids=[" ".join(f) for f in CASES])
 def test_bad_flag_is_one_line(flags, capsys):
+    if "--device" in flags and torch.cuda.is_available():
+        pytest.skip("the message names the GPUs of a machine that has them")
     with pytest.raises(SystemExit) as exit_:
         train.parse_args(list(flags))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(": error: " + CASES[flags])  # (argparse names the program: train.py)
+
+
+def test_init_from_another_preset_is_one_line(tmp_path):
+    M.load_models("tiny-xl", reference=False).unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--model", "tiny", "--init", str(tmp_path / "unet"), "--out_dir", str(tmp_path / "run"),
+                    "--max_steps", "1", "--no_progress"])
+    assert str(exit_.value) == (f"error: --init {tmp_path / 'unet'} does not fit --model tiny: its in_channels is 4, "
+                                f"the preset's 3; pass the --model it was trained with")
