@@ -30,6 +30,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -213,6 +214,15 @@ def load_unet(path):
     """A UNet saved by train.py (or any diffusers unet/ folder): `path` may be the folder that
     holds config.json or its parent with a unet/ inside."""
     from diffusers import UNet2DConditionModel
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # a hub id (e.g. a released DPO UNet)
+        for sub in ("unet", None):
+            try:
+                return UNet2DConditionModel.from_pretrained(path, subfolder=sub,
+                                                            local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+            except (OSError, ValueError) as err:
+                why = str(err).splitlines()[0][:160]
+        raise SystemExit(f"error: '{path}' is not a local folder and could not be loaded from the hub ({why}); "
+                         f"download it where there is network (hf download {path}) and pass its folder")
     if os.path.isdir(os.path.join(path, "unet")):
         path = os.path.join(path, "unet")
     if not os.path.isfile(os.path.join(path, "config.json")):

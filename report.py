@@ -127,11 +127,13 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
 def validate(args, m, step, reporter, master):
     """Sample the validation prompts × seeds with the current policy (sample.py's sampler, the
     same images sample.py would make from a checkpoint) into OUT_DIR/validation/step-N.png.
-    Every rank runs it under FSDP (the sharded UNet's forward is a collective), rank 0 else."""
+    Every rank runs it under FSDP (the sharded UNet's forward is a collective), rank 0 else.
+    Returns (the grid's path, scores): with --validation_metric toy, the toy scorer's mean style
+    and content rates of these images (evaluate.py), for metrics.jsonl as curves."""
     import sample
     from images import tensor_to_uint8
     if not (master or args.fsdp):
-        return None
+        return None, {}
     guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
     training = m.unet.training
     m.unet.eval()
@@ -139,11 +141,20 @@ def validate(args, m, step, reporter, master):
                              batch_size=args.batch_size)
     m.unet.train(training)
     if not master:
-        return None
+        return None, {}
+    scores = {}
+    if args.validation_metric == "toy":
+        import evaluate
+        if not hasattr(validate, "scorer"):  # trained (or loaded from its cache) once per process
+            with torch.enable_grad():  # (its training needs autograd; validate itself runs without)
+                validate.scorer = evaluate.load_toy_scorer(args.style, m.resolution)[0]
+        prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
+        toy = evaluate.score_toy(validate.scorer, images, prompts)
+        scores = {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
     scale = max(1, 128 // m.resolution)  # tiny presets' 16-32 px images, enlarged to be seen
     grid = sample.make_grid(tensor_to_uint8(images), len(args.validation_prompts), len(args.validation_seeds), scale)
     name = os.path.join("validation", f"step-{step:06d}.png")
     os.makedirs(os.path.join(args.out_dir, "validation"), exist_ok=True)
     grid.save(os.path.join(args.out_dir, name))
     reporter.image(step, "grid", grid)
-    return name
+    return name, scores

@@ -99,6 +99,9 @@ def parser():
     g.add_argument("--grad_accum", "--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", "--learning_rate", type=float, default=2.048e-5,
                    help="per optimizer step (the paper's recipe: 2.048e-5 for 2048 pairs per step, i.e. 1e-8 per pair)")
+    g.add_argument("--recipe", default=None, choices=["paper"],
+                   help="sd15/sdxl: the paper's recipe as defaults (2048 pairs/step through accumulation over the "
+                        "processes, lr 1e-8 per pair, warm-up 500/200, 2000 steps, AdamW/Adafactor); flags given win")
     g.add_argument("--scale_lr", action="store_true",
                    help="read --lr as per pair and multiply it by the pairs per step (batch × accumulation × ranks)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
@@ -143,10 +146,31 @@ def output_flags(p):
     g.add_argument("--validation_seeds", default="0-3", help="seeds of the validation images (sample.py's syntax)")
     g.add_argument("--validation_steps", type=int, default=25, help="sampler steps (DDIM)")
     g.add_argument("--validation_guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL), 5 (toy)")
+    g.add_argument("--validation_metric", default="none", choices=["none", "toy"],
+                   help="toy: score the validation images with the toy style/content scorer (evaluate.py) and log "
+                        "val_toy_style, val_toy_content in metrics.jsonl (toy prompts only)")
+
+
+# The paper's training recipe (Diffusion-DPO's, which it follows): 2048 pairs per optimizer step,
+# lr 1e-8 per pair, linear warm-up then constant, 2000 steps, β 5000, grad clip 1. --recipe paper
+# fills these in (flags given explicitly still win), accumulating to 2048 pairs over the processes.
+RECIPES = {"sd15": dict(batch_size=8, warmup_steps=500, optimizer="adamw", resolution=512),
+           "sdxl": dict(batch_size=4, warmup_steps=200, optimizer="adafactor", resolution=1024)}
+RECIPE_PAIRS = 2048
+RECIPE_LR_PER_PAIR = 1e-8  # 2.048e-5 per step for 2048 pairs
 
 
 def parse_args(argv=None):
     p = parser()
+    first, _ = p.parse_known_args(argv)
+    if first.recipe == "paper":  # the recipe's values become defaults: explicit flags override them
+        if first.model not in RECIPES:
+            p.error(f"--recipe paper is for --model sd15 or sdxl, not {first.model}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batch = RECIPES[first.model]["batch_size"] if first.batch_size == p.get_default("batch_size") else first.batch_size
+        p.set_defaults(**RECIPES[first.model], grad_accum=max(1, RECIPE_PAIRS // (batch * world)), scale_lr=True,
+                       lr=RECIPE_LR_PER_PAIR, max_steps=2000, beta=5000.0, max_grad_norm=1.0,
+                       gradient_checkpointing="all")
     args = p.parse_args(argv)
     args.timesteps = args.timesteps or ("batch" if args.loss == "rpo" else "pair")
     if args.data is None:  # a real model gets real preference data that exists (Pick-a-Pic v2 left the hub)
@@ -190,6 +214,8 @@ def parse_args(argv=None):
         # about skipping a step. bf16 needs no scaler.
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.validation_metric == "toy" and args.validation_prompts is None:
+        p.error("--validation_metric toy scores validation images: pass --validation_prompts (e.g. toy-test)")
     if args.validation_prompts is not None:
         import sample  # (sampling is only needed here)
         if args.data.startswith("cache:"):
@@ -207,9 +233,6 @@ def learning_rate(args, step):
 
 # ---------------------------------------------------------------------------------------
 # Set-up pieces of main()
-RECIPE_LR_PER_PAIR = 1e-8  # Diffusion-DPO's recipe, which the paper follows: 2.048e-5 for 2048 pairs per step
-
-
 def describe(args, m, params, world, dataset):
     """The start-up line: what trains, on what, how many pairs per optimizer step."""
     what = f"{M.unet_size(m.unet) / 1e6:.1f}M-parameter UNet"
@@ -353,9 +376,10 @@ def main(argv=None):
         record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
         if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
             record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
-        reporter.step(record)
         if args.validation_prompts and (step == args.max_steps or args.validation_every and step % args.validation_every == 0):
-            grid = R.validate(args, m, step, reporter, master)
+            grid, scores = R.validate(args, m, step, reporter, master)
+            record.update(scores)
+        reporter.step(record)
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"), keep=args.keep_checkpoints)
 

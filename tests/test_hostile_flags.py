@@ -51,3 +51,13 @@ def test_init_from_another_preset_is_one_line(tmp_path):
                     "--max_steps", "1", "--no_progress"])
     assert str(exit_.value) == (f"error: --init {tmp_path / 'unet'} does not fit --model tiny: its in_channels is 4, "
                                 f"the preset's 3; pass the --model it was trained with")
+
+
+def test_init_hub_id_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--init", "someone/unet-repo", "--out_dir", str(tmp_path), "--max_steps", "1", "--no_progress"])
+    assert str(exit_.value).startswith("error: 'someone/unet-repo' is not a local folder and could not be loaded "
+                                       "from the hub (")
+    assert str(exit_.value).endswith("download it where there is network (hf download someone/unet-repo) and pass "
+                                     "its folder")

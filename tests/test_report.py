@@ -27,7 +27,8 @@ def test_a_run_with_diffusers_flag_names_trains_and_reports(tmp_path, capsys):
     out = tmp_path / "run"
     train.main([f.format(out=out) for f in DIFFUSERS_FLAGS] + [
         "--num_items", "16", "--no_progress", "--log_every", "1", "--validation_prompts", "toy-test",
-        "--validation_seeds", "0-1", "--validation_every", "2", "--report_to", "tensorboard"])
+        "--validation_seeds", "0-1", "--validation_every", "2", "--report_to", "tensorboard",
+        "--validation_metric", "toy"])
     text = capsys.readouterr().out
     # the start line: pairs per optimizer step (micro-batch × accumulation) and the per-pair lr
     assert "4×2 = 8 pairs/step" in text
@@ -35,6 +36,9 @@ def test_a_run_with_diffusers_flag_names_trains_and_reports(tmp_path, capsys):
     assert "step 3/3: loss" in text  # --no_progress: a line every --log_every steps
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2, 3]
+    # the toy scorer's style and content rates of the validation images, as curves
+    assert ["val_toy_style" in r for r in lines] == [False, True, True]
+    assert all(0 <= r[k] <= 1 for r in lines[1:] for k in ("val_toy_style", "val_toy_content"))
     # validation grids at step 2 and at the end: 12 toy-test prompts × 2 seeds of 16 px, enlarged 8×
     for step in (2, 3):
         grid = Image.open(out / "validation" / f"step-{step:06d}.png")
@@ -84,3 +88,12 @@ def test_warmup_is_diffusers_constant_with_warmup(tmp_path):
     train.main(["--lr", "1e-4", "--warmup_steps", "3", "--max_steps", "5", "--batch_size", "4", "--num_items", "16",
                 "--no_progress", "--out_dir", str(tmp_path)])
     assert [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl")] == pytest.approx(want[:5])
+
+
+def test_recipe_paper_fills_the_papers_settings_and_flags_win(monkeypatch):
+    args = train.parse_args(["--model", "sdxl", "--recipe", "paper"])
+    assert (args.batch_size * args.grad_accum, args.lr, args.scale_lr, args.warmup_steps, args.max_steps,
+            args.optimizer, args.resolution, args.beta) == (2048, 1e-8, True, 200, 2000, "adafactor", 1024, 5000.0)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # under torchrun: 2048 pairs over all processes
+    args = train.parse_args(["--model", "sd15", "--recipe", "paper", "--batch_size", "16", "--max_steps", "10"])
+    assert (args.batch_size, args.grad_accum, args.warmup_steps, args.max_steps) == (16, 16, 500, 10)
