@@ -209,8 +209,10 @@ def style_probe(clip, tok, seed=0, resolution=16, rounds=4):
     (label 0) vs styled (winter or sketch, label 1), trained on renders of the training prompts,
     tested on fresh renders of the held-out prompts. -> {"all", "plain", "winter", "sketch"}: accuracy."""
     with one_thread():
-        x_tr, k_tr = _style_set(clip, tok, toy_prompts("train"), rounds, np.random.default_rng([seed, PROBE_STREAM, 0]), resolution)
-        x_te, k_te = _style_set(clip, tok, toy_prompts("test"), 2 * rounds, np.random.default_rng([seed, PROBE_STREAM, 1]), resolution)
+        x_tr, k_tr = _style_set(clip, tok, toy_prompts("train"), rounds,
+                                np.random.default_rng([seed, PROBE_STREAM, 0]), resolution)
+        x_te, k_te = _style_set(clip, tok, toy_prompts("test"), 2 * rounds,
+                                np.random.default_rng([seed, PROBE_STREAM, 1]), resolution)
         correct, _ = logistic_probe(x_tr, k_tr > 0, x_te, k_te > 0)
     out = {"all": correct.mean().item()}
     for k, name in enumerate(("plain", *STYLES)):
