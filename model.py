@@ -513,21 +513,32 @@ def predict_noise(unet, noisy_latents, t, cond):
 
 # ---------------------------------------------------------------------------------------
 # The CLIP model behind the RPO weights (E5)
+def tiny_clip():
+    """The tiny CLIP (text: tiny_tokenizer + 2 layers of 32; vision: 16x16 pixels, 4x4 patches,
+    2 layers of 32; joint space of 32) with fixed-seed random weights -> (model, tokenizer)."""
+    from transformers import CLIPConfig, CLIPModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED + 1)
+        tokenizer = tiny_tokenizer()
+        config = CLIPConfig(
+            text_config=_tiny_text_config(len(tokenizer), tokenizer.model_max_length).to_dict(),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=16, patch_size=4, projection_dim=32),
+            projection_dim=32)
+        return CLIPModel(config), tokenizer
+
+
 def load_embedder(name="tiny", device="cpu"):
     """CLIP in the joint text-image space, for f(c, x) (E5). `name`: a hub id or local folder
     (default for real presets: openai/clip-vit-large-patch14), or "tiny" for a built-in
-    random CLIP that keeps the tiny presets offline. Returns (model, tokenizer)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    random CLIP that keeps the tiny presets offline. Returns (model, tokenizer).
+    "toy-clip": that tiny CLIP trained contrastively on the toy world (toy_clip.py; trained on first use, then cached)."""
+    from transformers import CLIPModel, CLIPTokenizer
     if name == "tiny":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED + 1)
-            tokenizer = tiny_tokenizer()
-            config = CLIPConfig(
-                text_config=_tiny_text_config(len(tokenizer), tokenizer.model_max_length).to_dict(),
-                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   image_size=16, patch_size=4, projection_dim=32),
-                projection_dim=32)
-            model = CLIPModel(config)
+        model, tokenizer = tiny_clip()
+    elif name == "toy-clip":
+        import toy_clip
+        model, tokenizer = toy_clip.load()
     else:
         kw = dict(local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
         try:
@@ -549,6 +560,18 @@ def _features(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+def clip_pixels(clip, images):
+    """(N,3,H,W) images in [-1, 1] -> CLIP's pixel_values: resized to its input size (bicubic,
+    batched, no PIL) and normalised as OpenAI CLIP's processor does, on the model's device."""
+    device = next(clip.parameters()).device
+    size = clip.config.vision_config.image_size
+    x = (images.to(device, torch.float32) + 1) / 2
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(clip.dtype)
+
+
 @torch.no_grad()
 def clip_features(clip, tokenizer, prompts, images):
     """The two halves of E5 before they are combined: L2-normalised CLIP text features of the
@@ -562,13 +585,7 @@ def clip_features(clip, tokenizer, prompts, images):
                         truncation=True, return_tensors="pt").input_ids.to(device)
         text = torch.nn.functional.normalize(_features(clip.get_text_features(input_ids=ids)).float(), dim=-1)
     if images is not None:
-        size = clip.config.vision_config.image_size
-        x = (images.to(device, torch.float32) + 1) / 2
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                                            antialias=True)
-        mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-        pixels = ((x - mean) / std).to(clip.dtype)
+        pixels = clip_pixels(clip, images)
         image = torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=pixels)).float(), dim=-1)
     return text, image
 

@@ -1,0 +1,36 @@
+import torch
+
+import model as M
+import toy_clip as T
+from toy import toy_prompts
+
+SHORT = dict(T.RECIPE, steps=40, warmup=5)  # ~4 s on one CPU thread
+
+
+def test_toy_clip_caches_by_recipe_and_learns(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPO_DIFFUSION_CACHE", str(tmp_path))
+    clip, tok = T.load(SHORT, verbose=False)
+    folder = T.cache_dir(SHORT)
+    assert folder.startswith(str(tmp_path)) and folder.endswith(T.recipe_key(SHORT))
+    assert T.cache_dir(dict(SHORT, steps=41)) != folder  # another recipe, another folder
+
+    # Training is deterministic: a second run from scratch gives the cached weights bit for bit
+    fresh = T.train(SHORT, log_every=0)[0].state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in clip.state_dict().items())
+
+    # The cache round-trip gives the same weights, without training (train would fail here)
+    monkeypatch.setattr(T, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again, _ = T.load(SHORT, verbose=False)
+    a, b = clip.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # load_embedder("toy-clip") is that model (RECIPE patched to the short one)
+    monkeypatch.setattr(T, "RECIPE", SHORT)
+    emb, _ = M.load_embedder("toy-clip")
+    assert torch.equal(emb.visual_projection.weight, clip.visual_projection.weight)
+    assert not torch.equal(emb.visual_projection.weight, M.load_embedder("tiny")[0].visual_projection.weight)
+
+    # A short training already retrieves far above chance on the training prompts (60-way)
+    prompts = toy_prompts("train")
+    acc = T.retrieval_accuracy(clip, tok, prompts, rounds=1)
+    assert acc > 5 / len(prompts), acc
