@@ -199,6 +199,7 @@ def _hub_unet(repo):
     or its root (a UNet-only repo), whichever holds config.json."""
     from diffusers import UNet2DConditionModel
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
     try:
         from huggingface_hub.errors import RemoteEntryNotFoundError
     except ImportError:  # huggingface_hub < 1.0
@@ -208,8 +209,14 @@ def _hub_unet(repo):
         try:
             with _quiet():
                 hf_hub_download(repo, "config.json", subfolder=sub)
-        except RemoteEntryNotFoundError:  # the hub answered: not in this repo, try its root
-            continue
+        except RemoteEntryNotFoundError as err:  # the hub answered: not in this repo, try its root
+            if not isinstance(err, LocalEntryNotFoundError):  # (< 1.0 derives the offline miss from it)
+                continue
+            if constants.HF_HUB_OFFLINE:
+                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+                continue
+            reason = E._first_line(err)
+            break
         except (OSError, ValueError) as err:  # offline and not cached, no network, no such repo
             if constants.HF_HUB_OFFLINE:  # the hub's own message would only say "check your connection"
                 reason = "HF_HUB_OFFLINE is set and it is not in the local cache"

@@ -22,9 +22,10 @@ from images import decode_image, image_to_tensor, read_image  # noqa: E402
 
 
 def reopen(tmp_path, name, img, mode):
-    """Save with PIL, open from disk: the test checks the mode the file really opens as."""
+    """Save with PIL, open from disk: the test checks the mode the file really opens as (one of
+    `mode`, "|"-separated: older Pillow opens a 16-bit PNG as I, newer as I;16)."""
     img.save(tmp_path / name)
-    assert Image.open(tmp_path / name).mode == mode
+    assert Image.open(tmp_path / name).mode in mode.split("|")
     return tmp_path / name
 
 
@@ -45,7 +46,7 @@ def test_16bit_png_and_tiff_scale_by_257(tmp_path):
     # Before: convert("RGB") clipped every value above 255 -> a 16-bit photo was 99.6% white.
     row = np.array([[0, 257, 1000, 32896, 65535]], dtype=np.uint16)
     for name in ("a.png", "a.tif"):
-        path = reopen(tmp_path, name, Image.fromarray(row), "I;16")
+        path = reopen(tmp_path, name, Image.fromarray(row), "I;16|I")
         assert grey(path) == [0, 1, 4, 128, 255]  # 1000 / 257 = 3.9 -> 4
 
 
@@ -315,9 +316,9 @@ CASES = {
                                                "vae_scale": 1.0, "num_pairs": 1, "skip_counts": {},
                                                "shards": [{"file": "s"}]})),
                         ValueError, "index.json: cache index shard entry {'file': 's'} is not"),
-    "truncated shard": (truncate("shard-00001.safetensors", -7), ValueError,
+    "truncated shard": (truncate("shard-00001.safetensors", -7), ValueError,  # (safetensors words the cause)
                         "shard-00001.safetensors: unreadable cache shard, truncated or not safetensors (Error while "
-                        "deserializing header: incomplete metadata, file not fully covered); rebuild the cache"),
+                        "deserializing header: "),
     "shard cut in its header": (truncate("shard-00000.safetensors", 5), ValueError,
                                 "shard-00000.safetensors: unreadable cache shard"),
     "missing shard": (lambda f: os.remove(f / "shard-00001.safetensors"), FileNotFoundError,

@@ -113,9 +113,10 @@ def write_hpdv2(folder):
     rows += [{"prompt": "three", "image": three, "human_preference": [1, 0], "image_path": [], "rank": []},
              {"prompt": "unranked", "image": three[:2], "human_preference": [], "image_path": [], "rank": [1, 2]}]
     s = datasets.Value("string")
-    return write_with_datasets(folder, {"prompt": s, "image": datasets.List(datasets.Image()),
-                                        "human_preference": datasets.List(datasets.Value("int64")),
-                                        "image_path": datasets.List(s), "rank": datasets.List(datasets.Value("int64"))},
+    LIST = getattr(datasets, "List", datasets.Sequence)  # (datasets < 4 names it Sequence)
+    return write_with_datasets(folder, {"prompt": s, "image": LIST(datasets.Image()),
+                                        "human_preference": LIST(datasets.Value("int64")),
+                                        "image_path": LIST(s), "rank": LIST(datasets.Value("int64"))},
                                rows)
 
 
