@@ -99,7 +99,8 @@ def pretrain_base(base_dir, device, steps):
         print(f"base: cached in {base_dir}")
         return
     t0 = time.time()
-    train.main(recipe + ["--out_dir", base_dir, "--no_progress", "--keep_checkpoints", "1", "--overwrite"])
+    train.main(recipe + ["--out_dir", base_dir, "--no_progress", "--log_every", "200", "--keep_checkpoints", "1",
+                         "--overwrite"])
     json.dump(recipe, open(done, "w"))
     print(f"base: pretrained in {time.time() - t0:.0f}s")
 
@@ -157,7 +158,8 @@ def main(argv=None):
                     train.main(with_steps(ALIGN_ARGS, args.align_steps) + VARIANTS[label] + [
                         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
                         "--save_every", str(args.curve_every), "--keep_checkpoints", "100", "--out_dir", run,
-                        "--device", args.device, "--no_progress", "--overwrite"])  # (an unfinished run restarts)
+                        "--device", args.device, "--no_progress", "--log_every", "100",
+                        "--overwrite"])  # (an unfinished run restarts)
                     print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
                 if seed == study["seeds"][0] and lr == study["lrs"][len(study["lrs"]) // 2]:
