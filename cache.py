@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import model as M
+import toy_clip
 from images import collate_pairs
 
 CACHE_FORMAT = "rpo-diffusion-cache/1"
@@ -42,7 +43,7 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     m.unet = None  # only the frozen encoders are needed here
     m.resolution = resolution
     embed_model = embed_model or ("tiny" if M.PRESETS[model]["pretrained"] is None else "openai/clip-vit-large-patch14")
-    clip, clip_tok = M.load_embedder(embed_model, device)
+    clip, clip_tok = toy_clip.embedder(embed_model, device)
     store = CACHE_DTYPES[dtype]
     os.makedirs(out, exist_ok=True)
     lo, hi = part * len(dataset) // parts, (part + 1) * len(dataset) // parts

@@ -210,6 +210,17 @@ UNET_FIT = ("in_channels", "out_channels", "cross_attention_dim", "addition_embe
             "projection_class_embeddings_input_dim")
 
 
+def fitting_unet(unet, preset_unet, what, model):
+    """unet, after checking it can take preset_unet's place: a UNet of another preset would fail
+    deep inside the first step, or worse, run."""
+    for key in UNET_FIT:
+        want, got = preset_unet.config.get(key), unet.config.get(key)
+        if want != got:
+            raise SystemExit(f"error: {what} does not fit --model {model}: its {key} is {got}, the preset's {want}; "
+                             f"pass the --model it was trained with")
+    return unet
+
+
 def load_unet(path):
     """A UNet saved by train.py (or any diffusers unet/ folder): `path` may be the folder that
     holds config.json or its parent with a unet/ inside."""
@@ -276,13 +287,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
     else:
         parts = load_real(pretrained or preset["pretrained"], preset["xl"], encoders)
     if init_unet:  # start from a saved UNet (e.g. a pretrained toy base): policy and reference
-        unet = load_unet(init_unet)
-        for key in UNET_FIT:  # a UNet of another preset would fail deep inside the first step, or run
-            want, got = parts["unet"].config.get(key), unet.config.get(key)
-            if want != got:
-                raise SystemExit(f"error: --init {init_unet} does not fit --model {model}: its {key} is {got}, the "
-                                 f"preset's {want}; pass the --model it was trained with")
-        parts["unet"] = unet
+        parts["unet"] = fitting_unet(load_unet(init_unet), parts["unet"], f"--init {init_unet}", model)
     if lora_dir:  # a saved LoRA merged into the weights: from here on it *is* the starting UNet
         fuse_lora(parts["unet"], lora_dir)
 
@@ -531,14 +536,11 @@ def tiny_clip():
 def load_embedder(name="tiny", device="cpu"):
     """CLIP in the joint text-image space, for f(c, x) (E5). `name`: a hub id or local folder
     (default for real presets: openai/clip-vit-large-patch14), or "tiny" for a built-in
-    random CLIP that keeps the tiny presets offline. Returns (model, tokenizer).
-    "toy-clip": that tiny CLIP trained contrastively on the toy world (toy_clip.py; trained on first use, then cached)."""
+    random CLIP that keeps the tiny presets offline. Returns (model, tokenizer). (For "toy-clip",
+    the tiny CLIP trained on the toy world, ask toy_clip.embedder.)"""
     from transformers import CLIPModel, CLIPTokenizer
     if name == "tiny":
         model, tokenizer = tiny_clip()
-    elif name == "toy-clip":
-        import toy_clip
-        model, tokenizer = toy_clip.load()
     else:
         kw = dict(local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
         try:
@@ -630,6 +632,16 @@ def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=Tr
 # Speed levers for a built UNet: bench.py measures each one (--compile, --checkpointing,
 # --channels_last, --sdpa_backend), and train.py can adopt any of them with one call.
 CHECKPOINTING = ("none", "all", "transformer", "alternate", "resnet", "hires")  # and transformer:F, 0 < F <= 1
+
+
+def checkpointing_ok(which):
+    """Whether `which` names a checkpointing choice: CHECKPOINTING, or transformer:F, 0 < F <= 1."""
+    if which in CHECKPOINTING:
+        return True
+    try:
+        return which.startswith("transformer:") and 0 < float(which.split(":", 1)[1]) <= 1
+    except ValueError:
+        return False
 
 
 def apply_checkpointing(unet, which="all"):
@@ -851,11 +863,11 @@ def device_defaults(args, device):
 
 
 def from_args(args, device, dataset, resolution):
-    """-> (m, policy, embedder). m: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text
+    """-> (m, policy). m: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text
     encoders (model.load_models); with --lora_rank the policy is the frozen UNet + adapter and
     the reference that UNet with the adapter off (m.ref_unet is None). A cache holds what the
     encoders compute, so they are not loaded for one. policy: what the training forward calls
-    (m.unet, or its DDP/FSDP wrapper). embedder: CLIP for E5 from raw images."""
+    (m.unet, or its DDP/FSDP wrapper)."""
     cached = args.data.startswith("cache:")
     m = load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
                     args.gradient_checkpointing == "all", reference=args.loss != "sft", lora_rank=args.lora_rank,
@@ -869,9 +881,8 @@ def from_args(args, device, dataset, resolution):
         m.vae_scale, m.empty = dataset.index["vae_scale"], dataset.empty  # s of the VAE that made the cache
     if m.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"error: unsupported scheduler prediction_type {m.scheduler.config.prediction_type!r}")
-    embedder = load_embedder(args.embed_model, device) if args.loss == "rpo" and not cached else None
     import distributed  # (only train.py's set-up wraps the policy)
-    return m, distributed.wrap_policy(m.unet, args.fsdp, device), embedder
+    return m, distributed.wrap_policy(m.unet, args.fsdp, device)
 
 
 def unet_size(unet):

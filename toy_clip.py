@@ -223,16 +223,21 @@ def style_probe(clip, tok, seed=0, resolution=16, rounds=4):
 @torch.no_grad()
 def weight_entropies(clip, tok, taus=(0.1, 0.5, 1.0), batches=50, pairs=8, style="winter", seed=0):
     """Mean loss.weight_entropy of loss.rpo_weights (E5 "mean" embeddings, as train.py) over
-    `batches` toy batches of `pairs` pairs (data.ToyPairs, in index order), and the mean weight
+    `batches` toy batches of `pairs` pairs (data.ToyPairs' items, in index order), and the mean weight
     on each winner's own loser (the diagonal). -> {tau: (entropy, diagonal)}."""
-    import data
-    from images import collate_pairs
-    ds = data.ToyPairs(num_items=batches * pairs, seed=seed, style=style)
-    loader = torch.utils.data.DataLoader(ds, batch_size=pairs, collate_fn=collate_pairs)
+    prompts_all = toy_prompts("train")
     sums = {tau: [0.0, 0.0] for tau in taus}
     with one_thread():
-        for batch in loader:
-            emb = M.clip_embeddings(clip, tok, batch["prompt"], torch.cat([batch["winner"], batch["loser"]]))
+        for b in range(batches):
+            prompts, winners, losers = [], [], []
+            for i in range(b * pairs, (b + 1) * pairs):  # data.ToyPairs' item i, drawn the same way
+                rng = np.random.default_rng([seed, i])
+                prompt = prompts_all[rng.integers(len(prompts_all))]
+                plain = render_toy(prompt, 16, rng)
+                prompts.append(prompt)
+                winners.append(image_to_tensor(apply_style(plain, style, rng)))
+                losers.append(image_to_tensor(plain))
+            emb = M.clip_embeddings(clip, tok, prompts, torch.stack(winners + losers))
             emb_w, emb_l = emb.chunk(2)
             for tau in taus:
                 w = L.rpo_weights(emb_w, emb_l, tau)
@@ -289,3 +294,12 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def embedder(name, device="cpu"):
+    """model.load_embedder, and "toy-clip": the tiny CLIP trained on the toy world (trained on
+    first use, then loaded from its cache). train.py and data.py cache ask here."""
+    if name != "toy-clip":
+        return M.load_embedder(name, device)
+    clip, tok = load()
+    return clip.to(device).eval().requires_grad_(False), tok

@@ -8,12 +8,10 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
     torchrun --standalone --nproc_per_node 8 train.py --model sdxl ... [--fsdp] [--global_contrast]
 
 Reads top to bottom: flags; set-up; the loop, whose every micro-batch is one call of
-method.micro_batch_loss (the method, equation by equation, with docs/method.md's labels E1..E9;
-the equations themselves are loss.py's); the end. Each optimizer step draws its timesteps and noise from a generator seeded by (seed, step,
-micro-batch), and each item's crop and flip from (seed, epoch, index), so a resumed run replays
-the same randomness as an uninterrupted one without any hidden RNG state. Under torchrun, the
-few lines that involve other processes call distributed.py (docs/multi-gpu.md); checkpoints and
-outputs are checkpoint.py's.
+method.micro_batch_loss (the method, E1..E9 of docs/method.md); the end. Randomness comes from
+generators seeded by (seed, step, micro-batch) and (seed, epoch, index), so a resumed run replays
+an uninterrupted one exactly. Collectives are distributed.py's (docs/multi-gpu.md); checkpoints
+checkpoint.py's; logs, validation and the model card report.py's.
 """
 import argparse
 import contextlib
@@ -31,6 +29,7 @@ import model as M
 import pickapic
 import report as R
 import toy
+import toy_clip
 
 
 def parser():
@@ -189,14 +188,9 @@ def parse_args(argv=None):
     for name in ("caption_dropout", "style_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
-    which = args.gradient_checkpointing
-    fraction = which.split(":", 1)[1] if which.startswith("transformer:") else None
-    try:
-        ok = which in M.CHECKPOINTING or (fraction is not None and 0 < float(fraction) <= 1)
-    except ValueError:
-        ok = False
-    if not ok:
-        p.error(f"--gradient_checkpointing {which}: choose {', '.join(M.CHECKPOINTING)} or transformer:F with 0 < F <= 1")
+    if not M.checkpointing_ok(args.gradient_checkpointing):
+        p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(M.CHECKPOINTING)} or "
+                f"transformer:F with 0 < F <= 1")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
         p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
                 f"{args.model} (what its VAE and UNet down-sample by), not {args.resolution}")
@@ -209,9 +203,7 @@ def parse_args(argv=None):
         p.error("--lora_alpha needs --lora_rank")
     if args.fsdp and args.lora_rank:
         p.error("--fsdp shards a full fine-tune; a LoRA's trainable part is small, train it with plain DDP")
-    if args.fsdp and args.mixed_precision == "fp16":
-        # GradScaler checks for inf per rank, and FSDP's gradients are shards: ranks could disagree
-        # about skipping a step. bf16 needs no scaler.
+    if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
     if args.validation_metric == "toy" and args.validation_prompts is None:
@@ -247,6 +239,27 @@ def describe(args, m, params, world, dataset):
             f"pair, 2.048e-5 for 2048 pairs/step)")
 
 
+def clip_gradients(params, optimizer, scaler, max_norm, synced):
+    """Unscale (fp16) and clip the accumulated gradients; returns their global norm before
+    clipping. synced=False: DDP's last micro-batch was skipped, so its all-reduce never ran."""
+    if not synced:
+        D.average_grads(params)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
+
+
+def stop_message(bad_steps, step, cause, out_dir):
+    hint = ("the data gave no usable pairs (see the skip counts)" if cause == "no usable pairs" else
+            "try a lower --lr or --beta, and check the data")
+    return (f"error: {bad_steps} bad steps in a row at step {step} (last: {cause}); weights before them saved in "
+            f"{out_dir}/checkpoint-{step:06d}; {hint}")
+
+
+def due(every, step):
+    return bool(every) and step % every == 0
+
+
 def count_skips(counts, reasons):
     for reason in reasons:  # "corrupt image: PATH" -> "corrupt image"
         kind = reason.split(":")[0]
@@ -272,7 +285,9 @@ def main(argv=None):
     skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
     new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
-    m, policy, embedder = M.from_args(args, device, dataset, resolution)
+    m, policy = M.from_args(args, device, dataset, resolution)
+    cached = args.data.startswith("cache:")  # (a cache holds E5's features: no CLIP needed)
+    embedder = toy_clip.embedder(args.embed_model, device) if args.loss == "rpo" and not cached else None
     autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
     # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are
@@ -344,13 +359,7 @@ def main(argv=None):
             skips = all_skips()
             log(f"epoch {last_epoch} done; skipped so far: {skips or 'nothing'}")
         last_epoch = epoch
-        grad_norm = None
-        if finite and n_pairs:
-            if not synced:  # DDP and the last micro-batch was skipped: its all-reduce never ran
-                D.average_grads(params)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP
+        grad_norm = clip_gradients(params, optimizer, scaler, args.max_grad_norm, synced) if finite and n_pairs else None
         # A bad step changes no weight: a non-finite loss or gradient (fp16's scaler skips its own
         # inf steps), or no usable pairs. Too many in a row stop the run, weights kept.
         cause = ("non-finite loss" if not finite else "no usable pairs" if not n_pairs else
@@ -361,10 +370,7 @@ def main(argv=None):
             log(f"warning: step {step}: {cause}; step skipped")
             if bad_steps >= args.max_bad_steps:
                 save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
-                hint = ("the data gave no usable pairs (see the skip counts)" if cause == "no usable pairs" else
-                        "try a lower --lr or --beta, and check the data")
-                raise SystemExit(f"error: {bad_steps} bad steps in a row at step {step} (last: {cause}); weights "
-                                 f"before them saved in {args.out_dir}/checkpoint-{step:06d}; {hint}")
+                raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir))
             continue
         bad_steps = 0
         scaler.step(optimizer)
@@ -376,11 +382,11 @@ def main(argv=None):
         record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
         if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
             record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
-        if args.validation_prompts and (step == args.max_steps or args.validation_every and step % args.validation_every == 0):
+        if args.validation_prompts and (step == args.max_steps or due(args.validation_every, step)):
             grid, scores = R.validate(args, m, step, reporter, master)
             record.update(scores)
         reporter.step(record)
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+        if due(args.save_every, step) and step < args.max_steps:
             save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"), keep=args.keep_checkpoints)
 
     # The end: a last (resumable) checkpoint, and OUT_DIR/unet (or lora/) for sample.py and the
