@@ -284,7 +284,6 @@ def fake_pickapic(folder, n, size=512):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    import data
     os.makedirs(folder, exist_ok=True)
     rng, prompts = np.random.default_rng(0), toy.toy_prompts("all")
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}

@@ -27,7 +27,6 @@ its held-out accuracy is >= 0.95: a weak scorer would make every table below mea
 """
 import argparse
 import codecs
-import contextlib
 import hashlib
 import io
 import json
@@ -42,7 +41,6 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import data
 from images import image_to_tensor
 import model as M
 import toy
@@ -50,8 +48,7 @@ import toy
 # ----------------------------------------------------------------------------------------------
 # 1. Toy scorer
 
-# Parse prompts exactly as render_toy does; the fallback only matters if data.py renames it.
-PROMPT_RE = getattr(data, "_PROMPT_RE", None) or re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
+PROMPT_RE = toy._PROMPT_RE  # parse prompts exactly as render_toy does
 HEADS = {"style": 1, "shape": 3, "colour": 6, "background": 4}  # logits per head, in this order
 # Content attributes that survive each style. "sketch" is grayscale on paper: the fill tone is
 # 0.12·(255 - luma), so red, purple and blue (lumas 84..99) land within 2 grey levels, and the
@@ -63,18 +60,6 @@ KEEPS = {"winter": ("shape", "colour", "background"), "sketch": ("shape",)}
 TRAIN = dict(steps=1500, batch=128, lr=3e-3, pool=16384, check_every=100, stop_at=0.99)
 VERSION = 1  # bump when the architecture, data or augmentation changes: invalidates caches
 THRESHOLD = 0.95
-
-
-@contextlib.contextmanager
-def one_thread():
-    # The scorer's convs are tiny (16x16, <=64 channels): a second intra-op thread buys little,
-    # and on a busy machine (other jobs on the same cores) 2 threads measured 20x SLOWER than 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def toy_labels(prompt):
@@ -196,7 +181,7 @@ def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0):
     config = dict(version=VERSION, style=style, resolution=resolution, seed=seed, **TRAIN)
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) and os.path.isfile(cache) else {}
     net = toy_scorer_net()
-    with one_thread():
+    with M.one_thread():
         if meta.get("config") == config:
             net.load_state_dict(load_file(cache))
             net.eval()
@@ -229,7 +214,7 @@ def score_toy(scorer, images, prompts):
     x, R = images.float().clamp(-1, 1), scorer.resolution
     if x.shape[-2:] != (R, R):
         x = F.interpolate(x, size=(R, R), mode="area")
-    with one_thread():
+    with M.one_thread():
         out = toy_logits(scorer, x)
     labels = torch.tensor([toy_labels(p) for p in prompts]).reshape(-1, 3)
     scores = {"style": torch.sigmoid(out["style"][:, 0])}

@@ -29,7 +29,6 @@ import time
 
 import torch
 
-import data
 import evaluate
 import model as M
 import sample

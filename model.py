@@ -885,6 +885,18 @@ def from_args(args, device, dataset, resolution):
     return m, distributed.wrap_policy(m.unet, args.fsdp, device)
 
 
+@contextlib.contextmanager
+def one_thread():
+    # For tiny models (the toy scorer, the toy CLIP): a second intra-op thread buys little, on a
+    # busy machine 2 threads measured 20x SLOWER than 1, and one thread is bit-for-bit reproducible.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def unet_size(unet):
     return sum(p.numel() for p in unet.parameters())
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import data
+import checkpoint as C
 import evaluate as E
 from images import tensor_to_uint8
 import model as M
@@ -109,7 +109,7 @@ def _json_prompts(text, spec):
 def read_prompts(spec):
     """Where prompts come from:
       builtin                      BUILTIN_PROMPTS (a dozen varied real-image prompts)
-      toy-test / toy-train / toy-all   the procedural toy set's prompts (data.py)
+      toy-test / toy-train / toy-all   the procedural toy set's prompts (toy.py)
       FILE.json                    HPSv2 benchmark: a list of strings, or a dict of lists
       FILE (.tsv or any file whose first line is a tab-separated header with a Prompt column)
                                    PartiPrompts: the Prompt column
@@ -154,22 +154,6 @@ def _quiet():
         yield
 
 
-def safetensors_problem(path):
-    """Why a .safetensors file cannot be whole (e.g. a copy cut short), or None. Reads only the
-    header: the byte ranges it declares must end exactly at the end of the file."""
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + n > size:
-                return f"{size} bytes, shorter than its header"
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return "its header is not a safetensors header"
-    return None if 8 + n + end == size else f"{size} bytes where its header promises {8 + n + end}"
-
-
 def load_unet(spec):
     """--unet: a local unet/ folder (or its parent), or, when no such path exists, a hub id
     owner/name. Any problem ends in one line naming the argument."""
@@ -182,10 +166,9 @@ def load_unet(spec):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: --unet {spec}: no UNet there (expected a diffusers unet/ folder with config.json)")
     for name in sorted(os.listdir(path)):  # diffusers' own message for a cut file names no cause
-        problem = safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
+        problem = C.safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
         if problem:
-            raise SystemExit(f"error: --unet {spec}: {os.path.join(path, name)} is truncated or corrupt "
-                             f"({problem}); copy or save it again")
+            raise SystemExit(f"error: --unet {spec}: {os.path.join(path, name)} {problem}; copy or save it again")
     try:
         with _quiet():
             return UNet2DConditionModel.from_pretrained(path)
@@ -270,9 +253,9 @@ def check_lora(directory, unet=None):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --lora {directory}: no {M.LORA_FILE} there (expected train.py --lora_rank's "
                          f"OUT_DIR/lora)")
-    problem = safetensors_problem(path)
+    problem = C.safetensors_problem(path)
     if problem:
-        raise SystemExit(f"error: --lora {directory}: {path} is truncated or corrupt ({problem})")
+        raise SystemExit(f"error: --lora {directory}: {path} {problem}")
     if unet is None:
         return
     with safe_open(path, "pt") as f:

@@ -17,7 +17,6 @@ held-out text->image retrieval, a linear style probe on the image features, and 
 entropy on toy pairs with the random vs the trained CLIP.
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -38,18 +37,6 @@ RECIPE = dict(version=1, seed=0, steps=600, lr=2e-3, weight_decay=0.1, warmup=30
               styles=list(STYLES), style_fraction=0.5)  # style_fraction: share of styled renders
 # Independent numpy streams: training (seed, 0, step); evaluation (seed, 1|2|3, ...).
 TRAIN_STREAM, RETRIEVAL_STREAM, PROBE_STREAM = 0, 1, 2
-
-
-@contextlib.contextmanager
-def one_thread():
-    # The model is tiny: a second intra-op thread buys little on a shared machine, and one
-    # thread keeps training bit-for-bit reproducible.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def cache_root():
@@ -103,7 +90,7 @@ def train(recipe=None, log_every=100):
         opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * k / steps)))
     clip.train()
     t0, loss = time.time(), None
-    with one_thread():
+    with M.one_thread():
         for step in range(steps):
             rng = np.random.default_rng([recipe["seed"], TRAIN_STREAM, step])
             images, _ = renders(prompts, recipe["resolution"], rng, styles=recipe["styles"],
@@ -161,7 +148,7 @@ def retrieval_accuracy(clip, tok, prompts, rounds=8, style="plain", seed=0, reso
     """Text->image top-1: in each round every prompt gets one fresh render; each caption must
     pick its own render among the len(prompts) renders. Chance: 1/len(prompts)."""
     hits = []
-    with one_thread():
+    with M.one_thread():
         for r in range(rounds):
             rng = np.random.default_rng([seed, RETRIEVAL_STREAM, r])
             images, _ = renders(prompts, resolution, rng, style=style)
@@ -208,7 +195,7 @@ def style_probe(clip, tok, seed=0, resolution=16, rounds=4):
     """Is style linearly visible in the (L2-normalised) image features? A logistic probe, plain
     (label 0) vs styled (winter or sketch, label 1), trained on renders of the training prompts,
     tested on fresh renders of the held-out prompts. -> {"all", "plain", "winter", "sketch"}: accuracy."""
-    with one_thread():
+    with M.one_thread():
         x_tr, k_tr = _style_set(clip, tok, toy_prompts("train"), rounds,
                                 np.random.default_rng([seed, PROBE_STREAM, 0]), resolution)
         x_te, k_te = _style_set(clip, tok, toy_prompts("test"), 2 * rounds,
@@ -227,7 +214,7 @@ def weight_entropies(clip, tok, taus=(0.1, 0.5, 1.0), batches=50, pairs=8, style
     on each winner's own loser (the diagonal). -> {tau: (entropy, diagonal)}."""
     prompts_all = toy_prompts("train")
     sums = {tau: [0.0, 0.0] for tau in taus}
-    with one_thread():
+    with M.one_thread():
         for b in range(batches):
             prompts, winners, losers = [], [], []
             for i in range(b * pairs, (b + 1) * pairs):  # data.ToyPairs' item i, drawn the same way

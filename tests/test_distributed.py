@@ -107,7 +107,6 @@ def _ddp_worker(rank, world, port, out):
     results = {}
     for name, case in CASES.items():
         counts = SPLITS[case[2]]
-        a = sum(counts[:rank])
         m = make_model(case[4])
         policy = torch.nn.parallel.DistributedDataParallel(m.unet, find_unused_parameters=False,
                                                            gradient_as_bucket_view=True)

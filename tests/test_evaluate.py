@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import data
 from images import image_to_tensor
 import toy
 import evaluate as E

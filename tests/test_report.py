@@ -2,7 +2,6 @@
 metrics.jsonl, log lines, validation grids, TensorBoard event files, args.json, the model card,
 and the diffusers training scripts' flag names."""
 import json
-import os
 
 import numpy as np
 import pytest

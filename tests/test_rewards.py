@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import data
 import evaluate as E
 import model as M
 import sample as S

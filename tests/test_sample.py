@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import model as M
 from images import tensor_to_uint8
 import toy
