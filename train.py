@@ -294,7 +294,7 @@ def main(argv=None):
     # sharded too), and where to start.
     params = [p for p in m.unet.parameters() if p.requires_grad]  # LoRA: the adapter's A and B only
     optimizer = M.make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
-                               args.weight_decay)
+                                 args.weight_decay)
     scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
     step, epoch, items_in_epoch = 0, 0, 0
     if master:
