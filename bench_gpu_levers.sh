@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU speed levers, cached vs raw data and the NCCL/FSDP runs in ONE run of ~8 minutes on one H100/H200 (bench.py does the
-# measuring; each row is one JSON line with the GPU's name, appended to $OUT/bench_gpu.jsonl):
+# The GPU speed levers, cached vs raw data and the NCCL/FSDP runs in ONE run of ~8 minutes on
+# one H100/H200 (bench.py does the measuring; each row is one JSON line with the GPU's name, appended to $OUT/bench_gpu.jsonl):
 #   1. sdxl   SDXL 1024² full-FT, bf16 + fused AdamW, 4 pairs, in one process: eager baselines,
 #             cuDNN attention, channels_last, regional compile (cold compile ~100 s on a fresh
 #             machine) with selective checkpointing, the same for DPO, 8 pairs; the grid starts

@@ -13,7 +13,8 @@ dispreferred = the plain render, same prompt — the paper's Style Alignment set
 procedurally. The base model is pretrained (plain denoising, --loss sft) on single images of
 which a third carry the style with unchanged captions, so the preference pairs lie within the
 base model's distribution, as real Pick-a-Pic pairs do: a base that never saw the style makes
-DPO/RPO collapse (they meet the margin by raising the error on losers; docs/toy-study.md). Style and content are judged by a small CNN trained on procedural renders
+DPO/RPO collapse (they meet the margin by raising the error on losers; docs/toy-study.md).
+Style and content are judged by a small CNN trained on procedural renders
 (evaluate.py), which must reach 95% held-out accuracy or the experiment stops.
 
 Everything is cached under --runs (default runs/): rerunning skips the base, finished
