@@ -24,9 +24,9 @@ def test_toy_clip_caches_by_recipe_and_learns(tmp_path, monkeypatch):
     a, b = clip.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # load_embedder("toy-clip") is that model (RECIPE patched to the short one)
+    # T.embedder("toy-clip"), what train.py and the cache ask for, is that model (RECIPE patched)
     monkeypatch.setattr(T, "RECIPE", SHORT)
-    emb, _ = M.load_embedder("toy-clip")
+    emb, _ = T.embedder("toy-clip")
     assert torch.equal(emb.visual_projection.weight, clip.visual_projection.weight)
     assert not torch.equal(emb.visual_projection.weight, M.load_embedder("tiny")[0].visual_projection.weight)
 
