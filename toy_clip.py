@@ -11,7 +11,7 @@ information. Seeded and deterministic (one CPU thread; the data stream is numpy'
 
     $RPO_DIFFUSION_CACHE (default ~/.cache/rpo-diffusion)/toy-clip-<hash>/model.safetensors
 
-model.load_embedder("toy-clip") calls load(): trains on first use, then loads in well under a
+embedder("toy-clip") (train.py --embed_model toy-clip) calls load(): trains on first use, then loads in under a
 second. `python toy_clip.py [--out results/toy_clip.txt]` trains (or loads) and reports
 held-out text->image retrieval, a linear style probe on the image features, and E6's weight
 entropy on toy pairs with the random vs the trained CLIP.
