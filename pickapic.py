@@ -131,12 +131,6 @@ def preference(schema, prompt, label=None):
     return None, 0 if label == 1 else 1
 
 
-def pickapic_row(caption, label):
-    """(skip_reason, winner column) for one Pick-a-Pic row (label_0: 1 jpg_0 won, 0 jpg_1, 0.5 tie)."""
-    reason, w = preference(SCHEMAS["pickapic"], caption, label)
-    return reason, None if reason else ("jpg_0", "jpg_1")[w]
-
-
 def pair_cells(schema, get, w):
     """[(column, cell) of the preferred image, of the other] from a row (get: column -> cell), or
     None when a list column does not hold exactly two images."""

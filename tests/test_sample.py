@@ -26,6 +26,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def stock_pipeline(m, unet, scheduler):
+    """diffusers' own StableDiffusion(XL)Pipeline around the preset's encoders and VAE."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=unet, scheduler=scheduler)
+    if m.xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1], tokenizer_2=m.tokenizers[1],
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-xl"])
 def test_same_seed_same_image_whatever_the_batch_and_other_seeds_differ(name):
     m = M.load_models(name, reference=False)
@@ -63,23 +77,14 @@ def perturbed_unet_dir(m, path):
 @pytest.mark.parametrize("name,scheduler", [("tiny-sd", "ddim"), ("tiny-xl", "ddim"), ("tiny-sd", "euler"),
                                             ("tiny-xl", "dpm")])
 def test_saved_unet_in_stock_pipeline_gives_the_same_image(tmp_path, name, scheduler):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel
     unet_dir = perturbed_unet_dir(M.load_models(name, reference=False), str(tmp_path))
     m = M.load_models(name, init_unet=unet_dir, reference=False)  # what sample.py --unet does
     ours = S.generate(m, [P0], [3], steps=5, guidance=5.0, scheduler=scheduler)
 
     sched_cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
-    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
-                 unet=UNet2DConditionModel.from_pretrained(os.path.join(unet_dir, "unet")),
-                 scheduler=sched_cls.from_config(m.scheduler.config))
-    if m.xl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1], tokenizer_2=m.tokenizers[1],
-                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(m, UNet2DConditionModel.from_pretrained(os.path.join(unet_dir, "unet")),
+                          sched_cls.from_config(m.scheduler.config))
     stock = pipe(prompt=P0, num_inference_steps=5, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(3),
                  output_type="pt", height=m.resolution, width=m.resolution).images  # [0, 1]
     assert stock.shape == ours.shape
@@ -261,18 +266,10 @@ def test_negative_prompt_replaces_the_empty_prompt(tmp_path):
 @pytest.mark.parametrize("name,negative", [("tiny-sd", P1), ("tiny-xl", P1), ("tiny-xl", "")])
 def test_negative_prompt_equals_the_stock_pipeline(name, negative):
     # SDXL: as in its pipeline, "" is encoded like any text, only None means zeros
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler
     m = M.load_models(name, reference=False)
     ours = S.generate(m, [P0], [3], steps=4, guidance=5.0, negative_prompt=negative)
-    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet.eval(),
-                 scheduler=DDIMScheduler.from_config(m.scheduler.config))
-    if m.xl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1], tokenizer_2=m.tokenizers[1],
-                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(m, m.unet.eval(), DDIMScheduler.from_config(m.scheduler.config))
     stock = pipe(prompt=P0, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0, output_type="pt",
                  generator=torch.Generator("cpu").manual_seed(3), height=m.resolution, width=m.resolution).images
     assert ((ours + 1) / 2 - stock).abs().max() < 1e-4
