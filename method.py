@@ -71,13 +71,15 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     one process computes for the concatenated batch."""
     if "latents" in batch:  # already encoded (bench.py, tests)
         return batch["latents"], batch["cond"], batch.get("features")
-    pairs, B, rows = args.loss != "sft", share.n, (2 if args.loss != "sft" else 1) * share.total
-    drop = torch.zeros(B, dtype=torch.bool)
+    pairs = args.loss != "sft"
+    k = 2 if pairs else 1  # images per pair in the model's batch: [winners; losers], or winners alone
+    rows = k * share.total  # the global batch's images
+    drop = torch.zeros(share.n, dtype=torch.bool)
     if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
         drop = share.keep(torch.rand(share.total, generator=generator)) < args.caption_dropout
     both = (lambda w, l: torch.cat([w, l])) if pairs else (lambda w, l: w)
     sizes = both(batch["original_size_w"], batch["original_size_l"])
-    crops = batch["crop_top_left"].repeat(2 if pairs else 1, 1)
+    crops = batch["crop_top_left"].repeat(k, 1)
     if "cache_latent_w" in batch:  # --data cache:DIR: the encoders' outputs, stored
         return M.cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs)
     images = both(batch["winner"], batch["loser"])
@@ -88,7 +90,7 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
         n = share.keep(torch.randn((rows, *post.mean.shape[1:]), generator=generator, dtype=post.mean.dtype), pairs)
         latents = ((post.mean + post.std * n.to(m.device)) * m.vae_scale).float()
     prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
-    cond = M.encode_prompts(m, prompts, sizes, crops, repeat=2 if pairs else 1)
+    cond = M.encode_prompts(m, prompts, sizes, crops, repeat=k)
     features = None
     if args.loss == "rpo":  # E5's halves, one CLIP pass for [winners; losers], each prompt once
         features = M.clip_features(*embedder, None if args.embed == "image" else prompts,
