@@ -90,9 +90,13 @@ def with_steps(argv, steps):
     return [str(steps) if i > 0 and argv[i - 1] == "--max_steps" else a for i, a in enumerate(argv)]
 
 
-def pretrain_base(base_dir, device, steps):
-    """Train the toy base once; a rerun with the same recipe reuses it."""
-    recipe = with_steps(BASE_ARGS, steps) + ["--device", device]
+def with_style(argv, style):
+    return [style if i > 0 and argv[i - 1] == "--style" else a for i, a in enumerate(argv)]
+
+
+def pretrain_base(base_dir, device, steps, style="winter"):
+    """Train the toy base once (a third of its images in `style`); a rerun with the same recipe reuses it."""
+    recipe = with_style(with_steps(BASE_ARGS, steps), style) + ["--device", device]
     done = os.path.join(base_dir, "recipe.json")
     if os.path.exists(done) and json.load(open(done)) == recipe and os.path.isdir(os.path.join(base_dir, "unet")):
         print(f"base: cached in {base_dir}")

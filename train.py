@@ -272,7 +272,7 @@ def main(argv=None):
     rank, world, device, own_group = D.setup(args.device)  # torchrun: one process per device
     master = rank == 0  # logs and writes files; every rank computes
     log = print if master else (lambda *a, **k: None)
-    if args.fsdp and world == 1:
+    if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
         raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
     C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
     torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
