@@ -1,0 +1,270 @@
+"""
+The style-content frontier of the toy Style Alignment study (docs/toy-study.md#the-frontier):
+does relative preference optimization (RPO) keep more of the prompt than DPO at the same
+amount of style learned?
+
+    python frontier.py                     # run (or resume) the study: one process per core,
+    python frontier.py & python frontier.py    #   started twice on 2 cores, they share the work
+    python frontier.py --collect           # -> results/toy-study/frontier.{json,md,png}
+
+Every variant (SFT, DPO, RPO outside at τ 0.1/0.5/1, RPO inside, RPO with text-only embeddings)
+is trained from the same toy base (experiment.py's) over its own learning-rate grid, 4 points
+per decade, for 3 training seeds; then DPO and RPO once more at 16 pairs per step, and SFT, DPO
+and RPO on a second style (sketch, its own base), at one seed. E5 uses toy-clip, the tiny CLIP
+trained on the toy world, so RPO's weights ω see the content and style of each pair.
+
+Each run is 150 steps of 8 pairs (half the demo's, so the grid fits in a few hours on 2 cores)
+and is scored on the 12 held-out prompts × 8 sampling seeds: style = share of samples the
+style scorer calls styled, content = share that still show the prompt's shape, colour and
+background. A run's folder holds its UNet and score.json; a rerun skips both, and two
+processes claim jobs with a lock file each, so the study resumes where it stopped.
+
+The comparison: along each seed's lr grid, content is interpolated linearly at a target style
+(0.6, 0.7, 0.8); the RPO - DPO difference is taken per seed (same seed: same data order and
+noise) and reported as mean ± a 95% t-interval over the seeds.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+import evaluate
+import experiment as E
+import toy
+import train
+
+STEPS, SAMPLE_SEEDS = 150, 8
+TARGETS = (0.6, 0.7, 0.8)  # matched style levels for the comparison
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5% quantile, by degrees of freedom
+
+
+def grid(lo, n=8, per_decade=4):
+    return [float(f"{lo * 10 ** (k / per_decade):.2g}") for k in range(n)]
+
+
+# label -> (train.py flags, fields for the JSON rows, lr grid). The grids start where the
+# method barely moves the base (calibrated on the 300-step demo: DPO 1e-7 no change, 1e-6
+# most content gone; RPO with near-uniform ω needs ~10x more; SFT, no β, far more).
+VARIANTS = {
+    "sft": (["--loss", "sft"], dict(method="sft"), grid(1e-5)),
+    "dpo": (["--loss", "dpo"], dict(method="dpo"), grid(1e-7)),
+    "rpo τ=0.1": (["--loss", "rpo", "--tau", "0.1"], dict(method="rpo", tau=0.1), grid(1e-7)),
+    "rpo τ=0.5": (["--loss", "rpo", "--tau", "0.5"], dict(method="rpo", tau=0.5), grid(3.2e-7)),
+    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0), grid(1e-6)),
+    "rpo τ=0.5 inside": (["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
+                         dict(method="rpo", tau=0.5, weighting="inside"), grid(1e-7)),
+    "rpo τ=0.5 text": (["--loss", "rpo", "--tau", "0.5", "--embed", "text"],
+                       dict(method="rpo", tau=0.5, embed="text"), grid(3.2e-7)),
+}
+ROW_DEFAULTS = dict(tau=None, weighting="outside", embed="mean", batch=8, style_name="winter")
+
+
+def jobs():
+    """The study in priority order: seed 0 of everything, then the seeds that carry the DPO/RPO
+    comparison, the batch-size point, the second style, the remaining seeds."""
+    out = [(v, lr, 0, 8, "winter") for v in VARIANTS for lr in VARIANTS[v][2]]
+    main = ["dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1"]
+    out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in main for lr in VARIANTS[v][2]]
+    out += [(v, lr, 0, 16, "winter") for v in ("dpo", "rpo τ=0.5") for lr in VARIANTS[v][2]]
+    out += [(v, lr, 0, 8, "sketch") for v in ("sft", "dpo", "rpo τ=0.5") for lr in VARIANTS[v][2]]
+    out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in VARIANTS if v not in main for lr in VARIANTS[v][2]]
+    return out
+
+
+def run_dir(runs, variant, lr, seed, batch, style):
+    return os.path.join(runs, "frontier", style, f"B{batch}", E.slug(variant), f"lr{lr:g}", f"seed{seed}")
+
+
+def claim(path):
+    """Take a job: create path/claim (atomic). A claim whose process is gone is taken over."""
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, "claim")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(open(lock).read() or 0)
+                os.kill(pid, 0)
+                return False  # another live process has it
+            except (ProcessLookupError, ValueError):
+                os.remove(lock)  # its process is gone: take it over
+            except PermissionError:
+                return False
+    return False
+
+
+def run_job(args, scorers, variant, lr, seed, batch, style):
+    path = run_dir(args.runs, variant, lr, seed, batch, style)
+    if os.path.exists(os.path.join(path, "score.json")) or not claim(path):
+        return False
+    base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
+    E.pretrain_base(base, args.device, args.base_steps, style)
+    t0 = time.time()
+    flags, _, _ = VARIANTS[variant]
+    train.main(["--model", "tiny", "--data", "toy", "--style", style, "--batch_size", str(batch),
+                "--max_steps", str(STEPS), *flags, "--embed_model", "toy-clip", "--init", os.path.join(base, "unet"),
+                "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
+                "--out_dir", os.path.join(path, "run"), "--device", args.device, "--no_progress",
+                "--log_every", str(STEPS), "--overwrite"])
+    if style not in scorers:
+        scorers[style] = evaluate.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
+    prompts = toy.toy_prompts("test")
+    seeds = [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
+    args.sample_seeds = SAMPLE_SEEDS
+    score = E.score_unet(os.path.join(path, "run", "unet"), prompts, seeds, args, scorers[style])
+    score["train_s"] = round(time.time() - t0, 1)
+    tmp = os.path.join(path, "score.json.tmp")
+    json.dump(score, open(tmp, "w"))
+    os.replace(tmp, os.path.join(path, "score.json"))
+    os.remove(os.path.join(path, "claim"))
+    print(f"frontier: {style} B={batch} {variant} lr={lr:g} seed={seed}: style {score['style']:.3f} "
+          f"content {score['content']:.3f} ({score['train_s']:.0f}s)", flush=True)
+    return True
+
+
+def rows(runs):
+    """Every finished run as a JSON row (method, τ, weighting, embed, batch, style, lr, seed, scores)."""
+    out = []
+    for variant, lr, seed, batch, style in jobs():
+        path = os.path.join(run_dir(runs, variant, lr, seed, batch, style), "score.json")
+        if os.path.exists(path):
+            s = json.load(open(path))
+            out.append({"variant": variant, **ROW_DEFAULTS, **VARIANTS[variant][1], "batch": batch, "style_name": style,
+                        "lr": lr, "seed": seed, "style": s["style"], "content": s["content"]})
+    return out
+
+
+def content_at(points, target):
+    """points [(lr, style, content)] of one seed: content where the lr path first crosses `target`
+    style, linearly interpolated between the two grid points around it; None if it never does."""
+    pts = sorted(points)
+    for (_, s0, c0), (_, s1, c1) in zip(pts, pts[1:]):
+        if s0 <= target <= s1 and s1 > s0:
+            return c0 + (c1 - c0) * (target - s0) / (s1 - s0)
+    return None
+
+
+def mean_ci(values):
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return (float(v.mean()), None) if len(v) else (None, None)
+    return float(v.mean()), float(T975.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def matched(table, variant, target, batch=8, style="winter"):
+    """{seed: content at the target style} for one variant."""
+    per_seed = {}
+    for r in table:
+        if r["variant"] == variant and r["batch"] == batch and r["style_name"] == style:
+            per_seed.setdefault(r["seed"], []).append((r["lr"], r["style"], r["content"]))
+    return {s: c for s, pts in per_seed.items() if (c := content_at(pts, target)) is not None}
+
+
+def fmt(mc):
+    m, ci = mc
+    return "n/a" if m is None else (f"{m:+.3f}" if ci is None else f"{m:+.3f} ± {ci:.3f}")
+
+
+def analysis(table):
+    """The markdown summary: content at matched style per variant, and RPO - DPO per seed."""
+    lines = ["| variant | " + " | ".join(f"content at style {t}" for t in TARGETS) + " |",
+             "|---|" + "---|" * len(TARGETS)]
+    best = {}
+    for v in VARIANTS:
+        cells = []
+        for t in TARGETS:
+            per_seed = matched(table, v, t)
+            m, ci = mean_ci(list(per_seed.values()))
+            cells.append("n/a" if m is None else f"{m:.3f}" + ("" if ci is None else f" ± {ci:.3f}") + f" (n={len(per_seed)})")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "RPO - DPO, content at matched style (per seed, paired; mean ± 95% t-interval over seeds):", "",
+              "| variant | " + " | ".join(f"style {t}" for t in TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
+    for v in VARIANTS:
+        if v in ("dpo", "sft"):
+            continue
+        cells = []
+        for t in TARGETS:
+            a, b = matched(table, v, t), matched(table, "dpo", t)
+            diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+            cells.append(fmt(mean_ci(diffs)) + f" (n={len(diffs)})")
+            best.setdefault(t, []).append((np.mean(diffs) if diffs else -9, v))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    for batch, style in ((16, "winter"), (8, "sketch")):
+        for t in TARGETS:
+            a, b = matched(table, "rpo τ=0.5", t, batch, style), matched(table, "dpo", t, batch, style)
+            if a and b:
+                lines.append(f"\n{batch} pairs/step, {style}, style {t} (seed 0): content rpo τ=0.5 {a[0]:.3f}, "
+                             f"dpo {b[0]:.3f}, difference {a[0] - b[0]:+.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, out_png):
+    plt = evaluate._pyplot()
+    panels = [("winter, 8 pairs/step, mean ± std over seeds", 8, "winter"), ("16 pairs/step (seed 0)", 16, "winter"),
+              ("sketch (seed 0)", 8, "sketch")]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), dpi=100)
+    for ax, (title, batch, style) in zip(axes, panels):
+        for i, v in enumerate(VARIANTS):
+            by_lr = {}
+            for r in table:
+                if r["variant"] == v and r["batch"] == batch and r["style_name"] == style:
+                    by_lr.setdefault(r["lr"], []).append((r["style"], r["content"]))
+            if not by_lr:
+                continue
+            lrs = sorted(by_lr)
+            pts = [np.array(by_lr[lr]) for lr in lrs]
+            sm, cm = [p[:, 0].mean() for p in pts], [p[:, 1].mean() for p in pts]
+            ss = [p[:, 0].std(ddof=1) if len(p) > 1 else 0 for p in pts]
+            cs = [p[:, 1].std(ddof=1) if len(p) > 1 else 0 for p in pts]
+            ax.errorbar(sm, cm, xerr=ss, yerr=cs, fmt="o-", ms=3, capsize=2, color=f"C{i}", label=v, alpha=0.85)
+        ax.set_title(title)
+        ax.set_xlabel("style (share of samples in the preferred style)")
+        ax.set_ylabel("content (share showing the prompt)")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 0.6)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs", help="where the bases and runs are cached (shared with experiment.py)")
+    p.add_argument("--out", default="results/toy-study", help="--collect writes frontier.{json,md,png} here")
+    p.add_argument("--collect", action="store_true", help="only collect finished runs into the table and plot")
+    p.add_argument("--base_steps", type=int, default=1200)
+    p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.collect:
+        scorers, done = {}, 0
+        for job in jobs():
+            done += run_job(args, scorers, *job)
+        print(f"frontier: this process ran {done} jobs")
+    table = rows(args.runs)
+    os.makedirs(args.out, exist_ok=True)
+    json.dump({"steps": STEPS, "sample_seeds": SAMPLE_SEEDS, "held_out_prompts": len(toy.toy_prompts("test")),
+               "base_recipe": E.BASE_ARGS, "embed_model": "toy-clip", "rows": table},
+              open(os.path.join(args.out, "frontier.json"), "w"), indent=1)
+    text = analysis(table)
+    open(os.path.join(args.out, "frontier.md"), "w").write(text)
+    plot(table, os.path.join(args.out, "frontier.png"))
+    print(text + f"\n{len(table)} of {len(jobs())} runs; wrote {args.out}/frontier.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
