@@ -42,7 +42,7 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     m = M.load_models(model, pretrained, device=device, mixed_precision=mixed_precision, reference=False)
     m.unet = None  # only the frozen encoders are needed here
     m.resolution = resolution
-    embed_model = embed_model or ("tiny" if M.PRESETS[model]["pretrained"] is None else "openai/clip-vit-large-patch14")
+    embed_model = embed_model or M.default_embed_model(model)
     clip, clip_tok = toy_clip.embedder(embed_model, device)
     store = CACHE_DTYPES[dtype]
     os.makedirs(out, exist_ok=True)

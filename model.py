@@ -533,6 +533,16 @@ def tiny_clip():
         return CLIPModel(config), tokenizer
 
 
+def default_embed_model(model_name):
+    """E5's CLIP when --embed_model is not given. Tiny presets: "toy-clip", the tiny CLIP trained
+    on the toy world (toy_clip.py; ~40 s once on a CPU, then cached), so that ω (E6) sees each
+    pair's content and style; RPO_DIFFUSION_TOY_E5=tiny picks the random tiny CLIP instead (the
+    test suite's: no training, and no figure that depends on one). sd15/sdxl: CLIP ViT-L/14."""
+    if PRESETS[model_name]["pretrained"] is None:
+        return os.environ.get("RPO_DIFFUSION_TOY_E5") or "toy-clip"
+    return "openai/clip-vit-large-patch14"
+
+
 def load_embedder(name="tiny", device="cpu"):
     """CLIP in the joint text-image space, for f(c, x) (E5). `name`: a hub id or local folder
     (default for real presets: openai/clip-vit-large-patch14), or "tiny" for a built-in

@@ -80,7 +80,8 @@ def parser():
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--embed", default="mean", choices=["mean", "text", "image"], help="E5: what f(c, x) embeds")
     g.add_argument("--embed_model", default=None,
-                   help="CLIP for E5 (default: built-in tiny CLIP for tiny presets, else openai/clip-vit-large-patch14)")
+                   help="CLIP for E5 (default: toy-clip, trained on the toy world, for tiny presets; 'tiny': a random "
+                        "tiny CLIP; else openai/clip-vit-large-patch14)")
     g = p.add_argument_group("objective")
     g.add_argument("--loss", default="rpo", choices=["rpo", "dpo", "sft"])
     g.add_argument("--beta", "--beta_dpo", type=float, default=5000.0, help="E3/E4: logit = -(beta/2)·Δ")
@@ -175,7 +176,7 @@ def parse_args(argv=None):
     if args.data is None:  # a real model gets real preference data that exists (Pick-a-Pic v2 left the hub)
         args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else pickapic.DEFAULT_DATA
     if args.embed_model is None:
-        args.embed_model = "tiny" if M.PRESETS[args.model]["pretrained"] is None else "openai/clip-vit-large-patch14"
+        args.embed_model = M.default_embed_model(args.model)
     for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")

@@ -34,3 +34,30 @@ def test_toy_clip_caches_by_recipe_and_learns(tmp_path, monkeypatch):
     prompts = toy_prompts("train")
     acc = T.retrieval_accuracy(clip, tok, prompts, rounds=1)
     assert acc > 5 / len(prompts), acc
+
+
+def test_tiny_presets_default_to_toy_clip_and_tau_moves_the_logged_entropy(tmp_path, monkeypatch):
+    import json
+    import train
+    monkeypatch.delenv("RPO_DIFFUSION_TOY_E5", raising=False)  # (conftest's test default: the random CLIP)
+    assert train.parse_args(["--model", "tiny"]).embed_model == "toy-clip"
+    assert train.parse_args(["--model", "tiny-xl"]).embed_model == "toy-clip"
+    assert train.parse_args(["--model", "sdxl"]).embed_model == "openai/clip-vit-large-patch14"
+    monkeypatch.setenv("RPO_DIFFUSION_TOY_E5", "tiny")
+    assert train.parse_args(["--model", "tiny"]).embed_model == "tiny"
+
+    # With the trained CLIP, τ changes E6's weights on toy batches: the logged entropy follows τ
+    # and at a low τ the weights concentrate far more than the random CLIP's, whose features of
+    # toy samples lie close together.
+    monkeypatch.setenv("RPO_DIFFUSION_CACHE", str(tmp_path))
+    monkeypatch.setattr(T, "RECIPE", SHORT)
+    entropy = {}
+    for embed_model in ("toy-clip", "tiny"):
+        for tau in (0.05, 1.0):
+            out = tmp_path / f"{embed_model}-{tau}"
+            train.main(["--model", "tiny", "--loss", "rpo", "--tau", str(tau), "--embed_model", embed_model,
+                        "--max_steps", "3", "--batch_size", "8", "--out_dir", str(out), "--no_progress", "--seed", "1"])
+            rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+            entropy[embed_model, tau] = sum(r["weight_entropy"] for r in rows) / len(rows)
+    assert entropy["toy-clip", 0.05] < entropy["toy-clip", 1.0] - 0.3, entropy
+    assert entropy["toy-clip", 0.05] < entropy["tiny", 0.05] - 0.5, entropy
