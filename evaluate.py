@@ -926,7 +926,8 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """evaluate.py's flags (train.py --validation_reward_flags reads its reward-model group)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults)
     p.add_argument("--images", nargs="+",
                    help="sample.py output folders. Only the images each samples.jsonl lists are read, and only "
@@ -972,7 +973,11 @@ def main(argv=None):
     c = p.add_argument_group("training curves")
     c.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", help="plot train.py metrics instead")
     c.add_argument("--style_points", default=None, help="--curves: JSON {label: [[step, style], ...]}")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.curves:
         runs = dict(c.split("=", 1) for c in args.curves if "=" in c)
         if len(runs) != len(args.curves):

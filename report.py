@@ -123,6 +123,28 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
         f.write("\n".join(lines))
 
 
+def reward_scores(args, images, folder, device):
+    """evaluate.py's reward metrics (--validation_metric pickscore,hps,...) of the validation
+    images, saved one PNG each in `folder` (scored from the files, as evaluate.py scores a sample
+    folder) -> {"val_<metric>": mean}. The reward models load once per process."""
+    import shlex
+    import evaluate
+    from images import tensor_to_uint8
+    from PIL import Image
+    metrics = args.validation_metric.split(",")
+    if not hasattr(reward_scores, "models"):
+        flags = evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
+        reward_scores.models = evaluate.load_reward_models(metrics, flags, device)
+    os.makedirs(folder, exist_ok=True)
+    prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
+    paths = []
+    for i, (image, prompt) in enumerate(zip(tensor_to_uint8(images), prompts)):
+        paths.append(os.path.join(folder, f"{i:03d}.png"))
+        Image.fromarray(image).save(paths[-1])
+    scores = evaluate.score_rewards(reward_scores.models, paths, prompts, metrics, batch_size=args.batch_size)
+    return {f"val_{k}": v.float().mean().item() for k, v in scores.items()}
+
+
 @torch.no_grad()
 def validate(args, m, step, reporter, master):
     """Sample the validation prompts × seeds with the current policy (sample.py's sampler, the
@@ -151,6 +173,8 @@ def validate(args, m, step, reporter, master):
         prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
         toy = evaluate.score_toy(validate.scorer, images, prompts)
         scores = {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
+    elif args.validation_metric != "none":  # reward models for real images, as evaluate.py scores sample folders
+        scores = reward_scores(args, images, os.path.join(args.out_dir, "validation", f"step-{step:06d}"), m.device)
     scale = max(1, 128 // m.resolution)  # tiny presets' 16-32 px images, enlarged to be seen
     grid = sample.make_grid(tensor_to_uint8(images), len(args.validation_prompts), len(args.validation_seeds), scale)
     name = os.path.join("validation", f"step-{step:06d}.png")

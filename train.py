@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
 import time
 
 import torch
@@ -146,9 +147,12 @@ def output_flags(p):
     g.add_argument("--validation_seeds", default="0-3", help="seeds of the validation images (sample.py's syntax)")
     g.add_argument("--validation_steps", type=int, default=25, help="sampler steps (DDIM)")
     g.add_argument("--validation_guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL), 5 (toy)")
-    g.add_argument("--validation_metric", default="none", choices=["none", "toy"],
-                   help="toy: score the validation images with the toy style/content scorer (evaluate.py) and log "
-                        "val_toy_style, val_toy_content in metrics.jsonl (toy prompts only)")
+    g.add_argument("--validation_metric", default="none",
+                   help="score the validation images and log the means in metrics.jsonl (curves): toy (the toy "
+                        "style/content scorer: val_toy_style, val_toy_content) or a comma list of evaluate.py's reward "
+                        "metrics for real images, e.g. pickscore,hps (val_pickscore, val_hps)")
+    g.add_argument("--validation_reward_flags", default="",
+                   help="evaluate.py's reward-model flags for those metrics, e.g. '--pickscore_model /models/pickscore'")
 
 
 # The paper's training recipe (Diffusion-DPO's, which it follows): 2048 pairs per optimizer step,
@@ -207,8 +211,21 @@ def parse_args(argv=None):
     if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    if args.validation_metric == "toy" and args.validation_prompts is None:
-        p.error("--validation_metric toy scores validation images: pass --validation_prompts (e.g. toy-test)")
+    if args.validation_metric != "none":
+        if args.validation_prompts is None:
+            p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
+                    f"(e.g. toy-test, builtin)")
+        if args.validation_metric != "toy":
+            import evaluate  # (its reward metrics; the models load at the first validation)
+            unknown = [m for m in args.validation_metric.split(",") if m not in evaluate.REWARD_METRICS]
+            if unknown:
+                p.error(f"--validation_metric: unknown {','.join(unknown)}; choose toy or a comma list of "
+                        f"{','.join(evaluate.REWARD_METRICS)}")
+            try:
+                with contextlib.redirect_stderr(open(os.devnull, "w")):  # (its usage text: ours says it in one line)
+                    evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
+            except (SystemExit, ValueError):
+                p.error(f"--validation_reward_flags {args.validation_reward_flags!r}: not evaluate.py reward-model flags")
     if args.validation_prompts is not None:
         import sample  # (sampling is only needed here)
         if args.data.startswith("cache:"):

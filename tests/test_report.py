@@ -96,3 +96,42 @@ def test_recipe_paper_fills_the_papers_settings_and_flags_win(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")  # under torchrun: 2048 pairs over all processes
     args = train.parse_args(["--model", "sd15", "--recipe", "paper", "--batch_size", "16", "--max_steps", "10"])
     assert (args.batch_size, args.grad_accum, args.warmup_steps, args.max_steps) == (16, 16, 500, 10)
+
+
+def test_validation_reward_curves_for_real_image_metrics(tmp_path, capsys):
+    """--validation_metric clip,aesthetic (evaluate.py's reward models; tiny local stand-ins here)
+    logs val_clip/val_aesthetic: the means evaluate.py computes from the saved validation images."""
+    import torch
+    import evaluate
+    from test_rewards import save_tiny_reward_models
+    models = save_tiny_reward_models(str(tmp_path / "rewards"))
+    flags = f"--clip_model {models}/clip --aesthetic_head {models}/aesthetic.safetensors"
+    out = tmp_path / "run"
+    train.main(["--max_steps", "2", "--num_items", "16", "--batch_size", "2", "--no_progress", "--out_dir", str(out),
+                "--validation_prompts", "a red circle on a blue background|a cat", "--validation_seeds", "0-1",
+                "--validation_every", "1", "--validation_metric", "clip,aesthetic", "--validation_reward_flags", flags])
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all("val_clip" in r and "val_aesthetic" in r for r in lines)
+    folder = out / "validation" / "step-000002"
+    paths = [str(folder / f"{i:03d}.png") for i in range(4)]
+    prompts = ["a red circle on a blue background"] * 2 + ["a cat"] * 2
+    ev = evaluate.parse_args(["--images", "-", *flags.split()])
+    want = evaluate.score_rewards(evaluate.load_reward_models(["clip", "aesthetic"], ev, "cpu"), paths, prompts,
+                                  ["clip", "aesthetic"])
+    assert lines[-1]["val_clip"] == pytest.approx(want["clip"].mean().item(), rel=1e-5)
+    assert lines[-1]["val_aesthetic"] == pytest.approx(want["aesthetic"].mean().item(), rel=1e-5)
+    assert torch.isfinite(want["aesthetic"]).all()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--validation_metric", "pickscore"], "pass --validation_prompts"),
+    (["--validation_prompts", "a cat", "--validation_metric", "toy,clip"], "unknown toy"),
+    (["--validation_prompts", "a cat", "--validation_metric", "clap"], "unknown clap"),
+    (["--validation_prompts", "a cat", "--validation_metric", "clip", "--validation_reward_flags", "--nope 1"],
+     "not evaluate.py reward-model flags"),
+])
+def test_validation_metric_mistakes_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and len([line for line in err if "error" in line]) == 1, err
