@@ -217,7 +217,8 @@ def score_toy(scorer, images, prompts):
     with M.one_thread():
         out = toy_logits(scorer, x)
     labels = torch.tensor([toy_labels(p) for p in prompts]).reshape(-1, 3)
-    scores = {"style": torch.sigmoid(out["style"][:, 0])}
+    prob = torch.sigmoid(out["style"][:, 0])
+    scores = {"style": (prob > 0.5).float(), "style_prob": prob}  # style: called styled (its mean: a share)
     for i, k in enumerate(("shape", "colour", "background")):
         scores[f"{k}_ok"] = (out[k].argmax(1) == labels[:, i]).float()
     scores["content"] = torch.stack([scores[f"{k}_ok"] for k in KEEPS[scorer.style]]).prod(0)

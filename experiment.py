@@ -24,7 +24,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import time
 
 import torch
@@ -72,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--sample_seeds", type=int, default=4, help="sampling seeds per held-out prompt and training seed")
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--curve_every", type=int, default=100, help="score checkpoints every N steps for the curves")
+    p.add_argument("--curve_every", type=int, default=100,
+                   help="the curve runs (first seed, middle lr) score their samples every N steps while training")
     p.add_argument("--base_steps", type=int, default=1200, help="pretraining steps of the base (recipe: 1200)")
     p.add_argument("--align_steps", type=int, default=300, help="alignment steps per run (recipe: 300)")
     p.add_argument("--variants", default=None,
@@ -156,24 +156,26 @@ def main(argv=None):
             per_seed = []
             for seed in study["seeds"]:
                 run = os.path.join(args.runs, "align", slug(label), f"lr{lr:g}", f"seed{seed}")  # shared by studies
+                curve = seed == study["seeds"][0] and lr == study["lrs"][len(study["lrs"]) // 2]
+                # The curve runs score their own samples while training (train.py's validation: the
+                # held-out prompts, this seed's sampling seeds, the toy scorer, every curve_every steps).
+                validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
+                              "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
+                              "--validation_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
                 if not os.path.exists(os.path.join(run, "unet", "config.json")):
                     t0 = time.time()
                     train.main(with_steps(ALIGN_ARGS, args.align_steps) + VARIANTS[label] + [
                         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
-                        "--save_every", str(args.curve_every), "--keep_checkpoints", "100", "--out_dir", run,
-                        "--device", args.device, "--no_progress", "--log_every", "100",
-                        "--overwrite"])  # (an unfinished run restarts)
+                        "--keep_checkpoints", "1", "--out_dir", run, "--device", args.device, "--no_progress",
+                        "--log_every", "100", "--overwrite"] + (validation if curve else []))  # (an unfinished run restarts)
                     print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
-                if seed == study["seeds"][0] and lr == study["lrs"][len(study["lrs"]) // 2]:
-                    # the curves: style over training steps, from the kept checkpoints
+                if curve:  # the curves: style over training steps, from the validation scores in metrics.jsonl
                     name = f"{label} lr={lr:g}"
                     curves[name] = run
-                    # (the last checkpoint is the final UNet, scored just above: reuse that score)
-                    steps = sorted(int(d.split("-")[1]) for d in os.listdir(run) if re.fullmatch(r"checkpoint-\d+", d))
+                    log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if line.strip()]
                     style_points[name] = [(0, rows[0]["per_seed"][0]["style"])] + [
-                        (s, scored(os.path.join(run, f"checkpoint-{s:06d}", "unet"), seed, f"{run}@{s}")["style"])
-                        for s in steps[:-1]] + [(steps[-1], per_seed[-1]["style"])]
+                        (r["step"], r["val_toy_style"]) for r in log if "val_toy_style" in r]
             rows.append({"model": label, "lr": lr, "per_seed": per_seed})
 
     # ---------------------------------------------------------------------------------

@@ -31,10 +31,14 @@ def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, mo
     # grid: base + one row per variant, the 12 held-out prompts, 16 px images at scale 4
     assert Image.open(out / "grid.png").size == (12 * 16 * 4, (1 + len(study["variants"])) * 16 * 4)
     assert (out / "curves.png").exists() and (out / "tradeoff.png").exists()
-    # style over steps for the curves: step 0 (the base) and each kept checkpoint
+    # style over steps for the curves: train.py's validation scores of the curve run (first seed,
+    # middle lr), every --curve_every steps; the last one is the run's final score (same prompts,
+    # sampling seeds, sampler and scorer)
     run = tmp_path / "align" / "dpo" / "lr1e-06" / "seed0"
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == [
-        "checkpoint-000002", "checkpoint-000004"]
+    log = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in log if "val_toy_style" in r] == [2, 4]
+    final = next(r for r in rows if r["model"] == "dpo" and r["lr"] == 1e-6)["per_seed"][0]
+    assert (log[-1]["val_toy_style"], log[-1]["val_toy_content"]) == pytest.approx((final["style"], final["content"]))
 
     # a rerun trains nothing and scores nothing: everything comes from the caches
     monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("retrained"))
