@@ -9,6 +9,7 @@
 #             under torchrun with DDP, with --fsdp, and with --lora_rank (tiny-xl on the GPU):
 #             4 steps with a checkpoint at 2, then --resume to 6
 #     bash bench_gpu_defaults.sh               # on the GPU machine
+#     SECTIONS=paths PATHS_RUNS="fsdp ddp" PATH_TIMEOUT=150 bash bench_gpu_defaults.sh   # one after the other
 #     DRY=1 bash bench_gpu_defaults.sh         # the same steps on the CPU with tiny presets, no compile
 set -u
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -16,6 +17,9 @@ OUT=${OUT:-results/defaults-out}
 mkdir -p "$OUT"
 rows=$OUT/bench_gpu.jsonl
 DRY=${DRY:-0}
+SECTIONS=${SECTIONS:-sdxl paths}
+PATHS_RUNS=${PATHS_RUNS:-parallel}  # parallel: ddp, fsdp and lora at once; else these names, one after the other
+PATH_TIMEOUT=${PATH_TIMEOUT:-90}
 PY=${PY:-python3}
 export BENCH_TMP=${BENCH_TMP:-/tmp/bench-defaults}
 rm -rf "$BENCH_TMP"; mkdir -p "$BENCH_TMP"
@@ -48,6 +52,7 @@ else
 fi
 
 # 1. SDXL: RPO and DPO alternated --------------------------------------------------------
+if [[ " $SECTIONS " == *" sdxl "* ]]; then
 say "1. sdxl: rpo,dpo x3, transformer:0.25"
 timeout 280 $PY bench.py $SDXL $LEVERS --checkpointing transformer:0.25 --sdpa_backend cudnn --loss rpo,dpo \
   --repeat 3 --json --label defaults --out "$rows" 2>&1 | tee -a "$OUT/full.log" | grep -E '^\{|Error|Traceback' | cut -c1-300
@@ -56,24 +61,33 @@ if [ "$SECONDS" -lt 200 ]; then
   timeout 100 $PY bench.py $SDXL $LEVERS --checkpointing transformer:0.1 --sdpa_backend cudnn --loss rpo,dpo \
     --repeat 2 --json --label defaults --out "$rows" 2>&1 | tee -a "$OUT/full.log" | grep -E '^\{|Error|Traceback' | cut -c1-300
 fi
+fi
 
 # 2. the same levers under DDP, FSDP and LoRA in train.py --------------------------------
 say "2. paths: DDP, FSDP, LoRA with $LEVERS --gradient_checkpointing transformer:0.25"
 path() {  # name port extra-flags...: a run, then a --resume run two steps further
   local name=$1 port=$2; shift 2
   for phase in "--max_steps 4 --save_every 2" "--max_steps 6 --resume"; do
-    timeout 90 $PY -m torch.distributed.run --nproc_per_node 1 --master_port "$port" bench.py train $PATHS $LEVERS \
+    timeout "$PATH_TIMEOUT" $PY -m torch.distributed.run --nproc_per_node 1 --master_port "$port" bench.py train $PATHS $LEVERS \
       --gradient_checkpointing transformer:0.25 --out_dir "$BENCH_TMP/$name" --no_progress $phase "$@" \
       >>"$BENCH_TMP/$name.log" 2>&1
     echo "{\"mode\": \"dist-exit\", \"run\": \"$name $LEVERS $phase\", \"rc\": $?}"
     grep -E '^\{' "$BENCH_TMP/$name.log" | tail -n 1
   done
 }
-path ddp 29521 > "$BENCH_TMP/ddp.rows" &
-path fsdp 29522 --fsdp > "$BENCH_TMP/fsdp.rows" &
-path lora 29523 --lora_rank 8 > "$BENCH_TMP/lora.rows" &
-wait
-cat "$BENCH_TMP"/ddp.rows "$BENCH_TMP"/fsdp.rows "$BENCH_TMP"/lora.rows | tee -a "$rows"
-for f in "$BENCH_TMP"/*.log; do echo "== $f"; grep -iE 'error|Traceback|resum|recompil' "$f" | head -n 6; done
-tail -n 30 "$BENCH_TMP"/*.log > "$OUT/path_logs.txt" 2>&1
+declare -A EXTRA=([ddp]="" [fsdp]="--fsdp" [lora]="--lora_rank 8")
+declare -A PORT=([ddp]=29521 [fsdp]=29522 [lora]=29523)
+if [[ " $SECTIONS " == *" paths "* ]]; then
+  if [ "$PATHS_RUNS" = parallel ]; then
+    for n in ddp fsdp lora; do path $n ${PORT[$n]} ${EXTRA[$n]} > "$BENCH_TMP/$n.rows" & done
+    wait
+    names="ddp fsdp lora"
+  else
+    for n in $PATHS_RUNS; do say "paths: $n"; path $n ${PORT[$n]} ${EXTRA[$n]} > "$BENCH_TMP/$n.rows"; done
+    names=$PATHS_RUNS
+  fi
+  for n in $names; do cat "$BENCH_TMP/$n.rows"; done | tee -a "$rows"
+  for f in "$BENCH_TMP"/*.log; do echo "== $f"; grep -iE 'error|resum|recompil' "$f" | grep -v Warning | head -n 6; done
+  for f in "$BENCH_TMP"/*.log; do echo "==> $f"; grep -v "UserWarning\|warnings.warn" "$f"; done > "$OUT/path_logs.txt" 2>&1
+fi
 say "done; rows in $rows"

@@ -42,15 +42,16 @@ def parser():
     g.add_argument("--init", default=None, help="start policy and reference from this saved unet/ folder")
     g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto: bf16 on a GPU (fastest in bench.py, no grad scaler needed), no on the CPU")
-    g.add_argument("--compile", nargs="?", const="regional", default="none", choices=["none", "regional", "full"],
-                   help="torch.compile the UNets: regional (the flag alone) compiles each block, ~1.6 min once; full "
-                        "the whole UNet (docs/speed.md)")
+    g.add_argument("--compile", nargs="?", const="regional", default="auto", choices=["auto", "none", "regional", "full"],
+                   help="torch.compile the UNets: regional (the flag alone) compiles each block, 1.5-2.5 min once; full "
+                        "the whole UNet; auto: regional on a GPU, none on the CPU (docs/speed-gpu.md)")
     g.add_argument("--sdpa_backend", default="auto", choices=["auto", *M.SDPA_BACKENDS],
                    help="attention kernel; auto: cudnn on a GPU (fastest on an H200), PyTorch's choice on the CPU")
-    g.add_argument("--gradient_checkpointing", nargs="?", const="all", default="none", metavar="WHICH",
+    g.add_argument("--gradient_checkpointing", nargs="?", const="all", default="auto", metavar="WHICH",
                    help="recompute activations in backward: all (the flag alone), transformer, transformer:F (that "
-                        "fraction of the transformer blocks, widest first; SDXL 1024² 4 pairs + --compile: "
-                        "transformer:0.25 fits 80 GB), alternate, resnet, hires, none")
+                        "fraction of the transformer blocks, widest first), alternate, resnet, hires, none; auto: "
+                        "transformer:0.25 for a full fine-tune of sd15/sdxl on a GPU (SDXL 1024², 4 pairs, compiled: "
+                        "69.6 GiB, 36%% MFU on an H200), none otherwise")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--lora_rank", type=int, default=0,
                    help="train a LoRA of this rank (needs peft) instead of the whole UNet; 0: full fine-tune")
@@ -173,8 +174,7 @@ def parse_args(argv=None):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         batch = RECIPES[first.model]["batch_size"] if first.batch_size == p.get_default("batch_size") else first.batch_size
         p.set_defaults(**RECIPES[first.model], grad_accum=max(1, RECIPE_PAIRS // (batch * world)), scale_lr=True,
-                       lr=RECIPE_LR_PER_PAIR, max_steps=2000, beta=5000.0, max_grad_norm=1.0,
-                       gradient_checkpointing="all")
+                       lr=RECIPE_LR_PER_PAIR, max_steps=2000, beta=5000.0, max_grad_norm=1.0)
     args = p.parse_args(argv)
     args.timesteps = args.timesteps or ("batch" if args.loss == "rpo" else "pair")
     if args.data is None:  # a real model gets real preference data that exists (Pick-a-Pic v2 left the hub)
@@ -193,7 +193,7 @@ def parse_args(argv=None):
     for name in ("caption_dropout", "style_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
-    if not M.checkpointing_ok(args.gradient_checkpointing):
+    if args.gradient_checkpointing != "auto" and not M.checkpointing_ok(args.gradient_checkpointing):
         p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(M.CHECKPOINTING)} or "
                 f"transformer:F with 0 < F <= 1")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):

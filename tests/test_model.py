@@ -130,3 +130,25 @@ def test_tiny_clip_embedder_is_deterministic_and_offline():
     clip_b, _ = M.load_embedder("tiny")
     assert torch.equal(next(clip_a.parameters()), next(clip_b.parameters()))
     assert tok(["a red circle"]).input_ids[0][:2] == [0, tok.convert_tokens_to_ids("a</w>")]
+
+
+def test_auto_flags_resolve_per_device(monkeypatch):
+    """--compile/--gradient_checkpointing/--sdpa_backend/... auto: the measured GPU configuration
+    (regional compile, transformer:0.25 for full fine-tunes of real presets) on CUDA, off on the CPU."""
+    import train
+    monkeypatch.setattr(M, "set_sdpa_backend", lambda name: None)  # (no GPU here)
+    want = {("sdxl", 0, "cuda"): ("regional", "transformer:0.25", "bf16", "adamw_fused", "cudnn"),
+            ("sd15", 0, "cuda:1"): ("regional", "transformer:0.25", "bf16", "adamw_fused", "cudnn"),
+            ("sdxl", 8, "cuda"): ("regional", "none", "bf16", "adamw_fused", "cudnn"),
+            ("tiny-xl", 0, "cuda"): ("regional", "none", "bf16", "adamw_fused", "cudnn"),
+            ("sdxl", 0, "cpu"): ("none", "none", "no", "adamw", "default"),
+            ("tiny", 0, "cpu"): ("none", "none", "no", "adamw", "default")}
+    for (name, rank, device), expected in want.items():
+        args = train.parse_args(["--model", name, "--lora_rank", str(rank)])
+        M.device_defaults(args, device)
+        got = (args.compile, args.gradient_checkpointing, args.mixed_precision, args.optimizer, args.sdpa_backend)
+        assert got == expected, (name, rank, device, got)
+    # explicit flags win
+    args = train.parse_args(["--model", "sdxl", "--compile", "none", "--gradient_checkpointing"])
+    M.device_defaults(args, "cuda")
+    assert (args.compile, args.gradient_checkpointing) == ("none", "all")
