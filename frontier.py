@@ -9,8 +9,8 @@ amount of style learned?
 
 Every variant (SFT, DPO, RPO outside at τ 0.1/0.5/1, RPO inside, RPO with text-only embeddings)
 is trained from the same toy base (experiment.py's) over its own learning-rate grid, 4 points
-per decade, for 3 training seeds; then DPO and RPO once more at 16 pairs per step, and SFT, DPO
-and RPO on a second style (sketch, its own base), at one seed. E5 uses toy-clip, the tiny CLIP
+per decade, for 3 training seeds; then DPO and RPO once more at 16 pairs per step (2 points per
+decade), and DPO, RPO and SFT (2 per decade) on a second style (sketch, its own base), at one seed. E5 uses toy-clip, the tiny CLIP
 trained on the toy world, so RPO's weights ω see the content and style of each pair.
 
 Each run is 150 steps of 8 pairs (half the demo's, so the grid fits in a few hours on 2 cores)
@@ -68,8 +68,9 @@ def jobs():
     out = [(v, lr, 0, 8, "winter") for v in VARIANTS for lr in VARIANTS[v][2]]
     main = ["dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1"]
     out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in main for lr in VARIANTS[v][2]]
-    out += [(v, lr, 0, 16, "winter") for v in ("dpo", "rpo τ=0.5") for lr in VARIANTS[v][2]]
-    out += [(v, lr, 0, 8, "sketch") for v in ("sft", "dpo", "rpo τ=0.5") for lr in VARIANTS[v][2]]
+    out += [(v, lr, 0, 16, "winter") for v in ("dpo", "rpo τ=0.5") for lr in VARIANTS[v][2][1::2]]  # (2 per decade)
+    out += [(v, lr, 0, 8, "sketch") for v in ("dpo", "rpo τ=0.5") for lr in VARIANTS[v][2]]
+    out += [("sft", lr, 0, 8, "sketch") for lr in VARIANTS["sft"][2][::2]]
     out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in VARIANTS if v not in main for lr in VARIANTS[v][2]]
     return out
 
@@ -236,6 +237,27 @@ def plot(table, out_png):
     plt.close(fig)
 
 
+def matched_grid(runs, table, out_dir, target=0.75, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1")):
+    """Samples at matched style: per variant the seed-0 run whose style is nearest `target`, on the
+    12 held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
+    import sample
+    from images import tensor_to_uint8
+    prompts, args = toy.toy_prompts("test"), argparse.Namespace(sample_steps=25, guidance=5.0, device="cpu")
+    rows = [("base", os.path.join(runs, "base", "unet"))]
+    for v in variants:
+        cands = [r for r in table if r["variant"] == v and r["seed"] == 0 and r["batch"] == 8 and r["style_name"] == "winter"]
+        if cands:
+            r = min(cands, key=lambda r: abs(r["style"] - target))
+            rows.append((f"{v} lr={r['lr']:g} (style {r['style']:.2f}, content {r['content']:.2f})",
+                         os.path.join(run_dir(runs, v, r["lr"], 0, 8, "winter"), "run", "unet")))
+    images = [E.sample_unet(unet, prompts, [0], args) for _, unet in rows]
+    import torch
+    sample.make_grid(tensor_to_uint8(torch.cat(images)), rows=len(rows), cols=len(prompts), scale=4).save(
+        os.path.join(out_dir, "grid.png"))
+    with open(os.path.join(out_dir, "grid.txt"), "w") as f:
+        f.write("rows: " + "; ".join(label for label, _ in rows) + "\ncolumns: " + " | ".join(prompts) + "\n")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs", help="where the bases and runs are cached (shared with experiment.py)")
@@ -263,6 +285,7 @@ def main(argv=None):
     text = analysis(table)
     open(os.path.join(args.out, "frontier.md"), "w").write(text)
     plot(table, os.path.join(args.out, "frontier.png"))
+    matched_grid(args.runs, table, args.out)
     print(text + f"\n{len(table)} of {len(jobs())} runs; wrote {args.out}/frontier.{{json,md,png}}")
 
 
