@@ -5,7 +5,9 @@ and score how much of the preferred style the samples show (style) and whether t
 show the prompt (content).
 
     python experiment.py                 # the demo: one seed, one lr; < 15 min on 2 CPU cores
-    python experiment.py --study full    # seeds × lr grid × variants: the README's table
+    python experiment.py --study full    # seeds × a coarse lr grid × variants (the first study)
+
+frontier.py runs the main study, the style-content frontier, from the same base.
 
 The data: prompts "a {colour} {shape} on a {background} background" (72 of them; 12 held out
 for evaluation, toy.toy_prompts). Preferred image = the "winter" version of a render,
@@ -56,8 +58,7 @@ VARIANTS = {  # label -> train.py flags
 # content for style (1e-6); SFT barely moves below 1e-6.
 STUDIES = {
     "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-6], seeds=[0]),
-    # (without "rpo τ=0.5 text": with the tiny presets' random CLIP, prompt-only embeddings say
-    # little, and the 2-core time budget went to the weighting forms and temperatures)
+    # (made with the random CLIP that was the tiny presets' E5 embedder then: RPO_DIFFUSION_TOY_E5=tiny)
     "full": dict(variants=["sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=0.5 inside"], lrs=[1e-7, 1e-6, 1e-5],
                  seeds=[0, 1, 2]),
     "smoke": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-7, 1e-6], seeds=[0, 1]),  # tests: every code path
