@@ -132,9 +132,10 @@ def reward_scores(args, images, folder, device):
     from images import tensor_to_uint8
     from PIL import Image
     metrics = args.validation_metric.split(",")
-    if not hasattr(reward_scores, "models"):
+    key = (args.validation_metric, args.validation_reward_flags, str(device))
+    if getattr(reward_scores, "key", None) != key:  # loaded once per process and configuration
         flags = evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
-        reward_scores.models = evaluate.load_reward_models(metrics, flags, device)
+        reward_scores.models, reward_scores.key = evaluate.load_reward_models(metrics, flags, device), key
     os.makedirs(folder, exist_ok=True)
     prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
     paths = []
@@ -167,9 +168,10 @@ def validate(args, m, step, reporter, master):
     scores = {}
     if args.validation_metric == "toy":
         import evaluate
-        if not hasattr(validate, "scorer"):  # trained (or loaded from its cache) once per process
+        if getattr(validate, "scorer_key", None) != (args.style, m.resolution):  # once per process and style
             with torch.enable_grad():  # (its training needs autograd; validate itself runs without)
                 validate.scorer = evaluate.load_toy_scorer(args.style, m.resolution)[0]
+            validate.scorer_key = (args.style, m.resolution)
         prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
         toy = evaluate.score_toy(validate.scorer, images, prompts)
         scores = {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
