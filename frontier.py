@@ -121,7 +121,6 @@ def run_job(args, scorers, variant, lr, seed, batch, style):
         scorers[style] = evaluate.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
     prompts = toy.toy_prompts("test")
     seeds = [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
-    args.sample_seeds = SAMPLE_SEEDS
     score = E.score_unet(os.path.join(path, "run", "unet"), prompts, seeds, args, scorers[style])
     score["train_s"] = round(time.time() - t0, 1)
     tmp = os.path.join(path, "score.json.tmp")

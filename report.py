@@ -123,7 +123,7 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
         f.write("\n".join(lines))
 
 
-def reward_scores(args, images, folder, device):
+def reward_scores(args, images, prompts, folder, device):
     """evaluate.py's reward metrics (--validation_metric pickscore,hps,...) of the validation
     images, saved one PNG each in `folder` (scored from the files, as evaluate.py scores a sample
     folder) -> {"val_<metric>": mean}. The reward models load once per process."""
@@ -137,7 +137,6 @@ def reward_scores(args, images, folder, device):
         flags = evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
         reward_scores.models, reward_scores.key = evaluate.load_reward_models(metrics, flags, device), key
     os.makedirs(folder, exist_ok=True)
-    prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
     paths = []
     for i, (image, prompt) in enumerate(zip(tensor_to_uint8(images), prompts)):
         paths.append(os.path.join(folder, f"{i:03d}.png"))
@@ -166,17 +165,17 @@ def validate(args, m, step, reporter, master):
     if not master:
         return None, {}
     scores = {}
+    prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
     if args.validation_metric == "toy":
         import evaluate
         if getattr(validate, "scorer_key", None) != (args.style, m.resolution):  # once per process and style
             with torch.enable_grad():  # (its training needs autograd; validate itself runs without)
                 validate.scorer = evaluate.load_toy_scorer(args.style, m.resolution)[0]
             validate.scorer_key = (args.style, m.resolution)
-        prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
         toy = evaluate.score_toy(validate.scorer, images, prompts)
         scores = {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
     elif args.validation_metric != "none":  # reward models for real images, as evaluate.py scores sample folders
-        scores = reward_scores(args, images, os.path.join(args.out_dir, "validation", f"step-{step:06d}"), m.device)
+        scores = reward_scores(args, images, prompts, os.path.join(args.out_dir, "validation", f"step-{step:06d}"), m.device)
     scale = max(1, 128 // m.resolution)  # tiny presets' 16-32 px images, enlarged to be seen
     grid = sample.make_grid(tensor_to_uint8(images), len(args.validation_prompts), len(args.validation_seeds), scale)
     name = os.path.join("validation", f"step-{step:06d}.png")
