@@ -45,24 +45,38 @@ def grid(lo, n=8, per_decade=4):
     return [float(f"{lo * 10 ** (k / per_decade):.2g}") for k in range(n)]
 
 
+def lrs(lo, n, fine=None):
+    """The lr grid: n points at 4 per decade from lo, plus the midpoints (8 per decade) strictly
+    inside fine = (a, b), the method's transition from 'no change' to 'collapse'."""
+    mids = [x for k, x in enumerate(grid(lo, 2 * n, 8)) if k % 2 and fine and fine[0] < x < fine[1]]
+    return sorted(grid(lo, n) + mids)
+
+
 # label -> (train.py flags, fields for the JSON rows, lr grid at seed 0, the part of it the other
-# seeds run). The grids start where the method barely moves the base (calibrated on the 300-step
-# demo: DPO 1e-7 no change, 1e-6 most content gone; RPO with spread-out ω needs ~10x more; SFT,
-# no β, far more) and were extended after seed 0 where a method had not yet lost its content;
-# the other seeds skip the points below the first that moved the base at seed 0.
+# seeds run). Each grid runs at 4 per decade from where the method barely moves the base
+# (calibrated on the 300-step demo: DPO 1e-7 no change; RPO with spread-out ω needs ~10x more;
+# SFT, no β, far more) until most content is gone (content <= COLLAPSE), and at 8 per decade
+# between the last seed-0 point that left the base unchanged and the first that collapsed; the
+# other seeds start one point below seed 0's last unchanged one.
 VARIANTS = {
-    "sft": (["--loss", "sft"], dict(method="sft"), grid(1e-5), grid(1e-5)),
-    "dpo": (["--loss", "dpo"], dict(method="dpo"), grid(1e-7), grid(1e-7)[1:]),
-    "rpo τ=0.1": (["--loss", "rpo", "--tau", "0.1"], dict(method="rpo", tau=0.1), grid(1e-7, 11), grid(1e-7, 11)[2:]),
-    "rpo τ=0.5": (["--loss", "rpo", "--tau", "0.5"], dict(method="rpo", tau=0.5), grid(3.2e-7, 10),
-                  grid(3.2e-7, 10)[3:]),
-    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0), grid(1e-6), grid(1e-6)[1:]),
+    "sft": (["--loss", "sft"], dict(method="sft"), lrs(1e-5, 11, (5.6e-5, 1.8e-3)), 1e-5),
+    "dpo": (["--loss", "dpo"], dict(method="dpo"), lrs(1e-7, 8, (1.8e-7, 3.2e-6)), 1.8e-7),
+    "rpo τ=0.1": (["--loss", "rpo", "--tau", "0.1"], dict(method="rpo", tau=0.1), lrs(1e-7, 12, (3.2e-7, 5.6e-5)),
+                  1.8e-7),
+    "rpo τ=0.5": (["--loss", "rpo", "--tau", "0.5"], dict(method="rpo", tau=0.5), lrs(3.2e-7, 10, (1e-6, 5.7e-5)),
+                  5.7e-7),
+    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0), lrs(1e-6, 9, (1.8e-6, 1e-4)), 1e-6),
     "rpo τ=0.5 inside": (["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
-                         dict(method="rpo", tau=0.5, weighting="inside"), grid(1e-7), grid(1e-7)[1:]),
+                         dict(method="rpo", tau=0.5, weighting="inside"), lrs(1e-7, 8, (1.8e-7, 3.2e-6)), 1.8e-7),
     "rpo τ=0.5 text": (["--loss", "rpo", "--tau", "0.5", "--embed", "text"],
-                       dict(method="rpo", tau=0.5, embed="text"), grid(3.2e-7), grid(3.2e-7)[1:]),
+                       dict(method="rpo", tau=0.5, embed="text"), lrs(3.2e-7, 11, (1e-6, 5.7e-5)), 5.7e-7),
 }
+VARIANTS = {v: (f, r, g, [x for x in g if x >= first]) for v, (f, r, g, first) in VARIANTS.items()}
+# 16 pairs per step: 2 per decade of the 4-per-decade grid. Sketch: its own grids, to collapse.
+BATCH16 = {"dpo": grid(1e-7)[1::2], "rpo τ=0.5": grid(3.2e-7, 10)[1::2]}
+SKETCH = {"dpo": grid(1e-7, 11), "rpo τ=0.5": grid(3.2e-7, 13), "sft": grid(1e-5, 6, 2)}
 ROW_DEFAULTS = dict(tau=None, weighting="outside", embed="mean", batch=8, style_name="winter")
+COLLAPSE, UNCHANGED = 0.05, (0.1, 0.05)  # content <= 0.05; style within +0.1 and content within -0.05 of the base
 
 
 def jobs():
@@ -71,9 +85,8 @@ def jobs():
     out = [(v, lr, 0, 8, "winter") for v in VARIANTS for lr in VARIANTS[v][2]]
     main = ["dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1"]
     out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in main for lr in VARIANTS[v][3]]
-    out += [(v, lr, 0, 16, "winter") for v in ("dpo", "rpo τ=0.5") for lr in VARIANTS[v][2][1::2]]  # (2 per decade)
-    out += [(v, lr, 0, 8, "sketch") for v in ("dpo", "rpo τ=0.5") for lr in VARIANTS[v][2]]
-    out += [("sft", lr, 0, 8, "sketch") for lr in VARIANTS["sft"][2][::2]]
+    out += [(v, lr, 0, 16, "winter") for v in BATCH16 for lr in BATCH16[v]]
+    out += [(v, lr, 0, 8, "sketch") for v in SKETCH for lr in SKETCH[v]]
     out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in VARIANTS if v not in main for lr in VARIANTS[v][3]]
     return out
 
@@ -104,6 +117,31 @@ def claim(path):
     return False
 
 
+def scorer(args, scorers, style):
+    if style not in scorers:
+        scorers[style] = evaluate.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
+    return scorers[style]
+
+
+def save_score(path, score):
+    tmp = os.path.join(path, "score.json.tmp")
+    json.dump(score, open(tmp, "w"))
+    os.replace(tmp, os.path.join(path, "score.json"))
+
+
+def score_base(args, scorers, seed, style):
+    """The base itself, scored on the sampling seeds a run with this training seed uses: the
+    'no change' point every lr path starts from."""
+    path = os.path.join(args.runs, "frontier", style, "base", f"seed{seed}")
+    if not os.path.exists(os.path.join(path, "score.json")) and claim(path):
+        base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
+        E.pretrain_base(base, args.device, args.base_steps, style)
+        seeds = [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
+        save_score(path, E.score_unet(os.path.join(base, "unet"), toy.toy_prompts("test"), seeds, args,
+                                      scorer(args, scorers, style)))
+        os.remove(os.path.join(path, "claim"))
+
+
 def run_job(args, scorers, variant, lr, seed, batch, style):
     path = run_dir(args.runs, variant, lr, seed, batch, style)
     if os.path.exists(os.path.join(path, "score.json")) or not claim(path):
@@ -117,15 +155,11 @@ def run_job(args, scorers, variant, lr, seed, batch, style):
                 "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
                 "--out_dir", os.path.join(path, "run"), "--device", args.device, "--no_progress",
                 "--log_every", str(STEPS), "--overwrite"])
-    if style not in scorers:
-        scorers[style] = evaluate.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
     prompts = toy.toy_prompts("test")
     seeds = [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
-    score = E.score_unet(os.path.join(path, "run", "unet"), prompts, seeds, args, scorers[style])
+    score = E.score_unet(os.path.join(path, "run", "unet"), prompts, seeds, args, scorer(args, scorers, style))
     score["train_s"] = round(time.time() - t0, 1)
-    tmp = os.path.join(path, "score.json.tmp")
-    json.dump(score, open(tmp, "w"))
-    os.replace(tmp, os.path.join(path, "score.json"))
+    save_score(path, score)
     os.remove(os.path.join(path, "claim"))
     print(f"frontier: {style} B={batch} {variant} lr={lr:g} seed={seed}: style {score['style']:.3f} "
           f"content {score['content']:.3f} ({score['train_s']:.0f}s)", flush=True)
@@ -142,6 +176,33 @@ def rows(runs):
             out.append({"variant": variant, **ROW_DEFAULTS, **VARIANTS[variant][1], "batch": batch, "style_name": style,
                         "lr": lr, "seed": seed, "style": s["style"], "content": s["content"]})
     return out
+
+
+BASES = (("winter", 0), ("winter", 1), ("winter", 2), ("sketch", 0))  # (style, training seed) the runs need
+
+
+def bases(runs):
+    """{(style, seed): the base's score on that seed's sampling seeds} for those scored so far."""
+    out = {}
+    for style, seed in BASES:
+        path = os.path.join(runs, "frontier", style, "base", f"seed{seed}", "score.json")
+        if os.path.exists(path):
+            s = json.load(open(path))
+            out[(style, seed)] = {"style": s["style"], "content": s["content"]}
+    return out
+
+
+def span(points, base):
+    """How densely one seed's lr path covers the method's transition: (the last lr that left the
+    base unchanged before the first that moved it, the first lr after that whose content is
+    <= COLLAPSE, the number of grid points strictly between them). None where there is none."""
+    pts = sorted(points)
+    same = [(s - base["style"] < UNCHANGED[0]) and (base["content"] - c < UNCHANGED[1]) for _, s, c in pts]
+    moved = same.index(False) if False in same else len(pts)
+    if moved == 0 or moved == len(pts):
+        return None, None, None
+    hit = next((i for i in range(moved, len(pts)) if pts[i][2] <= COLLAPSE), None)
+    return pts[moved - 1][0], (None if hit is None else pts[hit][0]), (None if hit is None else hit - moved)
 
 
 def content_at(points, target):
@@ -175,8 +236,9 @@ def fmt(mc):
     return "n/a" if m is None else (f"{m:+.3f}" if ci is None else f"{m:+.3f} ± {ci:.3f}")
 
 
-def analysis(table):
-    """The markdown summary: content at matched style per variant, and RPO - DPO per seed."""
+def analysis(table, base=None):
+    """The markdown summary: content at matched style per variant, RPO - DPO per seed, and (with
+    the base's scores) how many grid points each lr path has between 'no change' and collapse."""
     lines = ["| variant | " + " | ".join(f"content at style {t}" for t in TARGETS) + " |",
              "|---|" + "---|" * len(TARGETS)]
     best = {}
@@ -210,10 +272,23 @@ def analysis(table):
             if a and b:
                 lines.append(f"\n{batch} pairs/step, {style}, style {t} (seed 0): content rpo τ=0.5 {a[0]:.3f}, "
                              f"dpo {b[0]:.3f}, difference {a[0] - b[0]:+.3f}")
+    if base:
+        lines += ["", f"Grid coverage, 8 pairs/step winter: last lr with the base unchanged (style < base + "
+                  f"{UNCHANGED[0]}, content > base - {UNCHANGED[1]}) → first lr collapsed (content <= {COLLAPSE}): "
+                  "grid points strictly between", "", "| variant | seed 0 | seed 1 | seed 2 |", "|---|---|---|---|"]
+        for v in VARIANTS:
+            cells = []
+            for seed in (0, 1, 2):
+                pts = [(r["lr"], r["style"], r["content"]) for r in table if r["variant"] == v and r["seed"] == seed
+                       and r["batch"] == 8 and r["style_name"] == "winter"]
+                lo, hi, n = span(pts, base[("winter", seed)]) if pts and ("winter", seed) in base else (None,) * 3
+                cells.append("n/a" if lo is None else f"{lo:g} → {'none' if hi is None else f'{hi:g}'}: "
+                             f"{'n/a' if n is None else n}")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table, out_png):
+def plot(table, out_png, base=None):
     plt = evaluate._pyplot()
     panels = [("winter, 8 pairs/step, mean ± std over seeds", 8, "winter"), ("16 pairs/step (seed 0)", 16, "winter"),
               ("sketch (seed 0)", 8, "sketch")]
@@ -232,6 +307,9 @@ def plot(table, out_png):
             ss = [p[:, 0].std(ddof=1) if len(p) > 1 else 0 for p in pts]
             cs = [p[:, 1].std(ddof=1) if len(p) > 1 else 0 for p in pts]
             ax.errorbar(sm, cm, xerr=ss, yerr=cs, fmt="o-", ms=3, capsize=2, color=f"C{i}", label=v, alpha=0.85)
+        b = [base[k] for k in (base or {}) if k[0] == style and (batch == 8 and style == "winter" or k[1] == 0)]
+        if b:  # the base, on the same sampling seeds: where every lr path starts
+            ax.plot(np.mean([x["style"] for x in b]), np.mean([x["content"] for x in b]), "k*", ms=12, label="base")
         ax.set_title(title)
         ax.set_xlabel("style (share of samples in the preferred style)")
         ax.set_ylabel("content (share showing the prompt)")
@@ -279,19 +357,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    scorers, done = {}, 0
     if not args.collect:
-        scorers, done = {}, 0
         for job in jobs():
             done += run_job(args, scorers, *job)
         print(f"frontier: this process ran {done} jobs")
-    table = rows(args.runs)
+    for style, seed in BASES:  # (a minute at most; --collect scores them too if missing)
+        score_base(args, scorers, seed, style)
+    table, base = rows(args.runs), bases(args.runs)
     os.makedirs(args.out, exist_ok=True)
     json.dump({"steps": STEPS, "sample_seeds": SAMPLE_SEEDS, "held_out_prompts": len(toy.toy_prompts("test")),
-               "base_recipe": E.BASE_ARGS, "embed_model": "toy-clip", "rows": table},
+               "base_recipe": E.BASE_ARGS, "embed_model": "toy-clip", "rows": table,
+               "base": [{"style_name": st, "seed": sd, **sc} for (st, sd), sc in base.items()]},
               open(os.path.join(args.out, "frontier.json"), "w"), indent=1)
-    text = analysis(table)
+    text = analysis(table, base)
     open(os.path.join(args.out, "frontier.md"), "w").write(text)
-    plot(table, os.path.join(args.out, "frontier.png"))
+    plot(table, os.path.join(args.out, "frontier.png"), base)
     matched_grid(args.runs, table, args.out)
     print(text + f"\n{len(table)} of {len(jobs())} runs; wrote {args.out}/frontier.{{json,md,png}}")
 

@@ -30,7 +30,25 @@ def test_matched_pairs_rpo_and_dpo_by_seed():
 
 def test_the_job_list_is_unique_and_puts_seed_0_first():
     jobs = F.jobs()
-    assert len(jobs) == len(set(jobs)) == 196
+    assert len(jobs) == len(set(jobs)) == 374
     first_other = next(i for i, j in enumerate(jobs) if j[2] != 0)
     assert all(j[2] == 0 and j[3] == 8 and j[4] == "winter" for j in jobs[:first_other])
     assert {j[0] for j in jobs[:first_other]} == set(F.VARIANTS)
+
+
+def test_lrs_adds_the_8_per_decade_midpoints_inside_the_transition_only():
+    assert F.grid(1e-7, 3) == [1e-7, 1.8e-7, 3.2e-7]
+    assert F.lrs(1e-7, 4, (1.8e-7, 5.6e-7)) == [1e-7, 1.8e-7, 2.4e-7, 3.2e-7, 4.2e-7, 5.6e-7]  # 1e-7·10^(3/8), ^(5/8)
+    assert F.lrs(1e-7, 4) == F.grid(1e-7, 4)
+    for v, (_, _, lrs, other) in F.VARIANTS.items():  # the other seeds run a tail of seed 0's grid
+        assert lrs == sorted(set(lrs)) and other == lrs[len(lrs) - len(other):], v
+
+
+def test_span_counts_the_grid_points_between_no_change_and_collapse():
+    base = {"style": 0.35, "content": 0.32}
+    pts = [(1e-7, 0.36, 0.32), (2e-7, 0.44, 0.30),  # unchanged: style < 0.45, content > 0.27
+           (3e-7, 0.50, 0.30), (4e-7, 0.60, 0.20), (5e-7, 0.80, 0.06), (6e-7, 0.95, 0.05), (7e-7, 0.9, 0.0)]
+    assert F.span(pts, base) == (2e-7, 6e-7, 3)
+    assert F.span(pts[:5], base) == (2e-7, None, None)  # never collapses
+    assert F.span(pts[2:], base) == (None, None, None)  # no unchanged point to start from
+    assert F.span([(1e-7, 0.36, 0.32), (2e-7, 0.40, 0.02)], base) == (1e-7, 2e-7, 0)  # content gone at once
