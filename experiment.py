@@ -4,7 +4,7 @@ align it with SFT, DPO and RPO at equal step and pair budgets, sample held-out p
 and score how much of the preferred style the samples show (style) and whether they still
 show the prompt (content).
 
-    python experiment.py                 # the demo: one seed, one lr; < 15 min on 2 CPU cores
+    python experiment.py                 # the demo: one seed, each method at matched style; < 15 min on 2 CPU cores
     python experiment.py --study full    # seeds × a coarse lr grid × variants (the first study)
 
 frontier.py runs the main study, the style-content frontier, from the same base.
@@ -41,7 +41,7 @@ from images import tensor_to_uint8
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
              "--batch_size", "64", "--max_steps", "1200", "--lr", "5e-4", "--warmup_steps", "100",
              "--caption_dropout", "0.1", "--seed", "0"]
-# Alignment: the same step and pair budget for every method (300 steps × 8 pairs).
+# Alignment: the same step and pair budget for every method (8 pairs × the study's steps).
 ALIGN_ARGS = ["--model", "tiny", "--data", "toy", "--style", "winter", "--batch_size", "8", "--max_steps", "300"]
 VARIANTS = {  # label -> train.py flags
     "sft": ["--loss", "sft"],
@@ -56,8 +56,12 @@ VARIANTS = {  # label -> train.py flags
 # batch, SFT has neither), so only the style-content frontier across the grid compares them
 # fairly. Calibrated by hand on this base: DPO goes from little change (1e-7) to trading most
 # content for style (1e-6); SFT barely moves below 1e-6.
+# The demo instead gives each method its own lr: the one whose 150-step run in the frontier study
+# (frontier.py, training seed 0) came nearest style 0.75, so its table compares content at about
+# the same style, which is the comparison that means something (docs/toy-study.md).
 STUDIES = {
-    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs=[1e-6], seeds=[0]),
+    "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs={"sft": [3.2e-4], "dpo": [1e-6], "rpo τ=0.5": [1e-5]},
+                 seeds=[0], steps=150),
     # (made with the random CLIP that was the tiny presets' E5 embedder then: RPO_DIFFUSION_TOY_E5=tiny)
     "full": dict(variants=["sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=0.5 inside"], lrs=[1e-7, 1e-6, 1e-5],
                  seeds=[0, 1, 2]),
@@ -75,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--curve_every", type=int, default=100,
                    help="the curve runs (first seed, middle lr) score their samples every N steps while training")
     p.add_argument("--base_steps", type=int, default=1200, help="pretraining steps of the base (recipe: 1200)")
-    p.add_argument("--align_steps", type=int, default=300, help="alignment steps per run (recipe: 300)")
+    p.add_argument("--align_steps", type=int, default=None,
+                   help="alignment steps per run (default: the study's, 300; the demo's 150)")
     p.add_argument("--variants", default=None,
                    help="comma list: only these of the study's variants (to split a study over processes; "
                         "a last run without it collects everything into the table)")
@@ -85,6 +90,16 @@ def parse_args(argv=None):
 
 def slug(label):
     return label.replace("τ=", "tau").replace(" ", "-")
+
+
+def study_lrs(study, label):
+    """A study's lrs for one variant: a shared list, or per variant (the demo's)."""
+    return study["lrs"][label] if isinstance(study["lrs"], dict) else study["lrs"]
+
+
+def align_dir(runs, label, steps, lr, seed):
+    """One alignment run's folder, shared by the studies (a run is reused only with the same steps)."""
+    return os.path.join(runs, "align", slug(label), f"steps{steps}", f"lr{lr:g}", f"seed{seed}")
 
 
 def with_steps(argv, steps):
@@ -127,6 +142,7 @@ def main(argv=None):
     study = dict(STUDIES[args.study])
     if args.variants:
         study["variants"] = [v for v in args.variants.split(",") if v in study["variants"]]
+    steps = args.align_steps or study.get("steps", 300)
     out = os.path.join(args.runs, args.study)
     os.makedirs(out, exist_ok=True)
     base_dir = os.path.join(args.runs, "base")
@@ -153,11 +169,12 @@ def main(argv=None):
                                                        for s in study["seeds"]]}]
     curves, style_points = {}, {}
     for label in study["variants"]:
-        for lr in study["lrs"]:
+        lrs = study_lrs(study, label)
+        for lr in lrs:
             per_seed = []
             for seed in study["seeds"]:
-                run = os.path.join(args.runs, "align", slug(label), f"lr{lr:g}", f"seed{seed}")  # shared by studies
-                curve = seed == study["seeds"][0] and lr == study["lrs"][len(study["lrs"]) // 2]
+                run = align_dir(args.runs, label, steps, lr, seed)
+                curve = seed == study["seeds"][0] and lr == lrs[len(lrs) // 2]
                 # The curve runs score their own samples while training (train.py's validation: the
                 # held-out prompts, this seed's sampling seeds, the toy scorer, every curve_every steps).
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
@@ -165,7 +182,7 @@ def main(argv=None):
                               "--validation_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
                 if not os.path.exists(os.path.join(run, "unet", "config.json")):
                     t0 = time.time()
-                    train.main(with_steps(ALIGN_ARGS, args.align_steps) + VARIANTS[label] + [
+                    train.main(with_steps(ALIGN_ARGS, steps) + VARIANTS[label] + [
                         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
                         "--keep_checkpoints", "1", "--out_dir", run, "--device", args.device, "--no_progress",
                         "--log_every", "100", "--overwrite"] + (validation if curve else []))  # (an unfinished run restarts)
@@ -197,27 +214,29 @@ def main(argv=None):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     json.dump({"study": args.study, "rows": rows, "scorer_accuracy": accuracy, "prompts": prompts,
-               "base_recipe": BASE_ARGS, "align_args": ALIGN_ARGS, "sample_steps": args.sample_steps,
+               "base_recipe": BASE_ARGS, "align_args": with_steps(ALIGN_ARGS, steps), "sample_steps": args.sample_steps,
                "guidance": args.guidance, "sample_seeds": args.sample_seeds},
               open(os.path.join(out, "results.json"), "w"), indent=1)
     evaluate.plot_curves(curves, os.path.join(out, "curves.png"), style_points=style_points)
-    if len(study["lrs"]) > 1:
+    tradeoff = any(len(study_lrs(study, v)) > 1 for v in study["variants"])
+    if tradeoff:
         points = {}
         for row in rows[1:]:
             points.setdefault(row["model"], []).append((row["lr"], *row["style"], *row["content"]))
         evaluate.plot_tradeoff(points, os.path.join(out, "tradeoff.png"))
-    # The grid: rows base, then each method at the middle lr (first training seed); columns:
+    # The grid: rows base, then each method at its middle lr (first training seed); columns:
     # the held-out prompts, one sampling seed, the same for every row.
-    mid_lr, seed = study["lrs"][len(study["lrs"]) // 2], study["seeds"][0]
-    unets = [os.path.join(base_dir, "unet")] + [os.path.join(args.runs, "align", slug(v), f"lr{mid_lr:g}", f"seed{seed}", "unet")
+    seed = study["seeds"][0]
+    mid = {v: study_lrs(study, v)[len(study_lrs(study, v)) // 2] for v in study["variants"]}
+    unets = [os.path.join(base_dir, "unet")] + [os.path.join(align_dir(args.runs, v, steps, mid[v], seed), "unet")
                                                 for v in study["variants"]]
     images = torch.cat([sample_unet(u, prompts, [sample_seeds(seed)[0]], args) for u in unets])
     sample.make_grid(tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
         os.path.join(out, "grid.png"))
     with open(os.path.join(out, "grid.txt"), "w") as f:
-        f.write("rows: base, " + ", ".join(f"{v} lr={mid_lr:g}" for v in study["variants"]) + "\ncolumns: " +
+        f.write("rows: base, " + ", ".join(f"{v} lr={mid[v]:g}" for v in study["variants"]) + "\ncolumns: " +
                 " | ".join(prompts) + "\n")
-    print(f"\nwrote {out}/results.md, results.json, curves.png{', tradeoff.png' if len(study['lrs']) > 1 else ''}"
+    print(f"\nwrote {out}/results.md, results.json, curves.png{', tradeoff.png' if tradeoff else ''}"
           f", grid.png in {time.time() - t_start:.0f}s")
 
 

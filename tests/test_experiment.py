@@ -34,7 +34,7 @@ def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, mo
     # style over steps for the curves: train.py's validation scores of the curve run (first seed,
     # middle lr), every --curve_every steps; the last one is the run's final score (same prompts,
     # sampling seeds, sampler and scorer)
-    run = tmp_path / "align" / "dpo" / "lr1e-06" / "seed0"
+    run = tmp_path / "align" / "dpo" / "steps4" / "lr1e-06" / "seed0"  # (keyed by steps: no reuse across them)
     log = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in log if "val_toy_style" in r] == [2, 4]
     final = next(r for r in rows if r["model"] == "dpo" and r["lr"] == 1e-6)["per_seed"][0]
