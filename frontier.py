@@ -9,15 +9,18 @@ amount of style learned?
 
 Every variant (SFT, DPO, RPO outside at τ 0.1/0.5/1, RPO inside, RPO with text-only embeddings)
 is trained from the same toy base (experiment.py's) over its own learning-rate grid, 4 points
-per decade, for 3 training seeds; then DPO and RPO once more at 16 pairs per step (2 points per
-decade), and DPO, RPO and SFT (2 per decade) on a second style (sketch, its own base), at one seed. E5 uses toy-clip, the tiny CLIP
-trained on the toy world, so RPO's weights ω see the content and style of each pair.
+per decade from "no change" to "collapse" and 8 per decade across the transition between them,
+for 3 training seeds; then DPO and RPO once more at 16 pairs per step (2 points per decade),
+and DPO, RPO (4 per decade) and SFT (2 per decade) on a second style (sketch, its own base), at
+one seed. E5 uses toy-clip, the tiny CLIP trained on the toy world, so RPO's weights ω see the
+content and style of each pair.
 
-Each run is 150 steps of 8 pairs (half the demo's, so the grid fits in a few hours on 2 cores)
-and is scored on the 12 held-out prompts × 8 sampling seeds: style = share of samples the
-style scorer calls styled, content = share that still show the prompt's shape, colour and
-background. A run's folder holds its UNet and score.json; a rerun skips both, and two
-processes claim jobs with a lock file each, so the study resumes where it stopped.
+Each run is 150 steps of 8 pairs (so the grid fits in a few hours on 2 cores) and is scored on
+the 12 held-out prompts × 8 sampling seeds: style = share of samples the style scorer calls
+styled, content = share that still show the prompt's shape, colour and background. The base is
+scored the same way, on each training seed's sampling seeds. A run's folder holds its UNet and
+score.json; a rerun skips both, and two processes claim jobs with a lock file each, so the
+study resumes where it stopped.
 
 The comparison: along each seed's lr grid, content is interpolated linearly at a target style
 (0.6, 0.7, 0.8); the RPO - DPO difference is taken per seed (same seed: same data order and
