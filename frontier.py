@@ -48,36 +48,40 @@ def grid(lo, n=8, per_decade=4):
     return [float(f"{lo * 10 ** (k / per_decade):.2g}") for k in range(n)]
 
 
-def lrs(lo, n, fine=None):
-    """The lr grid: n points at 4 per decade from lo, plus the midpoints (8 per decade) strictly
-    inside fine = (a, b), the method's transition from 'no change' to 'collapse'."""
-    mids = [x for k, x in enumerate(grid(lo, 2 * n, 8)) if k % 2 and fine and fine[0] < x < fine[1]]
-    return sorted(grid(lo, n) + mids)
+def lrs(lo, n, *fine):
+    """The lr grid: n points at 4 per decade from lo, plus, for each (a, b, per_decade) in fine,
+    the points of a per_decade grid from lo strictly inside (a, b): the method's transition from
+    'no change' to 'collapse'. (The finer grids contain the coarser ones, so points coincide.)"""
+    out = set(grid(lo, n))
+    for a, b, per_decade in fine:
+        out |= {x for x in grid(lo, n * per_decade // 4, per_decade) if a < x < b}
+    return sorted(out)
 
 
 # label -> (train.py flags, fields for the JSON rows, lr grid at seed 0, the part of it the other
 # seeds run). Each grid runs at 4 per decade from where the method barely moves the base
 # (calibrated on the 300-step demo: DPO 1e-7 no change; RPO with spread-out ω needs ~10x more;
 # SFT, no β, far more) until most content is gone (content <= COLLAPSE), and at 8 per decade
-# between the last seed-0 point that left the base unchanged and the first that collapsed; the
-# other seeds start one point below seed 0's last unchanged one.
+# between the last seed-0 point that left the base unchanged and the first that collapsed (SFT's
+# transition is under a decade wide: 16 per decade there); the other seeds start one point below
+# seed 0's last unchanged one.
 VARIANTS = {
-    "sft": (["--loss", "sft"], dict(method="sft"), lrs(1e-5, 11, (5.6e-5, 1.8e-3)), 1e-5),
-    "dpo": (["--loss", "dpo"], dict(method="dpo"), lrs(1e-7, 8, (1.8e-7, 3.2e-6)), 1.8e-7),
-    "rpo τ=0.1": (["--loss", "rpo", "--tau", "0.1"], dict(method="rpo", tau=0.1), lrs(1e-7, 12, (3.2e-7, 5.6e-5)),
-                  1.8e-7),
-    "rpo τ=0.5": (["--loss", "rpo", "--tau", "0.5"], dict(method="rpo", tau=0.5), lrs(3.2e-7, 10, (1e-6, 5.7e-5)),
-                  5.7e-7),
-    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0), lrs(1e-6, 9, (1.8e-6, 1e-4)), 1e-6),
+    "sft": (["--loss", "sft"], dict(method="sft"), lrs(1e-5, 11, (5.6e-5, 1.8e-3, 8), (1.3e-4, 7.5e-4, 16)), 1e-5),
+    "dpo": (["--loss", "dpo"], dict(method="dpo"), lrs(1e-7, 8, (1.8e-7, 3.2e-6, 8)), 1.8e-7),
+    "rpo τ=0.1": (["--loss", "rpo", "--tau", "0.1"], dict(method="rpo", tau=0.1),
+                  lrs(1e-7, 13, (3.2e-7, 5.6e-5, 8)), 1.8e-7),
+    "rpo τ=0.5": (["--loss", "rpo", "--tau", "0.5"], dict(method="rpo", tau=0.5),
+                  lrs(3.2e-7, 10, (1e-6, 5.7e-5, 8)), 5.7e-7),
+    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0), lrs(1e-6, 9, (1.8e-6, 1e-4, 8)), 1e-6),
     "rpo τ=0.5 inside": (["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
-                         dict(method="rpo", tau=0.5, weighting="inside"), lrs(1e-7, 8, (1.8e-7, 3.2e-6)), 1.8e-7),
+                         dict(method="rpo", tau=0.5, weighting="inside"), lrs(1e-7, 8, (1.8e-7, 3.2e-6, 8)), 1.8e-7),
     "rpo τ=0.5 text": (["--loss", "rpo", "--tau", "0.5", "--embed", "text"],
-                       dict(method="rpo", tau=0.5, embed="text"), lrs(3.2e-7, 11, (1e-6, 5.7e-5)), 5.7e-7),
+                       dict(method="rpo", tau=0.5, embed="text"), lrs(3.2e-7, 11, (1e-6, 5.7e-5, 8)), 5.7e-7),
 }
 VARIANTS = {v: (f, r, g, [x for x in g if x >= first]) for v, (f, r, g, first) in VARIANTS.items()}
 # τ 0.1's transition spans two decades, so 4 per decade already puts >= 6 points in it: its
 # other seeds skip the midpoints (seed 0 has them).
-VARIANTS["rpo τ=0.1"] = VARIANTS["rpo τ=0.1"][:3] + ([x for x in grid(1e-7, 12) if x >= 1.8e-7],)
+VARIANTS["rpo τ=0.1"] = VARIANTS["rpo τ=0.1"][:3] + ([x for x in grid(1e-7, 13) if x >= 1.8e-7],)
 # 16 pairs per step: 2 per decade of the 4-per-decade grid. Sketch: its own grids, to collapse.
 BATCH16 = {"dpo": grid(1e-7)[1::2], "rpo τ=0.5": grid(3.2e-7, 10)[1::2]}
 SKETCH = {"dpo": grid(1e-7, 11), "rpo τ=0.5": grid(3.2e-7, 13), "sft": grid(1e-5, 6, 2)}

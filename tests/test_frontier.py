@@ -30,7 +30,7 @@ def test_matched_pairs_rpo_and_dpo_by_seed():
 
 def test_the_job_list_is_unique_and_puts_seed_0_first():
     jobs = F.jobs()
-    assert len(jobs) == len(set(jobs)) == 356
+    assert len(jobs) == len(set(jobs)) == 377
     first_other = next(i for i, j in enumerate(jobs) if j[2] != 0)
     assert all(j[2] == 0 and j[3] == 8 and j[4] == "winter" for j in jobs[:first_other])
     assert {j[0] for j in jobs[:first_other]} == set(F.VARIANTS)
@@ -38,8 +38,10 @@ def test_the_job_list_is_unique_and_puts_seed_0_first():
 
 def test_lrs_adds_the_8_per_decade_midpoints_inside_the_transition_only():
     assert F.grid(1e-7, 3) == [1e-7, 1.8e-7, 3.2e-7]
-    assert F.lrs(1e-7, 4, (1.8e-7, 5.6e-7)) == [1e-7, 1.8e-7, 2.4e-7, 3.2e-7, 4.2e-7, 5.6e-7]  # 1e-7·10^(3/8), ^(5/8)
+    assert F.lrs(1e-7, 4, (1.8e-7, 5.6e-7, 8)) == [1e-7, 1.8e-7, 2.4e-7, 3.2e-7, 4.2e-7, 5.6e-7]  # 1e-7·10^(3/8), ^(5/8)
     assert F.lrs(1e-7, 4) == F.grid(1e-7, 4)
+    assert F.lrs(1e-7, 4, (1e-7, 5.6e-7, 8), (1.8e-7, 3.2e-7, 16)) == [1e-7, 1.3e-7, 1.8e-7, 2.1e-7, 2.4e-7, 2.7e-7,
+                                                                      3.2e-7, 4.2e-7, 5.6e-7]  # 1e-7·10^(5/16)...
     for v, (_, _, lrs, other) in F.VARIANTS.items():  # the other seeds: seed 0's grid from some lr on
         assert lrs == sorted(set(lrs)) and set(other) <= set(lrs), v
         assert other == [x for x in lrs if x >= other[0]] or v == "rpo τ=0.1", v  # (τ 0.1: without the midpoints)
