@@ -56,8 +56,8 @@ VARIANTS = {  # label -> train.py flags
 # batch, SFT has neither), so only the style-content frontier across the grid compares them
 # fairly. Calibrated by hand on this base: DPO goes from little change (1e-7) to trading most
 # content for style (1e-6); SFT barely moves below 1e-6.
-# The demo instead gives each method its own lr: the one whose 150-step run in the frontier study
-# (frontier.py, training seed 0) came nearest style 0.75, so its table compares content at about
+# The demo instead gives each method its own lr: the first whose 150-step run in the frontier
+# study (frontier.py, training seed 0) reached style 0.7, so its table compares content at about
 # the same style, which is the comparison that means something (docs/toy-study.md).
 STUDIES = {
     "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs={"sft": [3.2e-4], "dpo": [1e-6], "rpo τ=0.5": [1e-5]},

@@ -332,17 +332,19 @@ def plot(table, out_png, base=None):
     plt.close(fig)
 
 
-def matched_grid(runs, table, out_dir, target=0.75, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1")):
-    """Samples at matched style: per variant the seed-0 run whose style is nearest `target`, on the
-    12 held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
+def matched_grid(runs, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1")):
+    """Samples at matched style: per variant the seed-0 run at the first lr whose style reaches
+    `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
+    held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
     import sample
     from images import tensor_to_uint8
     prompts, args = toy.toy_prompts("test"), argparse.Namespace(sample_steps=25, guidance=5.0, device="cpu")
     rows = [("base", os.path.join(runs, "base", "unet"))]
     for v in variants:
-        cands = [r for r in table if r["variant"] == v and r["seed"] == 0 and r["batch"] == 8 and r["style_name"] == "winter"]
+        cands = [r for r in table if r["variant"] == v and r["seed"] == 0 and r["batch"] == 8
+                 and r["style_name"] == "winter" and r["style"] >= target]
         if cands:
-            r = min(cands, key=lambda r: abs(r["style"] - target))
+            r = min(cands, key=lambda r: r["lr"])
             rows.append((f"{v} lr={r['lr']:g} (style {r['style']:.2f}, content {r['content']:.2f})",
                          os.path.join(run_dir(runs, v, r["lr"], 0, 8, "winter"), "run", "unet")))
     images = [E.sample_unet(unet, prompts, [0], args) for _, unet in rows]
