@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone on a CPU machine (11-19 min measured on 2 cores, packages already installed):
 # install, pretrain the toy base model (cached in runs/base; a rerun skips it), align it with
-# SFT, DPO and RPO at one seed and one learning rate, sample the 12 held-out prompts, score
+# SFT, DPO and RPO at one seed, each at the lr where it reaches about style 0.7, sample the 12 held-out prompts, score
 # style and content, print the table, and write runs/demo/{results.md,results.json,grid.png,
 # curves.png}. The full study (seeds × lr grid × variants, the README's table):
 #   python experiment.py --study full

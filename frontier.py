@@ -72,7 +72,8 @@ VARIANTS = {
                   lrs(1e-7, 13, (3.2e-7, 5.6e-5, 8)), 1.8e-7),
     "rpo τ=0.5": (["--loss", "rpo", "--tau", "0.5"], dict(method="rpo", tau=0.5),
                   lrs(3.2e-7, 10, (1e-6, 5.7e-5, 8)), 5.7e-7),
-    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0), lrs(1e-6, 9, (1.8e-6, 1e-4, 8)), 1e-6),
+    "rpo τ=1": (["--loss", "rpo", "--tau", "1"], dict(method="rpo", tau=1.0),
+                [5.6e-7] + lrs(1e-6, 9, (1.8e-6, 1e-4, 8)), 5.6e-7),  # (seeds 1, 2 moved already at 1e-6)
     "rpo τ=0.5 inside": (["--loss", "rpo", "--tau", "0.5", "--rpo_weighting", "inside"],
                          dict(method="rpo", tau=0.5, weighting="inside"), lrs(1e-7, 8, (1.8e-7, 3.2e-6, 8)), 1.8e-7),
     "rpo τ=0.5 text": (["--loss", "rpo", "--tau", "0.5", "--embed", "text"],

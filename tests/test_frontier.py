@@ -30,7 +30,7 @@ def test_matched_pairs_rpo_and_dpo_by_seed():
 
 def test_the_job_list_is_unique_and_puts_seed_0_first():
     jobs = F.jobs()
-    assert len(jobs) == len(set(jobs)) == 377
+    assert len(jobs) == len(set(jobs)) == 380
     first_other = next(i for i, j in enumerate(jobs) if j[2] != 0)
     assert all(j[2] == 0 and j[3] == 8 and j[4] == "winter" for j in jobs[:first_other])
     assert {j[0] for j in jobs[:first_other]} == set(F.VARIANTS)
