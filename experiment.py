@@ -4,7 +4,7 @@ align it with SFT, DPO and RPO at equal step and pair budgets, sample held-out p
 and score how much of the preferred style the samples show (style) and whether they still
 show the prompt (content).
 
-    python experiment.py                 # the demo: one seed, each method at matched style; < 15 min on 2 CPU cores
+    python experiment.py                 # the demo: one seed, each method at about the same style; 11-19 min on 2 CPU cores
     python experiment.py --study full    # seeds × a coarse lr grid × variants (the first study)
 
 frontier.py runs the main study, the style-content frontier, from the same base.

@@ -83,7 +83,8 @@ VARIANTS = {v: (f, r, g, [x for x in g if x >= first]) for v, (f, r, g, first) i
 # τ 0.1's transition spans two decades, so 4 per decade already puts >= 6 points in it: its
 # other seeds skip the midpoints (seed 0 has them).
 VARIANTS["rpo τ=0.1"] = VARIANTS["rpo τ=0.1"][:3] + ([x for x in grid(1e-7, 13) if x >= 1.8e-7],)
-# 16 pairs per step: 2 per decade of the 4-per-decade grid. Sketch: its own grids, to collapse.
+# 16 pairs per step: 2 per decade of the 4-per-decade grid. Sketch: its own grids, wider (its
+# scorer asks for the shape only, which DPO keeps to the top of its grid).
 BATCH16 = {"dpo": grid(1e-7)[1::2], "rpo τ=0.5": grid(3.2e-7, 10)[1::2]}
 SKETCH = {"dpo": grid(1e-7, 11), "rpo τ=0.5": grid(3.2e-7, 13), "sft": grid(1e-5, 6, 2)}
 ROW_DEFAULTS = dict(tau=None, weighting="outside", embed="mean", batch=8, style_name="winter")
