@@ -55,3 +55,16 @@ def test_span_counts_the_grid_points_between_no_change_and_collapse():
     assert F.span(pts[:5], base) == (2e-7, None, None)  # never collapses
     assert F.span(pts[2:], base) == (None, None, None)  # no unchanged point to start from
     assert F.span([(1e-7, 0.36, 0.32), (2e-7, 0.40, 0.02)], base) == (1e-7, 2e-7, 0)  # content gone at once
+
+
+def test_the_demo_runs_each_method_at_the_frontiers_first_lr_reaching_style_0_7():
+    import json
+    import os
+
+    import experiment
+    path = os.path.join(os.path.dirname(__file__), "..", "results", "toy-study", "frontier.json")
+    rows = [r for r in json.load(open(path))["rows"] if r["seed"] == 0 and r["batch"] == 8 and r["style_name"] == "winter"]
+    demo = experiment.STUDIES["demo"]
+    assert demo["steps"] == F.STEPS
+    for v, (lr,) in demo["lrs"].items():
+        assert lr == min(r["lr"] for r in rows if r["variant"] == v and r["style"] >= 0.7), v
