@@ -141,15 +141,24 @@ def save_score(path, score):
     os.replace(tmp, os.path.join(path, "score.json"))
 
 
+def pretrained_base(args, style):
+    """The style's toy base (experiment.py's recipe), pretrained now unless cached."""
+    base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
+    E.pretrain_base(base, args.device, args.base_steps, style)
+    return base
+
+
+def sampling_seeds(seed):
+    return [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
+
+
 def score_base(args, scorers, seed, style):
     """The base itself, scored on the sampling seeds a run with this training seed uses: the
     'no change' point every lr path starts from."""
     path = os.path.join(args.runs, "frontier", style, "base", f"seed{seed}")
     if not os.path.exists(os.path.join(path, "score.json")) and claim(path):
-        base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
-        E.pretrain_base(base, args.device, args.base_steps, style)
-        seeds = [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
-        save_score(path, E.score_unet(os.path.join(base, "unet"), toy.toy_prompts("test"), seeds, args,
+        base = pretrained_base(args, style)
+        save_score(path, E.score_unet(os.path.join(base, "unet"), toy.toy_prompts("test"), sampling_seeds(seed), args,
                                       scorer(args, scorers, style)))
         os.remove(os.path.join(path, "claim"))
 
@@ -158,8 +167,7 @@ def run_job(args, scorers, variant, lr, seed, batch, style):
     path = run_dir(args.runs, variant, lr, seed, batch, style)
     if os.path.exists(os.path.join(path, "score.json")) or not claim(path):
         return False
-    base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
-    E.pretrain_base(base, args.device, args.base_steps, style)
+    base = pretrained_base(args, style)
     t0 = time.time()
     flags = VARIANTS[variant][0]
     train.main(["--model", "tiny", "--data", "toy", "--style", style, "--batch_size", str(batch),
@@ -167,9 +175,8 @@ def run_job(args, scorers, variant, lr, seed, batch, style):
                 "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
                 "--out_dir", os.path.join(path, "run"), "--device", args.device, "--no_progress",
                 "--log_every", str(STEPS), "--overwrite"])
-    prompts = toy.toy_prompts("test")
-    seeds = [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
-    score = E.score_unet(os.path.join(path, "run", "unet"), prompts, seeds, args, scorer(args, scorers, style))
+    score = E.score_unet(os.path.join(path, "run", "unet"), toy.toy_prompts("test"), sampling_seeds(seed), args,
+                         scorer(args, scorers, style))
     score["train_s"] = round(time.time() - t0, 1)
     save_score(path, score)
     os.remove(os.path.join(path, "claim"))
