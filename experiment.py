@@ -24,8 +24,10 @@ alignment runs and their scores, so an interrupted study resumes where it stoppe
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -41,6 +43,10 @@ from images import tensor_to_uint8
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
              "--batch_size", "64", "--max_steps", "1200", "--lr", "5e-4", "--warmup_steps", "100",
              "--caption_dropout", "0.1", "--seed", "0"]
+# The base the committed frontier and demo were run from, trained by BASE_ARGS on a CPU (8-16 min
+# on 2 cores, by the day) and shipped with the code: the toy's stand-in for downloading a pretrained model.
+# A run whose recipe and frozen text encoder match it starts from it; --pretrain trains it anew.
+SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy-study", "base")
 # Alignment: the same step and pair budget for every method (8 pairs × the study's steps).
 ALIGN_ARGS = ["--model", "tiny", "--data", "toy", "--style", "winter", "--batch_size", "8", "--max_steps", "300"]
 VARIANTS = {  # label -> train.py flags
@@ -79,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--curve_every", type=int, default=100,
                    help="the curve runs (first seed, middle lr) score their samples every N steps while training")
     p.add_argument("--base_steps", type=int, default=1200, help="pretraining steps of the base (recipe: 1200)")
+    p.add_argument("--pretrain", action="store_true",
+                   help="pretrain the base here even where the shipped one (results/toy-study/base) fits the recipe")
     p.add_argument("--align_steps", type=int, default=None,
                    help="alignment steps per run (default: the study's, 300; the demo's 150)")
     p.add_argument("--variants", default=None,
@@ -110,16 +118,55 @@ def with_style(argv, style):
     return [style if i > 0 and argv[i - 1] == "--style" else a for i, a in enumerate(argv)]
 
 
-def pretrain_base(base_dir, device, steps, style="winter"):
-    """Train the toy base once (a third of its images in `style`); a rerun with the same recipe reuses it."""
+def frozen_fingerprint():
+    """sha256 of what a tiny-preset UNet is conditioned on: the frozen text encoder's weights (random,
+    from a fixed seed) and the token ids of every toy prompt and of "" (classifier-free guidance).
+    A base trained under another fingerprint (a transformers version that initialises CLIP
+    otherwise, say) would be fed text features it never saw."""
+    parts = M.build_tiny(False, False)
+    h = hashlib.sha256()
+    for name, tensor in sorted(parts["text_encoders"][0].state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    ids = parts["tokenizers"][0](toy.toy_prompts("all") + [""], padding="max_length", truncation=True)["input_ids"]
+    h.update(json.dumps(ids).encode())
+    return h.hexdigest()
+
+
+def shipped_base_fits(shipped, recipe):
+    """Whether the shipped base was trained by `recipe` for today's frozen parts (one line says why not)."""
+    if not shipped or not os.path.exists(os.path.join(shipped, "recipe.json")):
+        return False
+    if json.load(open(os.path.join(shipped, "recipe.json"))) != recipe:
+        return False  # another recipe (steps, style, device): another base, pretrained here
+    if open(os.path.join(shipped, "fingerprint.txt")).read().strip() != frozen_fingerprint():
+        print(f"base: {shipped} was trained with other frozen text-encoder weights (another transformers or "
+              f"torch version?); pretraining anew")
+        return False
+    return True
+
+
+def pretrain_base(base_dir, device, steps, style="winter", shipped=SHIPPED_BASE):
+    """The toy base (a third of its images in `style`), cached in base_dir: copied from the shipped
+    one where it fits the recipe, else trained once; a rerun with the same recipe reuses it."""
     recipe = with_style(with_steps(BASE_ARGS, steps), style) + ["--device", device]
-    done = os.path.join(base_dir, "recipe.json")
-    if os.path.exists(done) and json.load(open(done)) == recipe and os.path.isdir(os.path.join(base_dir, "unet")):
+    done, copied = os.path.join(base_dir, "recipe.json"), os.path.join(base_dir, "shipped")
+    if (os.path.exists(done) and json.load(open(done)) == recipe and os.path.isdir(os.path.join(base_dir, "unet"))
+            and (shipped or not os.path.exists(copied))):  # (--pretrain: a copy of the shipped one won't do)
         print(f"base: cached in {base_dir}")
+        return
+    if shipped_base_fits(shipped, recipe):
+        shutil.rmtree(base_dir, ignore_errors=True)  # (what a pretraining with another recipe left)
+        shutil.copytree(os.path.join(shipped, "unet"), os.path.join(base_dir, "unet"))
+        open(copied, "w").write(f"{shipped}\n")
+        json.dump(recipe, open(done, "w"))
+        print(f"base: the shipped one, {shipped} (this recipe's; --pretrain trains it anew)")
         return
     t0 = time.time()
     train.main(recipe + ["--out_dir", base_dir, "--no_progress", "--log_every", "200", "--keep_checkpoints", "1",
                          "--overwrite"])
+    if os.path.exists(copied):
+        os.remove(copied)
     json.dump(recipe, open(done, "w"))
     print(f"base: pretrained in {time.time() - t0:.0f}s")
 
@@ -147,7 +194,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     base_dir = os.path.join(args.runs, "base")
     t_start = time.time()
-    pretrain_base(base_dir, args.device, args.base_steps)
+    pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else SHIPPED_BASE)
     scorer, accuracy = evaluate.load_toy_scorer("winter", 16, cache=os.path.join(args.runs, "toy_scorer.safetensors"))
     prompts = toy.toy_prompts("test")
     sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]

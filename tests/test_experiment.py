@@ -47,3 +47,59 @@ def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, mo
     experiment.main(FAST + ["--runs", str(tmp_path)])
     assert "base: cached" in capsys.readouterr().out
     assert json.load(open(out / "results.json"))["rows"] == rows
+
+
+def test_the_shipped_base_is_the_recipes_and_fits_todays_frozen_text_encoder():
+    """results/toy-study/base is what BASE_ARGS trains on a CPU, conditioned on the text encoder the
+    tiny preset builds today: a change to either (recipe, tokenizer, text encoder) fails here, not
+    silently in the demo."""
+    import transformers
+    from safetensors.torch import load_file
+    import model as M
+
+    shipped = experiment.SHIPPED_BASE
+    assert json.load(open(f"{shipped}/recipe.json")) == experiment.BASE_ARGS + ["--device", "cpu"]
+    unet = M.build_tiny(False, False)["unet"]
+    weights = load_file(f"{shipped}/unet/diffusion_pytorch_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 initialises the frozen CLIP otherwise: there the demo pretrains its own base")
+    assert open(f"{shipped}/fingerprint.txt").read().strip() == experiment.frozen_fingerprint()
+
+
+def test_pretrain_base_copies_a_fitting_shipped_base_and_trains_otherwise(tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def fake_train(argv):  # what train.main leaves: the UNet folder
+        out = argv[argv.index("--out_dir") + 1]
+        (tmp_path / out).joinpath("unet").mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / "unet" / "weights").write_text("trained")
+        trained.append(argv)
+
+    monkeypatch.setattr(train, "main", fake_train)
+    shipped = tmp_path / "shipped"
+    (shipped / "unet").mkdir(parents=True)
+    (shipped / "unet" / "weights").write_text("shipped")
+    recipe = experiment.with_steps(experiment.BASE_ARGS, 4) + ["--device", "cpu"]
+    json.dump(recipe, open(shipped / "recipe.json", "w"))
+    (shipped / "fingerprint.txt").write_text(experiment.frozen_fingerprint() + "\n")
+    base = tmp_path / "runs" / "base"
+
+    experiment.pretrain_base(str(base), "cpu", 4, shipped=str(shipped))  # fits: copied, nothing trained
+    assert trained == [] and (base / "unet" / "weights").read_text() == "shipped"
+    assert json.load(open(base / "recipe.json")) == recipe and "the shipped one" in capsys.readouterr().out
+    experiment.pretrain_base(str(base), "cpu", 4, shipped=str(shipped))  # rerun: the cache
+    assert trained == [] and "cached" in capsys.readouterr().out
+    experiment.pretrain_base(str(base), "cpu", 4, shipped=None)  # --pretrain: the copy won't do
+    assert len(trained) == 1 and (base / "unet" / "weights").read_text() == "trained"
+    assert not (base / "shipped").exists()
+    experiment.pretrain_base(str(base), "cpu", 4, shipped=None)  # ... and its own result is then the cache
+    assert len(trained) == 1
+
+    other = tmp_path / "runs2" / "base"
+    experiment.pretrain_base(str(other), "cpu", 5, shipped=str(shipped))  # another recipe: trained, quietly
+    assert len(trained) == 2 and "frozen text-encoder" not in capsys.readouterr().out
+    (shipped / "fingerprint.txt").write_text("0" * 64)
+    third = tmp_path / "runs3" / "base"
+    experiment.pretrain_base(str(third), "cpu", 4, shipped=str(shipped))  # other frozen parts: trained, and says why
+    assert len(trained) == 3 and "other frozen text-encoder weights" in capsys.readouterr().out
