@@ -64,10 +64,12 @@ VARIANTS = {  # label -> train.py flags
 # content for style (1e-6); SFT barely moves below 1e-6.
 # The demo instead gives each method its own lr: the first whose 150-step run in the frontier
 # study (frontier.py, training seed 0) reached style 0.7, so its table compares content at about
-# the same style, which is the comparison that means something (docs/toy-study.md).
+# the same style, which is the comparison that means something (docs/toy-study.md). With the
+# shipped base and the frontier's 8 sampling seeds, its rows are those frontier points again (the
+# weights agree to float rounding, which the thread count decides).
 STUDIES = {
     "demo": dict(variants=["sft", "dpo", "rpo τ=0.5"], lrs={"sft": [3.2e-4], "dpo": [1e-6], "rpo τ=0.5": [1e-5]},
-                 seeds=[0], steps=150),
+                 seeds=[0], steps=150, sample_seeds=8),
     # (made with the random CLIP that was the tiny presets' E5 embedder then: RPO_DIFFUSION_TOY_E5=tiny)
     "full": dict(variants=["sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=0.5 inside"], lrs=[1e-7, 1e-6, 1e-5],
                  seeds=[0, 1, 2]),
@@ -79,7 +81,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="demo", choices=list(STUDIES))
     p.add_argument("--runs", default="runs", help="where base, runs and results are cached")
-    p.add_argument("--sample_seeds", type=int, default=4, help="sampling seeds per held-out prompt and training seed")
+    p.add_argument("--sample_seeds", type=int, default=None,
+                   help="sampling seeds per held-out prompt and training seed (default: the study's; 8 for the demo, "
+                        "as frontier.py, else 4)")
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--curve_every", type=int, default=100,
@@ -171,6 +175,13 @@ def pretrain_base(base_dir, device, steps, style="winter", shipped=SHIPPED_BASE)
     print(f"base: pretrained in {time.time() - t0:.0f}s")
 
 
+def base_id(base_dir):
+    """The base's identity, its weights' sha256 (12 hex digits): runs and scores made from another
+    base (--pretrain, --base_steps) are not reused."""
+    with open(os.path.join(base_dir, "unet", "diffusion_pytorch_model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def sample_unet(unet_dir, prompts, seeds, args):
     m = M.load_models("tiny", init_unet=unet_dir, device=args.device, reference=False)
     return sample.generate(m, prompts, seeds, steps=args.sample_steps, guidance=args.guidance, scheduler="ddim")
@@ -197,9 +208,12 @@ def main(argv=None):
     pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else SHIPPED_BASE)
     scorer, accuracy = evaluate.load_toy_scorer("winter", 16, cache=os.path.join(args.runs, "toy_scorer.safetensors"))
     prompts = toy.toy_prompts("test")
+    args.sample_seeds = args.sample_seeds or study.get("sample_seeds", 4)
     sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]
+    base = base_id(base_dir)
 
-    # Scores are cached per UNet folder, so a rerun or an extended study only does new work.
+    # Scores are cached per UNet folder, base and sampling settings, so a rerun or an extended
+    # study only does new work, and a changed setting is never answered from the cache.
     # Processes working on different --variants write separate files; all are read back.
     cache = {}
     for name in sorted(glob.glob(os.path.join(out, "scores*.json"))):
@@ -207,6 +221,7 @@ def main(argv=None):
     cache_file = os.path.join(out, "scores.json" if not args.variants else f"scores-{slug(args.variants)}.json")
 
     def scored(unet_dir, seed, key):
+        key += f" | base {base}, sampling seeds {sample_seeds(seed)}, {args.sample_steps} steps, guidance {args.guidance}"
         if key not in cache:
             cache[key] = score_unet(unet_dir, prompts, sample_seeds(seed), args, scorer)
             json.dump(cache, open(cache_file, "w"), indent=1)
@@ -227,12 +242,17 @@ def main(argv=None):
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
                               "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
                               "--validation_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
-                if not os.path.exists(os.path.join(run, "unet", "config.json")):
+                # A finished run is reused only if made from this base (and, a curve run, with these validation flags).
+                made_from = {"base": base, "validation": validation if curve else []}
+                record = os.path.join(run, "made_from.json")
+                if not os.path.exists(os.path.join(run, "unet", "config.json")) or not os.path.exists(record) \
+                        or json.load(open(record)) != made_from:
                     t0 = time.time()
                     train.main(with_steps(ALIGN_ARGS, steps) + VARIANTS[label] + [
                         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
                         "--keep_checkpoints", "1", "--out_dir", run, "--device", args.device, "--no_progress",
                         "--log_every", "100", "--overwrite"] + (validation if curve else []))  # (an unfinished run restarts)
+                    json.dump(made_from, open(record, "w"))
                     print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
                 if curve:  # the curves: style over training steps, from the validation scores in metrics.jsonl

@@ -142,10 +142,23 @@ def save_score(path, score):
 
 
 def pretrained_base(args, style):
-    """The style's toy base (experiment.py's recipe), pretrained now unless cached."""
+    """The style's toy base (experiment.py's recipe), pretrained now unless cached or shipped."""
     base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
     E.pretrain_base(base, args.device, args.base_steps, style)
+    same_as_before(os.path.join(args.runs, "frontier", style, "base_id.json"), E.base_id(base), f"the {style} base")
     return base
+
+
+def same_as_before(path, value, what):
+    """Runs in one frontier folder must share a base and sampling settings: the first process records
+    them, a later one with others stops in one line instead of mixing results silently."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(value, open(path + f".{os.getpid()}", "w"))
+        os.replace(path + f".{os.getpid()}", path)
+    if json.load(open(path)) != value:
+        raise SystemExit(f"frontier: {path} says its runs were made with {what} = {json.load(open(path))}, "
+                         f"not {value}; use another --runs")
 
 
 def sampling_seeds(seed):
@@ -378,6 +391,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    settings = {k: getattr(args, k) for k in ("base_steps", "sample_steps", "guidance", "device")}
+    same_as_before(os.path.join(args.runs, "frontier", "settings.json"), settings, "the flags")
     scorers, done = {}, 0
     if not args.collect:
         for job in jobs():

@@ -48,6 +48,24 @@ def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, mo
     assert "base: cached" in capsys.readouterr().out
     assert json.load(open(out / "results.json"))["rows"] == rows
 
+    # a changed sampling setting is scored anew, never answered from the cache (and the curve runs,
+    # whose validation used it, are retrained); from another base, every run is retrained
+    calls = {"train": 0, "score": 0}
+
+    def count(what, result=None):
+        calls[what] += 1
+        return result
+
+    monkeypatch.setattr(train, "main", lambda *a, **k: count("train"))
+    monkeypatch.setattr(experiment, "score_unet", lambda *a, **k: count("score", {"style": 0.0, "content": 0.0}))
+    runs = len(study["variants"]) * len(study["lrs"]) * len(study["seeds"])
+    experiment.main(FAST + ["--runs", str(tmp_path), "--sample_steps", "3"])
+    assert calls == {"train": len(study["variants"]), "score": len(study["seeds"]) + runs}
+    monkeypatch.setattr(experiment, "base_id", lambda base_dir: "another")
+    calls.update(train=0, score=0)
+    experiment.main(FAST + ["--runs", str(tmp_path), "--sample_steps", "3"])
+    assert calls == {"train": runs, "score": len(study["seeds"]) + runs}
+
 
 def test_the_shipped_base_is_the_recipes_and_fits_todays_frozen_text_encoder():
     """results/toy-study/base is what BASE_ARGS trains on a CPU, conditioned on the text encoder the

@@ -68,3 +68,15 @@ def test_the_demo_runs_each_method_at_the_frontiers_first_lr_reaching_style_0_7(
     assert demo["steps"] == F.STEPS
     for v, (lr,) in demo["lrs"].items():
         assert lr == min(r["lr"] for r in rows if r["variant"] == v and r["style"] >= 0.7), v
+
+
+def test_a_frontier_folder_refuses_runs_with_another_base_or_settings(tmp_path):
+    path = str(tmp_path / "frontier" / "settings.json")
+    settings = {"base_steps": 1200, "sample_steps": 25, "guidance": 5.0, "device": "cpu"}
+    F.same_as_before(path, settings, "the flags")  # first: recorded
+    F.same_as_before(path, dict(settings), "the flags")  # same: fine
+    with pytest.raises(SystemExit, match="sample_steps.*25.*not.*'sample_steps': 50.*another --runs"):
+        F.same_as_before(path, {**settings, "sample_steps": 50}, "the flags")
+    F.same_as_before(str(tmp_path / "frontier" / "winter" / "base_id.json"), "abc", "the winter base")
+    with pytest.raises(SystemExit, match="the winter base = abc, not def"):
+        F.same_as_before(str(tmp_path / "frontier" / "winter" / "base_id.json"), "def", "the winter base")
