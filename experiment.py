@@ -1,10 +1,10 @@
 """
-The toy Style Alignment experiment (docs/method.md#style-alignment) at CPU scale: pretrain a small base model,
-align it with SFT, DPO and RPO at equal step and pair budgets, sample held-out prompts,
+The toy Style Alignment experiment (docs/method.md#style-alignment) at CPU scale: take (or pretrain) a small base
+model, align it with SFT, DPO and RPO at equal step and pair budgets, sample held-out prompts,
 and score how much of the preferred style the samples show (style) and whether they still
 show the prompt (content).
 
-    python experiment.py                 # the demo: one seed, each method at about the same style; 11-19 min on 2 CPU cores
+    python experiment.py                 # the demo: one seed, each method at about the same style; ~6 min on 2 CPU cores
     python experiment.py --study full    # seeds × a coarse lr grid × variants (the first study)
 
 frontier.py runs the main study, the style-content frontier, from the same base.
@@ -19,8 +19,10 @@ DPO/RPO collapse (they meet the margin by raising the error on losers; docs/toy-
 Style and content are judged by a small CNN trained on procedural renders
 (evaluate.py), which must reach 95% held-out accuracy or the experiment stops.
 
-Everything is cached under --runs (default runs/): rerunning skips the base, finished
-alignment runs and their scores, so an interrupted study resumes where it stopped.
+The base that the committed results came from ships in results/toy-study/base and is used where
+it fits the recipe (--pretrain trains it anew). Everything is cached under --runs (default runs/):
+rerunning skips the base, finished alignment runs and their scores (keyed by base and sampling
+settings), so an interrupted study resumes where it stopped.
 """
 import argparse
 import glob
