@@ -184,6 +184,23 @@ def base_id(base_dir):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
+def align(run, label, steps, lr, seed, base_dir, args, validation):
+    """One alignment run from the base into `run`, unless a finished one is there, made from this
+    base (and, a curve run, with the same validation flags); an unfinished one restarts."""
+    made_from = {"base": base_id(base_dir), "validation": validation}
+    record = os.path.join(run, "made_from.json")
+    if os.path.exists(os.path.join(run, "unet", "config.json")) and os.path.exists(record) \
+            and json.load(open(record)) == made_from:
+        return
+    t0 = time.time()
+    train.main(with_steps(ALIGN_ARGS, steps) + VARIANTS[label] + [
+        "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed), "--keep_checkpoints", "1",
+        "--out_dir", run, "--device", args.device, "--no_progress", "--log_every", "100", "--overwrite"] + validation)
+    with open(record, "w") as f:
+        json.dump(made_from, f)
+    print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
+
+
 def sample_unet(unet_dir, prompts, seeds, args):
     m = M.load_models("tiny", init_unet=unet_dir, device=args.device, reference=False)
     return sample.generate(m, prompts, seeds, steps=args.sample_steps, guidance=args.guidance, scheduler="ddim")
@@ -208,7 +225,7 @@ def main(argv=None):
     base_dir = os.path.join(args.runs, "base")
     t_start = time.time()
     pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else SHIPPED_BASE)
-    scorer, accuracy = evaluate.load_toy_scorer("winter", 16, cache=os.path.join(args.runs, "toy_scorer.safetensors"))
+    scorer, accuracy = evaluate.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
     prompts = toy.toy_prompts("test")
     args.sample_seeds = args.sample_seeds or study.get("sample_seeds", 4)
     sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]
@@ -244,18 +261,7 @@ def main(argv=None):
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
                               "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
                               "--validation_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
-                # A finished run is reused only if made from this base (and, a curve run, with these validation flags).
-                made_from = {"base": base, "validation": validation if curve else []}
-                record = os.path.join(run, "made_from.json")
-                if not os.path.exists(os.path.join(run, "unet", "config.json")) or not os.path.exists(record) \
-                        or json.load(open(record)) != made_from:
-                    t0 = time.time()
-                    train.main(with_steps(ALIGN_ARGS, steps) + VARIANTS[label] + [
-                        "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed),
-                        "--keep_checkpoints", "1", "--out_dir", run, "--device", args.device, "--no_progress",
-                        "--log_every", "100", "--overwrite"] + (validation if curve else []))  # (an unfinished run restarts)
-                    json.dump(made_from, open(record, "w"))
-                    print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
+                align(run, label, steps, lr, seed, base_dir, args, validation if curve else [])
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
                 if curve:  # the curves: style over training steps, from the validation scores in metrics.jsonl
                     name = f"{label} lr={lr:g}"

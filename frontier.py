@@ -154,8 +154,9 @@ def same_as_before(path, value, what):
     them, a later one with others stops in one line instead of mixing results silently."""
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        json.dump(value, open(path + f".{os.getpid()}", "w"))
-        os.replace(path + f".{os.getpid()}", path)
+        with open(path + f".{os.getpid()}", "w") as f:
+            json.dump(value, f)
+        os.replace(path + f".{os.getpid()}", path)  # (whole, for a second worker reading it now)
     if json.load(open(path)) != value:
         raise SystemExit(f"frontier: {path} says its runs were made with {what} = {json.load(open(path))}, "
                          f"not {value}; use another --runs")
