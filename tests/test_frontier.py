@@ -65,9 +65,25 @@ def test_the_demo_runs_each_method_at_the_frontiers_first_lr_reaching_style_0_7(
     path = os.path.join(os.path.dirname(__file__), "..", "results", "toy-study", "frontier.json")
     rows = [r for r in json.load(open(path))["rows"] if r["seed"] == 0 and r["batch"] == 8 and r["style_name"] == "winter"]
     demo = experiment.STUDIES["demo"]
-    assert demo["steps"] == F.STEPS
+    assert demo["steps"] == F.STEPS and demo["sample_seeds"] == F.SAMPLE_SEEDS
     for v, (lr,) in demo["lrs"].items():
         assert lr == min(r["lr"] for r in rows if r["variant"] == v and r["style"] >= 0.7), v
+
+
+def test_the_committed_demo_table_is_the_frontiers_seed_0_points():
+    """Same base (the shipped one), recipe and sampling seeds: the demo's rows are frontier points."""
+    import json
+    import os
+
+    results = os.path.join(os.path.dirname(__file__), "..", "results", "toy-study")
+    frontier = json.load(open(os.path.join(results, "frontier.json")))
+    demo = json.load(open(os.path.join(results, "demo", "results.json")))
+    base = next(b for b in frontier["base"] if b["style_name"] == "winter" and b["seed"] == 0)
+    assert demo["rows"][0]["per_seed"] == [{"style": base["style"], "content": base["content"]}]
+    for row in demo["rows"][1:]:
+        point = next(r for r in frontier["rows"] if (r["variant"], r["lr"], r["seed"], r["batch"], r["style_name"])
+                     == (row["model"], row["lr"], 0, 8, "winter"))
+        assert row["per_seed"] == [{"style": point["style"], "content": point["content"]}], row["model"]
 
 
 def test_a_frontier_folder_refuses_runs_with_another_base_or_settings(tmp_path):
