@@ -69,28 +69,6 @@ def load_unet_weights(folder, device):
 
 # ---------------------------------------------------------------------------------------
 # Is a checkpoint whole? Headers and sizes only: cheap, whatever the model's size.
-def safetensors_problem(path):
-    """Why a .safetensors file cannot be whole (missing, cut short, not safetensors), or None.
-    The byte ranges its header declares must end exactly at the end of the file."""
-    if not os.path.isfile(path):
-        return "is missing"
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or 8 + n > size:
-                return f"is truncated or corrupt ({size} bytes, shorter than its header)"
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except OSError as err:
-        return f"cannot be read ({err.strerror})"
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return "is corrupt (its header is not a safetensors header)"
-    if 8 + n + end != size:
-        return f"is truncated or corrupt ({size} bytes where its header promises {8 + n + end})"
-    return None
-
-
 def _read_json(path):
     """(value, None) or (None, why not)."""
     if not os.path.isfile(path):
@@ -140,7 +118,7 @@ def inspect_checkpoint(folder):
                 return "unet/diffusion_pytorch_model.safetensors.index.json has no weight_map", None
         files[:0] = shards or [os.path.join("unet", "diffusion_pytorch_model.safetensors")]
     for name in files:
-        why = safetensors_problem(os.path.join(folder, name))
+        why = M.safetensors_problem(os.path.join(folder, name))
         if why:
             return f"{name.replace(os.sep, '/')} {why}", None
     return None, state

@@ -268,17 +268,13 @@ NEUTRAL_TEXT = "a photo"
 OPTIONAL_PACKAGES = {"hps": ("hpsv2", "hpsv2"), "imagereward": ("ImageReward", "image-reward")}  # import, pip
 
 
-def _first_line(err):
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
 def cannot_load(what, name, flag, err):
-    return SystemExit(f"error: cannot load {what} '{name}' ({_first_line(err)}); pass {flag} /path/to/a/local/copy")
+    return SystemExit(f"error: cannot load {what} '{name}' ({M.first_line(err)}); pass {flag} /path/to/a/local/copy")
 
 
 def missing_package(metric, err):
     module, pip_name = OPTIONAL_PACKAGES[metric]
-    why = "" if getattr(err, "name", None) in (module, None) else f" (import failed: {_first_line(err)})"
+    why = "" if getattr(err, "name", None) in (module, None) else f" (import failed: {M.first_line(err)})"
     return SystemExit(f"error: --metrics {metric} needs the {module} package (pip install {pip_name}){why}")
 
 
@@ -306,7 +302,7 @@ def _open_rgb(path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # e.g. a truncated PNG
-        raise SystemExit(f"error: {path}: not a readable image ({type(err).__name__}: {_first_line(err)})")
+        raise SystemExit(f"error: {path}: not a readable image ({type(err).__name__}: {M.first_line(err)})")
 
 
 def read_utf8(path):
@@ -428,7 +424,7 @@ def load_aesthetic_head(path, embed_dim, device="cpu"):
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 torch.hub.download_url_to_file(path, local, progress=False)
             except Exception as err:  # any network failure: one line, not a traceback
-                raise SystemExit(f"error: cannot load the aesthetic head '{path}' ({_first_line(err)}); pass {flag}")
+                raise SystemExit(f"error: cannot load the aesthetic head '{path}' ({M.first_line(err)}); pass {flag}")
         path = local
     if not os.path.isfile(path):
         raise SystemExit(f"error: cannot load the aesthetic head '{path}' (no such file); pass {flag}")
@@ -442,7 +438,7 @@ def load_aesthetic_head(path, embed_dim, device="cpu"):
         head.load_state_dict(state)
     except Exception as err:  # unpicklable objects, missing or misshapen keys
         raise SystemExit(f"error: cannot load the aesthetic head '{path}' ({type(err).__name__}: "
-                         f"{_first_line(err)}); pass {flag}")
+                         f"{M.first_line(err)}); pass {flag}")
     if head.layers[0].in_features != embed_dim:
         raise SystemExit(f"error: the aesthetic head '{path}' takes {head.layers[0].in_features}-d embeddings but "
                          f"--aesthetic_clip gives {embed_dim}-d; pass a matching --aesthetic_head or --aesthetic_clip")
@@ -476,7 +472,7 @@ def load_hps(version, checkpoint, device):
         model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["state_dict"])
     except Exception as err:  # download, file or key errors: one line, not a traceback
         raise SystemExit(f"error: cannot load HPSv2 {version} '{checkpoint or 'xswu/HPSv2'}' "
-                         f"({type(err).__name__}: {_first_line(err)}); pass {flag}")
+                         f"({type(err).__name__}: {M.first_line(err)}); pass {flag}")
     return dict(model=model.eval().requires_grad_(False), preprocess=preprocess, tokenizer=get_tokenizer("ViT-H-14"),
                 device=torch.device(device))
 
@@ -642,7 +638,7 @@ def read_index(folder):
         try:
             Image.open(rec["path"]).close()  # the header only: cheap, and catches a non-image
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise SystemExit(f"error: {index}:{n}: {rec['file']} is not an image ({_first_line(err)})")
+            raise SystemExit(f"error: {index}:{n}: {rec['file']} is not an image ({M.first_line(err)})")
         records.append(rec)
     if not records:
         raise SystemExit(f"error: {index} lists no samples")

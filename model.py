@@ -32,6 +32,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -221,24 +222,112 @@ def fitting_unet(unet, preset_unet, what, model):
     return unet
 
 
-def load_unet(path):
-    """A UNet saved by train.py (or any diffusers unet/ folder): `path` may be the folder that
-    holds config.json or its parent with a unet/ inside."""
+def first_line(err):
+    """An exception's first line, at most 200 characters: what a one-line error quotes."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def safetensors_problem(path):
+    """Why a .safetensors file cannot be whole (missing, cut short, not safetensors), or None.
+    The byte ranges its header declares must end exactly at the end of the file."""
+    if not os.path.isfile(path):
+        return "is missing"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return f"is truncated or corrupt ({size} bytes, shorter than its header)"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "is corrupt (its header is not a safetensors header)"
+    if 8 + n + end != size:
+        return f"is truncated or corrupt ({size} bytes where its header promises {8 + n + end})"
+    return None
+
+
+# owner/name: what --init or --unet may mean when no such path exists
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@contextlib.contextmanager
+def quiet():
+    # Library deprecation notices on stderr would bury the one line a failure ends in.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def load_unet(spec, flag="--init"):
+    """The UNet of `flag` (train.py's --init, sample.py's --unet): a local unet/ folder (or its
+    parent), or, when no such path exists, a hub id owner/name. Any problem ends in one line
+    naming the flag."""
     from diffusers import UNet2DConditionModel
-    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # a hub id (e.g. a released DPO UNet)
-        for sub in ("unet", None):
-            try:
-                return UNet2DConditionModel.from_pretrained(path, subfolder=sub,
-                                                            local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
-            except (OSError, ValueError) as err:
-                why = str(err).splitlines()[0][:160]
-        raise SystemExit(f"error: '{path}' is not a local folder and could not be loaded from the hub ({why}); "
-                         f"download it where there is network (hf download {path}) and pass its folder")
-    if os.path.isdir(os.path.join(path, "unet")):
-        path = os.path.join(path, "unet")
+    if not os.path.exists(spec):
+        if not HUB_ID.fullmatch(spec):
+            raise SystemExit(f"error: {flag} {spec}: no such folder (nor a hub id of the form owner/name)")
+        return _hub_unet(spec, flag)
+    path = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"error: no UNet at '{path}' (expected a diffusers unet/ folder with config.json)")
-    return UNet2DConditionModel.from_pretrained(path)
+        raise SystemExit(f"error: {flag} {spec}: no UNet there (expected a diffusers unet/ folder with config.json)")
+    for name in sorted(os.listdir(path)):  # diffusers' own message for a cut file names no cause
+        problem = safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
+        if problem:
+            raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} {problem}; copy or save it again")
+    try:
+        with quiet():
+            return UNet2DConditionModel.from_pretrained(path)
+    except Exception as err:  # a bad config.json, a .bin that is not a checkpoint, ...
+        raise SystemExit(f"error: {flag} {spec}: cannot load the UNet in {path} "
+                         f"({type(err).__name__}: {first_line(err)})")
+
+
+def _hub_unet(repo, flag):
+    """A hub repo's UNet: its unet/ subfolder (a pipeline repo such as mhdang/dpo-sd1.5-text2image-v1)
+    or its root (a UNet-only repo), whichever holds config.json."""
+    from diffusers import UNet2DConditionModel
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+    except ImportError:  # huggingface_hub < 1.0
+        from huggingface_hub.errors import EntryNotFoundError as RemoteEntryNotFoundError
+    # (the variable as the hub library reads it, but now: it reads it once, at its import)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    reason = None
+    for sub in ("unet", None):
+        try:
+            with quiet():
+                hf_hub_download(repo, "config.json", subfolder=sub, local_files_only=offline)
+        except RemoteEntryNotFoundError as err:  # the hub answered: not in this repo, try its root
+            if not isinstance(err, LocalEntryNotFoundError):  # (< 1.0 derives the offline miss from it)
+                continue
+            if offline:
+                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+                continue
+            reason = first_line(err)
+            break
+        except (OSError, ValueError) as err:  # offline and not cached, no network, no such repo
+            if offline:  # the hub's own message would only say "check your connection"
+                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+                continue  # the cache may hold the root layout
+            reason = first_line(err)
+            break  # the other layout would only wait for the network again
+        try:
+            with quiet():
+                return UNet2DConditionModel.from_pretrained(repo, subfolder=sub, local_files_only=offline)
+        except Exception as err:  # weights that fail to download or load
+            reason = first_line(err)
+            break
+    if reason is None:
+        raise SystemExit(f"error: {flag} {repo}: the hub repo has no unet/config.json nor config.json (not a "
+                         f"diffusers UNet)")
+    raise SystemExit(f"error: {flag} {repo}: not a local folder, and it could not be downloaded from the Hugging "
+                     f"Face hub ({reason}); download it where there is network (hf download {repo}) "
+                     f"and pass its folder")
 
 
 # ---------------------------------------------------------------------------------------

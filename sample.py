@@ -23,19 +23,15 @@ Mistakes (a truncated weights file, a LoRA or UNet of another preset, a prompts 
 UTF-8, an --out that is a file) end in one line `error: ...`, before any sampling.
 """
 import argparse
-import contextlib
 import io
 import json
 import os
-import re
 import sys
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
-import checkpoint as C
 import evaluate as E
 from images import tensor_to_uint8
 import model as M
@@ -43,7 +39,6 @@ import toy
 
 SCHEDULERS = ("ddim", "euler", "dpm")
 PATH_SUFFIXES = (".txt", ".tsv", ".json", ".jsonl", ".csv")  # an argument ending so is a file, not a prompt
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: what --unet may mean when no such path exists
 
 
 def parse_seeds(text):
@@ -145,91 +140,12 @@ def read_prompts(spec):
 
 # ---------------------------------------------------------------------------------------
 # The UNet to sample: --unet (local folder or hub id) and --lora, each checked before use.
-# (load_unet / install_unet / check_lora would sit better in model.py, next to load_models.)
-@contextlib.contextmanager
-def _quiet():
-    # Library deprecation notices on stderr would bury the one line a failure ends in.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def load_unet(spec):
-    """--unet: a local unet/ folder (or its parent), or, when no such path exists, a hub id
-    owner/name. Any problem ends in one line naming the argument."""
-    from diffusers import UNet2DConditionModel
-    if not os.path.exists(spec):
-        if not HUB_ID.fullmatch(spec):
-            raise SystemExit(f"error: --unet {spec}: no such folder (nor a hub id of the form owner/name)")
-        return _hub_unet(spec)
-    path = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"error: --unet {spec}: no UNet there (expected a diffusers unet/ folder with config.json)")
-    for name in sorted(os.listdir(path)):  # diffusers' own message for a cut file names no cause
-        problem = C.safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
-        if problem:
-            raise SystemExit(f"error: --unet {spec}: {os.path.join(path, name)} {problem}; copy or save it again")
-    try:
-        with _quiet():
-            return UNet2DConditionModel.from_pretrained(path)
-    except Exception as err:  # a bad config.json, a .bin that is not a checkpoint, ...
-        raise SystemExit(f"error: --unet {spec}: cannot load the UNet in {path} "
-                         f"({type(err).__name__}: {E._first_line(err)})")
-
-
-def _hub_unet(repo):
-    """A hub repo's UNet: its unet/ subfolder (a pipeline repo such as mhdang/dpo-sd1.5-text2image-v1)
-    or its root (a UNet-only repo), whichever holds config.json."""
-    from diffusers import UNet2DConditionModel
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    try:
-        from huggingface_hub.errors import RemoteEntryNotFoundError
-    except ImportError:  # huggingface_hub < 1.0
-        from huggingface_hub.errors import EntryNotFoundError as RemoteEntryNotFoundError
-    reason = None
-    for sub in ("unet", None):
-        try:
-            with _quiet():
-                hf_hub_download(repo, "config.json", subfolder=sub)
-        except RemoteEntryNotFoundError as err:  # the hub answered: not in this repo, try its root
-            if not isinstance(err, LocalEntryNotFoundError):  # (< 1.0 derives the offline miss from it)
-                continue
-            if constants.HF_HUB_OFFLINE:
-                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
-                continue
-            reason = E._first_line(err)
-            break
-        except (OSError, ValueError) as err:  # offline and not cached, no network, no such repo
-            if constants.HF_HUB_OFFLINE:  # the hub's own message would only say "check your connection"
-                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
-                continue  # the cache may hold the root layout
-            reason = E._first_line(err)
-            break  # the other layout would only wait for the network again
-        try:
-            with _quiet():
-                return UNet2DConditionModel.from_pretrained(repo, subfolder=sub)
-        except Exception as err:  # weights that fail to download or load
-            reason = E._first_line(err)
-            break
-    if reason is None:
-        raise SystemExit(f"error: --unet {repo}: the hub repo has no unet/config.json nor config.json (not a "
-                         f"diffusers UNet)")
-    raise SystemExit(f"error: --unet {repo}: not a local folder, and it could not be downloaded from the Hugging "
-                     f"Face hub ({reason}); download it where there is network (hf download {repo}) "
-                     f"and pass its folder")
-
-
+# --unet loads with model.load_unet, the loader of train.py's --init.
 def install_unet(m, unet, spec):
     """Put a loaded UNet in place of the preset's, prepared as load_models prepares its own (fp32 on
     the device, fused attention), after checking that it fits the preset's text and latents: a
     UNet of another preset would otherwise fail deep inside the first step, or worse, run."""
-    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
-                "projection_class_embeddings_input_dim"):
-        want, got = m.unet.config.get(key), unet.config.get(key)
-        if want != got:
-            raise SystemExit(f"error: --unet {spec} does not fit --model {m.name}: its {key} is {got}, the preset's "
-                             f"{want}; pass the --model it was trained with")
+    M.fitting_unet(unet, m.unet, f"--unet {spec}", m.name)
     m.unet = None  # let the preset's UNet go before this one moves to the GPU: not two there at once
     unet = unet.to(m.device).float().train()
     try:
@@ -253,7 +169,7 @@ def check_lora(directory, unet=None):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --lora {directory}: no {M.LORA_FILE} there (expected train.py --lora_rank's "
                          f"OUT_DIR/lora)")
-    problem = C.safetensors_problem(path)
+    problem = M.safetensors_problem(path)
     if problem:
         raise SystemExit(f"error: --lora {directory}: {path} {problem}")
     if unet is None:
@@ -449,7 +365,7 @@ def load_for_sampling(args):
     are checked first (the UNet loads to the CPU before the preset does): a bad one fails fast."""
     if args.lora:
         check_lora(args.lora)
-    unet = load_unet(args.unet) if args.unet else None
+    unet = M.load_unet(args.unet, "--unet") if args.unet else None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     m = M.load_models(args.model, args.pretrained, device=device, mixed_precision=args.mixed_precision,
                       reference=False)
@@ -459,11 +375,11 @@ def load_for_sampling(args):
         unet = unet if unet is not None else m.unet.cpu()
         check_lora(args.lora, unet)
         try:
-            with _quiet():
+            with M.quiet():
                 M.fuse_lora(unet, args.lora)
         except Exception as err:  # SystemExit passes: fuse_lora's own messages are one line already
             raise SystemExit(f"error: --lora {args.lora}: cannot merge it ({type(err).__name__}: "
-                             f"{E._first_line(err)})")
+                             f"{M.first_line(err)})")
     if unet is not None:
         install_unet(m, unet, args.unet or f"(the preset's, with --lora {args.lora})")
     return m

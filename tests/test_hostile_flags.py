@@ -57,7 +57,25 @@ def test_init_hub_id_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as exit_:
         train.main(["--init", "someone/unet-repo", "--out_dir", str(tmp_path), "--max_steps", "1", "--no_progress"])
-    assert str(exit_.value).startswith("error: 'someone/unet-repo' is not a local folder and could not be loaded "
-                                       "from the hub (")
-    assert str(exit_.value).endswith("download it where there is network (hf download someone/unet-repo) and pass "
-                                     "its folder")
+    assert str(exit_.value) == ("error: --init someone/unet-repo: not a local folder, and it could not be downloaded "
+                                "from the Hugging Face hub (HF_HUB_OFFLINE is set and it is not in the local cache); "
+                                "download it where there is network (hf download someone/unet-repo) and pass its folder")
+
+
+def test_init_from_a_damaged_unet_is_one_line(tmp_path):
+    """--init shares sample.py's --unet loader: a cut weights file or a broken config.json is named
+    in one line, before any model is built."""
+    M.load_models("tiny", reference=False).unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    argv = ["--model", "tiny", "--init", str(tmp_path / "unet"), "--out_dir", str(tmp_path / "run"), "--max_steps", "1",
+            "--no_progress"]
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert str(exit_.value).startswith(f"error: --init {tmp_path / 'unet'}: {weights} is truncated or corrupt (")
+    weights.unlink()
+    (tmp_path / "unet" / "config.json").write_text("{broken")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert str(exit_.value).startswith(f"error: --init {tmp_path / 'unet'}: cannot load the UNet in {tmp_path / 'unet'} (")
+    assert "\n" not in str(exit_.value)
