@@ -177,6 +177,11 @@ def pretrain_base(base_dir, device, steps, style="winter", shipped=SHIPPED_BASE)
     print(f"base: pretrained in {time.time() - t0:.0f}s")
 
 
+def sampling_seeds(seed, n):
+    """The sampling seeds of training seed `seed`'s runs (frontier.py's too: the demo's rows are its points)."""
+    return [seed * 1000 + k for k in range(n)]
+
+
 def base_id(base_dir):
     """The base's identity, its weights' sha256 (12 hex digits): runs and scores made from another
     base (--pretrain, --base_steps) are not reused."""
@@ -184,10 +189,11 @@ def base_id(base_dir):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def align(run, label, steps, lr, seed, base_dir, args, validation):
-    """One alignment run from the base into `run`, unless a finished one is there, made from this
-    base (and, a curve run, with the same validation flags); an unfinished one restarts."""
-    made_from = {"base": base_id(base_dir), "validation": validation}
+def align(run, label, steps, lr, seed, base_dir, base, args, validation):
+    """One alignment run from the base in base_dir (id `base`, base_id's) into `run`, unless a finished
+    one is there, made from this base (and, a curve run, with the same validation flags); an
+    unfinished one restarts."""
+    made_from = {"base": base, "validation": validation}
     record = os.path.join(run, "made_from.json")
     if os.path.exists(os.path.join(run, "unet", "config.json")) and os.path.exists(record) \
             and json.load(open(record)) == made_from:
@@ -228,7 +234,7 @@ def main(argv=None):
     scorer, accuracy = evaluate.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
     prompts = toy.toy_prompts("test")
     args.sample_seeds = args.sample_seeds or study.get("sample_seeds", 4)
-    sample_seeds = lambda seed: [seed * 1000 + k for k in range(args.sample_seeds)]
+    sample_seeds = lambda seed: sampling_seeds(seed, args.sample_seeds)
     base = base_id(base_dir)
 
     # Scores are cached per UNet folder, base and sampling settings, so a rerun or an extended
@@ -240,7 +246,8 @@ def main(argv=None):
     cache_file = os.path.join(out, "scores.json" if not args.variants else f"scores-{slug(args.variants)}.json")
 
     def scored(unet_dir, seed, key):
-        key += f" | base {base}, sampling seeds {sample_seeds(seed)}, {args.sample_steps} steps, guidance {args.guidance}"
+        key += (f" | base {base}, sampling seeds {sample_seeds(seed)}, {args.sample_steps} steps, "
+                f"guidance {args.guidance}")
         if key not in cache:
             cache[key] = score_unet(unet_dir, prompts, sample_seeds(seed), args, scorer)
             json.dump(cache, open(cache_file, "w"), indent=1)
@@ -261,7 +268,7 @@ def main(argv=None):
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
                               "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
                               "--validation_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
-                align(run, label, steps, lr, seed, base_dir, args, validation if curve else [])
+                align(run, label, steps, lr, seed, base_dir, base, args, validation if curve else [])
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
                 if curve:  # the curves: style over training steps, from the validation scores in metrics.jsonl
                     name = f"{label} lr={lr:g}"

@@ -162,18 +162,14 @@ def same_as_before(path, value, what):
                          f"not {value}; use another --runs")
 
 
-def sampling_seeds(seed):
-    return [seed * 1000 + k for k in range(SAMPLE_SEEDS)]
-
-
 def score_base(args, scorers, seed, style):
     """The base itself, scored on the sampling seeds a run with this training seed uses: the
     'no change' point every lr path starts from."""
     path = os.path.join(args.runs, "frontier", style, "base", f"seed{seed}")
     if not os.path.exists(os.path.join(path, "score.json")) and claim(path):
         base = pretrained_base(args, style)
-        save_score(path, E.score_unet(os.path.join(base, "unet"), toy.toy_prompts("test"), sampling_seeds(seed), args,
-                                      scorer(args, scorers, style)))
+        save_score(path, E.score_unet(os.path.join(base, "unet"), toy.toy_prompts("test"),
+                                      E.sampling_seeds(seed, SAMPLE_SEEDS), args, scorer(args, scorers, style)))
         os.remove(os.path.join(path, "claim"))
 
 
@@ -189,8 +185,8 @@ def run_job(args, scorers, variant, lr, seed, batch, style):
                 "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
                 "--out_dir", os.path.join(path, "run"), "--device", args.device, "--no_progress",
                 "--log_every", str(STEPS), "--overwrite"])
-    score = E.score_unet(os.path.join(path, "run", "unet"), toy.toy_prompts("test"), sampling_seeds(seed), args,
-                         scorer(args, scorers, style))
+    score = E.score_unet(os.path.join(path, "run", "unet"), toy.toy_prompts("test"),
+                         E.sampling_seeds(seed, SAMPLE_SEEDS), args, scorer(args, scorers, style))
     score["train_s"] = round(time.time() - t0, 1)
     save_score(path, score)
     os.remove(os.path.join(path, "claim"))
