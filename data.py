@@ -2,15 +2,15 @@
 Data for Diffusion-RPO: preference pairs (prompt, winner image, loser image); one entry point,
 build_dataset, maps train.py's --data to a source:
 
-  toy / toy-base    ToyPairs: the Style Alignment task on toy.py's procedural world (winner =
+  toy / toy-base    ToyPairs: the Style Alignment task on toy/__init__.py's procedural world (winner =
                     the styled render, loser = the plain one); ToyImages: single images for
                     pretraining a toy base model
   PATH.jsonl        ManifestPairs: {"prompt","winner","loser"} or Pick-a-Pic's
                     {"caption","image_0","image_1","label_0"} lines, ties dropped
   hf:DIR|ID[#S]     preference pairs in parquet, local shards or streamed from the hub, with a column
-                    schema S: Pick-a-Pic, open-image-preferences, HPDv2 or a mapping (pickapic.py);
+                    schema S: Pick-a-Pic, open-image-preferences, HPDv2 or a mapping (plumbing/pickapic.py);
                     pickapic:DIR|ID is the same with Pick-a-Pic's columns
-  cache:DIR         what the frozen encoders compute from each pair, stored (cache.py)
+  cache:DIR         what the frozen encoders compute from each pair, stored (plumbing/cache.py)
 
 Every dataset returns dicts that images.collate_pairs stacks; stream_batches deals them out to
 processes in a resumable order. Randomness is always derived from (seed, [epoch,] index), so
@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cache
+from plumbing import cache
 import model as M
-import pickapic
-from images import ImagePairs, collate_pairs, decode_image, image_to_tensor, read_image
+from plumbing import pickapic
+from plumbing.images import ImagePairs, collate_pairs, decode_image, image_to_tensor, read_image
 from toy import STYLES, apply_style, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
-# 1. The toy Style Alignment set (toy.py draws the images)
+# 1. The toy Style Alignment set (toy/__init__.py draws the images)
 
 class ToyPairs(torch.utils.data.Dataset):
     """Style Alignment pairs: winner = styled render, loser = plain render, same geometry."""
@@ -334,7 +334,7 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, split="
 # 4. Style Alignment pairs from real images (docs/method.md#style-alignment): winner = the edited
 #    image, loser = the source
 
-STYLE_EDITS = {  # InstructPix2Pix instructions; "toy-*" are toy.py's procedural edits (offline)
+STYLE_EDITS = {  # InstructPix2Pix instructions; "toy-*" are toy/__init__.py's procedural edits (offline)
     "vangogh": "make it a Van Gogh painting",
     "sketch": "turn it into a pencil sketch",
     "winter": "make it winter",

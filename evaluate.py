@@ -19,7 +19,7 @@ there (grid.png, compare.png, notes) are ignored; a listed file that is not a re
 the run with one line naming it, before any model loads: a score over fewer images than listed
 would not be the folder's score, and win rates would pair different sets.
 
-Toy part (Style Alignment on toy.py's procedural set, docs/method.md; metrics toy_style, toy_content,
+Toy part (Style Alignment on toy/__init__.py's procedural set, docs/method.md; metrics toy_style, toy_content,
 ...): a small CNN trained on procedural renders says, per image, whether the style shows (style
 score) and whether the prompt's shape, colour and background are still there (content score).
 It is trained once per (style, resolution, seed), cached, and refuses to score anything unless
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from images import image_to_tensor
+from plumbing.images import image_to_tensor
 import model as M
 import toy
 

@@ -2,14 +2,14 @@
 The method, applied to one micro-batch: from a batch of preference pairs to the loss, in the
 paper's order (docs/method.md, E1..E9). The equations themselves are loss.py's pure functions;
 this file runs the networks around them. A reader follows one pair from the batch to the loss
-in this file and loss.py. train.py's loop and bench.py both call micro_batch_loss, so what is
+in this file and loss.py. train.py's loop and bench/speed.py both call micro_batch_loss, so what is
 benchmarked is what is trained.
 """
 import contextlib
 
 import torch
 
-import distributed as D
+from plumbing import distributed as D
 import loss as L
 import model as M
 
@@ -69,7 +69,7 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     Random draws (caption dropout, the VAE posterior's sample z = μ + σ·n) are made for the
     global micro-batch and this process's rows kept, in this order, so every rank computes what
     one process computes for the concatenated batch."""
-    if "latents" in batch:  # already encoded (bench.py, tests)
+    if "latents" in batch:  # already encoded (bench/speed.py, tests)
         return batch["latents"], batch["cond"], batch.get("features")
     pairs = args.loss != "sft"
     k = 2 if pairs else 1  # images per pair in the model's batch: [winners; losers], or winners alone

@@ -65,7 +65,7 @@ def device_exists(name):
         return torch.backends.mps.is_available()
     return device.type == "cpu"
 # The real presets' UNet architectures (their unet/config.json, non-default fields), so that
-# bench.py can build them with random weights and no download. Text-encoder outputs they
+# bench/speed.py can build them with random weights and no download. Text-encoder outputs they
 # expect: sd15 hidden states (B, 77, 768); sdxl (B, 77, 2048) plus pooled (B, 1280) and 6 time ids.
 ARCHITECTURES = {
     "sd15": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -92,7 +92,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(dir
 # Tiny components, built in code
 def tiny_tokenizer(max_length=16):
     """A real CLIPTokenizer (byte-level BPE) with a small vocabulary: every byte, plus
-    whole-word tokens for the toy set's words (toy.py), so toy prompts are ~10 tokens and
+    whole-word tokens for the toy set's words (toy/__init__.py), so toy prompts are ~10 tokens and
     any other text still tokenizes, character by character."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -343,7 +343,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
       vae        frozen, or None for pixel space; text_encoders / tokenizers: frozen, lists
                  (two for SDXL); scheduler: DDPMScheduler, the forward process q(z_t|z_0)
       xl, resolution, dtype (compute dtype), device, vae_scale (s in z = s·VAE.encode(x))
-    random_unet=True (bench.py): a real preset's UNet built from ARCHITECTURES with random
+    random_unet=True (bench/speed.py): a real preset's UNet built from ARCHITECTURES with random
     weights, no VAE and no text encoders (the caller feeds latents and text states directly).
     lora_rank R > 0: the UNet's own weights are frozen and kept in the compute dtype, and a
     peft LoRA adapter of rank R (scale lora_alpha / R, alpha default R) on the modules named
@@ -624,7 +624,7 @@ def tiny_clip():
 
 def default_embed_model(model_name):
     """E5's CLIP when --embed_model is not given. Tiny presets: "toy-clip", the tiny CLIP trained
-    on the toy world (toy_clip.py; ~40 s once on a CPU, then cached), so that ω (E6) sees each
+    on the toy world (toy/clip.py; ~40 s once on a CPU, then cached), so that ω (E6) sees each
     pair's content and style; RPO_DIFFUSION_TOY_E5=tiny picks the random tiny CLIP instead (the
     test suite's: no training, and no figure that depends on one). sd15/sdxl: CLIP ViT-L/14."""
     if PRESETS[model_name]["pretrained"] is None:
@@ -706,7 +706,7 @@ def clip_embeddings(clip, tokenizer, prompts, images, mode="mean"):
 @torch.no_grad()
 def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=True):
     """--data cache:DIR: what the VAE, the text encoders and E5's CLIP would compute, from the
-    cache's tensors (cache.py). The VAE posterior's sample z = s·(μ + σ·n) is drawn as from the
+    cache's tensors (plumbing/cache.py). The VAE posterior's sample z = s·(μ + σ·n) is drawn as from the
     raw images (n for all `rows` of the global batch, this process's kept), so a cached batch
     gives the raw batch's latents. drop: the caption-dropout mask, which swaps in m.empty, the
     cached empty prompt's states. Returns latents, cond and E5's halves (text (B, D), image)."""
@@ -728,7 +728,7 @@ def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=Tr
 
 
 # ---------------------------------------------------------------------------------------
-# Speed levers for a built UNet: bench.py measures each one (--compile, --checkpointing,
+# Speed levers for a built UNet: bench/speed.py measures each one (--compile, --checkpointing,
 # --channels_last, --sdpa_backend), and train.py can adopt any of them with one call.
 CHECKPOINTING = ("none", "all", "transformer", "alternate", "resnet", "hires")  # and transformer:F, 0 < F <= 1
 
@@ -862,7 +862,7 @@ def set_sdpa_backend(name="default", fallback=True):
       flash / efficient / math   that kernel
     fallback=True (for training): the named kernel first, the others after it for shapes it
     cannot take (SD1.5's head dim 160 exceeds cuDNN's 128); on a PyTorch without the
-    priority-order switch, the named kernel plus the math one. fallback=False (bench.py): the
+    priority-order switch, the named kernel plus the math one. fallback=False (bench/speed.py): the
     named kernel alone, so an unsupported shape fails instead of timing another kernel."""
     from torch.nn.attention import SDPBackend
     if name not in SDPA_BACKENDS:
@@ -890,7 +890,7 @@ def to_channels_last(*unets):
 
 
 # ---------------------------------------------------------------------------------------
-# The real presets' frozen parts with random weights (bench.py --pretrained random): the
+# The real presets' frozen parts with random weights (bench/speed.py --pretrained random): the
 # shapes of their config.json files, so that VAE, text encoders and CLIP cost what the real
 # ones cost, with no download. The tokenizer is tiny_tokenizer at 77 tokens (the text encoders
 # see the same (B, 77) ids shape; the ids only index the random 49408-row embedding).
@@ -945,7 +945,7 @@ def random_embedder(device="cpu"):
 # ---------------------------------------------------------------------------------------
 # train.py's set-up from its flags
 def device_defaults(args, device):
-    """Resolve the "auto" flags. GPU defaults are what bench.py measured fastest (docs/speed.md,
+    """Resolve the "auto" flags. GPU defaults are what bench/speed.py measured fastest (docs/speed.md,
     docs/speed-gpu.md): bf16 autocast with fp32 master weights, the reference in bf16, fused
     AdamW, cuDNN attention, TF32 matmuls, regional compilation, selective checkpointing."""
     gpu = device.startswith("cuda")
@@ -990,7 +990,7 @@ def from_args(args, device, dataset, resolution):
         m.vae_scale, m.empty = dataset.index["vae_scale"], dataset.empty  # s of the VAE that made the cache
     if m.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"error: unsupported scheduler prediction_type {m.scheduler.config.prediction_type!r}")
-    import distributed  # (only train.py's set-up wraps the policy)
+    from plumbing import distributed  # (only train.py's set-up wraps the policy)
     return m, distributed.wrap_policy(m.unet, args.fsdp, device)
 
 

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 import evaluate as E
-from images import tensor_to_uint8
+from plumbing.images import tensor_to_uint8
 import model as M
 import toy
 
@@ -104,7 +104,7 @@ def _json_prompts(text, spec):
 def read_prompts(spec):
     """Where prompts come from:
       builtin                      BUILTIN_PROMPTS (a dozen varied real-image prompts)
-      toy-test / toy-train / toy-all   the procedural toy set's prompts (toy.py)
+      toy-test / toy-train / toy-all   the procedural toy set's prompts (toy/__init__.py)
       FILE.json                    HPSv2 benchmark: a list of strings, or a dict of lists
       FILE (.tsv or any file whose first line is a tab-separated header with a Prompt column)
                                    PartiPrompts: the Prompt column

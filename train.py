@@ -10,8 +10,8 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
 Reads top to bottom: flags; set-up; the loop, whose every micro-batch is one call of
 method.micro_batch_loss (the method, E1..E9 of docs/method.md); the end. Randomness comes from
 generators seeded by (seed, step, micro-batch) and (seed, epoch, index), so a resumed run replays
-an uninterrupted one exactly. Collectives are distributed.py's (docs/multi-gpu.md); checkpoints
-checkpoint.py's; logs, validation and the model card report.py's.
+an uninterrupted one exactly. Collectives are plumbing/distributed.py's (docs/multi-gpu.md); checkpoints
+plumbing/checkpoint.py's; logs, validation and the model card plumbing/report.py's.
 """
 import argparse
 import contextlib
@@ -22,15 +22,15 @@ import time
 
 import torch
 
-import checkpoint as C
+from plumbing import checkpoint as C
 import data
-import distributed as D
+from plumbing import distributed as D
 import method
 import model as M
-import pickapic
-import report as R
+from plumbing import pickapic
+from plumbing import report as R
 import toy
-import toy_clip
+from toy import clip as toy_clip
 
 
 def parser():
@@ -41,7 +41,7 @@ def parser():
                    help="hub id or local diffusers folder for sd15/sdxl (default: the preset's hub id)")
     g.add_argument("--init", default=None, help="start policy and reference from this saved unet/ folder")
     g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto: bf16 on a GPU (fastest in bench.py, no grad scaler needed), no on the CPU")
+                   help="auto: bf16 on a GPU (fastest in bench/speed.py, no grad scaler needed), no on the CPU")
     g.add_argument("--compile", nargs="?", const="regional", default="auto", choices=["auto", "none", "regional", "full"],
                    help="torch.compile the UNets: regional (the flag alone) compiles each block, 1.5-2.5 min once; full "
                         "the whole UNet; auto: regional on a GPU, none on the CPU (docs/speed-gpu.md)")

@@ -1,11 +1,11 @@
-"""bench.py on the CPU: its FLOP count against an independent count, and the loss-list summary."""
+"""bench/speed.py on the CPU: its FLOP count against an independent count, and the loss-list summary."""
 import json
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from bench import speed as bench
 import model as M
 
 

@@ -12,9 +12,9 @@ import data
 import loss as L
 import method
 import model as M
-import distributed as D
+from plumbing import distributed as D
 import train
-import cache
+from plumbing import cache
 
 
 def manifest(folder, n=8):

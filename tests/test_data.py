@@ -1,4 +1,4 @@
-"""Tests for data.py, images.py and toy.py: pair alignment (same crop/flip), manifest skipping,
+"""Tests for data.py, plumbing/images.py and toy/__init__.py: pair alignment (same crop/flip), manifest skipping,
 toy determinism."""
 import json
 import os
@@ -11,7 +11,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import ManifestPairs, ToyImages, ToyPairs, build_dataset  # noqa: E402
-from images import collate_pairs, image_to_tensor, tensor_to_uint8  # noqa: E402
+from plumbing.images import collate_pairs, image_to_tensor, tensor_to_uint8  # noqa: E402
 from toy import BACKGROUNDS, COLOURS, SHAPES, apply_style, render_toy, toy_prompts  # noqa: E402
 
 

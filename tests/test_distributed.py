@@ -30,9 +30,9 @@ from safetensors.torch import load_file
 import data
 import method
 import model as M
-import distributed as D
+from plumbing import distributed as D
 import train
-import pickapic
+from plumbing import pickapic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4  # pairs in the global micro-batch of the gradient test

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from images import image_to_tensor
+from plumbing.images import image_to_tensor
 import toy
 import evaluate as E
 

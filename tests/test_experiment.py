@@ -1,4 +1,4 @@
-"""experiment.py end to end at toy scale (a few steps each): every code path, the table maths
+"""toy/experiment.py end to end at toy scale (a few steps each): every code path, the table maths
 against the per-seed numbers, the outputs, and that a rerun reuses every cached piece."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-import experiment
+from toy import experiment
 import train
 
 FAST = ["--study", "smoke", "--base_steps", "4", "--align_steps", "4", "--curve_every", "2", "--sample_steps", "2",

@@ -1,9 +1,9 @@
-"""frontier.py's analysis on hand-made numbers (the study itself takes hours: results/toy-study/)."""
+"""toy/frontier.py's analysis on hand-made numbers (the study itself takes hours: results/toy-study/)."""
 import math
 
 import pytest
 
-import frontier as F
+from toy import frontier as F
 
 
 def test_content_at_interpolates_where_the_lr_path_first_crosses_the_style():
@@ -61,7 +61,7 @@ def test_the_demo_runs_each_method_at_the_frontiers_first_lr_reaching_style_0_7(
     import json
     import os
 
-    import experiment
+    from toy import experiment
     path = os.path.join(os.path.dirname(__file__), "..", "results", "toy-study", "frontier.json")
     rows = [r for r in json.load(open(path))["rows"] if r["seed"] == 0 and r["batch"] == 8 and r["style_name"] == "winter"]
     demo = experiment.STUDIES["demo"]

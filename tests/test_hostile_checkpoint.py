@@ -1,4 +1,4 @@
-"""A hostile tester's cases for checkpoints, resuming and the output folder (checkpoint.py):
+"""A hostile tester's cases for checkpoints, resuming and the output folder (plumbing/checkpoint.py):
 a fresh run into a finished run's folder, checkpoints broken in every way a kill or a bad copy
 breaks them, kills at random moments around a checkpoint's replacement, and a resume with other
 settings. Each ends in the exact outcome asserted: a one-line error, or a run that falls back to
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint as C
+from plumbing import checkpoint as C
 import model as M
 import train
 
@@ -416,7 +416,7 @@ SAVER = r"""
 import os, sys
 sys.path.insert(0, sys.argv[2])
 import torch
-import checkpoint as C
+from plumbing import checkpoint as C
 import model as M
 out = sys.argv[1]
 m = M.load_models("tiny", reference=False)

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cache  # noqa: E402
+from plumbing import cache  # noqa: E402
 import data  # noqa: E402
-import images  # noqa: E402
+from plumbing import images  # noqa: E402
 import train  # noqa: E402
 from data import ManifestPairs  # noqa: E402
-from images import decode_image, image_to_tensor, read_image  # noqa: E402
+from plumbing.images import decode_image, image_to_tensor, read_image  # noqa: E402
 
 
 def reopen(tmp_path, name, img, mode):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import data
-import pickapic
+from plumbing import pickapic
 import train
 
 pa = pytest.importorskip("pyarrow")

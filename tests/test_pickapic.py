@@ -12,7 +12,7 @@ from PIL import Image
 
 import data
 import train
-import pickapic
+from plumbing import pickapic
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

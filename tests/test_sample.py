@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import model as M
-from images import tensor_to_uint8
+from plumbing.images import tensor_to_uint8
 import toy
 import sample as S
 

@@ -1,7 +1,7 @@
 import torch
 
 import model as M
-import toy_clip as T
+from toy import clip as T
 from toy import toy_prompts
 
 SHORT = dict(T.RECIPE, steps=40, warmup=5)  # ~4 s on one CPU thread

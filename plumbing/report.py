@@ -10,7 +10,7 @@ import os
 
 import torch
 
-import checkpoint as C
+from plumbing import checkpoint as C
 import model as M
 
 
@@ -129,7 +129,7 @@ def reward_scores(args, images, prompts, folder, device):
     folder) -> {"val_<metric>": mean}. The reward models load once per process."""
     import shlex
     import evaluate
-    from images import tensor_to_uint8
+    from plumbing.images import tensor_to_uint8
     from PIL import Image
     metrics = args.validation_metric.split(",")
     key = (args.validation_metric, args.validation_reward_flags, str(device))
@@ -153,7 +153,7 @@ def validate(args, m, step, reporter, master):
     Returns (the grid's path, scores): with --validation_metric toy, the toy scorer's mean style
     and content rates of these images (evaluate.py), for metrics.jsonl as curves."""
     import sample
-    from images import tensor_to_uint8
+    from plumbing.images import tensor_to_uint8
     if not (master or args.fsdp):
         return None, {}
     guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)

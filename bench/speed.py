@@ -1,12 +1,12 @@
 """
 Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs and MFU.
 
-    python bench.py --model tiny --loss rpo --batch_size 8                       # CPU
-    python bench.py --model sdxl --init random --loss rpo --batch_size 4 --resolution 1024 \
+    python -m bench.speed --model tiny --loss rpo --batch_size 8                       # CPU
+    python -m bench.speed --model sdxl --init random --loss rpo --batch_size 4 --resolution 1024 \
                     --mixed_precision bf16 --gradient_checkpointing --optimizer adamw_fused
-    python bench.py --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
-    python bench.py --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
-    python bench.py --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
+    python -m bench.speed --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
+    python -m bench.speed --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
+    python -m bench.speed --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
 
 The step is method.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
@@ -477,7 +477,7 @@ def main(argv=None):
 
 
 def train_main(argv):
-    """bench.py train [train.py flags]: train.py's main in this process (torchrun may launch it),
+    """bench/speed.py train [train.py flags]: train.py's main in this process (torchrun may launch it),
     with --pretrained random building sd15/sdxl from their architectures with random weights (no
     download). Prints one JSON row: train.py's own per-step figures (metrics.jsonl), the peak GPU
     memory, the world size and FSDP/DDP, the GPU."""

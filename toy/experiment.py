@@ -4,10 +4,10 @@ model, align it with SFT, DPO and RPO at equal step and pair budgets, sample hel
 and score how much of the preferred style the samples show (style) and whether they still
 show the prompt (content).
 
-    python experiment.py                 # the demo: one seed, each method at about the same style; ~6 min on 2 CPU cores
-    python experiment.py --study full    # seeds × a coarse lr grid × variants (the first study)
+    python -m toy.experiment                 # the demo: one seed, each method at about the same style; ~6 min on 2 CPU cores
+    python -m toy.experiment --study full    # seeds × a coarse lr grid × variants (the first study)
 
-frontier.py runs the main study, the style-content frontier, from the same base.
+toy/frontier.py runs the main study, the style-content frontier, from the same base.
 
 The data: prompts "a {colour} {shape} on a {background} background" (72 of them; 12 held out
 for evaluation, toy.toy_prompts). Preferred image = the "winter" version of a render,
@@ -39,7 +39,7 @@ import model as M
 import sample
 import train
 import toy
-from images import tensor_to_uint8
+from plumbing.images import tensor_to_uint8
 
 # The base model's pretraining recipe (cached under RUNS/base; a change retrains it).
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
@@ -48,7 +48,7 @@ BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style"
 # The base the committed frontier and demo were run from, trained by BASE_ARGS on a CPU (8-16 min
 # on 2 cores, by the day) and shipped with the code: the toy's stand-in for downloading a pretrained model.
 # A run whose recipe and frozen text encoder match it starts from it; --pretrain trains it anew.
-SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy-study", "base")
+SHIPPED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "toy-study", "base")
 # Alignment: the same step and pair budget for every method (8 pairs × the study's steps).
 ALIGN_ARGS = ["--model", "tiny", "--data", "toy", "--style", "winter", "--batch_size", "8", "--max_steps", "300"]
 VARIANTS = {  # label -> train.py flags
@@ -65,7 +65,7 @@ VARIANTS = {  # label -> train.py flags
 # fairly. Calibrated by hand on this base: DPO goes from little change (1e-7) to trading most
 # content for style (1e-6); SFT barely moves below 1e-6.
 # The demo instead gives each method its own lr: the first whose 150-step run in the frontier
-# study (frontier.py, training seed 0) reached style 0.7, so its table compares content at about
+# study (toy/frontier.py, training seed 0) reached style 0.7, so its table compares content at about
 # the same style, which is the comparison that means something (docs/toy-study.md). With the
 # shipped base and the frontier's 8 sampling seeds, its rows are those frontier points again (the
 # weights agree to float rounding, which the thread count decides).
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", default="runs", help="where base, runs and results are cached")
     p.add_argument("--sample_seeds", type=int, default=None,
                    help="sampling seeds per held-out prompt and training seed (default: the study's; 8 for the demo, "
-                        "as frontier.py, else 4)")
+                        "as toy/frontier.py, else 4)")
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--curve_every", type=int, default=100,
@@ -178,7 +178,7 @@ def pretrain_base(base_dir, device, steps, style="winter", shipped=SHIPPED_BASE)
 
 
 def sampling_seeds(seed, n):
-    """The sampling seeds of training seed `seed`'s runs (frontier.py's too: the demo's rows are its points)."""
+    """The sampling seeds of training seed `seed`'s runs (toy/frontier.py's too: the demo's rows are its points)."""
     return [seed * 1000 + k for k in range(n)]
 
 

@@ -12,7 +12,7 @@ information. Seeded and deterministic (one CPU thread; the data stream is numpy'
     $RPO_DIFFUSION_CACHE (default ~/.cache/rpo-diffusion)/toy-clip-<hash>/model.safetensors
 
 embedder("toy-clip") (train.py --embed_model toy-clip) calls load(): trains on first use, then loads in under a
-second. `python toy_clip.py [--out results/toy_clip.txt]` trains (or loads) and reports
+second. `python -m toy.clip [--out results/toy_clip.txt]` trains (or loads) and reports
 held-out text->image retrieval, a linear style probe on the image features, and E6's weight
 entropy on toy pairs with the random vs the trained CLIP.
 """
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import loss as L
 import model as M
-from images import image_to_tensor
+from plumbing.images import image_to_tensor
 from toy import STYLES, apply_style, render_toy, toy_prompts
 
 RECIPE = dict(version=1, seed=0, steps=600, lr=2e-3, weight_decay=0.1, warmup=30, resolution=16,
@@ -276,7 +276,7 @@ def main(argv=None):
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"$ OMP_NUM_THREADS=1 python toy_clip.py --out {args.out}\n\n{text}\n")
+            f.write(f"$ OMP_NUM_THREADS=1 python -m toy.clip --out {args.out}\n\n{text}\n")
 
 
 if __name__ == "__main__":

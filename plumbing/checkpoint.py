@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import distributed as D
+from plumbing import distributed as D
 import model as M
 
 # What must match for a run to continue a checkpoint: the reference is the same starting UNet,
@@ -166,7 +166,7 @@ def run_files(out_dir):
     if os.path.isdir(metrics) or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
         found.append("metrics.jsonl")  # (an empty one: a run that stopped before its first step)
     found += [name for name in ("unet", "lora", "validation", "logs") if os.path.isdir(os.path.join(out_dir, name))]
-    if os.path.isfile(os.path.join(out_dir, "args.json")):  # report.py's: the flags, and the model card beside them
+    if os.path.isfile(os.path.join(out_dir, "args.json")):  # plumbing/report.py's: the flags, and the model card beside them
         found += ["args.json"] + (["README.md"] if os.path.isfile(os.path.join(out_dir, "README.md")) else [])
     return found
 

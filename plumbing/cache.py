@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 import model as M
-import toy_clip
-from images import collate_pairs
+from toy import clip as toy_clip
+from plumbing.images import collate_pairs
 
 CACHE_FORMAT = "rpo-diffusion-cache/1"
 PER_PROMPT = ("text_hidden", "text_pooled", "clip_text")  # stored once per distinct prompt of a shard

@@ -3,12 +3,12 @@ The style-content frontier of the toy Style Alignment study (docs/toy-study.md#t
 does relative preference optimization (RPO) keep more of the prompt than DPO at the same
 amount of style learned?
 
-    python frontier.py                     # run (or resume) the study: one process per core,
-    python frontier.py & python frontier.py    #   started twice on 2 cores, they share the work
-    python frontier.py --collect           # -> results/toy-study/frontier.{json,md,png}
+    python -m toy.frontier                     # run (or resume) the study: one process per core,
+    python -m toy.frontier & python -m toy.frontier    #   started twice on 2 cores, they share the work
+    python -m toy.frontier --collect           # -> results/toy-study/frontier.{json,md,png}
 
 Every variant (SFT, DPO, RPO outside at τ 0.1/0.5/1, RPO inside, RPO with text-only embeddings)
-is trained from the same toy base (experiment.py's) over its own learning-rate grid, 4 points
+is trained from the same toy base (toy/experiment.py's) over its own learning-rate grid, 4 points
 per decade from "no change" to "collapse" and 8 per decade across the transition between them,
 for 3 training seeds; then DPO and RPO once more at 16 pairs per step (2 points per decade),
 and DPO, RPO (4 per decade) and SFT (2 per decade) on a second style (sketch, its own base), at
@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 import evaluate
-import experiment as E
+from toy import experiment as E
 import toy
 import train
 
@@ -142,7 +142,7 @@ def save_score(path, score):
 
 
 def pretrained_base(args, style):
-    """The style's toy base (experiment.py's recipe), pretrained now unless cached or shipped."""
+    """The style's toy base (toy/experiment.py's recipe), pretrained now unless cached or shipped."""
     base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
     E.pretrain_base(base, args.device, args.base_steps, style)
     same_as_before(os.path.join(args.runs, "frontier", style, "base_id.json"), E.base_id(base), f"the {style} base")
@@ -356,7 +356,7 @@ def matched_grid(runs, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo 
     `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
     held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
     import sample
-    from images import tensor_to_uint8
+    from plumbing.images import tensor_to_uint8
     prompts, args = toy.toy_prompts("test"), argparse.Namespace(sample_steps=25, guidance=5.0, device="cpu")
     rows = [("base", os.path.join(runs, "base", "unet"))]
     for v in variants:
@@ -376,7 +376,7 @@ def matched_grid(runs, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs", help="where the bases and runs are cached (shared with experiment.py)")
+    p.add_argument("--runs", default="runs", help="where the bases and runs are cached (shared with toy/experiment.py)")
     p.add_argument("--out", default="results/toy-study", help="--collect writes frontier.{json,md,png} here")
     p.add_argument("--collect", action="store_true", help="only collect finished runs into the table and plot")
     p.add_argument("--base_steps", type=int, default=1200)

@@ -2,8 +2,8 @@
 # The GPU comparison table behind the README's speed and memory figures: SD1.5 at 512² and
 # SDXL at 1024², RPO vs DPO, the main flag combinations, LoRA, and the official Diffusion-DPO
 # SDXL setup as a baseline. About 6-8 minutes on one H100/H200. One JSON line per configuration
-# (bench.py --json), also written to ${OUT:-.}/bench_gpu.jsonl.
-#   bash bench_gpu.sh
+# (bench/speed.py --json), also written to ${OUT:-.}/bench_gpu.jsonl.
+#   bash bench/gpu.sh
 set -u
 export PYTHONUNBUFFERED=1
 log=${OUT:-.}/bench_gpu.jsonl
@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, diffusers; print({'torch': torch.__version__, 'diffusers': diffusers.__version__})" | tee -a "$log"
 run() {  # each configuration in its own process: a crash or OOM costs one row, not the table
   echo "# $*" | tee -a "$log"
-  timeout "${T:-120}" python3 bench.py --json --steps 8 --warmup 3 "$@" 2>&1 | grep -E '^\{|Error|error' | tee -a "$log"
+  timeout "${T:-120}" python3 -m bench.speed --json --steps 8 --warmup 3 "$@" 2>&1 | grep -E '^\{|Error|error' | tee -a "$log"
 }
 SD15="--model sd15 --resolution 512 --mixed_precision bf16 --optimizer adamw_fused"
 SDXL="--model sdxl --resolution 1024 --mixed_precision bf16 --optimizer adamw_fused"

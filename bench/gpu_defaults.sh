@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU default, checked in ONE run of ~6 minutes on one H100/H200 (rows appended to
-# $OUT/bench_gpu.jsonl with the GPU's name; bench.py measures):
+# $OUT/bench_gpu.jsonl with the GPU's name; bench/speed.py measures):
 #   1. sdxl   SDXL 1024² full-FT, 4 pairs, bf16 + fused AdamW, regional compile + checkpointing of
 #             the widest quarter of the transformer blocks + cuDNN attention: RPO and DPO alternated
 #             3 times × 4 timed steps each (12 per loss; medians), then the same with a tenth of
@@ -8,9 +8,9 @@
 #   2. paths  the same levers (--compile, --gradient_checkpointing transformer:0.25) in train.py
 #             under torchrun with DDP, with --fsdp, and with --lora_rank (tiny-xl on the GPU):
 #             4 steps with a checkpoint at 2, then --resume to 6
-#     bash bench_gpu_defaults.sh               # on the GPU machine
-#     SECTIONS=paths PATHS_RUNS="fsdp ddp" PATH_TIMEOUT=150 bash bench_gpu_defaults.sh   # one after the other
-#     DRY=1 bash bench_gpu_defaults.sh         # the same steps on the CPU with tiny presets, no compile
+#     bash bench/gpu_defaults.sh               # on the GPU machine
+#     SECTIONS=paths PATHS_RUNS="fsdp ddp" PATH_TIMEOUT=150 bash bench/gpu_defaults.sh   # one after the other
+#     DRY=1 bash bench/gpu_defaults.sh         # the same steps on the CPU with tiny presets, no compile
 set -u
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-results/defaults-out}
@@ -54,11 +54,11 @@ fi
 # 1. SDXL: RPO and DPO alternated --------------------------------------------------------
 if [[ " $SECTIONS " == *" sdxl "* ]]; then
 say "1. sdxl: rpo,dpo x3, transformer:0.25"
-timeout 280 $PY bench.py $SDXL $LEVERS --checkpointing transformer:0.25 --sdpa_backend cudnn --loss rpo,dpo \
+timeout 280 $PY bench/speed.py $SDXL $LEVERS --checkpointing transformer:0.25 --sdpa_backend cudnn --loss rpo,dpo \
   --repeat 3 --json --label defaults --out "$rows" 2>&1 | tee -a "$OUT/full.log" | grep -E '^\{|Error|Traceback' | cut -c1-300
 if [ "$SECONDS" -lt 200 ]; then
   say "1b. sdxl: rpo,dpo x2, transformer:0.1"
-  timeout 100 $PY bench.py $SDXL $LEVERS --checkpointing transformer:0.1 --sdpa_backend cudnn --loss rpo,dpo \
+  timeout 100 $PY bench/speed.py $SDXL $LEVERS --checkpointing transformer:0.1 --sdpa_backend cudnn --loss rpo,dpo \
     --repeat 2 --json --label defaults --out "$rows" 2>&1 | tee -a "$OUT/full.log" | grep -E '^\{|Error|Traceback' | cut -c1-300
 fi
 fi
@@ -68,7 +68,7 @@ say "2. paths: DDP, FSDP, LoRA with $LEVERS --gradient_checkpointing transformer
 path() {  # name port extra-flags...: a run, then a --resume run two steps further
   local name=$1 port=$2; shift 2
   for phase in "--max_steps 4 --save_every 2" "--max_steps 6 --resume"; do
-    timeout "$PATH_TIMEOUT" $PY -m torch.distributed.run --nproc_per_node 1 --master_port "$port" bench.py train $PATHS $LEVERS \
+    timeout "$PATH_TIMEOUT" $PY -m torch.distributed.run --nproc_per_node 1 --master_port "$port" bench/speed.py train $PATHS $LEVERS \
       --gradient_checkpointing transformer:0.25 --out_dir "$BENCH_TMP/$name" --no_progress $phase "$@" \
       >>"$BENCH_TMP/$name.log" 2>&1
     echo "{\"mode\": \"dist-exit\", \"run\": \"$name $LEVERS $phase\", \"rc\": $?}"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU speed levers, cached vs raw data and the NCCL/FSDP runs in ONE run of ~8 minutes on
-# one H100/H200 (bench.py does the measuring; each row is one JSON line with the GPU's name, appended to $OUT/bench_gpu.jsonl):
+# one H100/H200 (bench/speed.py does the measuring; each row is one JSON line with the GPU's name, appended to $OUT/bench_gpu.jsonl):
 #   1. sdxl   SDXL 1024² full-FT, bf16 + fused AdamW, 4 pairs, in one process: eager baselines,
 #             cuDNN attention, channels_last, regional compile (cold compile ~100 s on a fresh
 #             machine) with selective checkpointing, the same for DPO, 8 pairs; the grid starts
 #             no row after SDXL_BUDGET seconds
-#   2. data   SD1.5 512², real architectures with random weights (bench.py --pretrained random):
+#   2. data   SD1.5 512², real architectures with random weights (bench/speed.py --pretrained random):
 #             train.py pairs/s on raw JPEG pairs (decode + VAE + text encoder + CLIP ViT-L/14 every
 #             step) vs on data.py's cache of the same pairs
 #   3. dist   torchrun --nproc_per_node 1 train.py with DDP and with --fsdp: NCCL on the GPU.
@@ -13,9 +13,9 @@
 #             then the SD1.5-size random UNet on the cache from 2., DDP vs FSDP step time and memory
 # Measured on an H200 (docs/speed-gpu.md): the first version of this script ran data, dist, sdxl
 # in that order and left the SDXL grid 125 s (data 111 s, dist 170 s); the compile rows were then
-# run as two more bench.py --grid calls. This order puts the SDXL grid first.
-#     bash bench_gpu_levers.sh                  # on the GPU machine
-#     DRY=1 bash bench_gpu_levers.sh            # the same steps on the CPU with tiny presets (a test)
+# run as two more bench/speed.py --grid calls. This order puts the SDXL grid first.
+#     bash bench/gpu_levers.sh                  # on the GPU machine
+#     DRY=1 bash bench/gpu_levers.sh            # the same steps on the CPU with tiny presets (a test)
 set -u
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-results/levers-out}
@@ -71,12 +71,12 @@ GRID='[{"checkpointing": "all"},
  {"compile": "regional", "checkpointing": "transformer:0.25", "sdpa_backend": "cudnn", "channels_last": true},
  {"compile": "regional", "checkpointing": "transformer", "sdpa_backend": "cudnn", "batch_size": '$B8'}]'
 [ "$DRY" = 1 ] && GRID=${GRID//regional/none}  # (inductor on a CPU takes minutes per graph)
-timeout $((left + 60)) $PY bench.py $SDXL --loss rpo --grid "$GRID" --time_budget "$left" --out "$rows" 2>&1 \
+timeout $((left + 60)) $PY bench/speed.py $SDXL --loss rpo --grid "$GRID" --time_budget "$left" --out "$rows" 2>&1 \
   | tee -a "$OUT/full.log" | grep -vE 'Warning|warn\(' | grep -E '^(sdxl|tiny|Traceback|[A-Za-z]*Error)' | cut -c1-400
 
 # 2. cached vs raw ----------------------------------------------------------------------
 say "2. data: raw vs cached"
-timeout 110 $PY bench.py --data fake-pickapic $DATA --json --out "$rows" 2>&1 | tee -a "$OUT/full.log" \
+timeout 110 $PY bench/speed.py --data fake-pickapic $DATA --json --out "$rows" 2>&1 | tee -a "$OUT/full.log" \
   | grep -vE 'Warning|warn\(' | tail -n 6 | cut -c1-400
 CACHE=$(ls -d "$BENCH_TMP"/bench-data-*/cache 2>/dev/null | head -n 1)
 
@@ -85,7 +85,7 @@ say "3. dist: tiny-xl DDP and FSDP, save + resume (side by side)"
 dist() {  # name port extra-flags...: a run, then a --resume run two steps further
   local name=$1 port=$2; shift 2
   for phase in "--max_steps 4 --save_every 2" "--max_steps 6 --resume"; do
-    timeout 90 $PY -m torch.distributed.run --nproc_per_node 1 --master_port "$port" bench.py train $DIST_TINY \
+    timeout 90 $PY -m torch.distributed.run --nproc_per_node 1 --master_port "$port" bench/speed.py train $DIST_TINY \
       --out_dir "$BENCH_TMP/$name" --no_progress $phase "$@" >"$BENCH_TMP/$name.log" 2>&1
     echo "{\"mode\": \"dist-exit\", \"run\": \"$name $phase\", \"rc\": $?}"
     grep -E '^\{' "$BENCH_TMP/$name.log" | tail -n 1
@@ -99,7 +99,7 @@ for f in "$BENCH_TMP"/tiny-*.log; do grep -iE 'error|Traceback|resumed' "$f" | h
 if [ -n "$CACHE" ]; then
   say "3. dist: SD1.5-size UNet on the cache, DDP then FSDP"
   for mode in "" "--fsdp"; do
-    timeout 80 $PY -m torch.distributed.run --nproc_per_node 1 --master_port 29513 bench.py train $DIST_BIG \
+    timeout 80 $PY -m torch.distributed.run --nproc_per_node 1 --master_port 29513 bench/speed.py train $DIST_BIG \
       --data "cache:$CACHE" --out_dir "$BENCH_TMP/big$mode" --no_progress --keep_checkpoints 1 $mode \
       >"$BENCH_TMP/big$mode.log" 2>&1
     echo "{\"mode\": \"dist-exit\", \"run\": \"big $mode\", \"rc\": $?}" | tee -a "$rows"

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from images import ImagePairs, read_image
+from plumbing.images import ImagePairs, read_image
 
 # train.py's data for sd15/sdxl when --data is not given: Apache-2.0, thousands of community-voted pairs
 # (FLUX.1-dev vs SD3.5-large images; the hub's size class 1K-10K), two parquet shards of ~430 MB.
