@@ -12,13 +12,14 @@ build_dataset, maps train.py's --data to a source:
                     pickapic:DIR|ID is the same with Pick-a-Pic's columns
   cache:DIR         what the frozen encoders compute from each pair, stored (plumbing/cache.py)
 
-Every dataset returns dicts that images.collate_pairs stacks; stream_batches deals them out to
+Every dataset returns dicts that collate_pairs stacks; stream_batches deals them out to
 processes in a resumable order. Randomness is always derived from (seed, [epoch,] index), so
-an item can be reproduced on its own and resuming needs no saved RNG state. Two commands:
+an item can be reproduced on its own and resuming needs no saved RNG state. The cache command:
 
     python data.py cache --model sdxl --pretrained /models/sdxl --data pickapic:/data/pickapic_v2 \
         --out /data/cache-sdxl --flip --mixed_precision bf16
-    python data.py build-style --style vangogh --src /data/pickapic_v2 --out /data/vangogh --limit 10000
+
+(Style Alignment pairs from real images are built by `python -m tools.build_style`.)
 """
 import json
 import os
@@ -27,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from plumbing import cache
 import model as M
-from plumbing import pickapic
-from plumbing.images import ImagePairs, collate_pairs, decode_image, image_to_tensor, read_image
+from model import image_to_tensor
+from plumbing import cache, pickapic
+from plumbing.images import ImagePairs, read_image
 from toy import STYLES, apply_style, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +279,32 @@ def from_args(args, world):
     return dataset, (dataset.resolution if cached else resolution)
 
 
+def collate_pairs(items):
+    """Stack item dicts into a batch; drop skip markers and report them in "skipped".
+    Fields an item kind lacks (loser, original_size_l for ToyImages) come out as None."""
+    kept = [it for it in items if "skip" not in it]
+    skipped = [it["skip"] for it in items if "skip" in it]
+    batch = dict.fromkeys(("winner", "loser", "original_size_w", "original_size_l",
+                           "crop_top_left", "index"))  # all None until filled below
+    batch.update(prompt=[it["prompt"] for it in kept], skipped=skipped)
+    if not kept:  # the training loop checks batch["winner"] is None and moves on
+        return batch
+    if "winner" in kept[0]:  # (CachedPairs items carry cache_* tensors instead of images)
+        batch["winner"] = torch.stack([it["winner"] for it in kept])
+    if "loser" in kept[0]:
+        batch["loser"] = torch.stack([it["loser"] for it in kept])
+    for key in ("original_size_w", "original_size_l", "crop_top_left"):
+        if key in kept[0]:
+            batch[key] = torch.tensor([it[key] for it in kept], dtype=torch.long)
+    batch["index"] = torch.tensor([it["index"] for it in kept], dtype=torch.long)
+    for key in kept[0]:
+        if key.startswith("cache_"):  # CachedPairs: latents, text states, E5 features
+            batch[key] = torch.stack([it[key] for it in kept])
+    if "styled" in kept[0]:
+        batch["styled"] = torch.tensor([it["styled"] for it in kept], dtype=torch.bool)
+    return batch
+
+
 def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_workers=0):
     """(epoch, item, batch) forever, from position (epoch, items consumed in the epoch).
     Map-style data: a per-epoch permutation seeded by (seed, epoch); a global micro-batch is
@@ -327,119 +353,11 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, split="
     if not isinstance(dataset, (ToyPairs, ImagePairs)) or isinstance(dataset, (ToyImages, pickapic.PickapicHub)):
         raise ValueError(f"cache: --data {data_spec} is not a pair data set that can be read in order "
                          f"(toy, a .jsonl manifest or pickapic:DIR)")
-    return cache.write_cache(model, dataset, data_spec, out, pretrained, resolution, **kwargs)
+    return cache.write_cache(model, dataset, data_spec, out, pretrained, resolution, collate=collate_pairs, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Style Alignment pairs from real images (docs/method.md#style-alignment): winner = the edited
-#    image, loser = the source
-
-STYLE_EDITS = {  # InstructPix2Pix instructions; "toy-*" are toy/__init__.py's procedural edits (offline)
-    "vangogh": "make it a Van Gogh painting",
-    "sketch": "turn it into a pencil sketch",
-    "winter": "make it winter",
-    "toy-winter": None,
-    "toy-sketch": None,
-}
-
-
-def style_sources(src, split="train"):
-    """(source id, prompt, PIL image) for build-style: the winners of a .jsonl manifest, or the
-    preferred images of a Pick-a-Pic parquet folder (ties and unreadable rows skipped, counted)."""
-    if str(src).endswith(".jsonl"):
-        ds = ManifestPairs(src)
-        for i, (prompt, winner, _) in enumerate(ds.pairs):
-            img = decode_image(winner)
-            if img is not None:
-                yield i, prompt, img
-        return
-    ds = pickapic.PickapicParquet(src, split=split)
-    for i in range(len(ds)):
-        caption, ((_, preferred), _), _ = ds.row(i)
-        img = decode_image(preferred)  # (the loser stays undecoded: build-style does not use it)
-        if img is not None:
-            yield i, caption, img
-
-
-def square_crop(img, resolution):
-    """Shorter side to `resolution`, centre crop: editor input and the loser share the framing."""
-    w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
-
-
-def build_style(style, src, out, editor="timbrooks/instruct-pix2pix", limit=None, resolution=512, steps=20,
-                guidance=7.5, image_guidance=1.5, batch_size=4, device="cpu", mixed_precision="no", seed=0,
-                split="train", progress=True):
-    """Edit each source image into `style` and append {"prompt", "winner", "loser", "source"}
-    lines to OUT/pairs.jsonl (images under OUT/images/). Resumable: sources already in the
-    manifest are skipped, and a line is written only after both of its images, so an
-    interrupted run leaves at most orphan PNGs that the rerun overwrites. Returns new pairs."""
-    if style not in STYLE_EDITS:
-        raise ValueError(f"unknown --style {style!r}; choose from {', '.join(STYLE_EDITS)}")
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"--src {src} not found")
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    manifest = os.path.join(out, "pairs.jsonl")
-    done = set()
-    if os.path.exists(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            done = {json.loads(line)["source"] for line in f if line.strip()}
-    pipe = None
-    if STYLE_EDITS[style] is not None:
-        from diffusers import StableDiffusionInstructPix2PixPipeline
-        try:  # the safety checker would turn flagged edits into black images: bad training data
-            pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                editor, torch_dtype=M.DTYPES[mixed_precision], safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"error: cannot load the InstructPix2Pix editor '{editor}' ({str(err).splitlines()[0][:160]}). "
-                             f"Download it once and pass --editor /path/to/folder, or use --style toy-{style}")
-        pipe = pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-    todo = []
-    new = 0
-
-    def flush():
-        nonlocal new
-        if pipe is not None:
-            edited = pipe(prompt=[STYLE_EDITS[style]] * len(todo), image=[img for _, _, img in todo],
-                          num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
-                          generator=[torch.Generator().manual_seed(seed * 1_000_003 + i) for i, _, _ in todo]).images
-        else:
-            edited = [Image.fromarray(apply_style(np.asarray(img), style[4:], np.random.default_rng([seed, i])))
-                      for i, _, img in todo]
-        with open(manifest, "a", encoding="utf-8") as f:
-            for (i, prompt, img), ed in zip(todo, edited):
-                names = [f"images/{i:07d}_{kind}.png" for kind in ("edit", "source")]
-                ed.convert("RGB").resize(img.size, Image.BICUBIC).save(os.path.join(out, names[0]))
-                img.save(os.path.join(out, names[1]))
-                f.write(json.dumps({"prompt": prompt, "winner": names[0], "loser": names[1], "source": i}) + "\n")
-                f.flush()
-                new += 1
-        todo.clear()
-
-    from tqdm import tqdm
-    bar = tqdm(total=limit, desc=f"build-style {style}", disable=not progress)
-    for i, prompt, img in style_sources(src, split):
-        if limit is not None and len(done) + new + len(todo) >= limit:
-            break
-        if i in done:
-            continue
-        todo.append((i, prompt, square_crop(img, resolution)))
-        if len(todo) == batch_size:
-            flush()
-            bar.update(batch_size)
-    if todo:
-        bar.update(len(todo))
-        flush()
-    bar.close()
-    return new
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: python data.py cache ... | python data.py build-style ...
+# Command line: python data.py cache ...
 
 
 def main(argv=None):
@@ -463,21 +381,6 @@ def main(argv=None):
     c.add_argument("--device", default="auto")
     c.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="encoders' compute dtype")
     c.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("build-style", help="Style Alignment pairs: InstructPix2Pix edits (winner) of source images (loser)")
-    s.add_argument("--style", required=True, choices=list(STYLE_EDITS))
-    s.add_argument("--src", required=True, help="a .jsonl manifest (its winners) or a Pick-a-Pic parquet folder (preferred images)")
-    s.add_argument("--out", required=True, help="writes OUT/pairs.jsonl and OUT/images/")
-    s.add_argument("--limit", type=int, default=None, help="stop when the manifest holds this many pairs")
-    s.add_argument("--editor", default="timbrooks/instruct-pix2pix", help="hub id or local folder")
-    s.add_argument("--resolution", type=int, default=512)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=7.5, help="text guidance")
-    s.add_argument("--image_guidance", type=float, default=1.5, help="image guidance (higher: closer to the source)")
-    s.add_argument("--batch_size", type=int, default=4)
-    s.add_argument("--src_split", default="train", help="Pick-a-Pic folder: shard name prefix")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    s.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     # torchrun data.py cache ...: every process caches its part on its own GPU; no communication
@@ -495,11 +398,6 @@ def main(argv=None):
             print(("" if parts == 1 else f"part {part + 1} of {parts}: ") +
                   f"cached {index['num_pairs']} pairs in {len(index['shards'])} shards ({size / 2**20:.1f} MiB) "
                   f"in {args.out}" + (f"; skipped {index['skip_counts']}" if index["skip_counts"] else ""))
-        else:
-            new = build_style(args.style, args.src, args.out, args.editor, args.limit, args.resolution, args.steps,
-                              args.guidance, args.image_guidance, args.batch_size, device, args.mixed_precision,
-                              args.seed, args.src_split)
-            print(f"wrote {new} new pairs to {os.path.join(args.out, 'pairs.jsonl')}")
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
 

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import evaluate as E
-from plumbing.images import tensor_to_uint8
+from plumbing import files
+from model import tensor_to_uint8
 import model as M
+from plumbing import hub, lora
 import toy
 
 SCHEDULERS = ("ddim", "euler", "dpm")
@@ -117,7 +118,7 @@ def read_prompts(spec):
     elif spec in ("toy-test", "toy-train", "toy-all"):
         prompts = toy.toy_prompts(spec[4:])
     elif os.path.isfile(spec):
-        text = E.read_utf8(spec)
+        text = files.read_utf8(spec)
         if spec.lower().endswith(".json"):
             prompts = _json_prompts(text, spec)
         else:
@@ -145,7 +146,7 @@ def install_unet(m, unet, spec):
     """Put a loaded UNet in place of the preset's, prepared as load_models prepares its own (fp32 on
     the device, fused attention), after checking that it fits the preset's text and latents: a
     UNet of another preset would otherwise fail deep inside the first step, or worse, run."""
-    M.fitting_unet(unet, m.unet, f"--unet {spec}", m.name)
+    hub.fitting_unet(unet, m.unet, f"--unet {spec}", m.name)
     m.unet = None  # let the preset's UNet go before this one moves to the GPU: not two there at once
     unet = unet.to(m.device).float().train()
     try:
@@ -154,51 +155,6 @@ def install_unet(m, unet, spec):
     except ImportError:
         pass
     m.unet = unet
-
-
-# The LoRA matrices of a weight W: down/A is (r, in, ...), sharing W's dim 1; up/B (out, r, ...) dim 0.
-LORA_SUFFIXES = {".lora.down.weight": 1, ".lora_A.weight": 1, ".lora.up.weight": 0, ".lora_B.weight": 0}
-
-
-def check_lora(directory, unet=None):
-    """--lora: train.py's OUT_DIR/lora (diffusers LoRA format). Without `unet`: the file is there
-    and whole. With it: every tensor adapts a layer of that UNet with matching shapes. Checked by
-    hand because a loader that skips what it cannot place would sample another model silently."""
-    from safetensors import safe_open
-    path = os.path.join(directory, M.LORA_FILE)
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --lora {directory}: no {M.LORA_FILE} there (expected train.py --lora_rank's "
-                         f"OUT_DIR/lora)")
-    problem = M.safetensors_problem(path)
-    if problem:
-        raise SystemExit(f"error: --lora {directory}: {path} {problem}")
-    if unet is None:
-        return
-    with safe_open(path, "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    modules, bad = dict(unet.named_modules()), []
-    for key, shape in shapes.items():
-        suffix = next((x for x in LORA_SUFFIXES if key.endswith(x)), None)
-        layer = modules.get(key.removeprefix("unet.")[:-len(suffix)]) if key.startswith("unet.") and suffix else None
-        weight = getattr(layer, "weight", None)
-        i = LORA_SUFFIXES.get(suffix)
-        if weight is None or len(shape) != weight.dim() or shape[i] != weight.shape[i]:
-            bad.append(key)
-    if bad or not shapes:
-        raise SystemExit(f"error: --lora {directory}: {len(bad)} of {len(shapes)} tensors fit no layer of this UNet "
-                         f"(e.g. {bad[0] if bad else 'none: the file is empty'}); was it trained on another "
-                         f"--model or --unet?")
-
-
-def check_out_dir(out):
-    """--out must be (or become) a folder: found out before sampling, not after."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is an existing file, not a folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SystemExit(f"error: --out {out}: {parent} is a file, not a folder")
 
 
 def make_scheduler(name, m):
@@ -300,7 +256,7 @@ def write_compare(base_dir, out_dir, prompts, seeds, images_uint8, scale, settin
     `settings` (steps, guidance, scheduler of this run): a difference from the base run is
     reported, since then the same seed no longer means the same sampling path. BASE_DIR is read
     as evaluate.py reads a folder: listed images only, inside it, each one an image."""
-    records = E.read_index(base_dir)
+    records = files.read_index(base_dir)
     base = {(r["prompt"], r["seed"]): r for r in records}
     for k, v in (settings or {}).items():
         if records and records[0].get(k) != v:
@@ -311,7 +267,7 @@ def write_compare(base_dir, out_dir, prompts, seeds, images_uint8, scale, settin
             cells.append(None)
             missing += 1
             continue
-        base_img = np.asarray(E._open_rgb(base[key]["path"]))
+        base_img = np.asarray(files.open_rgb(base[key]["path"]))
         if base_img.shape != images_uint8[k].shape:
             raise SystemExit(f"error: --compare {base_dir}: {base[key]['file']} is "
                              f"{base_img.shape[1]}x{base_img.shape[0]}, this run's images are "
@@ -364,8 +320,8 @@ def load_for_sampling(args):
     """The preset's models with --unet in place of its UNet and --lora merged into it. The inputs
     are checked first (the UNet loads to the CPU before the preset does): a bad one fails fast."""
     if args.lora:
-        check_lora(args.lora)
-    unet = M.load_unet(args.unet, "--unet") if args.unet else None
+        lora.check_lora(args.lora)
+    unet = hub.load_unet(args.unet, "--unet") if args.unet else None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     m = M.load_models(args.model, args.pretrained, device=device, mixed_precision=args.mixed_precision,
                       reference=False)
@@ -373,13 +329,13 @@ def load_for_sampling(args):
         # Merged on the CPU whatever the device (the preset's UNet comes back from it): one code
         # path, the one the tests run, as load_models(lora_dir=...) merges before moving too.
         unet = unet if unet is not None else m.unet.cpu()
-        check_lora(args.lora, unet)
+        lora.check_lora(args.lora, unet)
         try:
-            with M.quiet():
-                M.fuse_lora(unet, args.lora)
+            with hub.quiet():
+                lora.fuse_lora(unet, args.lora)
         except Exception as err:  # SystemExit passes: fuse_lora's own messages are one line already
             raise SystemExit(f"error: --lora {args.lora}: cannot merge it ({type(err).__name__}: "
-                             f"{M.first_line(err)})")
+                             f"{hub.first_line(err)})")
     if unet is not None:
         install_unet(m, unet, args.unet or f"(the preset's, with --lora {args.lora})")
     return m
@@ -388,11 +344,13 @@ def load_for_sampling(args):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)  # before loading models: bad input fails in a second
-    check_out_dir(args.out)
+    problem = files.folder_problem(args.out, "--out")
+    if problem:
+        raise SystemExit(problem)
     if args.compare:
         if not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
             raise SystemExit(f"error: --compare {args.compare}: no samples.jsonl there")
-        E.read_index(args.compare)  # a damaged folder fails now, not after sampling
+        files.read_index(args.compare)  # a damaged folder fails now, not after sampling
     m = load_for_sampling(args)
     guidance = args.guidance if args.guidance is not None else (5.0 if m.xl else 7.5)  # docs/method.md, Evaluation
     if args.negative_prompt is not None and guidance <= 1:

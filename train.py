@@ -8,13 +8,14 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
     torchrun --standalone --nproc_per_node 8 train.py --model sdxl ... [--fsdp] [--global_contrast]
 
 Reads top to bottom: flags; set-up; the loop, whose every micro-batch is one call of
-method.micro_batch_loss (the method, E1..E9 of docs/method.md); the end. Randomness comes from
+micro_batch_loss (the method, E1..E9 of docs/method.md); the end. Randomness comes from
 generators seeded by (seed, step, micro-batch) and (seed, epoch, index), so a resumed run replays
 an uninterrupted one exactly. Collectives are plumbing/distributed.py's (docs/multi-gpu.md); checkpoints
 plumbing/checkpoint.py's; logs, validation and the model card plumbing/report.py's.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import shlex
@@ -22,17 +23,106 @@ import time
 
 import torch
 
-from plumbing import checkpoint as C
 import data
-from plumbing import distributed as D
-import method
+import loss as L
 import model as M
-from plumbing import pickapic
+from plumbing import checkpoint as C
+from plumbing import distributed as D
+from plumbing import pickapic, speed
 from plumbing import report as R
 import toy
 from toy import clip as toy_clip
 
 
+# ---------------------------------------------------------------------------------------
+# The method, applied to one micro-batch: from a batch of preference pairs to the loss, in the
+# paper's order (docs/method.md, E1..E9). The equations themselves are loss.py's pure functions;
+# these two functions run the networks around them. A reader follows one pair from the batch to
+# the loss here and in loss.py. The loop below and bench/speed.py both call micro_batch_loss, so
+# what is benchmarked is what is trained.
+def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedder=None, autocast=None):
+    """One micro-batch -> (loss, metrics), as loss.py returns them.
+    batch    what data.py yields: raw pairs (prompts, winner/loser images), a cache's tensors
+             (--data cache:DIR), or already-encoded inputs {"latents", "cond", "features"}.
+    args     train.py's flags (loss, timesteps, beta, tau, rpo_weighting, embed, caption_dropout).
+    share    this process's rows of the global micro-batch (distributed.Share; default: all of it).
+    policy   the module that runs ε_θ: m.unet, or its DDP/FSDP wrapper under torchrun.
+    embedder (CLIP, tokenizer) for E5 from raw images."""
+    pairs = args.loss != "sft"  # SFT trains on winners alone
+    share = share or D.Share([len(batch["prompt"])])
+    autocast = autocast or contextlib.nullcontext()
+    # The data as the networks see it (model.py): latents z = s·VAE.encode(x) for [winners;
+    # losers], the text conditioning c (caption dropout swaps in the empty prompt), and E5's
+    # CLIP text and image features (none for DPO/SFT).
+    latents, cond, features = model_inputs(m, batch, generator, args, share, embedder)
+    with torch.no_grad():
+        # E8: one t per micro-batch (RPO) or per pair (DPO), and ε; winner i and loser i share
+        # both (.repeat(2)), so their errors differ by the images, not by the noise.
+        T = m.scheduler.config.num_train_timesteps
+        t = share.keep(L.sample_timesteps(share.total, T, args.timesteps, generator)).to(latents.device)
+        noise = share.keep(L.sample_noise((share.total, *latents.shape[1:]), generator)).to(latents.device)
+        if pairs:
+            t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
+        # The forward process q(z_t | z_0): z_t = sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε
+        noisy = m.scheduler.add_noise(latents, noise, t)
+        v_pred = m.scheduler.config.prediction_type == "v_prediction"
+        target = m.scheduler.get_velocity(latents, noise, t) if v_pred else noise
+    with autocast:
+        err = L.denoising_error(M.predict_noise(policy or m.unet, noisy, t, cond), target)  # E1, policy
+    if not pairs:
+        return L.sft_loss(err)  # E9: plain denoising loss on winners
+    # E1 for the frozen reference: m.ref_unet, or for LoRA the same UNet with its adapters off
+    # (model.reference_unet). No gradient, and under DDP no communication: it is never wrapped.
+    with torch.no_grad(), autocast, M.reference_unet(m) as ref_unet:
+        ref_err = L.denoising_error(M.predict_noise(ref_unet, noisy, t, cond), target)
+    err_w, err_l = err.chunk(2)
+    ref_w, ref_l = ref_err.chunk(2)
+    if args.loss == "dpo":
+        return L.dpo_loss(err_w, err_l, ref_w, ref_l, args.beta)  # E2, E3
+    # E5: f(c, x) for every winner and loser; E6: ω_ij = softmax over losers j of -(1 - cos)/τ.
+    # With --global_contrast, everyone() gathers every rank's rows first, so that the matrix
+    # spans the global micro-batch (4 scalars and 2 embeddings a pair cross ranks, never images).
+    emb = L.combine_features(*features, args.embed, rows=len(latents))
+    emb_w, emb_l = share.everyone(*emb.chunk(2))
+    weights = L.rpo_weights(emb_w, emb_l, args.tau)
+    err_w, err_l, ref_w, ref_l = share.everyone(err_w, err_l, ref_w, ref_l)
+    return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, args.beta, args.rpo_weighting)  # E4, E7
+
+
+@torch.no_grad()
+def model_inputs(m, batch, generator, args, share, embedder=None):
+    """batch -> (latents, cond, (CLIP text features, CLIP image features)) for micro_batch_loss.
+    Random draws (caption dropout, the VAE posterior's sample z = μ + σ·n) are made for the
+    global micro-batch and this process's rows kept, in this order, so every rank computes what
+    one process computes for the concatenated batch."""
+    if "latents" in batch:  # already encoded (bench/speed.py, tests)
+        return batch["latents"], batch["cond"], batch.get("features")
+    pairs = args.loss != "sft"
+    k = 2 if pairs else 1  # images per pair in the model's batch: [winners; losers], or winners alone
+    rows = k * share.total  # the global batch's images
+    drop = torch.zeros(share.n, dtype=torch.bool)
+    if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
+        drop = share.keep(torch.rand(share.total, generator=generator)) < args.caption_dropout
+    both = (lambda w, l: torch.cat([w, l])) if pairs else (lambda w, l: w)
+    sizes = both(batch["original_size_w"], batch["original_size_l"])
+    crops = batch["crop_top_left"].repeat(k, 1)
+    if "cache_latent_w" in batch:  # --data cache:DIR: the encoders' outputs, stored
+        return M.cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs)
+    images = both(batch["winner"], batch["loser"])
+    # z = s·(μ + σ·n), n drawn for all `rows` of the global micro-batch, this process's kept
+    latents = M.encode_images(m, images, draw=lambda shape, dtype: share.keep(
+        torch.randn((rows, *shape), generator=generator, dtype=dtype), pairs))
+    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
+    cond = M.encode_prompts(m, prompts, sizes, crops, repeat=k)
+    features = None
+    if args.loss == "rpo":  # E5's halves, one CLIP pass for [winners; losers], each prompt once
+        features = M.clip_features(*embedder, None if args.embed == "image" else prompts,
+                                   None if args.embed == "text" else images)
+    return latents, cond, features
+
+
+# ---------------------------------------------------------------------------------------
+# Flags
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
@@ -43,15 +133,15 @@ def parser():
     g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto: bf16 on a GPU (fastest in bench/speed.py, no grad scaler needed), no on the CPU")
     g.add_argument("--compile", nargs="?", const="regional", default="auto", choices=["auto", "none", "regional", "full"],
-                   help="torch.compile the UNets: regional (the flag alone) compiles each block, 1.5-2.5 min once; full "
+                   help="torch.compile the UNets: regional (the flag alone) compiles each block once, at the start; full "
                         "the whole UNet; auto: regional on a GPU, none on the CPU (docs/speed-gpu.md)")
-    g.add_argument("--sdpa_backend", default="auto", choices=["auto", *M.SDPA_BACKENDS],
+    g.add_argument("--sdpa_backend", default="auto", choices=["auto", *speed.SDPA_BACKENDS],
                    help="attention kernel; auto: cudnn on a GPU (fastest on an H200), PyTorch's choice on the CPU")
     g.add_argument("--gradient_checkpointing", nargs="?", const="all", default="auto", metavar="WHICH",
                    help="recompute activations in backward: all (the flag alone), transformer, transformer:F (that "
                         "fraction of the transformer blocks, widest first), alternate, resnet, hires, none; auto: "
-                        "transformer:0.25 for a full fine-tune of sd15/sdxl on a GPU (SDXL 1024², 4 pairs, compiled: "
-                        "69.6 GiB, 36%% MFU on an H200), none otherwise")
+                        "transformer:0.25 for a full fine-tune of sd15/sdxl on a GPU (the fastest that fits SDXL in "
+                        "80 GB: docs/speed-gpu.md), none otherwise")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--lora_rank", type=int, default=0,
                    help="train a LoRA of this rank (needs peft) instead of the whole UNet; 0: full fine-tune")
@@ -180,7 +270,7 @@ def parse_args(argv=None):
     if args.data is None:  # a real model gets real preference data that exists (Pick-a-Pic v2 left the hub)
         args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else pickapic.DEFAULT_DATA
     if args.embed_model is None:
-        args.embed_model = M.default_embed_model(args.model)
+        args.embed_model = M.default_embed_model(args.model, args.pretrained)
     for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -193,8 +283,8 @@ def parse_args(argv=None):
     for name in ("caption_dropout", "style_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
-    if args.gradient_checkpointing != "auto" and not M.checkpointing_ok(args.gradient_checkpointing):
-        p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(M.CHECKPOINTING)} or "
+    if args.gradient_checkpointing != "auto" and not speed.checkpointing_ok(args.gradient_checkpointing):
+        p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(speed.CHECKPOINTING)} or "
                 f"transformer:F with 0 < F <= 1")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
         p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
@@ -284,6 +374,75 @@ def count_skips(counts, reasons):
         counts[kind] = counts.get(kind, 0) + 1
 
 
+class Reporter:
+    """What a run reports, on rank 0: OUT_DIR/metrics.jsonl (one line per optimizer step), a tqdm
+    bar or, with --no_progress, a line every --log_every steps, and the scalars and validation grids
+    in TensorBoard or Weights & Biases (--report_to)."""
+
+    def __init__(self, args, step, master):
+        self.args, self.master, self.tracker, self.bar = args, master, None, None
+        if not master:
+            return
+        self.metrics = C.open_metrics(args.out_dir, step, args.resume)
+        if not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
+        if args.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("error: --report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+            self.tracker = SummaryWriter(os.path.join(args.out_dir, "logs"), purge_step=step + 1 if args.resume else None)
+        elif args.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --report_to wandb needs the wandb package (pip install wandb)")
+            self.tracker = wandb.init(project="rpo-diffusion", dir=args.out_dir, config=vars(args),
+                                      name=os.path.basename(os.path.normpath(args.out_dir)), resume="allow")
+
+    def step(self, record):
+        """One optimizer step's figures (a dict with "step")."""
+        if not self.master:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        if self.args.report_to == "tensorboard":
+            for k, v in scalars.items():
+                self.tracker.add_scalar(f"train/{k}", v, record["step"])
+        elif self.args.report_to == "wandb":
+            self.tracker.log({f"train/{k}": v for k, v in scalars.items()}, step=record["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
+                                 pairs_s=f"{record['pairs_per_s']:.1f}")
+        elif self.args.log_every and record["step"] % self.args.log_every == 0:
+            shown = ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "implicit_acc", "reward_margin", "grad_norm",
+                                                              "lr", "pairs_per_s") if k in record)
+            print(f"step {record['step']}/{self.args.max_steps}: {shown}", flush=True)
+
+    def image(self, step, name, grid):
+        """A validation grid (PIL image), already saved under OUT_DIR/validation/."""
+        if not self.master:
+            return
+        if self.args.report_to == "tensorboard":
+            import numpy as np
+            self.tracker.add_image(f"validation/{name}", np.asarray(grid), step, dataformats="HWC")
+        elif self.args.report_to == "wandb":
+            import wandb
+            self.tracker.log({f"validation/{name}": wandb.Image(grid)}, step=step)
+
+    def close(self):
+        if not self.master:
+            return
+        self.metrics.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
+
+
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
@@ -341,7 +500,7 @@ def main(argv=None):
     # The loop: grad_accum micro-batches, one optimizer step.
     stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
                                  args.num_workers)
-    reporter = R.Reporter(args, step, master)
+    reporter = Reporter(args, step, master)
     bad_steps, last_epoch, grid = 0, epoch, None
     while step < args.max_steps:
         t0 = time.time()
@@ -362,7 +521,7 @@ def main(argv=None):
             accumulate = world > 1 and not args.fsdp and micro < args.grad_accum - 1
             with policy.no_sync() if accumulate else contextlib.nullcontext():
                 share = D.Share(counts, rank, global_contrast=args.global_contrast and world > 1)
-                loss, metrics = method.micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
+                loss, metrics = micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
                 finite = D.all_ranks(torch.isfinite(loss).item(), m.device)
                 if finite or world > 1:  # DDP/FSDP: every forward needs its backward (the reducer waits)
                     scaler.scale(loss / args.grad_accum).backward()

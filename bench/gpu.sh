@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU comparison table behind the README's speed and memory figures: SD1.5 at 512² and
 # SDXL at 1024², RPO vs DPO, the main flag combinations, LoRA, and the official Diffusion-DPO
-# SDXL setup as a baseline. About 6-8 minutes on one H100/H200. One JSON line per configuration
+# SDXL setup as a baseline, on one H100/H200. One JSON line per configuration
 # (bench/speed.py --json), also written to ${OUT:-.}/bench_gpu.jsonl.
 #   bash bench/gpu.sh
 set -u

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU default, checked in ONE run of ~6 minutes on one H100/H200 (rows appended to
+# The GPU default, checked in ONE run on one H100/H200 (rows appended to
 # $OUT/bench_gpu.jsonl with the GPU's name; bench/speed.py measures):
 #   1. sdxl   SDXL 1024² full-FT, 4 pairs, bf16 + fused AdamW, regional compile + checkpointing of
 #             the widest quarter of the transformer blocks + cuDNN attention: RPO and DPO alternated

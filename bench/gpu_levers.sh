@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU speed levers, cached vs raw data and the NCCL/FSDP runs in ONE run of ~8 minutes on
+# The GPU speed levers, cached vs raw data and the NCCL/FSDP runs in ONE run on
 # one H100/H200 (bench/speed.py does the measuring; each row is one JSON line with the GPU's name, appended to $OUT/bench_gpu.jsonl):
 #   1. sdxl   SDXL 1024² full-FT, bf16 + fused AdamW, 4 pairs, in one process: eager baselines,
-#             cuDNN attention, channels_last, regional compile (cold compile ~100 s on a fresh
+#             cuDNN attention, channels_last, regional compile (a cold compile on a fresh
 #             machine) with selective checkpointing, the same for DPO, 8 pairs; the grid starts
 #             no row after SDXL_BUDGET seconds
 #   2. data   SD1.5 512², real architectures with random weights (bench/speed.py --pretrained random):
@@ -11,9 +11,7 @@
 #   3. dist   torchrun --nproc_per_node 1 train.py with DDP and with --fsdp: NCCL on the GPU.
 #             tiny-xl: a few steps, --save_every, then --resume (the two series side by side);
 #             then the SD1.5-size random UNet on the cache from 2., DDP vs FSDP step time and memory
-# Measured on an H200 (docs/speed-gpu.md): the first version of this script ran data, dist, sdxl
-# in that order and left the SDXL grid 125 s (data 111 s, dist 170 s); the compile rows were then
-# run as two more bench/speed.py --grid calls. This order puts the SDXL grid first.
+# The SDXL grid runs first: it is the section that needs the most of a short lease (docs/speed-gpu.md).
 #     bash bench/gpu_levers.sh                  # on the GPU machine
 #     DRY=1 bash bench/gpu_levers.sh            # the same steps on the CPU with tiny presets (a test)
 set -u
@@ -21,7 +19,7 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-results/levers-out}
 mkdir -p "$OUT"
 rows=$OUT/bench_gpu.jsonl
-SDXL_BUDGET=${SDXL_BUDGET:-180}  # seconds after which section 1 starts no new row (H200: ~8.5 min in all)
+SDXL_BUDGET=${SDXL_BUDGET:-180}  # seconds after which section 1 starts no new row
 DRY=${DRY:-0}
 PY=${PY:-python3}
 export BENCH_TMP=${BENCH_TMP:-/tmp/bench-levers}

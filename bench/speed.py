@@ -8,7 +8,7 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python -m bench.speed --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
     python -m bench.speed --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
 
-The step is method.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
+The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
 reference forward is the same UNet with its adapters off: model.reference_unet). UNets are built from their
 architecture (model.ARCHITECTURES) with random weights and fed random latents and text states
@@ -18,17 +18,17 @@ gradient checkpointing (model FLOPs: recomputation is not useful work), and MFU 
 the step time and the GPU's dense bf16 peak.
 """
 import argparse
-import contextlib
 import gc
 import json
 import time
 
 import torch
 
-import method
 import model as M
+from plumbing import random_weights, speed
 import train
 import toy
+from plumbing import hub
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 COMPILED_SDPA = None  # the attention backend of the graphs Dynamo holds (run: reset when it changes)
@@ -50,12 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient_checkpointing", action="store_true", help="= --checkpointing all")
-    p.add_argument("--checkpointing", default=None, metavar="{" + ",".join(M.CHECKPOINTING) + ",transformer:F}",
+    p.add_argument("--checkpointing", default=None, metavar="{" + ",".join(speed.CHECKPOINTING) + ",transformer:F}",
                    help="which blocks recompute their activations in backward (model.apply_checkpointing)")
     p.add_argument("--compile", nargs="?", const="full", default="none", choices=["none", "regional", "full"],
                    help="torch.compile the policy and reference UNets: full (bare --compile) or each block "
                         "(model.compile_blocks); compile time is reported apart from the step time")
-    p.add_argument("--sdpa_backend", default="default", choices=M.SDPA_BACKENDS,
+    p.add_argument("--sdpa_backend", default="default", choices=speed.SDPA_BACKENDS,
                    help="attention kernel (model.set_sdpa_backend); a shape it cannot take fails the row")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
     p.add_argument("--channels_last", action="store_true")
@@ -91,13 +91,13 @@ def parse_args(argv=None):
 
 
 def fake_batch(m, name, B, R, generator):
-    """An already-encoded batch for method.micro_batch_loss: random [winners; losers] latents,
+    """An already-encoded batch for train.micro_batch_loss: random [winners; losers] latents,
     text conditioning and E5 features (CLIP text (B, 64), image (2B, 64)) of the right shapes."""
     unet = m.unet
     factor = 8 if name in ("sd15", "sdxl") else (2 if m.vae is not None else 1)
     latents = torch.randn(2 * B, unet.config.in_channels, R // factor, R // factor, generator=generator).to(m.device)
     if name in ("sd15", "sdxl"):
-        shape = M.TEXT_SHAPES[name]
+        shape = random_weights.TEXT_SHAPES[name]
         hidden = torch.randn(B, shape["tokens"], shape["hidden"], generator=generator).repeat(2, 1, 1)
         cond = {"encoder_hidden_states": hidden.to(m.device, m.dtype)}
         if m.xl:
@@ -153,7 +153,7 @@ def run(cfg):
             raise SystemExit("error: --preset dpo-reference offloads with accelerate (pip install accelerate)")
         m.ref_unet = cpu_offload(m.ref_unet.to("cpu"), execution_device=device)
     if cfg["channels_last"]:
-        M.to_channels_last(m.unet, m.ref_unet)
+        speed.to_channels_last(m.unet, m.ref_unet)
     generator = torch.Generator().manual_seed(0)
 
     def batch_of(pairs):
@@ -172,7 +172,7 @@ def run(cfg):
     flags = train.parse_args(["--loss", cfg["loss"], "--timesteps", "batch"])  # β, τ, ω placement: train.py's defaults
 
     def step(batch):
-        loss, _ = method.micro_batch_loss(m, batch, generator, flags, autocast=autocast)
+        loss, _ = train.micro_batch_loss(m, batch, generator, flags, autocast=autocast)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -193,9 +193,9 @@ def run(cfg):
             step(batch_of(1))
         FLOPS_PER_PAIR[key] = counter.get_total_flops()
     flops = FLOPS_PER_PAIR[key] * B
-    M.apply_checkpointing(m.unet, cfg["checkpointing"])
+    speed.apply_checkpointing(m.unet, cfg["checkpointing"])
     if device.type == "cuda":
-        M.set_sdpa_backend(cfg["sdpa_backend"], fallback=False)
+        speed.set_sdpa_backend(cfg["sdpa_backend"], fallback=False)
     if cfg["compile"] != "none":
         # The attention kernel is chosen while a graph is traced and baked into it, and Dynamo does
         # not guard on the SDPA switches: a cached graph would keep the last row's kernel.
@@ -204,8 +204,8 @@ def run(cfg):
             from torch import _dynamo
             _dynamo.reset()
         COMPILED_SDPA = cfg["sdpa_backend"]
-    M.compile_unet(m.unet, cfg["compile"])  # in place, as train.py --compile does
-    M.compile_unet(m.ref_unet, cfg["compile"])
+    speed.compile_unet(m.unet, cfg["compile"])  # in place, as train.py --compile does
+    speed.compile_unet(m.ref_unet, cfg["compile"])
     batch = batch_of(B)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     warm = []
@@ -222,7 +222,7 @@ def run(cfg):
     sync()
     seconds = (time.perf_counter() - t0) / cfg["steps"]
     if device.type == "cuda":
-        M.set_sdpa_backend("default")
+        speed.set_sdpa_backend("default")
     result = dict(cfg, resolution=R, unet_params_M=round(M.unet_size(m.unet) / 1e6, 1),
                   trainable_params_M=round(sum(p.numel() for p in params) / 1e6, 3), ms_per_step=round(1e3 * seconds, 2),
                   pairs_per_s=round(B / seconds, 3), flops_per_step=flops, tflops_per_step=round(flops / 1e12, 3),
@@ -301,32 +301,12 @@ def fake_pickapic(folder, n, size=512):
     return folder
 
 
-@contextlib.contextmanager
-def random_real_weights(enabled=True):
-    """--pretrained random: while the block runs, model.load_real and model.load_embedder build
-    sd15/sdxl's UNet, VAE, text encoders and the E5 CLIP (ViT-L/14) from their architectures with
-    random weights (model.build_random_real, model.random_embedder), on the current GPU, instead
-    of reading them: train.py and data.py then run their real code paths at the real shapes, with
-    no download. Speed only: the numbers they compute mean nothing."""
-    if not enabled:
-        yield
-        return
-    here = lambda: torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    saved = M.load_real, M.load_embedder
-    M.load_real = lambda source, xl, encoders=True: M.build_random_real("sdxl" if xl else "sd15", here(), encoders)
-    M.load_embedder = lambda name="tiny", device="cpu": M.random_embedder(device)
-    try:
-        yield
-    finally:
-        M.load_real, M.load_embedder = saved
-
-
 def bench_data(args, device):
     """--data DATA: train.py end to end, on the raw pairs of DATA (decoding, VAE, text encoders,
     E5's CLIP every step) and on a cache of the same pairs (data.py cache: none of those). A
     run's figure is the median of train.py's own per-step pairs/s after --warmup steps; with
     --repeat N the two alternate N times and the medians of the runs are reported.
-    --pretrained random: sd15/sdxl with random weights (random_real_weights). --num_workers may
+    --pretrained random: sd15/sdxl with random weights (model.load_models). --num_workers may
     be a comma list (0,4): one raw/cached comparison per value, on the same cache."""
     import os
     import statistics
@@ -342,52 +322,51 @@ def bench_data(args, device):
         args.data = f"pickapic:{fake_pickapic(f'{tmp}/pickapic', n)}"
     mp = args.mixed_precision if device.startswith("cuda") else "no"
     results = []
-    with random_real_weights(args.pretrained == "random"):
-        t0 = time.time()
-        index = data.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
-                                 embed_model=args.embed_model, resolution=args.resolution, device=device,
-                                 mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=workers[0],
-                                 progress=False)
-        cache_s = time.time() - t0
-        print(f"cache: {index['num_pairs']} pairs in {cache_s:.1f} s ({tmp}/cache)", flush=True)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        for num_workers in workers:
-            runs = {"raw": [], "cached": []}
-            for name, spec in [("raw", args.data), ("cached", f"cache:{tmp}/cache")] * args.repeat:  # interleaved
-                flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
-                         str(args.batch_size), "--max_steps", str(steps), "--num_items", str(n), "--out_dir",
-                         f"{tmp}/{name}", "--overwrite", "--no_progress", "--num_workers", str(num_workers), "--device", device,
-                         "--mixed_precision", mp] + (["--resolution", str(args.resolution)] if args.resolution else []) + (
-                         ["--pretrained", args.pretrained] if args.pretrained else []) + (
-                         ["--embed_model", args.embed_model] if args.embed_model else []) + (
-                         ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                train.main(flags)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                with open(f"{tmp}/{name}/metrics.jsonl") as f:
-                    runs[name].append(statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:]))
-            rates = {name: statistics.median(r) for name, r in runs.items()}
-            result = {"mode": "data", "model": args.model, "data": args.data, "pretrained": args.pretrained,
-                      "loss": args.loss.split(",")[0], "batch_size": args.batch_size, "device": device,
-                      "mixed_precision": mp, "num_workers": num_workers, "cache_build_s": round(cache_s, 1),
-                      "raw_pairs_per_s": round(rates["raw"], 2), "cached_pairs_per_s": round(rates["cached"], 2),
-                      "cached_over_raw": round(rates["cached"] / rates["raw"], 2), "runs": runs}
+    t0 = time.time()
+    index = data.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
+                             embed_model=args.embed_model, resolution=args.resolution, device=device,
+                             mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=workers[0],
+                             progress=False)
+    cache_s = time.time() - t0
+    print(f"cache: {index['num_pairs']} pairs in {cache_s:.1f} s ({tmp}/cache)", flush=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for num_workers in workers:
+        runs = {"raw": [], "cached": []}
+        for name, spec in [("raw", args.data), ("cached", f"cache:{tmp}/cache")] * args.repeat:  # interleaved
+            flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
+                     str(args.batch_size), "--max_steps", str(steps), "--num_items", str(n), "--out_dir",
+                     f"{tmp}/{name}", "--overwrite", "--no_progress", "--num_workers", str(num_workers), "--device", device,
+                     "--mixed_precision", mp] + (["--resolution", str(args.resolution)] if args.resolution else []) + (
+                     ["--pretrained", args.pretrained] if args.pretrained else []) + (
+                     ["--embed_model", args.embed_model] if args.embed_model else []) + (
+                     ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
             if torch.cuda.is_available():
-                result["gpu"] = torch.cuda.get_device_name()
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(result) + "\n")
-            print(json.dumps(result) if args.json else
-                  f"{args.model} on {args.data}, {args.batch_size} pairs/step, {device}, {num_workers} workers: raw "
-                  f"{rates['raw']:.1f} pairs/s, cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x); "
-                  f"medians of {args.repeat} interleaved runs each: raw {[round(x, 1) for x in runs['raw']]}, "
-                  f"cached {[round(x, 1) for x in runs['cached']]}", flush=True)
-            results.append(result)
+                torch.cuda.reset_peak_memory_stats()
+            train.main(flags)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            with open(f"{tmp}/{name}/metrics.jsonl") as f:
+                runs[name].append(statistics.median([json.loads(line)["pairs_per_s"] for line in f][args.warmup:]))
+        rates = {name: statistics.median(r) for name, r in runs.items()}
+        result = {"mode": "data", "model": args.model, "data": args.data, "pretrained": args.pretrained,
+                  "loss": args.loss.split(",")[0], "batch_size": args.batch_size, "device": device,
+                  "mixed_precision": mp, "num_workers": num_workers, "cache_build_s": round(cache_s, 1),
+                  "raw_pairs_per_s": round(rates["raw"], 2), "cached_pairs_per_s": round(rates["cached"], 2),
+                  "cached_over_raw": round(rates["cached"] / rates["raw"], 2), "runs": runs}
+        if torch.cuda.is_available():
+            result["gpu"] = torch.cuda.get_device_name()
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+        print(json.dumps(result) if args.json else
+              f"{args.model} on {args.data}, {args.batch_size} pairs/step, {device}, {num_workers} workers: raw "
+              f"{rates['raw']:.1f} pairs/s, cached {rates['cached']:.1f} pairs/s ({result['cached_over_raw']:.2f}x); "
+              f"medians of {args.repeat} interleaved runs each: raw {[round(x, 1) for x in runs['raw']]}, "
+              f"cached {[round(x, 1) for x in runs['cached']]}", flush=True)
+        results.append(result)
     print(f"cache kept in {tmp}/cache", flush=True)
     return results[0] if len(results) == 1 else results
 
@@ -420,7 +399,7 @@ def run_grid(args, cfg):
                 result = measure(row_cfg)
             except Exception as err:  # noqa: BLE001 (the row records it; the grid goes on)
                 traceback.print_exc()
-                result = dict(row_cfg, error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}")
+                result = dict(row_cfg, error=f"{type(err).__name__}: {hub.first_line(err)}")
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -485,8 +464,7 @@ def train_main(argv):
     import statistics
     args = train.parse_args(argv)
     t0 = time.time()
-    with random_real_weights(args.pretrained == "random"):
-        train.main(argv)
+    train.main(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:

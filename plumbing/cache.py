@@ -18,7 +18,7 @@ import torch
 
 import model as M
 from toy import clip as toy_clip
-from plumbing.images import collate_pairs
+from plumbing import hub
 
 CACHE_FORMAT = "rpo-diffusion-cache/1"
 PER_PROMPT = ("text_hidden", "text_pooled", "clip_text")  # stored once per distinct prompt of a shard
@@ -32,7 +32,7 @@ def _cache_identity(model, pretrained):
 @torch.no_grad()
 def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None, flip=False, batch_size=16,
                 device="cpu", mixed_precision="no", embed_model=None, dtype="fp16", shard_size=1024,
-                num_workers=0, progress=True, part=0, parts=1):
+                num_workers=0, progress=True, part=0, parts=1, collate=None):
     """One pass over a pair data set (in index order, centre crops; data.build_cache makes it
     from a --data spec) -> safetensors shards and OUT/index.json. Returns the index dict.
     part/parts: this process caches the part-th of `parts` equal, contiguous index ranges and
@@ -42,13 +42,13 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     m = M.load_models(model, pretrained, device=device, mixed_precision=mixed_precision, reference=False)
     m.unet = None  # only the frozen encoders are needed here
     m.resolution = resolution
-    embed_model = embed_model or M.default_embed_model(model)
+    embed_model = embed_model or M.default_embed_model(model, pretrained)
     clip, clip_tok = toy_clip.embedder(embed_model, device)
     store = CACHE_DTYPES[dtype]
     os.makedirs(out, exist_ok=True)
     lo, hi = part * len(dataset) // parts, (part + 1) * len(dataset) // parts
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
-                                         collate_fn=collate_pairs, num_workers=num_workers)
+                                         collate_fn=collate, num_workers=num_workers)
     # index-level skips (ties, ...) belong to the whole data set: counted by part 0 only
     shards, buf, skips, n_pairs = [], {}, dict(getattr(dataset, "skip_counts", {})) if part == 0 else {}, 0
 
@@ -141,7 +141,7 @@ def _load_index(path):
         with open(path, "rb") as f:
             index = json.loads(f.read())
     except (OSError, ValueError, RecursionError) as err:  # (JSON and UTF-8 errors are ValueErrors)
-        raise ValueError(f"{path}: unreadable cache index ({str(err).splitlines()[0][:160]})") from None
+        raise ValueError(f"{path}: unreadable cache index ({hub.first_line(err)})") from None
     if not isinstance(index, dict):
         raise ValueError(f"{path}: not a cache index (a JSON {type(index).__name__}, not an object)")
     if index.get("format") != CACHE_FORMAT:
@@ -201,7 +201,7 @@ def _check_files(folder, index):
                 rows = {k: f.get_slice(k).get_shape()[:1] for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path}: unreadable cache shard, truncated or not safetensors "
-                             f"({str(err).splitlines()[0][:120]}); rebuild the cache") from None
+                             f"({hub.first_line(err)}); rebuild the cache") from None
         if not isinstance(prompts, list) or "prompt_row" not in rows:
             raise ValueError(f"{path}: not a cache shard (no prompt list or prompt_row)")
         for k, r in rows.items():
@@ -215,12 +215,12 @@ def _check_files(folder, index):
     try:
         return load_file(path)
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: unreadable ({str(err).splitlines()[0][:120]}); rebuild the cache") from None
+        raise ValueError(f"{path}: unreadable ({hub.first_line(err)}); rebuild the cache") from None
 
 
 class CachedPairs(torch.utils.data.Dataset):
     """Pairs from a build_cache folder. Items carry the cached tensors under "cache_*" keys
-    (collate_pairs stacks them); train.py turns them into latents, conditioning and E5 embeddings
+    (data.collate_pairs stacks them); train.py turns them into latents, conditioning and E5 embeddings
     without any encoder. Refuses a cache built for another model or resolution, and, with a
     one-line error naming the file, a damaged one: an index that is not JSON, not an object or
     lacks a key; a shard that is missing, truncated or disagrees with the index."""

@@ -26,7 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from plumbing import distributed as D
+from plumbing import files, fsdp
 import model as M
+from plumbing import hub, lora
 
 # What must match for a run to continue a checkpoint: the reference is the same starting UNet,
 # and the weights have the same shape.
@@ -103,7 +105,7 @@ def inspect_checkpoint(folder):
         return f"state.json has a malformed {(counts or ['args or optimizer'])[0]}", None
     files = ["optimizer.safetensors", "rng.safetensors"]
     if state["args"].get("lora_rank"):
-        files.insert(0, os.path.join("lora", M.LORA_FILE))
+        files.insert(0, os.path.join("lora", lora.LORA_FILE))
     else:
         config, why = _read_json(os.path.join(folder, "unet", "config.json"))
         if why:
@@ -118,7 +120,7 @@ def inspect_checkpoint(folder):
                 return "unet/diffusion_pytorch_model.safetensors.index.json has no weight_map", None
         files[:0] = shards or [os.path.join("unet", "diffusion_pytorch_model.safetensors")]
     for name in files:
-        why = M.safetensors_problem(os.path.join(folder, name))
+        why = hub.safetensors_problem(os.path.join(folder, name))
         if why:
             return f"{name.replace(os.sep, '/')} {why}", None
     return None, state
@@ -199,8 +201,9 @@ def check_out_dir(args, master):
 
 def _check_out_dir(args):
     out, overwrite = args.out_dir, getattr(args, "overwrite", False)
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"error: --out_dir {out} is a file, not a folder"
+    problem = files.folder_problem(out, "--out_dir")
+    if problem:
+        return problem
     if args.resume:
         if overwrite:
             return "error: --overwrite starts over and --resume continues: pass one of them"
@@ -306,7 +309,7 @@ def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     _settle(path)
     shutil.rmtree(tmp, ignore_errors=True)
     if m.lora:
-        M.save_lora(m, os.path.join(tmp, "lora"))
+        lora.save_lora(m, os.path.join(tmp, "lora"))
     else:
         (unet or m.unet).save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
     tensors, optimizer_meta = optimizer_to_tensors(optimizer)
@@ -341,7 +344,7 @@ def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=N
                  args=vars(args), cwd=os.getcwd(),
                  rng="timesteps/noise: Generator(seed, step, micro-batch), drawn for the "
                      "global micro-batch; crops: (seed, epoch, index)")
-    unet, optim = D.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
+    unet, optim = fsdp.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
     if master:
         save_checkpoint(path, m, optim, scaler, state, keep, unet=unet)
 
@@ -449,10 +452,10 @@ def resume(args, m, optimizer, scaler, master):
         optimizer_state = optimizer_state_from_tensors(
             load_file(os.path.join(ckpt, "optimizer.safetensors"), device=where), state["optimizer"]) if reads else {}
         if m.lora:  # the adapter only: the frozen base is rebuilt identically by load_models
-            M.load_lora(m, os.path.join(ckpt, "lora"))
+            lora.load_lora(m, os.path.join(ckpt, "lora"))
         elif args.fsdp:
             weights = load_unet_weights(os.path.join(ckpt, "unet"), where) if master else {}
-            D.fsdp_load_state(m.unet, optimizer, weights, optimizer_state)
+            fsdp.fsdp_load_state(m.unet, optimizer, weights, optimizer_state)
         else:
             m.unet.load_state_dict(load_unet_weights(os.path.join(ckpt, "unet"), where))
         if not args.fsdp:

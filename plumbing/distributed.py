@@ -1,6 +1,7 @@
 """
-Data parallelism for train.py, in one place: every collective the training run makes is a call
-to a function of this file. docs/multi-gpu.md explains the design; in short:
+Data parallelism for train.py: every collective the training loop makes is a call
+to a function of this file (FSDP's sharding and state gathering: fsdp.py). docs/multi-gpu.md
+explains the design; in short:
 
 - One process per device (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE); without torchrun every
   function here is a no-op and train.py is one plain process.
@@ -161,9 +162,10 @@ def wrap_policy(unet, fsdp, device):
       DDP: a replica per rank; gradients averaged after backward (all-reduce in buckets,
         overlapping the backward), only for requires_grad parameters (a LoRA all-reduces its
         adapters only). gradient_as_bucket_view: no second copy of the gradients (SDXL: 10 GB).
-      FSDP (--fsdp): shard_unet shards the UNet in place; the reference stays a full frozen copy."""
+      FSDP (--fsdp): fsdp.shard_unet shards the UNet in place; the reference stays a full frozen copy."""
     if fsdp:
-        return shard_unet(unet)
+        from plumbing import fsdp as F
+        return F.shard_unet(unet)
     if not active():
         return unet
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -171,62 +173,3 @@ def wrap_policy(unet, fsdp, device):
     return DDP(unet, device_ids=[torch.device(device).index] if gpu else None, find_unused_parameters=False,
                gradient_as_bucket_view=True)
 
-
-def shard_unet(unet):
-    """--fsdp: FSDP2 (fully_shard) on every ResNet and transformer block, then every down/mid/up
-    block, then the root. Each parameter lives in its innermost group, as 1/W of a flat fp32
-    shard per rank; a group's full weights are all-gathered just before its forward (and again
-    for its backward) and freed after, and its gradients reduce-scattered as soon as they exist:
-    small groups keep the transient small (docs/multi-gpu.md). Params stay fp32 and autocast
-    does the bf16 compute, as without FSDP, so the numbers match DDP's."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-    from torch.distributed.fsdp import fully_shard
-    inner = [mod for mod in unet.modules() if isinstance(mod, (BasicTransformerBlock, ResnetBlock2D))]
-    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-    for mod in inner + blocks + [unet]:
-        fully_shard(mod)
-    return unet
-
-
-def trainable_names(unet):
-    # The order of the optimizer's parameters (train.py builds it from unet.parameters()): the
-    # single-device optimizer state numbers parameters in this order, FSDP's names them.
-    return [n for n, p in unet.named_parameters() if p.requires_grad]
-
-
-def fsdp_full_state(unet, optimizer, master):
-    """--fsdp checkpoints: gather the sharded UNet and AdamW state into full CPU tensors on rank 0
-    (collectives: every rank calls this). Returns, on rank 0, a plain UNet2DConditionModel with
-    those weights (save_pretrained then writes what a single-device run writes) and the optimizer
-    state in the single-device format (parameters numbered, not named); (None, None) elsewhere."""
-    from diffusers import UNet2DConditionModel
-    from torch.distributed.checkpoint import state_dict as dcp
-    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, rank 0, CPU
-    weights = dcp.get_model_state_dict(unet, options=options)
-    optim = dcp.get_optimizer_state_dict(unet, optimizer, options=options)
-    if not master:
-        return None, None
-    with torch.device("meta"):  # no memory: the gathered CPU tensors are assigned below
-        plain = UNet2DConditionModel.from_config(unet.config)
-    plain.load_state_dict(weights, assign=True)
-    index = {name: i for i, name in enumerate(trainable_names(unet))}
-    optim = {"state": {index[k]: v for k, v in optim["state"].items()},
-             "param_groups": [dict(g, params=[index[k] for k in g["params"]]) for g in optim["param_groups"]]}
-    return plain, optim
-
-
-def fsdp_load_state(unet, optimizer, weights, optim_state):
-    """--fsdp resume: full weights and a single-device optimizer state dict -> every rank's
-    shards. Rank 0 alone reads the checkpoint and passes it here; the other ranks pass {} and
-    receive the tensors from it one by one (broadcast_from_rank0), each keeping its slice: one
-    full copy in host memory per node, not one per rank (SDXL's weights and AdamW state: 31 GB)."""
-    from torch.distributed.checkpoint import state_dict as dcp
-    options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    dcp.set_model_state_dict(unet, weights, options=options)
-    if optim_state:
-        names = trainable_names(unet)
-        optim_state = {"state": {names[i]: v for i, v in optim_state["state"].items()},
-                       "param_groups": [dict(g, params=[names[i] for i in g["params"]])
-                                        for g in optim_state["param_groups"]]}
-    dcp.set_optimizer_state_dict(unet, optimizer, optim_state, options=options)

@@ -11,18 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def image_to_tensor(img):
-    """PIL image or uint8 HxWx3 array -> float32 (3,H,W) tensor in [-1, 1]."""
-    arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.uint8)
-    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-
-
-def tensor_to_uint8(t):
-    """Inverse of image_to_tensor: (3,H,W) -> uint8 HxWx3, or (B,3,H,W) -> uint8 BxHxWx3.
-    Clamps first because model samples overshoot [-1, 1] slightly."""
-    t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return t.movedim(-3, -1).numpy()
+from model import image_to_tensor
 
 
 
@@ -163,28 +152,3 @@ def _to_rgb(im):
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im.convert("RGB")
 
-
-def collate_pairs(items):
-    """Stack item dicts into a batch; drop skip markers and report them in "skipped".
-    Fields an item kind lacks (loser, original_size_l for ToyImages) come out as None."""
-    kept = [it for it in items if "skip" not in it]
-    skipped = [it["skip"] for it in items if "skip" in it]
-    batch = dict.fromkeys(("winner", "loser", "original_size_w", "original_size_l",
-                           "crop_top_left", "index"))  # all None until filled below
-    batch.update(prompt=[it["prompt"] for it in kept], skipped=skipped)
-    if not kept:  # the training loop checks batch["winner"] is None and moves on
-        return batch
-    if "winner" in kept[0]:  # (CachedPairs items carry cache_* tensors instead of images)
-        batch["winner"] = torch.stack([it["winner"] for it in kept])
-    if "loser" in kept[0]:
-        batch["loser"] = torch.stack([it["loser"] for it in kept])
-    for key in ("original_size_w", "original_size_l", "crop_top_left"):
-        if key in kept[0]:
-            batch[key] = torch.tensor([it[key] for it in kept], dtype=torch.long)
-    batch["index"] = torch.tensor([it["index"] for it in kept], dtype=torch.long)
-    for key in kept[0]:
-        if key.startswith("cache_"):  # CachedPairs: latents, text states, E5 features
-            batch[key] = torch.stack([it[key] for it in kept])
-    if "styled" in kept[0]:
-        batch["styled"] = torch.tensor([it["styled"] for it in kept], dtype=torch.bool)
-    return batch

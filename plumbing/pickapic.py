@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from plumbing.images import ImagePairs, read_image
+from plumbing import hub
 
 # train.py's data for sd15/sdxl when --data is not given: Apache-2.0, thousands of community-voted pairs
 # (FLUX.1-dev vs SD3.5-large images; the hub's size class 1K-10K), two parquet shards of ~430 MB.
@@ -225,7 +226,7 @@ class ParquetPairs(_PreferencePairs):
             try:
                 metas.append(pq.read_metadata(path))
             except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a damaged file
-                raise ValueError(f"{path}: not a readable parquet file ({str(err).splitlines()[0][:120]})")
+                raise ValueError(f"{path}: not a readable parquet file ({hub.first_line(err)})")
         arrows = [m.schema.to_arrow_schema() for m in metas]
         self.schema = s = schema or detect_schema([a.names for a in arrows], folder)
         units, rows = [], []  # units: (file, row group); rows: that row group's usable row numbers

@@ -10,73 +10,8 @@ import os
 
 import torch
 
-from plumbing import checkpoint as C
+from toy import scorer as toy_scorer
 import model as M
-
-
-class Reporter:
-    def __init__(self, args, step, master):
-        self.args, self.master, self.tracker, self.bar = args, master, None, None
-        if not master:
-            return
-        self.metrics = C.open_metrics(args.out_dir, step, args.resume)
-        if not args.no_progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
-        if args.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("error: --report_to tensorboard needs the tensorboard package (pip install tensorboard)")
-            self.tracker = SummaryWriter(os.path.join(args.out_dir, "logs"), purge_step=step + 1 if args.resume else None)
-        elif args.report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("error: --report_to wandb needs the wandb package (pip install wandb)")
-            self.tracker = wandb.init(project="rpo-diffusion", dir=args.out_dir, config=vars(args),
-                                      name=os.path.basename(os.path.normpath(args.out_dir)), resume="allow")
-
-    def step(self, record):
-        """One optimizer step's figures (a dict with "step")."""
-        if not self.master:
-            return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-        if self.args.report_to == "tensorboard":
-            for k, v in scalars.items():
-                self.tracker.add_scalar(f"train/{k}", v, record["step"])
-        elif self.args.report_to == "wandb":
-            self.tracker.log({f"train/{k}": v for k, v in scalars.items()}, step=record["step"])
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
-                                 pairs_s=f"{record['pairs_per_s']:.1f}")
-        elif self.args.log_every and record["step"] % self.args.log_every == 0:
-            shown = ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "implicit_acc", "reward_margin", "grad_norm",
-                                                              "lr", "pairs_per_s") if k in record)
-            print(f"step {record['step']}/{self.args.max_steps}: {shown}", flush=True)
-
-    def image(self, step, name, grid):
-        """A validation grid (PIL image), already saved under OUT_DIR/validation/."""
-        if not self.master:
-            return
-        if self.args.report_to == "tensorboard":
-            import numpy as np
-            self.tracker.add_image(f"validation/{name}", np.asarray(grid), step, dataformats="HWC")
-        elif self.args.report_to == "wandb":
-            import wandb
-            self.tracker.log({f"validation/{name}": wandb.Image(grid)}, step=step)
-
-    def close(self):
-        if not self.master:
-            return
-        self.metrics.close()
-        if self.bar is not None:
-            self.bar.close()
-        if self.tracker is not None:
-            (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
 
 
 def write_args(args):
@@ -129,7 +64,7 @@ def reward_scores(args, images, prompts, folder, device):
     folder) -> {"val_<metric>": mean}. The reward models load once per process."""
     import shlex
     import evaluate
-    from plumbing.images import tensor_to_uint8
+    from model import tensor_to_uint8
     from PIL import Image
     metrics = args.validation_metric.split(",")
     key = (args.validation_metric, args.validation_reward_flags, str(device))
@@ -153,7 +88,7 @@ def validate(args, m, step, reporter, master):
     Returns (the grid's path, scores): with --validation_metric toy, the toy scorer's mean style
     and content rates of these images (evaluate.py), for metrics.jsonl as curves."""
     import sample
-    from plumbing.images import tensor_to_uint8
+    from model import tensor_to_uint8
     if not (master or args.fsdp):
         return None, {}
     guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
@@ -167,12 +102,11 @@ def validate(args, m, step, reporter, master):
     scores = {}
     prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
     if args.validation_metric == "toy":
-        import evaluate
         if getattr(validate, "scorer_key", None) != (args.style, m.resolution):  # once per process and style
             with torch.enable_grad():  # (its training needs autograd; validate itself runs without)
-                validate.scorer = evaluate.load_toy_scorer(args.style, m.resolution)[0]
+                validate.scorer = toy_scorer.load_toy_scorer(args.style, m.resolution)[0]
             validate.scorer_key = (args.style, m.resolution)
-        toy = evaluate.score_toy(validate.scorer, images, prompts)
+        toy = toy_scorer.score_toy(validate.scorer, images, prompts)
         scores = {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
     elif args.validation_metric != "none":  # reward models for real images, as evaluate.py scores sample folders
         scores = reward_scores(args, images, prompts, os.path.join(args.out_dir, "validation", f"step-{step:06d}"), m.device)

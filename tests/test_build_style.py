@@ -1,4 +1,4 @@
-"""python data.py build-style: Style Alignment pairs from source images, with InstructPix2Pix
+"""python -m tools.build_style: Style Alignment pairs from source images, with InstructPix2Pix
 (a tiny random pipeline built here and saved, loaded by path like the real one) or offline."""
 import json
 
@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import data
-import model as M
+from tools import build_style
+from plumbing import tiny
 import toy
 
 
@@ -30,12 +31,12 @@ def tiny_instruct_pix2pix(path):
                            UNet2DConditionModel)
     from transformers import CLIPTextModel
     torch.manual_seed(0)
-    tokenizer = M.tiny_tokenizer(max_length=32)
-    config = dict(M.tiny_unet_config(xl=False, vae=True), in_channels=8)
+    tokenizer = tiny.tiny_tokenizer(max_length=32)
+    config = dict(tiny.tiny_unet_config(xl=False, vae=True), in_channels=8)
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-        text_encoder=CLIPTextModel(M._tiny_text_config(len(tokenizer), 32)), tokenizer=tokenizer,
+        text_encoder=CLIPTextModel(tiny.tiny_text_config(len(tokenizer), 32)), tokenizer=tokenizer,
         unet=UNet2DConditionModel(**config), scheduler=EulerAncestralDiscreteScheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
@@ -46,7 +47,7 @@ def test_build_style_with_instruct_pix2pix_is_resumable(tmp_path):
     tiny_instruct_pix2pix(tmp_path / "ip2p")
     out = tmp_path / "out"
     args = dict(editor=str(tmp_path / "ip2p"), resolution=32, steps=2, batch_size=2, progress=False)
-    assert data.build_style("vangogh", str(src), str(out), limit=3, **args) == 3
+    assert build_style.build_style("vangogh", str(src), str(out), limit=3, **args) == 3
     lines = [json.loads(line) for line in open(out / "pairs.jsonl")]
     assert [rec["source"] for rec in lines] == [0, 1, 2] and [rec["prompt"] for rec in lines] == [f"prompt {i}" for i in range(3)]
     for rec in lines:  # winner = the edit, loser = the source (its winner image, centre-cropped)
@@ -54,25 +55,25 @@ def test_build_style_with_instruct_pix2pix_is_resumable(tmp_path):
         assert edit.size == source.size == (32, 32)
         assert not np.array_equal(np.asarray(edit), np.asarray(source))
     original = Image.open(tmp_path / "src" / "1w.png")
-    assert np.array_equal(np.asarray(Image.open(out / lines[1]["loser"])), np.asarray(data.square_crop(original, 32)))
-    assert data.build_style("vangogh", str(src), str(out), limit=3, **args) == 0  # rerun: nothing new
-    assert data.build_style("vangogh", str(src), str(out), **args) == 2  # the rest, once
+    assert np.array_equal(np.asarray(Image.open(out / lines[1]["loser"])), np.asarray(build_style.square_crop(original, 32)))
+    assert build_style.build_style("vangogh", str(src), str(out), limit=3, **args) == 0  # rerun: nothing new
+    assert build_style.build_style("vangogh", str(src), str(out), **args) == 2  # the rest, once
     assert [json.loads(line)["source"] for line in open(out / "pairs.jsonl")] == [0, 1, 2, 3, 4]
     assert len(data.ManifestPairs(out / "pairs.jsonl", 32)) == 5  # trains as a manifest
 
 
 def test_build_style_offline_toy_styles_and_errors(tmp_path):
     src = sources(tmp_path / "src", n=2)
-    assert data.build_style("toy-sketch", str(src), str(tmp_path / "o"), resolution=16, progress=False) == 2
+    assert build_style.build_style("toy-sketch", str(src), str(tmp_path / "o"), resolution=16, progress=False) == 2
     rec = json.loads(open(tmp_path / "o" / "pairs.jsonl").readline())
     source = np.asarray(Image.open(tmp_path / "o" / rec["loser"]))
     expect = toy.apply_style(source, "sketch", np.random.default_rng([0, 0]))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / rec["winner"])), expect)
     with pytest.raises(SystemExit) as e:
-        data.build_style("winter", str(src), str(tmp_path / "o2"), editor=str(tmp_path / "missing"), progress=False)
+        build_style.build_style("winter", str(src), str(tmp_path / "o2"), editor=str(tmp_path / "missing"), progress=False)
     assert "--editor /path/to/folder" in str(e.value) and "--style toy-winter" in str(e.value)
     with pytest.raises(SystemExit) as e:
-        data.main(["build-style", "--style", "toy-winter", "--src", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+        build_style.main(["--style", "toy-winter", "--src", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
     assert str(e.value).startswith("error: --src") and "not found" in str(e.value)
 
 
@@ -80,7 +81,7 @@ def test_build_style_from_pickapic_shards_uses_the_preferred_images(tmp_path):
     pytest.importorskip("pyarrow")
     from test_pickapic import close, write_shards
     expected = write_shards(tmp_path / "pp")
-    assert data.build_style("toy-winter", str(tmp_path / "pp"), str(tmp_path / "o"), resolution=16, progress=False) == 6
+    assert build_style.build_style("toy-winter", str(tmp_path / "pp"), str(tmp_path / "o"), resolution=16, progress=False) == 6
     for line in open(tmp_path / "o" / "pairs.jsonl"):  # the corrupt pair ("c") is skipped
         rec = json.loads(line)
         source = np.asarray(Image.open(tmp_path / "o" / rec["loser"]), dtype=float).mean(axis=(0, 1))

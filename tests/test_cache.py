@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 import data
 import loss as L
-import method
 import model as M
 from plumbing import distributed as D
 import train
@@ -56,8 +55,8 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
     # Caption dropout draws from the generator like everything else: the same draw (seed 5)
     # drops the same prompts in both batches.
     g = lambda: torch.Generator().manual_seed(5)
-    z_raw, c_raw, f_raw = method.model_inputs(m, raw, g(), args, D.Share([4]), M.load_embedder("tiny"))
-    z, c, features = method.model_inputs(m, cached, g(), args, D.Share([4]))
+    z_raw, c_raw, f_raw = train.model_inputs(m, raw, g(), args, D.Share([4]), M.load_embedder("tiny"))
+    z, c, features = train.model_inputs(m, cached, g(), args, D.Share([4]))
     dropped = torch.rand(4, generator=g()) < 0.5
     assert 0 < dropped.sum() < 4  # some prompts dropped, some kept
     e_raw, e = L.combine_features(*f_raw), L.combine_features(*features)
@@ -69,8 +68,8 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
     with torch.no_grad():  # a policy one AdamW-sized step away from the reference: the loss is not ln 2
         for p in m.unet.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    loss_raw, _ = method.micro_batch_loss(m, raw, g(), args, embedder=M.load_embedder("tiny"))
-    loss, _ = method.micro_batch_loss(m, cached, g(), args)
+    loss_raw, _ = train.micro_batch_loss(m, raw, g(), args, embedder=M.load_embedder("tiny"))
+    loss, _ = train.micro_batch_loss(m, cached, g(), args)
     assert abs(loss_raw.item() - math.log(2)) > 1e-2
     # β = 5000 multiplies the error differences: 1e-7 of float rounding in ε_θ is 2.5e-4 in a logit
     assert abs(loss.item() - loss_raw.item()) < 1e-3, (loss.item(), loss_raw.item())

@@ -11,7 +11,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import ManifestPairs, ToyImages, ToyPairs, build_dataset  # noqa: E402
-from plumbing.images import collate_pairs, image_to_tensor, tensor_to_uint8  # noqa: E402
+from data import collate_pairs  # noqa: E402
+from model import image_to_tensor, tensor_to_uint8  # noqa: E402
 from toy import BACKGROUNDS, COLOURS, SHAPES, apply_style, render_toy, toy_prompts  # noqa: E402
 
 

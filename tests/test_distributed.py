@@ -28,7 +28,6 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import data
-import method
 import model as M
 from plumbing import distributed as D
 import train
@@ -73,7 +72,7 @@ def make_model(lora_rank):
 
 
 def rows_loss(m, share, case, policy=None, embed=None):
-    """method.micro_batch_loss on this process's rows (a distributed.Share) of the global batch;
+    """train.micro_batch_loss on this process's rows (a distributed.Share) of the global batch;
     backward; returns (loss, metrics, gradients). With share.global_contrast every rank's rows
     are gathered for E4-E7, else the rows' own B×B matrix is used."""
     loss_name, timesteps, _, _, _ = case
@@ -83,7 +82,7 @@ def rows_loss(m, share, case, policy=None, embed=None):
     batch = {"prompt": p, "latents": images, "cond": M.encode_prompts(m, p, repeat=2),
              "features": M.clip_features(*embed, p, images) if loss_name == "rpo" else None}  # E5's halves
     args = train.parse_args(["--loss", loss_name, "--timesteps", timesteps])
-    loss, metrics = method.micro_batch_loss(m, batch, torch.Generator().manual_seed(123), args, share, policy)
+    loss, metrics = train.micro_batch_loss(m, batch, torch.Generator().manual_seed(123), args, share, policy)
     loss.backward()
     grads = {n: q.grad.clone() for n, q in m.unet.named_parameters() if q.requires_grad}
     return loss.item(), metrics, grads
@@ -175,11 +174,11 @@ def test_vae_posterior_sample_of_a_rank_is_its_slice_of_the_global_draw():
     full = M.encode_images(m, images, torch.Generator().manual_seed(7))  # diffusers' own sample
     args = train.parse_args(["--loss", "dpo"])
 
-    def latents(pairs, share):  # method.model_inputs on raw pairs [winners; losers] = images[pairs], images[3 + pairs]
+    def latents(pairs, share):  # train.model_inputs on raw pairs [winners; losers] = images[pairs], images[3 + pairs]
         batch = {"prompt": ["a"] * len(pairs), "winner": images[pairs], "loser": images[[3 + i for i in pairs]],
                  "original_size_w": torch.full((len(pairs), 2), 32), "original_size_l": torch.full((len(pairs), 2), 32),
                  "crop_top_left": torch.zeros(len(pairs), 2, dtype=torch.long)}
-        return method.model_inputs(m, batch, torch.Generator().manual_seed(7), args, share)[0]
+        return train.model_inputs(m, batch, torch.Generator().manual_seed(7), args, share)[0]
 
     # one process: exactly diffusers' VAE sample (unchanged randomness)
     assert torch.equal(latents([0, 1, 2], D.Share([3])), full)

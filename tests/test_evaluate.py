@@ -8,16 +8,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from plumbing.images import image_to_tensor
+from model import image_to_tensor
 import toy
 import evaluate as E
 
 
+from plumbing import plots
+from toy import scorer as toy_scorer
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
     """Train once per test session into a fresh cache (~10 s on one CPU core)."""
     cache = str(tmp_path_factory.mktemp("scorer") / "toy_scorer.safetensors")
-    net, acc = E.load_toy_scorer("winter", 16, cache=cache, seed=0)
+    net, acc = toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=0)
     return net, acc, cache
 
 
@@ -39,26 +41,26 @@ def test_scorer_is_accurate_on_heldout_renders_and_unseen_prompts(scorer):
     test_prompts = toy.toy_prompts("test")  # combinations the diffusion model never trained on
     plain, prompts = renders(test_prompts, 20, styled=False, seed=123)
     styled, _ = renders(test_prompts, 20, styled=True, seed=456)
-    s_plain, s_styled = E.score_toy(net, plain, prompts), E.score_toy(net, styled, prompts)
+    s_plain, s_styled = toy_scorer.score_toy(net, plain, prompts), toy_scorer.score_toy(net, styled, prompts)
     assert (s_styled["style"] > 0.5).float().mean() >= 0.95
     assert (s_plain["style"] < 0.5).float().mean() >= 0.95
     assert s_plain["content"].mean() >= 0.95 and s_styled["content"].mean() >= 0.95
     # float input in [-1, 1] and uint8 input give the same scores
     as_float = torch.stack([image_to_tensor(im) for im in styled])
-    assert torch.equal(E.score_toy(net, as_float, prompts)["content"], s_styled["content"])
+    assert torch.equal(toy_scorer.score_toy(net, as_float, prompts)["content"], s_styled["content"])
     # content really compares against the prompt: the same images under a wrong colour fail
     wrong = [p.replace(p.split()[1], "green" if p.split()[1] != "green" else "red") for p in prompts]
-    assert E.score_toy(net, plain, wrong)["content"].mean() <= 0.05
+    assert toy_scorer.score_toy(net, plain, wrong)["content"].mean() <= 0.05
 
 
 def test_accuracy_gate_stops_a_weak_scorer(scorer, monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="0.95"):
-        E.check_accuracy({"style": 0.99, "shape": 0.9, "colour": 1.0, "background": 1.0})
-    E.check_accuracy({"style": 0.95, "shape": 0.99, "colour": 1.0, "background": 1.0})  # passes
+        toy_scorer.check_accuracy({"style": 0.99, "shape": 0.9, "colour": 1.0, "background": 1.0})
+    toy_scorer.check_accuracy({"style": 0.95, "shape": 0.99, "colour": 1.0, "background": 1.0})  # passes
     # and load_toy_scorer really applies it (on a cached scorer whose accuracy is faked low)
-    monkeypatch.setattr(E, "heldout_accuracy", lambda *a: {"style": 0.9, "shape": 1.0})
+    monkeypatch.setattr(toy_scorer, "heldout_accuracy", lambda *a: {"style": 0.9, "shape": 1.0})
     with pytest.raises(SystemExit, match=r"style=0\.900 < 0\.95"):
-        E.load_toy_scorer("winter", 16, cache=scorer[2], seed=0)
+        toy_scorer.load_toy_scorer("winter", 16, cache=scorer[2], seed=0)
 
 
 def test_scorer_cache_is_reused_and_keyed_on_config(scorer, monkeypatch):
@@ -69,13 +71,13 @@ def test_scorer_cache_is_reused_and_keyed_on_config(scorer, monkeypatch):
 
     def no_training(*a):
         raise AssertionError("retrained")
-    monkeypatch.setattr(E, "train_toy_scorer", no_training)
-    net2, acc2 = E.load_toy_scorer("winter", 16, cache=cache, seed=0)
+    monkeypatch.setattr(toy_scorer, "train_toy_scorer", no_training)
+    net2, acc2 = toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=0)
     assert os.path.getmtime(cache) == mtime and acc2 == acc
     for k, v in net.state_dict().items():
         assert torch.equal(v, net2.state_dict()[k]) and torch.equal(v, load_file(cache)[k])
     with pytest.raises(AssertionError, match="retrained"):  # another seed must not reuse it
-        E.load_toy_scorer("winter", 16, cache=cache, seed=1)
+        toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=1)
 
 
 def test_summarize_and_markdown_table():
@@ -151,11 +153,11 @@ def test_plots_write_pngs_of_the_expected_size(tmp_path):
     curves = tmp_path / "curves.png"
     E.main(["--curves", f"rpo={tmp_path / 'rpo'}", f"sft={tmp_path / 'sft'}", "--out", str(curves)])
     assert Image.open(curves).size == (1500, 400)
-    E.plot_curves({"rpo": str(tmp_path / "rpo")}, str(tmp_path / "c2.png"), {"rpo": [(10, 0.2), (30, 0.6)]})
+    plots.plot_curves({"rpo": str(tmp_path / "rpo")}, str(tmp_path / "c2.png"), {"rpo": [(10, 0.2), (30, 0.6)]})
     assert Image.open(tmp_path / "c2.png").size == (1500, 400)
     pts = {"rpo": [(1e-5, 0.6, 0.05, 0.9, 0.02), (1e-6, 0.3, 0.04, 0.97, 0.01)],
            "dpo": [(1e-5, 0.5, 0.05, 0.85, 0.03)]}
-    E.plot_tradeoff(pts, str(tmp_path / "trade.png"))
+    plots.plot_tradeoff(pts, str(tmp_path / "trade.png"))
     assert Image.open(tmp_path / "trade.png").size == (600, 500)
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
-        E.plot_curves({"x": str(tmp_path)}, str(tmp_path / "x.png"))
+        plots.plot_curves({"x": str(tmp_path)}, str(tmp_path / "x.png"))

@@ -5,6 +5,8 @@ import json
 import pytest
 from PIL import Image
 
+from plumbing import tiny
+
 import evaluate
 from toy import experiment
 import train
@@ -73,11 +75,10 @@ def test_the_shipped_base_is_the_recipes_and_fits_todays_frozen_text_encoder():
     silently in the demo."""
     import transformers
     from safetensors.torch import load_file
-    import model as M
 
     shipped = experiment.SHIPPED_BASE
     assert json.load(open(f"{shipped}/recipe.json")) == experiment.BASE_ARGS + ["--device", "cpu"]
-    unet = M.build_tiny(False, False)["unet"]
+    unet = tiny.build_tiny(False, False)["unet"]
     weights = load_file(f"{shipped}/unet/diffusion_pytorch_model.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     if int(transformers.__version__.split(".")[0]) < 5:

@@ -14,7 +14,9 @@ from PIL import Image
 from safetensors import safe_open
 
 import evaluate as E
+from plumbing import files
 import model as M
+from plumbing import lora
 import sample as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +83,7 @@ def test_sample_out_is_an_existing_file(tmp_path):
     existing = tmp_path / "results.png"
     existing.write_bytes(b"not a folder")
     r = run_cli("sample.py", ["--out", existing], tmp_path)
-    assert_one_line_error(r, f"error: --out {existing} is an existing file, not a folder")
+    assert_one_line_error(r, f"error: --out {existing} is a file, not a folder")
     assert existing.read_bytes() == b"not a folder"
     out = existing / "run"  # a folder below a file
     assert main_error(S.main, ["--out", out]) == f"error: --out {out}: {existing} is a file, not a folder"
@@ -111,8 +113,8 @@ def test_sample_unet_of_another_preset(tmp_path):
 
 def test_sample_lora_of_another_preset(tmp_path):
     m = M.load_models("tiny-xl", lora_rank=4, reference=False)
-    M.save_lora(m, str(tmp_path / "xl-lora"))
-    with safe_open(str(tmp_path / "xl-lora" / M.LORA_FILE), "pt") as f:
+    lora.save_lora(m, str(tmp_path / "xl-lora"))
+    with safe_open(str(tmp_path / "xl-lora" / lora.LORA_FILE), "pt") as f:
         keys = list(f.keys())
     # tiny-xl's text states are 64-d, tiny's 32-d: the cross-attention key/value inputs differ
     bad = [k for k in keys if ".attn2.to_k.lora.down." in k or ".attn2.to_v.lora.down." in k]
@@ -126,7 +128,7 @@ def test_sample_lora_of_another_preset(tmp_path):
 def test_sample_lora_folder_without_the_file(tmp_path):
     (tmp_path / "lora").mkdir()
     assert main_error(S.main, ["--lora", tmp_path / "lora", "--out", sample_out(tmp_path)]) == (
-        f"error: --lora {tmp_path / 'lora'}: no {M.LORA_FILE} there (expected train.py --lora_rank's OUT_DIR/lora)")
+        f"error: --lora {tmp_path / 'lora'}: no {lora.LORA_FILE} there (expected train.py --lora_rank's OUT_DIR/lora)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,9 +176,9 @@ def test_evaluate_listed_png_cut_short(tmp_path):
         png = f.read()
     with open(path, "wb") as f:
         f.write(png[:len(png) // 2])
-    assert len(E.read_index(folder)) == 3
+    assert len(files.read_index(folder)) == 3
     with pytest.raises(SystemExit) as err:
-        E._open_rgb(path)
+        files.open_rgb(path)
     assert err.value.code == f"error: {path}: not a readable image (OSError: image file is truncated)"
 
 
@@ -185,7 +187,7 @@ def test_evaluate_ignores_files_it_is_not_given(tmp_path):
     folder = sample_folder(str(tmp_path / "run"))
     with open(os.path.join(folder, "notes.txt"), "w") as f:
         f.write("not an image\n")
-    records = E.read_index(folder)
+    records = files.read_index(folder)
     assert [os.path.basename(r["path"]) for r in records] == [f"{i:04d}_seed{i}.png" for i in range(3)]
 
 
@@ -244,6 +246,6 @@ def test_evaluate_samples_jsonl_in_latin1(tmp_path):
 ])
 def test_download_cache_path_stays_in_its_folder(tmp_path, url, name):
     cache = str(tmp_path / "checkpoints")
-    path = E.url_cache_path(url, cache)
+    path = files.url_cache_path(url, cache)
     assert os.path.dirname(path) == cache and path.endswith("-" + name)
-    assert E.url_cache_path(url + "?v=2", cache) != path  # another URL, another file: no stale reuse
+    assert files.url_cache_path(url + "?v=2", cache) != path  # another URL, another file: no stale reuse

@@ -18,7 +18,9 @@ import data  # noqa: E402
 from plumbing import images  # noqa: E402
 import train  # noqa: E402
 from data import ManifestPairs  # noqa: E402
-from plumbing.images import decode_image, image_to_tensor, read_image  # noqa: E402
+from model import image_to_tensor  # noqa: E402
+from plumbing import tiny  # noqa: E402
+from plumbing.images import decode_image, read_image  # noqa: E402
 
 
 def reopen(tmp_path, name, img, mode):
@@ -215,9 +217,8 @@ def test_unencodable_prompt_is_skipped_at_index_time(tmp_path, capsys):
     assert ds.skip_counts == {"bad_prompt": 2} and [p for p, _, _ in ds.pairs] == ["fine", "a \U0001F600 pair is fine"]
     assert warnings_of(capsys) == [f"warning: {m}: skipped 2 lines with a prompt that is not valid text "
                                    f"(a lone surrogate escape) (first: {m}:2 'bad \\ud800 surrogate')"]
-    import model as M
     batch = data.collate_pairs([ds[0], ds[1]])
-    assert M.tiny_tokenizer()(batch["prompt"]).input_ids  # what crashed at the batch before
+    assert tiny.tiny_tokenizer()(batch["prompt"]).input_ids  # what crashed at the batch before
 
 
 def test_each_bad_image_named_once(tmp_path, capsys):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft", reason="LoRA needs peft (pip install -r requirements.txt)")
 
-import method
 import model as M
+from plumbing import lora, tiny
 import train
 
 PROMPTS = ["a red circle on a black background", "a blue square on a white background"]
@@ -41,17 +41,17 @@ DPO = train.parse_args(["--loss", "dpo", "--timesteps", "pair"])
 
 
 def encoded(latents, cond):
-    """An already-encoded micro-batch (method.model_inputs passes it through)."""
+    """An already-encoded micro-batch (train.model_inputs passes it through)."""
     return {"prompt": PROMPTS, "latents": latents, "cond": cond}
 
 
 def dpo_step(m, optimizer, seed=1):
-    """One method.micro_batch_loss (DPO) step on random [winners; losers] latents."""
+    """One train.micro_batch_loss (DPO) step on random [winners; losers] latents."""
     g = torch.Generator().manual_seed(seed)
     C, S = m.unet.config.in_channels, m.unet.config.sample_size
     latents = torch.randn(4, C, S, S, generator=g)
     cond = M.encode_prompts(m, PROMPTS, repeat=2)
-    loss, _ = method.micro_batch_loss(m, encoded(latents, cond), g, DPO)
+    loss, _ = train.micro_batch_loss(m, encoded(latents, cond), g, DPO)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -98,7 +98,7 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32():
     assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}} and m.ref_unet is None
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 3, 16, 16, generator=g)
-    loss, _ = method.micro_batch_loss(m, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO,
+    loss, _ = train.micro_batch_loss(m, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO,
                                      autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     loss.backward()
     grads = [p.grad for p in m.unet.parameters() if p.requires_grad]
@@ -119,7 +119,7 @@ def test_switching_the_adapter_off_for_the_reference_keeps_the_policy_gradient(c
     for mm in (m, separate):
         g = torch.Generator().manual_seed(3)
         latents = torch.randn(4, 3, 16, 16, generator=g)
-        loss, _ = method.micro_batch_loss(mm, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO)
+        loss, _ = train.micro_batch_loss(mm, encoded(latents, M.encode_prompts(m, PROMPTS, repeat=2)), g, DPO)
         loss.backward()
         grads.append([p.grad.clone() for p in m.unet.parameters() if p.requires_grad])
         m.unet.zero_grad(set_to_none=True)
@@ -132,7 +132,7 @@ def stock_pipeline(name):
     """The stock diffusers pipeline around a tiny preset's fresh (adapter-free) components."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     preset = M.PRESETS[name]
-    parts = M.build_tiny(preset["xl"], preset["vae"])
+    parts = tiny.build_tiny(preset["xl"], preset["vae"])
     common = dict(vae=parts["vae"], text_encoder=parts["text_encoders"][0], tokenizer=parts["tokenizers"][0],
                   unet=parts["unet"], scheduler=DDIMScheduler.from_config(parts["scheduler"].config))
     if preset["xl"]:
@@ -151,8 +151,8 @@ def test_saved_lora_loads_into_the_stock_pipeline(tmp_path, name):
     # would assume alpha = rank and the outputs below would differ
     m = M.load_models(name, lora_rank=4, lora_alpha=8, reference=False)
     perturb_adapter(m)
-    M.save_lora(m, str(tmp_path))
-    assert os.listdir(tmp_path) == [M.LORA_FILE]
+    lora.save_lora(m, str(tmp_path))
+    assert os.listdir(tmp_path) == [lora.LORA_FILE]
     pipe = stock_pipeline(name)
     run = lambda: pipe(prompt=PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, output_type="pt",
                        generator=torch.Generator().manual_seed(0), height=32, width=32).images
@@ -178,8 +178,8 @@ def test_train_writes_the_lora_and_resumes_to_the_same_weights(tmp_path):
         "lora", "optimizer.safetensors", "rng.safetensors", "state.json"]  # no full unet/
     train.main(common + ["--max_steps", "2", "--out_dir", str(tmp_path / "split")])  # epoch boundary at 2
     train.main(common + ["--max_steps", "4", "--out_dir", str(tmp_path / "split"), "--resume"])
-    a = load_file(tmp_path / "straight" / "lora" / M.LORA_FILE)
-    b = load_file(tmp_path / "split" / "lora" / M.LORA_FILE)
+    a = load_file(tmp_path / "straight" / "lora" / lora.LORA_FILE)
+    b = load_file(tmp_path / "split" / "lora" / lora.LORA_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     oa = load_file(tmp_path / "straight" / "checkpoint-000004" / "optimizer.safetensors")
     ob = load_file(tmp_path / "split" / "checkpoint-000004" / "optimizer.safetensors")
@@ -188,7 +188,7 @@ def test_train_writes_the_lora_and_resumes_to_the_same_weights(tmp_path):
     assert all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if ".lora.up." in k)
     fresh = M.load_models("tiny", lora_rank=4, reference=False)
-    M.load_lora(fresh, str(tmp_path / "straight" / "lora"))
+    lora.load_lora(fresh, str(tmp_path / "straight" / "lora"))
     assert all(torch.equal(x, y) for x, y in zip(fresh.unet.parameters(), m.unet.parameters()))
     # a resume with another rank is refused in one line
     with pytest.raises(SystemExit) as err:

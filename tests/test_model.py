@@ -8,6 +8,7 @@ import torch
 
 import loss as L
 import model as M
+from plumbing import hub, speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +108,7 @@ def test_saved_unet_loads_with_stock_from_pretrained(tmp_path):
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.unet.state_dict().values()))
     # and model.load_unet accepts the folder or its parent
-    assert torch.equal(next(M.load_unet(str(tmp_path)).parameters()), next(m.unet.parameters()))
+    assert torch.equal(next(hub.load_unet(str(tmp_path)).parameters()), next(m.unet.parameters()))
 
 
 def test_real_preset_without_weights_ends_with_one_clear_line(tmp_path):
@@ -136,7 +137,7 @@ def test_auto_flags_resolve_per_device(monkeypatch):
     """--compile/--gradient_checkpointing/--sdpa_backend/... auto: the measured GPU configuration
     (regional compile, transformer:0.25 for full fine-tunes of real presets) on CUDA, off on the CPU."""
     import train
-    monkeypatch.setattr(M, "set_sdpa_backend", lambda name: None)  # (no GPU here)
+    monkeypatch.setattr(speed, "set_sdpa_backend", lambda name: None)  # (no GPU here)
     want = {("sdxl", 0, "cuda"): ("regional", "transformer:0.25", "bf16", "adamw_fused", "cudnn"),
             ("sd15", 0, "cuda:1"): ("regional", "transformer:0.25", "bf16", "adamw_fused", "cudnn"),
             ("sdxl", 8, "cuda"): ("regional", "none", "bf16", "adamw_fused", "cudnn"),

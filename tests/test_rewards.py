@@ -19,7 +19,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import evaluate as E
+from plumbing import rewards
 import model as M
+from plumbing import hub
+from plumbing import tiny as tiny_parts
 import sample as S
 
 PROMPTS = ["a red circle on a gray background", "a cat", "a blue square on a white background"]
@@ -40,7 +43,7 @@ def one_thread():
 
 def tiny_clip(seed):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
-    tok = M.tiny_tokenizer(max_length=SIZE)
+    tok = tiny_parts.tiny_tokenizer(max_length=SIZE)
     text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=SIZE, projection_dim=32,
                           bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -74,7 +77,7 @@ def save_tiny_reward_models(folder):
     tiny_processor(tok).save_pretrained(os.path.join(folder, "pickscore_processor"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        head = E.AestheticHead(32)
+        head = rewards.AestheticHead(32)
         torch.nn.init.constant_(head.layers[7].bias, 5.0)  # centred like the real 1-10 ratings
     state = {k: v.contiguous() for k, v in head.state_dict().items()}
     save_file(state, os.path.join(folder, "aesthetic.safetensors"))
@@ -134,7 +137,7 @@ def expected_scores(tiny, paths, prompts, style_text, neutral_text):
     from safetensors.torch import load_file
     from transformers import CLIPModel
     pixels = torch.stack([manual_pixels(p) for p in paths])
-    clip, tok = CLIPModel.from_pretrained(os.path.join(tiny, "clip")).eval(), M.tiny_tokenizer(max_length=SIZE)
+    clip, tok = CLIPModel.from_pretrained(os.path.join(tiny, "clip")).eval(), tiny_parts.tiny_tokenizer(max_length=SIZE)
     text, image = manual_features(clip, tok, prompts, pixels)
     out = {"clip": np.maximum(100 * (text * image).sum(-1).numpy(), 0)}
     # style: CLIPModel.forward's logits_per_image = logit_scale.exp() · cos, over [style, neutral]
@@ -228,8 +231,8 @@ def test_reward_table_layout():
 
 
 def test_aesthetic_head_loads_safetensors_and_pth_only_as_weights(tiny, tmp_path):
-    st = E.load_aesthetic_head(os.path.join(tiny, "aesthetic.safetensors"), 32)
-    pth = E.load_aesthetic_head(os.path.join(tiny, "aesthetic.pth"), 32)
+    st = rewards.load_aesthetic_head(os.path.join(tiny, "aesthetic.safetensors"), 32)
+    pth = rewards.load_aesthetic_head(os.path.join(tiny, "aesthetic.pth"), 32)
     assert list(st.state_dict()) == [f"layers.{k}.{p}" for k in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
     for k, v in st.state_dict().items():
         assert torch.equal(v, pth.state_dict()[k])
@@ -238,19 +241,19 @@ def test_aesthetic_head_loads_safetensors_and_pth_only_as_weights(tiny, tmp_path
     for k in (0, 2, 4, 6, 7):
         manual = manual @ st.state_dict()[f"layers.{k}.weight"].T + st.state_dict()[f"layers.{k}.bias"]
     assert E.aesthetic_score(pth, x) == pytest.approx(manual[:, 0], abs=1e-5)
-    assert st.layers[0].in_features == 32 and E.AestheticHead().layers[0].in_features == 768  # published: ViT-L/14
+    assert st.layers[0].in_features == 32 and rewards.AestheticHead().layers[0].in_features == 768  # published: ViT-L/14
 
     # A pickle that would run code is refused (weights_only=True), in one line naming the flag.
     evil = tmp_path / "evil.pth"
     torch.save({"layers.0.weight": torch.zeros(1024, 32), "payload": types.SimpleNamespace(x=1)}, evil)
     for path, needle in ((evil, "Unpickl"), (tmp_path / "missing.pth", "no such file")):
         with pytest.raises(SystemExit) as err:
-            E.load_aesthetic_head(str(path), 32)
+            rewards.load_aesthetic_head(str(path), 32)
         msg = str(err.value)
         assert msg.startswith("error: cannot load the aesthetic head") and needle in msg
         assert "--aesthetic_head" in msg and "\n" not in msg
     with pytest.raises(SystemExit, match="takes 32-d embeddings but --aesthetic_clip gives 768-d"):
-        E.load_aesthetic_head(os.path.join(tiny, "aesthetic.pth"), 768)
+        rewards.load_aesthetic_head(os.path.join(tiny, "aesthetic.pth"), 768)
 
 
 def test_cli_scores_pairs_and_writes_table_json_and_chart(tiny, tmp_path, capsys, monkeypatch):
@@ -260,12 +263,12 @@ def test_cli_scores_pairs_and_writes_table_json_and_chart(tiny, tmp_path, capsys
     imgs_b[:2] = imgs_a[:2]  # (PROMPTS[0], 0) and (PROMPTS[0], 1): the same image in both -> ties
     a = write_folder(tmp_path / "tuned", keys_a, imgs_a)
     b = write_folder(tmp_path / "base", keys_b, imgs_b)
-    loads, real_load_clip = [], E.load_clip
+    loads, real_load_clip = [], hub.load_clip
 
     def counting_load_clip(name, *args, **kw):
         loads.append(name)
         return real_load_clip(name, *args, **kw)
-    monkeypatch.setattr(E, "load_clip", counting_load_clip)
+    monkeypatch.setattr(hub, "load_clip", counting_load_clip)
     out = tmp_path / "res" / "results.json"
     out.parent.mkdir()
     E.main(["--images", a, "--baseline", b, "--metrics", "pickscore,aesthetic,style",

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import model as M
-from plumbing.images import tensor_to_uint8
+from plumbing import lora
+from model import tensor_to_uint8
 import toy
 import sample as S
 
@@ -183,7 +184,7 @@ def fuse_by_hand(unet, lora_dir):
     """W += (alpha/r)·up·down for every adapted layer, read straight from the safetensors file and
     its diffusers metadata: no diffusers or peft code involved."""
     from safetensors import safe_open
-    with safe_open(os.path.join(lora_dir, M.LORA_FILE), "pt") as f:
+    with safe_open(os.path.join(lora_dir, lora.LORA_FILE), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         weights = {k: f.get_tensor(k) for k in f.keys()}
     scale = meta["unet.lora_alpha"] / meta["unet.r"]

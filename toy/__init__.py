@@ -19,7 +19,7 @@ BACKGROUNDS = {"black": (15, 15, 15), "white": (240, 240, 240),
                "gray": (128, 128, 128), "brown": (110, 70, 40)}
 STYLES = ("winter", "sketch")
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges without any drawing library
-_PROMPT_RE = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
+PROMPT_RE = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 
 
 def toy_prompts(split="train"):
@@ -45,7 +45,7 @@ def toy_prompts(split="train"):
 
 def render_toy(prompt, resolution, rng):
     """Draw the prompt's shape as uint8 (R,R,3), centre and size jittered by rng."""
-    m = _PROMPT_RE.match(prompt)
+    m = PROMPT_RE.match(prompt)
     if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[3] not in BACKGROUNDS:
         raise ValueError(f"render_toy: not a toy prompt: {prompt!r} "
                          f"(expected 'a <colour> <shape> on a <background> background')")

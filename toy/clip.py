@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 import loss as L
 import model as M
-from plumbing.images import image_to_tensor
+from plumbing import speed, tiny
+from model import image_to_tensor
 from toy import STYLES, apply_style, render_toy, toy_prompts
 
 RECIPE = dict(version=1, seed=0, steps=600, lr=2e-3, weight_decay=0.1, warmup=30, resolution=16,
@@ -77,7 +78,7 @@ def _tokens(tokenizer, prompts):
 def train(recipe=None, log_every=100):
     """A fresh tiny CLIP trained by `recipe` -> (model, tokenizer, seconds, final loss)."""
     recipe = recipe or RECIPE
-    clip, tok = M.tiny_clip()
+    clip, tok = tiny.tiny_clip()
     prompts = toy_prompts("train")
     ids = _tokens(tok, prompts)
     labels = torch.arange(len(prompts))
@@ -90,13 +91,13 @@ def train(recipe=None, log_every=100):
         opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * k / steps)))
     clip.train()
     t0, loss = time.time(), None
-    with M.one_thread():
+    with speed.one_thread():
         for step in range(steps):
             rng = np.random.default_rng([recipe["seed"], TRAIN_STREAM, step])
             images, _ = renders(prompts, recipe["resolution"], rng, styles=recipe["styles"],
                                 style_fraction=recipe["style_fraction"])
-            text = F.normalize(M._features(clip.get_text_features(input_ids=ids)), dim=-1)
-            image = F.normalize(M._features(clip.get_image_features(pixel_values=M.clip_pixels(clip, images))), dim=-1)
+            text = F.normalize(M.clip_output(clip.get_text_features(input_ids=ids)), dim=-1)
+            image = F.normalize(M.clip_output(clip.get_image_features(pixel_values=M.clip_pixels(clip, images))), dim=-1)
             logits = clip.logit_scale.exp() * text @ image.T
             loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
             opt.zero_grad(set_to_none=True)
@@ -123,7 +124,7 @@ def load(recipe=None, root=None, verbose=True):
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("recipe") == recipe:
-            clip, tok = M.tiny_clip()
+            clip, tok = tiny.tiny_clip()
             clip.load_state_dict(load_file(weights))
             if verbose:
                 print(f"toy-clip: loaded {weights} (trained in {meta['train_seconds']:.1f}s)", file=sys.stderr)
@@ -148,7 +149,7 @@ def retrieval_accuracy(clip, tok, prompts, rounds=8, style="plain", seed=0, reso
     """Text->image top-1: in each round every prompt gets one fresh render; each caption must
     pick its own render among the len(prompts) renders. Chance: 1/len(prompts)."""
     hits = []
-    with M.one_thread():
+    with speed.one_thread():
         for r in range(rounds):
             rng = np.random.default_rng([seed, RETRIEVAL_STREAM, r])
             images, _ = renders(prompts, resolution, rng, style=style)
@@ -195,7 +196,7 @@ def style_probe(clip, tok, seed=0, resolution=16, rounds=4):
     """Is style linearly visible in the (L2-normalised) image features? A logistic probe, plain
     (label 0) vs styled (winter or sketch, label 1), trained on renders of the training prompts,
     tested on fresh renders of the held-out prompts. -> {"all", "plain", "winter", "sketch"}: accuracy."""
-    with M.one_thread():
+    with speed.one_thread():
         x_tr, k_tr = _style_set(clip, tok, toy_prompts("train"), rounds,
                                 np.random.default_rng([seed, PROBE_STREAM, 0]), resolution)
         x_te, k_te = _style_set(clip, tok, toy_prompts("test"), 2 * rounds,
@@ -214,7 +215,7 @@ def weight_entropies(clip, tok, taus=(0.1, 0.5, 1.0), batches=50, pairs=8, style
     on each winner's own loser (the diagonal). -> {tau: (entropy, diagonal)}."""
     prompts_all = toy_prompts("train")
     sums = {tau: [0.0, 0.0] for tau in taus}
-    with M.one_thread():
+    with speed.one_thread():
         for b in range(batches):
             prompts, winners, losers = [], [], []
             for i in range(b * pairs, (b + 1) * pairs):  # data.ToyPairs' item i, drawn the same way

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job, from a fresh clone on a CPU machine (6-7 min measured on 2 cores, packages already installed):
-# install, take the shipped toy base (results/toy-study/base; --pretrain trains it anew, 8-16 min more), align it with
+# The main job, from a fresh clone on a CPU machine (its measured time: README.md, docs/toy-study.md):
+# install, take the shipped toy base (results/toy-study/base; --pretrain trains it anew), align it with
 # SFT, DPO and RPO at one seed, each at the lr where it reaches about style 0.7, sample the 12 held-out prompts, score
 # style and content, print the table, and write runs/demo/{results.md,results.json,grid.png,
 # curves.png}. The main study, the README's style-content frontier (hours; docs/toy-study.md):

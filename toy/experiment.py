@@ -4,7 +4,7 @@ model, align it with SFT, DPO and RPO at equal step and pair budgets, sample hel
 and score how much of the preferred style the samples show (style) and whether they still
 show the prompt (content).
 
-    python -m toy.experiment                 # the demo: one seed, each method at about the same style; ~6 min on 2 CPU cores
+    python -m toy.experiment                 # the demo: one seed, each method at about the same style (minutes on a CPU)
     python -m toy.experiment --study full    # seeds × a coarse lr grid × variants (the first study)
 
 toy/frontier.py runs the main study, the style-content frontier, from the same base.
@@ -35,18 +35,21 @@ import time
 import torch
 
 import evaluate
+from plumbing import plots
+from toy import scorer as toy_scorer
 import model as M
+from plumbing import tiny
 import sample
 import train
 import toy
-from plumbing.images import tensor_to_uint8
+from model import tensor_to_uint8
 
 # The base model's pretraining recipe (cached under RUNS/base; a change retrains it).
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
              "--batch_size", "64", "--max_steps", "1200", "--lr", "5e-4", "--warmup_steps", "100",
              "--caption_dropout", "0.1", "--seed", "0"]
-# The base the committed frontier and demo were run from, trained by BASE_ARGS on a CPU (8-16 min
-# on 2 cores, by the day) and shipped with the code: the toy's stand-in for downloading a pretrained model.
+# The base the committed frontier and demo were run from, trained by BASE_ARGS on a CPU and
+# shipped with the code: the toy's stand-in for downloading a pretrained model.
 # A run whose recipe and frozen text encoder match it starts from it; --pretrain trains it anew.
 SHIPPED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "toy-study", "base")
 # Alignment: the same step and pair budget for every method (8 pairs × the study's steps).
@@ -129,7 +132,7 @@ def frozen_fingerprint():
     from a fixed seed) and the token ids of every toy prompt and of "" (classifier-free guidance).
     A base trained under another fingerprint (a transformers version that initialises CLIP
     otherwise, say) would be fed text features it never saw."""
-    parts = M.build_tiny(False, False)
+    parts = tiny.build_tiny(False, False)
     h = hashlib.sha256()
     for name, tensor in sorted(parts["text_encoders"][0].state_dict().items()):
         h.update(name.encode())
@@ -216,7 +219,7 @@ def score_unet(unet_dir, prompts, seeds, args, scorer):
     """Sample the held-out prompts from one UNet and score them. Style = share of samples the
     scorer calls styled; content = share showing the prompt's shape, colour and background."""
     images = sample_unet(unet_dir, prompts, seeds, args)
-    scores = evaluate.score_toy(scorer, images, [p for p in prompts for _ in seeds])  # prompt-major
+    scores = toy_scorer.score_toy(scorer, images, [p for p in prompts for _ in seeds])  # prompt-major
     return {"style": float((scores["style"] > 0.5).float().mean()), "content": float(scores["content"].float().mean())}
 
 
@@ -231,7 +234,7 @@ def main(argv=None):
     base_dir = os.path.join(args.runs, "base")
     t_start = time.time()
     pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else SHIPPED_BASE)
-    scorer, accuracy = evaluate.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
+    scorer, accuracy = toy_scorer.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
     prompts = toy.toy_prompts("test")
     args.sample_seeds = args.sample_seeds or study.get("sample_seeds", 4)
     sample_seeds = lambda seed: sampling_seeds(seed, args.sample_seeds)
@@ -299,13 +302,13 @@ def main(argv=None):
                "base_recipe": BASE_ARGS, "align_args": with_steps(ALIGN_ARGS, steps), "sample_steps": args.sample_steps,
                "guidance": args.guidance, "sample_seeds": args.sample_seeds},
               open(os.path.join(out, "results.json"), "w"), indent=1)
-    evaluate.plot_curves(curves, os.path.join(out, "curves.png"), style_points=style_points)
+    plots.plot_curves(curves, os.path.join(out, "curves.png"), style_points=style_points)
     tradeoff = any(len(study_lrs(study, v)) > 1 for v in study["variants"])
     if tradeoff:
         points = {}
         for row in rows[1:]:
             points.setdefault(row["model"], []).append((row["lr"], *row["style"], *row["content"]))
-        evaluate.plot_tradeoff(points, os.path.join(out, "tradeoff.png"))
+        plots.plot_tradeoff(points, os.path.join(out, "tradeoff.png"))
     # The grid: rows base, then each method at its middle lr (first training seed); columns:
     # the held-out prompts, one sampling seed, the same for every row.
     seed = study["seeds"][0]

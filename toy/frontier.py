@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-import evaluate
+from plumbing import plots
+from toy import scorer as toy_scorer
 from toy import experiment as E
 import toy
 import train
@@ -131,7 +132,7 @@ def claim(path):
 
 def scorer(args, scorers, style):
     if style not in scorers:
-        scorers[style] = evaluate.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
+        scorers[style] = toy_scorer.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
     return scorers[style]
 
 
@@ -318,7 +319,7 @@ def analysis(table, base=None):
 
 
 def plot(table, out_png, base=None):
-    plt = evaluate._pyplot()
+    plt = plots.pyplot()
     panels = [("winter, 8 pairs/step, mean ± std over seeds", 8, "winter"), ("16 pairs/step (seed 0)", 16, "winter"),
               ("sketch (seed 0)", 8, "sketch")]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), dpi=100)
@@ -356,7 +357,7 @@ def matched_grid(runs, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo 
     `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
     held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
     import sample
-    from plumbing.images import tensor_to_uint8
+    from model import tensor_to_uint8
     prompts, args = toy.toy_prompts("test"), argparse.Namespace(sample_steps=25, guidance=5.0, device="cpu")
     rows = [("base", os.path.join(runs, "base", "unet"))]
     for v in variants:

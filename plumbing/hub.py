@@ -1,0 +1,191 @@
+"""
+Loading from the Hugging Face hub or a local diffusers folder, and the rules every loader shares:
+whether the hub may be asked (offline), how a failure is told (one line, first_line), and
+whether a weights file is whole (safetensors_problem). model.py calls these; a reader of the
+method can skip this file.
+"""
+import contextlib
+import json
+import os
+import re
+import warnings
+
+# owner/name: what --init or --unet may mean when no such path exists
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def offline():
+    """HF_HUB_OFFLINE as the hub library reads it (1, ON, YES, TRUE), read now: the library itself
+    reads it once, at its import. The one place this project decides whether the hub may be asked."""
+    try:
+        from huggingface_hub import constants
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_kwargs():
+    """from_pretrained's keyword arguments for the offline rule."""
+    return dict(local_files_only=offline())
+
+
+# Real components, from the hub or a local diffusers folder
+def _offline_exit(what, source, err):
+    # One clear line instead of a traceback: the usual cause is a machine without hub access.
+    raise SystemExit(f"error: cannot load the {what} from '{source}' ({first_line(err)}). Without hub access, download "
+                     f"the model once and pass --pretrained /path/to/folder (a diffusers layout with unet/, vae/, "
+                     f"text_encoder/, tokenizer/, scheduler/).")
+
+def load_real(source, xl, encoders=True):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    kw = hub_kwargs()
+    try:
+        parts = dict(scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+                     unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
+                     vae=None, text_encoders=[], tokenizers=[])
+        if not encoders:
+            return parts
+        parts.update(tokenizers=[CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)],
+                     text_encoders=[CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)],
+                     vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw))
+        if xl:
+            parts["tokenizers"].append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw))
+            parts["text_encoders"].append(
+                CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw))
+    except (OSError, ValueError, EnvironmentError) as err:
+        _offline_exit("model", source, err)
+    return parts
+
+# What a UNet must share with a preset's to take its place (latents, text states, SDXL's extras).
+UNET_FIT = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+            "projection_class_embeddings_input_dim")
+
+def fitting_unet(unet, preset_unet, what, model):
+    """unet, after checking it can take preset_unet's place: a UNet of another preset would fail
+    deep inside the first step, or worse, run."""
+    for key in UNET_FIT:
+        want, got = preset_unet.config.get(key), unet.config.get(key)
+        if want != got:
+            raise SystemExit(f"error: {what} does not fit --model {model}: its {key} is {got}, the preset's {want}; "
+                             f"pass the --model it was trained with")
+    return unet
+
+def first_line(err):
+    """An exception's first line, at most 200 characters: what a one-line error quotes."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+def safetensors_problem(path):
+    """Why a .safetensors file cannot be whole (missing, cut short, not safetensors), or None.
+    The byte ranges its header declares must end exactly at the end of the file."""
+    if not os.path.isfile(path):
+        return "is missing"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return f"is truncated or corrupt ({size} bytes, shorter than its header)"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "is corrupt (its header is not a safetensors header)"
+    if 8 + n + end != size:
+        return f"is truncated or corrupt ({size} bytes where its header promises {8 + n + end})"
+    return None
+
+@contextlib.contextmanager
+def quiet():
+    # Library deprecation notices on stderr would bury the one line a failure ends in.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+def load_unet(spec, flag="--init"):
+    """The UNet of `flag` (train.py's --init, sample.py's --unet): a local unet/ folder (or its
+    parent), or, when no such path exists, a hub id owner/name. Any problem ends in one line
+    naming the flag."""
+    from diffusers import UNet2DConditionModel
+    if not os.path.exists(spec):
+        if not HUB_ID.fullmatch(spec):
+            raise SystemExit(f"error: {flag} {spec}: no such folder (nor a hub id of the form owner/name)")
+        return _hub_unet(spec, flag)
+    path = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: {flag} {spec}: no UNet there (expected a diffusers unet/ folder with config.json)")
+    for name in sorted(os.listdir(path)):  # diffusers' own message for a cut file names no cause
+        problem = safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
+        if problem:
+            raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} {problem}; copy or save it again")
+    try:
+        with quiet():
+            return UNet2DConditionModel.from_pretrained(path)
+    except Exception as err:  # a bad config.json, a .bin that is not a checkpoint, ...
+        raise SystemExit(f"error: {flag} {spec}: cannot load the UNet in {path} "
+                         f"({type(err).__name__}: {first_line(err)})")
+
+def _hub_unet(repo, flag):
+    """A hub repo's UNet: its unet/ subfolder (a pipeline repo such as mhdang/dpo-sd1.5-text2image-v1)
+    or its root (a UNet-only repo), whichever holds config.json."""
+    from diffusers import UNet2DConditionModel
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+    except ImportError:  # huggingface_hub < 1.0
+        from huggingface_hub.errors import EntryNotFoundError as RemoteEntryNotFoundError
+    is_offline = offline()
+    reason = None
+    for sub in ("unet", None):
+        try:
+            with quiet():
+                hf_hub_download(repo, "config.json", subfolder=sub, local_files_only=is_offline)
+        except RemoteEntryNotFoundError as err:  # the hub answered: not in this repo, try its root
+            if not isinstance(err, LocalEntryNotFoundError):  # (< 1.0 derives the offline miss from it)
+                continue
+            if is_offline:
+                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+                continue
+            reason = first_line(err)
+            break
+        except (OSError, ValueError) as err:  # offline and not cached, no network, no such repo
+            if is_offline:  # the hub's own message would only say "check your connection"
+                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+                continue  # the cache may hold the root layout
+            reason = first_line(err)
+            break  # the other layout would only wait for the network again
+        try:
+            with quiet():
+                return UNet2DConditionModel.from_pretrained(repo, subfolder=sub, local_files_only=is_offline)
+        except Exception as err:  # weights that fail to download or load
+            reason = first_line(err)
+            break
+    if reason is None:
+        raise SystemExit(f"error: {flag} {repo}: the hub repo has no unet/config.json nor config.json (not a "
+                         f"diffusers UNet)")
+    raise SystemExit(f"error: {flag} {repo}: not a local folder, and it could not be downloaded from the Hugging "
+                     f"Face hub ({reason}); download it where there is network (hf download {repo}) "
+                     f"and pass its folder")
+
+
+def cannot_load(what, name, flag, err):
+    return SystemExit(f"error: cannot load {what} '{name}' ({first_line(err)}); pass {flag} /path/to/a/local/copy")
+
+def load_clip(name, flag, what, device, processor=None, processor_flag=None, tokenizer_only=False):
+    """The one CLIP loader (E5's embedder, evaluate.py's reward models): a CLIPModel (hub id or
+    local folder) and what prepares its inputs, by default from the same place: its processor, or
+    with tokenizer_only its CLIPTokenizer -> (model in eval mode on `device`, processor)."""
+    from transformers import AutoProcessor, CLIPModel, CLIPTokenizer
+    try:
+        model = CLIPModel.from_pretrained(name, **hub_kwargs())
+    except (OSError, ValueError) as err:
+        raise cannot_load(what, name, flag, err)
+    try:
+        proc = (CLIPTokenizer if tokenizer_only else AutoProcessor).from_pretrained(processor or name, **hub_kwargs())
+    except (OSError, ValueError) as err:
+        raise cannot_load(f"the processor of {what}", processor or name, processor_flag or flag, err)
+    return model.to(device).eval().requires_grad_(False), proc
