@@ -433,7 +433,7 @@ def parse_args(argv=None):
     t.add_argument("--style", default="winter", choices=list(toy.STYLES), help="the toy style the scorer detects")
     t.add_argument("--resolution", type=int, default=16, help="toy scorer input size")
     t.add_argument("--scorer_cache", default=None,
-                   help="default: .cache/toy_scorer_{style}_{resolution}.safetensors next to this file")
+                   help="default: .cache/toy_scorer_{style}_{resolution}.safetensors in the repository")
     t.add_argument("--scorer_seed", type=int, default=0)
     c = p.add_argument_group("training curves")
     c.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", help="plot train.py metrics instead")

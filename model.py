@@ -472,8 +472,8 @@ def from_args(args, device, dataset, resolution):
         m.vae_scale, m.empty = dataset.index["vae_scale"], dataset.empty  # s of the VAE that made the cache
     if m.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"error: unsupported scheduler prediction_type {m.scheduler.config.prediction_type!r}")
-    from plumbing import distributed  # (only train.py's set-up wraps the policy)
-    return m, distributed.wrap_policy(m.unet, args.fsdp, device)
+    from plumbing import parallel  # (only train.py's set-up wraps the policy)
+    return m, parallel.wrap_policy(m.unet, args.fsdp, device)
 
 
 def unet_size(unet):

@@ -28,7 +28,7 @@ import loss as L
 import model as M
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import pickapic, speed
+from plumbing import parallel, pickapic, speed
 from plumbing import report as R
 import toy
 from toy import clip as toy_clip
@@ -446,7 +446,7 @@ class Reporter:
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device, own_group = D.setup(args.device)  # torchrun: one process per device
+    rank, world, device, own_group = parallel.setup(args.device)  # torchrun: one process per device
     master = rank == 0  # logs and writes files; every rank computes
     log = print if master else (lambda *a, **k: None)
     if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
@@ -580,8 +580,8 @@ def main(argv=None):
     if skips:
         log(f"skipped (counted): {skips}")
     log(f"done: {step} steps; {'LoRA' if m.lora else 'UNet'} in {out}")
-    policy = None  # DDP's reducer freed while the process group lives (distributed.teardown)
-    D.teardown(own_group)
+    policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
+    parallel.teardown(own_group)
     return m
 
 

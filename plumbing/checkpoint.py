@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from plumbing import distributed as D
-from plumbing import files, fsdp
+from plumbing import files, parallel
 import model as M
 from plumbing import hub, lora
 
@@ -344,7 +344,7 @@ def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=N
                  args=vars(args), cwd=os.getcwd(),
                  rng="timesteps/noise: Generator(seed, step, micro-batch), drawn for the "
                      "global micro-batch; crops: (seed, epoch, index)")
-    unet, optim = fsdp.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
+    unet, optim = parallel.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
     if master:
         save_checkpoint(path, m, optim, scaler, state, keep, unet=unet)
 
@@ -455,7 +455,7 @@ def resume(args, m, optimizer, scaler, master):
             lora.load_lora(m, os.path.join(ckpt, "lora"))
         elif args.fsdp:
             weights = load_unet_weights(os.path.join(ckpt, "unet"), where) if master else {}
-            fsdp.fsdp_load_state(m.unet, optimizer, weights, optimizer_state)
+            parallel.fsdp_load_state(m.unet, optimizer, weights, optimizer_state)
         else:
             m.unet.load_state_dict(load_unet_weights(os.path.join(ckpt, "unet"), where))
         if not args.fsdp:

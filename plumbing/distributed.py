@@ -1,7 +1,7 @@
 """
 Data parallelism for train.py: every collective the training loop makes is a call
-to a function of this file (FSDP's sharding and state gathering: fsdp.py). docs/multi-gpu.md
-explains the design; in short:
+to a function of this file (process set-up, DDP/FSDP wrapping and FSDP's state gathering:
+parallel.py). docs/multi-gpu.md explains the design; in short:
 
 - One process per device (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE); without torchrun every
   function here is a no-op and train.py is one plain process.
@@ -14,42 +14,13 @@ explains the design; in short:
 - Rank 0 alone logs and writes files; checkpoints hold full, single-device state, so a run
   resumes on any number of ranks, with or without FSDP.
 """
-import os
 
 import torch
 import torch.distributed as dist
 
 
-def setup(device_flag):
-    """-> (rank, world, device, own_group). One device per rank: cuda:LOCAL_RANK with NCCL, or
-    the CPU with gloo (no GPU, or --device cpu). own_group: this call made the process group (a
-    caller, e.g. a test, may have made it already), so teardown() should end it."""
-    if int(os.environ.get("RANK", "-1")) == -1:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device_flag == "auto" else device_flag
-        return 0, 1, device, False
-    gpu = torch.cuda.is_available() and device_flag != "cpu"
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group(backend="nccl" if gpu else "gloo")
-    rank = dist.get_rank()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if gpu else "cpu"  # --device cuda[:N]: "the GPUs"
-    if gpu:
-        torch.cuda.set_device(device)
-    return rank, dist.get_world_size(), device, own_group
-
-
 def active():
     return dist.is_available() and dist.is_initialized()
-
-
-def teardown(own_group):
-    # Every rank waits until rank 0 has written the result. The caller drops its DDP wrapper
-    # first: DDP's reducer holds the group from C++ and, were it the last holder, would destroy
-    # it with the GIL held while a gloo thread may still need the GIL (seen: a hang at exit).
-    if active():
-        dist.barrier()
-        if own_group:
-            dist.destroy_process_group()
 
 
 class Share:
@@ -154,22 +125,4 @@ def average_grads(params):
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
-
-
-def wrap_policy(unet, fsdp, device):
-    """The module the training forward calls; the UNet itself stays m.unet (the reference
-    forward, LoRA's adapter switch and saving use it).
-      DDP: a replica per rank; gradients averaged after backward (all-reduce in buckets,
-        overlapping the backward), only for requires_grad parameters (a LoRA all-reduces its
-        adapters only). gradient_as_bucket_view: no second copy of the gradients (SDXL: 10 GB).
-      FSDP (--fsdp): fsdp.shard_unet shards the UNet in place; the reference stays a full frozen copy."""
-    if fsdp:
-        from plumbing import fsdp as F
-        return F.shard_unet(unet)
-    if not active():
-        return unet
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    gpu = str(device).startswith("cuda")
-    return DDP(unet, device_ids=[torch.device(device).index] if gpu else None, find_unused_parameters=False,
-               gradient_as_bucket_view=True)
 

@@ -141,7 +141,7 @@ def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0):
     """Train (or load from cache) the toy scorer; gate on held-out accuracy -> (net, accuracy)."""
     if style not in toy.STYLES:
         raise SystemExit(f"error: unknown style {style!r}; expected one of {toy.STYLES}")
-    cache = cache or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache",
+    cache = cache or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
                                   f"toy_scorer_{style}_{resolution}.safetensors")
     meta_path = os.path.splitext(cache)[0] + ".json"
     config = dict(version=VERSION, style=style, resolution=resolution, seed=seed, **TRAIN)

@@ -1,10 +1,59 @@
 """
---fsdp: the policy UNet, its gradients and AdamW state sharded over the ranks with FSDP2
-(fully_shard), and the full single-device state gathered for checkpoints and scattered back on
-resume, so that a checkpoint written with FSDP resumes without it and the other way round
-(docs/multi-gpu.md). distributed.wrap_policy calls shard_unet; plumbing/checkpoint.py the rest.
+Data parallelism set up: one process per device under torchrun (setup, teardown), the policy
+replicated with DDP or, with --fsdp, its weights, gradients and AdamW state sharded with FSDP2
+(wrap_policy, shard_unet), and the full single-device state gathered for checkpoints and scattered
+back on resume, so that a checkpoint written with FSDP resumes without it and the other way round
+(docs/multi-gpu.md). The collectives of a training step are distributed.py's.
 """
+import os
+
 import torch
+import torch.distributed as dist
+
+from plumbing.distributed import active
+
+
+def setup(device_flag):
+    """-> (rank, world, device, own_group). One device per rank: cuda:LOCAL_RANK with NCCL, or
+    the CPU with gloo (no GPU, or --device cpu). own_group: this call made the process group (a
+    caller, e.g. a test, may have made it already), so teardown() should end it."""
+    if int(os.environ.get("RANK", "-1")) == -1:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device_flag == "auto" else device_flag
+        return 0, 1, device, False
+    gpu = torch.cuda.is_available() and device_flag != "cpu"
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="nccl" if gpu else "gloo")
+    rank = dist.get_rank()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if gpu else "cpu"  # --device cuda[:N]: "the GPUs"
+    if gpu:
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device, own_group
+
+def teardown(own_group):
+    # Every rank waits until rank 0 has written the result. The caller drops its DDP wrapper
+    # first: DDP's reducer holds the group from C++ and, were it the last holder, would destroy
+    # it with the GIL held while a gloo thread may still need the GIL (seen: a hang at exit).
+    if active():
+        dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
+
+def wrap_policy(unet, fsdp, device):
+    """The module the training forward calls; the UNet itself stays m.unet (the reference
+    forward, LoRA's adapter switch and saving use it).
+      DDP: a replica per rank; gradients averaged after backward (all-reduce in buckets,
+        overlapping the backward), only for requires_grad parameters (a LoRA all-reduces its
+        adapters only). gradient_as_bucket_view: no second copy of the gradients (SDXL: 10 GB).
+      FSDP (--fsdp): shard_unet shards the UNet in place; the reference stays a full frozen copy."""
+    if fsdp:
+        return shard_unet(unet)
+    if not active():
+        return unet
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    gpu = str(device).startswith("cuda")
+    return DDP(unet, device_ids=[torch.device(device).index] if gpu else None, find_unused_parameters=False,
+               gradient_as_bucket_view=True)
 
 
 def shard_unet(unet):
