@@ -126,7 +126,7 @@ class ManifestPairs(ImagePairs):
     """Pairs listed in a JSONL file. Bad lines (unreadable JSON, bytes that are not UTF-8,
     missing fields or image files, ties, prompts that are not valid text) are skipped and
     counted at construction, one warning per reason. An image refused while loading (corrupt,
-    too large, extreme aspect ratio: images.read_image) becomes a skip marker that
+    too large, extreme aspect ratio: plumbing.images.read_image) becomes a skip marker that
     collate_pairs drops, so one bad file never kills a long run; each such image is named in
     one warning, the first time it is met (per process: each DataLoader worker keeps its own
     record, so a worker may name a file another one already named)."""

@@ -61,7 +61,7 @@ from toy import scorer as toy_scorer
 #                checkpoint: 100 · cos(text, image), as its benchmark (hpsv2.evaluate) reports it;
 #                hpsv2.score returns the same without the factor 100.
 #   imagereward  ImageReward-v1.0 (Xu et al. 2023) through the ImageReward package:
-#                model.score(prompt, images), its reward standardised by the package's mean and std.
+#                its score(prompt, images), the reward standardised by the package's mean and std.
 # Every model is loaded once, before any image is read; CLIP ViT-L/14 serves clip, style and
 # aesthetic alike; image and text features are computed in batches on --device.
 

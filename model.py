@@ -337,7 +337,7 @@ def load_embedder(name="tiny", device="cpu"):
     """CLIP in the joint text-image space, for f(c, x) (E5). `name`: a hub id or local folder
     (default for real presets: openai/clip-vit-large-patch14), or "tiny" for a built-in
     random CLIP that keeps the tiny presets offline. Returns (model, tokenizer). (For "toy-clip",
-    the tiny CLIP trained on the toy world, ask toy_clip.embedder.)"""
+    the tiny CLIP trained on the toy world, ask toy.clip.embedder.)"""
     if name == "tiny":
         model, tokenizer = tiny.tiny_clip()
     elif name == "random":  # benchmarks: CLIP ViT-L/14's shapes, random weights

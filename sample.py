@@ -141,7 +141,7 @@ def read_prompts(spec):
 
 # ---------------------------------------------------------------------------------------
 # The UNet to sample: --unet (local folder or hub id) and --lora, each checked before use.
-# --unet loads with model.load_unet, the loader of train.py's --init.
+# --unet loads with plumbing.hub.load_unet, the loader of train.py's --init.
 def install_unet(m, unet, spec):
     """Put a loaded UNet in place of the preset's, prepared as load_models prepares its own (fp32 on
     the device, fused attention), after checking that it fits the preset's text and latents: a

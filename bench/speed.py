@@ -11,7 +11,7 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
 The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
 reference forward is the same UNet with its adapters off: model.reference_unet). UNets are built from their
-architecture (model.ARCHITECTURES) with random weights and fed random latents and text states
+architecture (plumbing.random_weights.ARCHITECTURES) with random weights and fed random latents and text states
 of the right shapes: no download, and no VAE/text-encoder/CLIP time (train.py can skip those
 with cached data). FLOPs are counted with torch.utils.flop_counter on one eager step without
 gradient checkpointing (model FLOPs: recomputation is not useful work), and MFU divides them by
@@ -51,12 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient_checkpointing", action="store_true", help="= --checkpointing all")
     p.add_argument("--checkpointing", default=None, metavar="{" + ",".join(speed.CHECKPOINTING) + ",transformer:F}",
-                   help="which blocks recompute their activations in backward (model.apply_checkpointing)")
+                   help="which blocks recompute their activations in backward (plumbing.speed.apply_checkpointing)")
     p.add_argument("--compile", nargs="?", const="full", default="none", choices=["none", "regional", "full"],
                    help="torch.compile the policy and reference UNets: full (bare --compile) or each block "
-                        "(model.compile_blocks); compile time is reported apart from the step time")
+                        "(plumbing.speed.compile_blocks); compile time is reported apart from the step time")
     p.add_argument("--sdpa_backend", default="default", choices=speed.SDPA_BACKENDS,
-                   help="attention kernel (model.set_sdpa_backend); a shape it cannot take fails the row")
+                   help="attention kernel (plumbing.speed.set_sdpa_backend); a shape it cannot take fails the row")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--lora_rank", type=int, default=0,

@@ -152,7 +152,7 @@ def load_imagereward(name, device):
 
 @torch.no_grad()
 def imagereward_scores(model, paths, prompts, batch_size=32):
-    """model.score(prompt, [images]) per prompt (the package encodes the prompt once)."""
+    """ImageReward's score(prompt, [images]) per prompt (the package encodes the prompt once)."""
     by_prompt = {}
     for i, p in enumerate(prompts):
         by_prompt.setdefault(p, []).append(i)

@@ -107,7 +107,7 @@ def test_saved_unet_loads_with_stock_from_pretrained(tmp_path):
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.unet.state_dict().values()))
-    # and model.load_unet accepts the folder or its parent
+    # and plumbing.hub.load_unet accepts the folder or its parent
     assert torch.equal(next(hub.load_unet(str(tmp_path)).parameters()), next(m.unet.parameters()))
 
 

@@ -2,8 +2,8 @@
 Behaviour check for refactors: fixed-seed training runs whose final weights and metrics must be
 bit-identical before and after a change to the code.
 
-    python tools/same_runs.py record before.json     # on the old code
-    python tools/same_runs.py check before.json      # on the new code: exit 1 on any difference
+    python -m tools.same_runs record before.json     # on the old code
+    python -m tools.same_runs check before.json      # on the new code: exit 1 on any difference
 
 Each run trains 20 steps on a tiny preset (CPU, one thread per process) and is summarised by
 the SHA-256 of every file of its final unet/ or lora/ folder and of its metrics.jsonl with the

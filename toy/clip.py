@@ -1,5 +1,5 @@
 """
-toy-clip: model.tiny_clip (the architecture of load_embedder("tiny")) trained contrastively on
+toy-clip: plumbing.tiny.tiny_clip (the architecture of load_embedder("tiny")) trained contrastively on
 the toy world, so that E5's f(c, x) and E6's weights ω carry information on toy data (the random
 tiny CLIP maps every toy sample to nearly the same point: ω is uniform whatever τ).
 
