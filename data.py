@@ -14,15 +14,11 @@ build_dataset, maps train.py's --data to a source:
 
 Every dataset returns dicts that collate_pairs stacks; stream_batches deals them out to
 processes in a resumable order. Randomness is always derived from (seed, [epoch,] index), so
-an item can be reproduced on its own and resuming needs no saved RNG state. The cache command:
-
-    python data.py cache --model sdxl --pretrained /models/sdxl --data pickapic:/data/pickapic_v2 \
-        --out /data/cache-sdxl --flip --mixed_precision bf16
-
-(Style Alignment pairs from real images are built by `python -m tools.build_style`.)
+an item can be reproduced on its own and resuming needs no saved RNG state. Data preparation
+lives in tools/: `python -m tools.build_cache` (cache:DIR) and `python -m tools.build_style`
+(Style Alignment pairs from real images).
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -343,64 +339,3 @@ def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_
             yield epoch, item, batch
         epoch, item = epoch + 1, 0
 
-
-def build_cache(model, data_spec, out, pretrained=None, resolution=None, split="train", seed=0, num_items=8192,
-                **kwargs):
-    """`python data.py cache`: the pairs of --data, in index order and centre-cropped, through
-    the frozen encoders into OUT (cache.write_cache, which takes the other arguments)."""
-    resolution = resolution or M.PRESETS[model]["resolution"]
-    dataset = build_dataset(data_spec, resolution, seed=seed, split=split, num_items=num_items)
-    if not isinstance(dataset, (ToyPairs, ImagePairs)) or isinstance(dataset, (ToyImages, pickapic.PickapicHub)):
-        raise ValueError(f"cache: --data {data_spec} is not a pair data set that can be read in order "
-                         f"(toy, a .jsonl manifest or pickapic:DIR)")
-    return cache.write_cache(model, dataset, data_spec, out, pretrained, resolution, collate=collate_pairs, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: python data.py cache ...
-
-
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Data preparation for rpo-diffusion.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("cache", help="precompute latents, text states and E5 features for train.py --data cache:DIR")
-    c.add_argument("--model", default="tiny", help="preset (model.py), as for train.py")
-    c.add_argument("--pretrained", "--pretrained_model_name_or_path", default=None)
-    c.add_argument("--data", required=True, help="toy, a .jsonl manifest or pickapic:DIR")
-    c.add_argument("--data_split", default="train", help="pickapic: shard name prefix; toy: prompt split")
-    c.add_argument("--out", required=True, help="cache folder")
-    c.add_argument("--resolution", type=int, default=None, help="default: the preset's")
-    c.add_argument("--flip", action="store_true", help="also store the mirrored images (for --random_flip)")
-    c.add_argument("--embed_model", default=None, help="CLIP for E5, as train.py's (default: the same)")
-    c.add_argument("--dtype", default="fp16", choices=list(cache.CACHE_DTYPES), help="storage dtype of latents/text states")
-    c.add_argument("--batch_size", type=int, default=16)
-    c.add_argument("--shard_size", type=int, default=1024, help="pairs per safetensors shard")
-    c.add_argument("--num_items", type=int, default=8192, help="toy: pairs")
-    c.add_argument("--num_workers", type=int, default=0)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="encoders' compute dtype")
-    c.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    # torchrun data.py cache ...: every process caches its part on its own GPU; no communication
-    part, parts = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if parts > 1 and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', part)}"
-    try:
-        if args.command == "cache":
-            index = build_cache(args.model, args.data, args.out, args.pretrained, args.resolution, args.data_split,
-                                args.seed, args.num_items, flip=args.flip, batch_size=args.batch_size, device=device,
-                                mixed_precision=args.mixed_precision, embed_model=args.embed_model, dtype=args.dtype,
-                                shard_size=args.shard_size, num_workers=args.num_workers, progress=part == 0,
-                                part=part, parts=parts)
-            size = sum(os.path.getsize(os.path.join(args.out, s["file"])) for s in index["shards"])
-            print(("" if parts == 1 else f"part {part + 1} of {parts}: ") +
-                  f"cached {index['num_pairs']} pairs in {len(index['shards'])} shards ({size / 2**20:.1f} MiB) "
-                  f"in {args.out}" + (f"; skipped {index['skip_counts']}" if index["skip_counts"] else ""))
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
-
-
-if __name__ == "__main__":
-    main()

@@ -136,27 +136,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
     if lora_rank > 0:
         # LoRA: policy = frozen UNet + adapter, reference = the same UNet, adapter off (docs/method.md:
         # ε_ref is the frozen starting UNet, which is exactly what the adapter-free path computes).
-        LoraConfig = lora.import_peft("--lora_rank").LoraConfig
-        unet.requires_grad_(False)  # (peft's injection also marks only adapters trainable; explicit here)
-        # init "gaussian": A ~ N(0, 1/R), B = 0, so B·A = 0 and the policy starts *equal* to the
-        # reference (every logit 0, loss ln 2, as in full fine-tuning). Drawn from the global
-        # torch RNG, which train.py seeds before building the models: reproducible per seed.
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                            target_modules=list(lora_targets))
-        try:  # diffusers' PeftAdapterMixin.add_adapter: peft's inject_adapter_in_model, adapter "default"
-            unet.add_adapter(config)
-        except ValueError as err:  # peft: "Target modules {...} not found in the base model ..."
-            raise SystemExit(f"error: --lora_targets {','.join(lora_targets)}: {hub.first_line(err)}")
-        # The adapter was created (and initialised) in fp32, like the UNet at this point, and is
-        # the only thing with requires_grad; the frozen base now drops to the compute dtype: this
-        # is LoRA's memory win (a bf16 UNet instead of an fp32 policy + a bf16 reference copy).
-        # Under autocast the policy then runs the same bf16 matmuls as the full fine-tune's
-        # fp32-master-weight policy does; peft casts each LoRA input to the adapter's dtype.
-        for p in unet.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        lora_layers = [mod for mod in unet.modules() if isinstance(mod, BaseTunerLayer)]
+        lora_layers = lora.add_adapter(unet, lora_rank, lora_alpha, lora_targets, dtype)
     elif reference:
         # The reference is the frozen starting point of the policy (docs/method.md, Setting). Kept on the same
         # device in the compute dtype: no CPU offload, half the memory of an fp32 copy.
@@ -320,6 +300,7 @@ def predict_noise(unet, noisy_latents, t, cond):
 
 
 # ---------------------------------------------------------------------------------------
+# The CLIP model behind the RPO weights (E5)
 def default_embed_model(model_name, pretrained=None):
     """E5's CLIP when --embed_model is not given. Tiny presets: "toy-clip", the tiny CLIP trained
     on the toy world (toy/clip.py; trained once on first use, then cached), so that ω (E6) sees each
@@ -426,33 +407,6 @@ def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=Tr
 
 # ---------------------------------------------------------------------------------------
 # train.py's set-up from its flags
-def device_defaults(args, device):
-    """Resolve the "auto" flags. GPU defaults are what bench/speed.py measured fastest (docs/speed.md,
-    docs/speed-gpu.md): bf16 autocast with fp32 master weights, the reference in bf16, fused
-    AdamW, cuDNN attention, TF32 matmuls, regional compilation, selective checkpointing."""
-    gpu = device.startswith("cuda")
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.mixed_precision == "auto":
-        args.mixed_precision = "bf16" if gpu else "no"
-    if args.optimizer == "auto":
-        args.optimizer = "adamw_fused" if gpu else "adamw"
-    if args.sdpa_backend == "auto":
-        args.sdpa_backend = "cudnn" if gpu else "default"
-    # Regional compilation and checkpointing of the widest quarter of the transformer blocks:
-    # the fastest configuration that fits SDXL's full fine-tune (1024², 4 pairs) in 80 GB, run
-    # on an H200 alone and under DDP, FSDP and LoRA (docs/speed-gpu.md). On a CPU, inductor's
-    # compile time outweighs what it saves on the tiny presets.
-    if args.compile == "auto":
-        args.compile = "regional" if gpu else "none"
-    if args.gradient_checkpointing == "auto":
-        real = PRESETS[args.model]["pretrained"] is not None
-        args.gradient_checkpointing = "transformer:0.25" if gpu and real and not args.lora_rank else "none"
-    if gpu:
-        speed.set_sdpa_backend(args.sdpa_backend)  # with the others as fallbacks for shapes it cannot take
-
-
 def from_args(args, device, dataset, resolution):
     """-> (m, policy). m: policy ε_θ (trainable), reference ε_ref (frozen), VAE, text
     encoders (model.load_models); with --lora_rank the policy is the frozen UNet + adapter and

@@ -456,7 +456,7 @@ def main(argv=None):
     pairs_per_step = args.batch_size * args.grad_accum * world
     if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
         args.lr *= pairs_per_step
-    M.device_defaults(args, device)
+    speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
     dataset, resolution = data.from_args(args, world)
     streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
     skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed

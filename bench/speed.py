@@ -312,7 +312,7 @@ def bench_data(args, device):
     import statistics
     import tempfile
 
-    import data
+    from tools import build_cache
     if os.environ.get("BENCH_TMP"):
         os.makedirs(os.environ["BENCH_TMP"], exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-data-", dir=os.environ.get("BENCH_TMP"))
@@ -323,10 +323,10 @@ def bench_data(args, device):
     mp = args.mixed_precision if device.startswith("cuda") else "no"
     results = []
     t0 = time.time()
-    index = data.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
-                             embed_model=args.embed_model, resolution=args.resolution, device=device,
-                             mixed_precision=mp, num_items=n, batch_size=args.batch_size, num_workers=workers[0],
-                             progress=False)
+    index = build_cache.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
+                                    embed_model=args.embed_model, resolution=args.resolution, device=device,
+                                    mixed_precision=mp, num_items=n, batch_size=args.batch_size,
+                                    num_workers=workers[0], progress=False)
     cache_s = time.time() - t0
     print(f"cache: {index['num_pairs']} pairs in {cache_s:.1f} s ({tmp}/cache)", flush=True)
     gc.collect()

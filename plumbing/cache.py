@@ -1,6 +1,6 @@
 """
 Cached latents and embeddings ("offline data sampling"): everything frozen that training
-computes from a pair, computed once by `python data.py cache` (write_cache), and read back by
+computes from a pair, computed once by `python -m tools.build_cache` (write_cache), and read back by
 CachedPairs for train.py --data cache:DIR.
 
 The cache holds the VAE posterior of winner and loser (mean and std, so z = s·(μ + σ·n) is still
@@ -33,7 +33,7 @@ def _cache_identity(model, pretrained):
 def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None, flip=False, batch_size=16,
                 device="cpu", mixed_precision="no", embed_model=None, dtype="fp16", shard_size=1024,
                 num_workers=0, progress=True, part=0, parts=1, collate=None):
-    """One pass over a pair data set (in index order, centre crops; data.build_cache makes it
+    """One pass over a pair data set (in index order, centre crops; tools/build_cache.py makes it
     from a --data spec) -> safetensors shards and OUT/index.json. Returns the index dict.
     part/parts: this process caches the part-th of `parts` equal, contiguous index ranges and
     writes index-PPP-of-NNN.json instead; CachedPairs joins the parts in order, so N processes
@@ -148,7 +148,7 @@ def _load_index(path):
         raise ValueError(f"{path}: not a {CACHE_FORMAT} cache index (format {index.get('format')!r})")
     for key, kind in _INDEX_KEYS.items():
         if key not in index:
-            raise ValueError(f"{path}: cache index has no {key!r} (rebuild it with python data.py cache)")
+            raise ValueError(f"{path}: cache index has no {key!r} (rebuild it with python -m tools.build_cache)")
         if not isinstance(index[key], kind) or (kind is int and isinstance(index[key], bool)):
             raise ValueError(f"{path}: cache index {key!r} is {index[key]!r:.80}, of the wrong type")
     for s in index["shards"]:
@@ -167,7 +167,7 @@ def read_cache_index(folder):
         return _load_index(path)
     found = sorted(glob.glob(os.path.join(folder, "index-[0-9][0-9][0-9]-of-[0-9][0-9][0-9].json")))
     if not found:
-        raise FileNotFoundError(f"no cache at {folder} (index.json missing; build one with python data.py cache)")
+        raise FileNotFoundError(f"no cache at {folder} (index.json missing; build one with python -m tools.build_cache)")
     parts = int(found[0][-8:-5])
     want = [os.path.join(folder, f"index-{p:03d}-of-{parts:03d}.json") for p in range(parts)]
     if found != want:
@@ -231,7 +231,7 @@ class CachedPairs(torch.utils.data.Dataset):
         if want != have:
             name = lambda d: f"--model {d['model']}" + (f" --pretrained {d['pretrained']}" if d["pretrained"] else "")
             raise ValueError(f"cache {folder} was built for {name(have)}, not {name(want)}; rebuild it with "
-                             f"python data.py cache {name(want)} ...")
+                             f"python -m tools.build_cache {name(want)} ...")
         if resolution not in (None, index["resolution"]):
             raise ValueError(f"cache {folder} holds {index['resolution']}px crops, not --resolution {resolution}")
         if embed_model not in (None, index["embed_model"]):

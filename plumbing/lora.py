@@ -20,6 +20,33 @@ def import_peft(flag):
         raise SystemExit(f"error: {flag} needs peft (pip install peft)")
     return peft
 
+def add_adapter(unet, rank, alpha, targets, dtype):
+    """A trainable LoRA adapter of rank R (scale alpha/R, alpha default R) on the modules named
+    `targets`, in fp32, with everything else frozen in the compute dtype -> the adapter layers,
+    for model.reference_unet's switch (model.load_models calls it)."""
+    LoraConfig = import_peft("--lora_rank").LoraConfig
+    unet.requires_grad_(False)  # (peft's injection also marks only adapters trainable; explicit here)
+    # init "gaussian": A ~ N(0, 1/R), B = 0, so B·A = 0 and the policy starts *equal* to the
+    # reference (every logit 0, loss ln 2, as in full fine-tuning). Drawn from the global
+    # torch RNG, which train.py seeds before building the models: reproducible per seed.
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                        target_modules=list(targets))
+    try:  # diffusers' PeftAdapterMixin.add_adapter: peft's inject_adapter_in_model, adapter "default"
+        unet.add_adapter(config)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model ..."
+        raise SystemExit(f"error: --lora_targets {','.join(targets)}: {hub.first_line(err)}")
+    # The adapter was created (and initialised) in fp32, like the UNet at this point, and is
+    # the only thing with requires_grad; the frozen base now drops to the compute dtype: this
+    # is LoRA's memory win (a bf16 UNet instead of an fp32 policy + a bf16 reference copy).
+    # Under autocast the policy then runs the same bf16 matmuls as the full fine-tune's
+    # fp32-master-weight policy does; peft casts each LoRA input to the adapter's dtype.
+    for p in unet.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return [mod for mod in unet.modules() if isinstance(mod, BaseTunerLayer)]
+
+
 def save_lora(m, directory):
     """The adapter of m.unet -> DIRECTORY/pytorch_lora_weights.safetensors in the diffusers LoRA
     format: keys "unet.<module>.lora.down.weight" / ".lora.up.weight" (peft's lora_A / lora_B),

@@ -172,3 +172,30 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# train.py's set-up from its flags
+def device_defaults(args, device, real):
+    """Resolve train.py's "auto" flags (real: an sd15/sdxl preset, not a tiny one). GPU defaults are what bench/speed.py measured fastest (docs/speed.md,
+    docs/speed-gpu.md): bf16 autocast with fp32 master weights, the reference in bf16, fused
+    AdamW, cuDNN attention, TF32 matmuls, regional compilation, selective checkpointing."""
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if gpu else "no"
+    if args.optimizer == "auto":
+        args.optimizer = "adamw_fused" if gpu else "adamw"
+    if args.sdpa_backend == "auto":
+        args.sdpa_backend = "cudnn" if gpu else "default"
+    # Regional compilation and checkpointing of the widest quarter of the transformer blocks:
+    # the fastest configuration that fits SDXL's full fine-tune (1024², 4 pairs) in 80 GB, run
+    # on an H200 alone and under DDP, FSDP and LoRA (docs/speed-gpu.md). On a CPU, inductor's
+    # compile time outweighs what it saves on the tiny presets.
+    if args.compile == "auto":
+        args.compile = "regional" if gpu else "none"
+    if args.gradient_checkpointing == "auto":
+        args.gradient_checkpointing = "transformer:0.25" if gpu and real and not args.lora_rank else "none"
+    if gpu:
+        set_sdpa_backend(args.sdpa_backend)  # with the others as fallbacks for shapes it cannot take

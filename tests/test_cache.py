@@ -1,4 +1,4 @@
-"""data.py cache + train.py --data cache:DIR: the cached batch trains exactly as the raw one."""
+"""python -m tools.build_cache + train.py --data cache:DIR: the cached batch trains exactly as the raw one."""
 import json
 import math
 
@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+from tools import build_cache
 import loss as L
 import model as M
 from plumbing import distributed as D
@@ -43,7 +44,7 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
     (SDXL: both encoders' states, pooled embedding, time ids) and E5 embeddings equal the raw
     ones, and so does the RPO loss."""
     pairs = manifest(tmp_path / "raw")
-    index = data.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", batch_size=3,
+    index = build_cache.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", batch_size=3,
                              shard_size=5, progress=False)  # 2 shards, batches straddling them
     assert index["num_pairs"] == 8 and [s["num_pairs"] for s in index["shards"]] == [6, 2]
     m = M.load_models("tiny-xl")
@@ -82,7 +83,7 @@ def test_cached_training_follows_the_raw_run(tmp_path, loss):
     rounding at every step; the policy's to 1e-3 (AdamW's first steps are sign-like, so β's
     amplification of rounding moves a few near-zero-gradient weights differently)."""
     pairs = manifest(tmp_path / "raw")
-    data.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", progress=False)
+    build_cache.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", progress=False)
     raw = run(tmp_path, "raw-run", str(pairs), "--loss", loss)
     cached = run(tmp_path, "cached-run", f"cache:{tmp_path / 'cache'}", "--loss", loss)
     exact, close = (["ref_mse_w", "ref_mse_l"], ["mse_w", "mse_l"]) if loss == "rpo" else (["loss"], [])
@@ -95,7 +96,7 @@ def test_cached_training_follows_the_raw_run(tmp_path, loss):
 
 def test_cache_holds_encoder_outputs_and_flips(tmp_path):
     pairs = manifest(tmp_path / "raw", n=3)
-    data.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", flip=True, progress=False)
+    build_cache.build_cache("tiny-xl", str(pairs), str(tmp_path / "cache"), dtype="fp32", flip=True, progress=False)
     m = M.load_models("tiny-xl", reference=False)
     raw = data.ManifestPairs(pairs, 32)[2]
     post = m.vae.encode(torch.stack([raw["winner"], raw["winner"].flip(-1)])).latent_dist
@@ -114,7 +115,7 @@ def test_cache_holds_encoder_outputs_and_flips(tmp_path):
 
 
 def test_cache_refuses_another_model_or_setting(tmp_path):
-    data.build_cache("tiny", "toy", str(tmp_path / "cache"), num_items=8, dtype="fp32", progress=False)
+    build_cache.build_cache("tiny", "toy", str(tmp_path / "cache"), num_items=8, dtype="fp32", progress=False)
     spec = f"cache:{tmp_path / 'cache'}"
     for args, words in ((["--model", "tiny-sd"], "built for --model tiny, not --model tiny-sd"),
                         (["--random_flip"], "rebuild it with --flip"),
@@ -130,7 +131,7 @@ def test_cache_refuses_another_model_or_setting(tmp_path):
 
 
 def test_cached_training_loads_no_encoders(tmp_path, monkeypatch):
-    data.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=8, dtype="fp32", progress=False)
+    build_cache.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=8, dtype="fp32", progress=False)
     seen = {}
     real = M.load_models
     monkeypatch.setattr(M, "load_models", lambda *a, **k: seen.setdefault("m", real(*a, **k)))
@@ -141,7 +142,7 @@ def test_cached_training_loads_no_encoders(tmp_path, monkeypatch):
 
 
 def test_text_states_are_stored_once_per_distinct_prompt(tmp_path):
-    data.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=40, dtype="fp32", shard_size=100,
+    build_cache.build_cache("tiny-sd", "toy", str(tmp_path / "cache"), num_items=40, dtype="fp32", shard_size=100,
                      progress=False)
     shard = load_file(tmp_path / "cache" / "shard-00000.safetensors")
     ds = cache.CachedPairs(str(tmp_path / "cache"), "tiny-sd")
@@ -156,17 +157,17 @@ def test_text_states_are_stored_once_per_distinct_prompt(tmp_path):
 
 
 def test_cache_built_in_parts_reads_as_one(tmp_path):
-    """torchrun data.py cache: each process caches a contiguous part; the parts read as the
+    """torchrun -m tools.build_cache: each process caches a contiguous part; the parts read as the
     one-process cache (same items, same order, index-level skips counted once)."""
     pairs = manifest(tmp_path / "raw", n=7)
     with open(pairs, "a") as f:
         f.write(json.dumps({"caption": "tie", "image_0": "0w.png", "image_1": "0l.png", "label_0": 0.5}) + "\n")
-    data.build_cache("tiny-xl", str(pairs), str(tmp_path / "one"), dtype="fp32", progress=False)
+    build_cache.build_cache("tiny-xl", str(pairs), str(tmp_path / "one"), dtype="fp32", progress=False)
     for part in (1, 0, 2):  # any order, as processes finish
         if part == 2:
             with pytest.raises(FileNotFoundError, match="2 of its 3 part indexes"):
                 cache.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
-        data.build_cache("tiny-xl", str(pairs), str(tmp_path / "parts"), dtype="fp32", progress=False,
+        build_cache.build_cache("tiny-xl", str(pairs), str(tmp_path / "parts"), dtype="fp32", progress=False,
                          shard_size=2, part=part, parts=3)
     one, parts = cache.CachedPairs(str(tmp_path / "one"), "tiny-xl"), cache.CachedPairs(str(tmp_path / "parts"), "tiny-xl")
     assert len(one) == len(parts) == 7 and parts.index["skip_counts"] == one.index["skip_counts"] == {"tie": 1}

@@ -15,6 +15,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import cache  # noqa: E402
 import data  # noqa: E402
+from tools import build_cache
 from plumbing import images  # noqa: E402
 import train  # noqa: E402
 from data import ManifestPairs  # noqa: E402
@@ -268,7 +269,7 @@ def test_train_survives_a_hostile_manifest(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache") / "c"
-    data.build_cache("tiny", "toy", str(folder), num_items=6, dtype="fp32", shard_size=4, batch_size=2,
+    build_cache.build_cache("tiny", "toy", str(folder), num_items=6, dtype="fp32", shard_size=4, batch_size=2,
                      progress=False)  # shards of 4 and 2 pairs
     return folder
 
@@ -310,7 +311,7 @@ CASES = {
     "not utf-8": (lambda f: (f / "index.json").write_bytes(b'{"format": "\xff"}'), ValueError,
                   "index.json: unreadable cache index ("),
     "missing key": (drop_key("shards"), ValueError,
-                    "index.json: cache index has no 'shards' (rebuild it with python data.py cache)"),
+                    "index.json: cache index has no 'shards' (rebuild it with python -m tools.build_cache)"),
     "missing resolution": (drop_key("resolution"), ValueError, "index.json: cache index has no 'resolution'"),
     "bad shard entry": (index_text(json.dumps({"format": "rpo-diffusion-cache/1", "model": "tiny", "pretrained": None,
                                                "resolution": 16, "embed_model": "tiny", "flip": False,

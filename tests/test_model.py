@@ -146,10 +146,10 @@ def test_auto_flags_resolve_per_device(monkeypatch):
             ("tiny", 0, "cpu"): ("none", "none", "no", "adamw", "default")}
     for (name, rank, device), expected in want.items():
         args = train.parse_args(["--model", name, "--lora_rank", str(rank)])
-        M.device_defaults(args, device)
+        speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
         got = (args.compile, args.gradient_checkpointing, args.mixed_precision, args.optimizer, args.sdpa_backend)
         assert got == expected, (name, rank, device, got)
     # explicit flags win
     args = train.parse_args(["--model", "sdxl", "--compile", "none", "--gradient_checkpointing"])
-    M.device_defaults(args, "cuda")
+    speed.device_defaults(args, "cuda", real=M.PRESETS[args.model]["pretrained"] is not None)
     assert (args.compile, args.gradient_checkpointing) == ("none", "all")

@@ -68,7 +68,7 @@ def summarise(out):
 def run_all(work):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     cache = os.path.join(work, "cache")
-    subprocess.run([sys.executable, "data.py", "cache", "--model", "tiny-sd", "--data", "toy", "--num_items", "64",
+    subprocess.run([sys.executable, "-m", "tools.build_cache", "--model", "tiny-sd", "--data", "toy", "--num_items", "64",
                     "--out", cache, "--dtype", "fp32"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     results = {}
     for name, (launcher, flags) in RUNS.items():

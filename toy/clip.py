@@ -286,7 +286,7 @@ if __name__ == "__main__":
 
 def embedder(name, device="cpu"):
     """model.load_embedder, and "toy-clip": the tiny CLIP trained on the toy world (trained on
-    first use, then loaded from its cache). train.py and data.py cache ask here."""
+    first use, then loaded from its cache). train.py and tools/build_cache.py ask here."""
     if name != "toy-clip":
         return M.load_embedder(name, device)
     clip, tok = load()
