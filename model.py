@@ -220,7 +220,7 @@ def tensor_to_uint8(t):
 # ---------------------------------------------------------------------------------------
 # Conditioning, latents, and the noise prediction
 @torch.no_grad()
-def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1):
+def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1, drop=None):
     """Text conditioning for a list of prompts -> dict for predict_noise.
 
     SD1.5: the text encoder's last hidden state. SDXL: the penultimate hidden states of both
@@ -229,9 +229,28 @@ def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1
     repeat=2 gives the batch [winners; losers] for one list of prompts: the text is encoded
     once, and original_sizes / crop_top_left (LongTensors (repeat·B, 2); default: the training
     resolution and (0, 0)) give each image its own time ids.
+    drop (bool per prompt, caption dropout): those rows get the unconditional input that
+    sampling guides against (unconditional_text), so what training teaches is what guidance uses.
     """
+    if drop is not None and not m.xl:
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
     hidden, pooled = encode_text(m, prompts)
+    if drop is not None and m.xl:
+        hidden, pooled = unconditional_text(m, drop, hidden, pooled)
     return text_conditioning(m, hidden, pooled, original_sizes, crop_top_left, repeat)
+
+
+def unconditional_text(m, drop, hidden, pooled=None, empty_hidden=None, empty_pooled=None):
+    """The rows `drop` of the text states replaced by the unconditional input, the one rule for
+    training (caption dropout) and sampling (sample.py) alike, as the stock pipelines define it:
+    SD1.5 the encoding of "" (given here as empty_*: a cache's stored states); SDXL all zeros,
+    hidden states and pooled embedding (its pipeline's force_zeros_for_empty_prompt)."""
+    def swap(x, empty):
+        if x is None:
+            return None
+        fill = torch.zeros_like(x) if m.xl else empty.to(x.device, x.dtype)
+        return torch.where(drop.to(x.device).view(-1, *[1] * (x.dim() - 1)), fill, x)
+    return swap(hidden, empty_hidden), swap(pooled, empty_pooled)
 
 
 def encode_text(m, prompts):
@@ -259,7 +278,9 @@ def text_conditioning(m, hidden, pooled=None, original_sizes=None, crop_top_left
         if crop_top_left is None:
             crop_top_left = torch.zeros(B, 2, dtype=torch.long)
         target = torch.tensor([[R, R]] * B)
-        time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(m.device, m.dtype)
+        # float32 whatever the compute dtype: bf16 would round a size such as 1366 to 1368 (the
+        # UNet embeds time ids with sin/cos in float32 itself)
+        time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(m.device, torch.float32)
         cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     return cond
 
@@ -293,8 +314,8 @@ def predict_noise(unet, noisy_latents, t, cond):
     of the UNet (the UNet is its .module)."""
     dtype = getattr(unet, "module", unet).dtype
     added = cond.get("added_cond_kwargs")
-    if added is not None:
-        added = {k: v.to(dtype) for k, v in added.items()}
+    if added is not None:  # (SDXL's time ids stay float32: exact sizes)
+        added = {"text_embeds": added["text_embeds"].to(dtype), "time_ids": added["time_ids"]}
     return unet(noisy_latents.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                 added_cond_kwargs=added, return_dict=False)[0]
 
@@ -395,14 +416,13 @@ def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=Tr
         z = z + cat("cache_latent_std").float() * share.keep(n, pairs)
     latents = (z * m.vae_scale).to(m.device)
 
-    def pick(key):  # the prompt's cached tensor, or the empty prompt's where the caption was dropped
-        x = batch[key]
-        return torch.where(drop.view(-1, *[1] * (x.dim() - 1)), m.empty[key.removeprefix("cache_")].to(x.dtype), x)
-
-    hidden = pick("cache_text_hidden").to(m.dtype)
-    pooled = pick("cache_text_pooled").to(m.dtype) if "cache_text_pooled" in batch else None
-    cond = text_conditioning(m, hidden, pooled, sizes, crops, repeat=2 if pairs else 1)
-    return latents, cond, (pick("cache_clip_text").float().to(m.device), cat("cache_clip_image").float().to(m.device))
+    # caption dropout: the dropped rows get the unconditional input (m.empty: the cached encoding of "")
+    hidden, pooled = unconditional_text(m, drop, batch["cache_text_hidden"], batch.get("cache_text_pooled"),
+                                        m.empty["text_hidden"], m.empty.get("text_pooled"))
+    cond = text_conditioning(m, hidden.to(m.dtype), None if pooled is None else pooled.to(m.dtype), sizes, crops,
+                             repeat=2 if pairs else 1)
+    # E5 embeds the pair's own prompt, dropped caption or not (dropout conditions the UNet only)
+    return latents, cond, (batch["cache_clip_text"].float().to(m.device), cat("cache_clip_image").float().to(m.device))
 
 
 # ---------------------------------------------------------------------------------------

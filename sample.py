@@ -187,14 +187,11 @@ def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_
     shape = (1, m.unet.config.in_channels, m.resolution // f, m.resolution // f)
     cfg = guidance > 1  # the pipelines' rule: guidance <= 1 means no unconditional pass
     autocast = torch.autocast(m.device.type, dtype=m.dtype, enabled=m.dtype != torch.float32)
-    # The unconditional input. SD1.5: the text encoding of "" (the pipeline's default negative
-    # prompt). SDXL: zeros for hidden states and pooled embedding (force_zeros_for_empty_prompt=
-    # True in SDXL base's pipeline config), with the same time ids as the conditional half.
-    # A negative prompt is encoded like a prompt, pooled embedding included; as in the SDXL
-    # pipeline, only None (not "") means zeros there.
-    if negative_prompt is None and not m.xl:
-        negative_prompt = ""
-    neg = M.encode_prompts(m, [negative_prompt]) if cfg and negative_prompt is not None else None
+    # The unconditional input: without a negative prompt, training's (model.unconditional_text:
+    # SD1.5 the encoding of "", SDXL zeros, as the stock pipelines), with the same time ids as the
+    # conditional half. A negative prompt is encoded like a prompt, pooled embedding included; as
+    # in the SDXL pipeline, only None (not "") means zeros there.
+    neg = M.encode_prompts(m, [negative_prompt or ""], drop=torch.tensor([negative_prompt is None])) if cfg else None
     was_training = m.unet.training  # the toy experiment may call this mid-training: restore the mode
     m.unet.eval()
     out = []
@@ -214,12 +211,11 @@ def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_
             cond = M.encode_prompts(m, [p for p, _ in chunk])
             if cfg:  # one UNet call on [unconditional; conditional], the pipelines' order
                 hidden, added = cond["encoder_hidden_states"], cond.get("added_cond_kwargs")
-                uncond = torch.zeros_like(hidden) if neg is None else neg["encoder_hidden_states"].expand(B, -1, -1)
+                uncond = neg["encoder_hidden_states"].expand(B, -1, -1)
                 cond = {"encoder_hidden_states": torch.cat([uncond, hidden])}
                 if m.xl:
                     pooled = added["text_embeds"]
-                    un_pooled = torch.zeros_like(pooled) if neg is None else \
-                        neg["added_cond_kwargs"]["text_embeds"].expand(B, -1)
+                    un_pooled = neg["added_cond_kwargs"]["text_embeds"].expand(B, -1)
                     cond["added_cond_kwargs"] = {"text_embeds": torch.cat([un_pooled, pooled]),
                                                  "time_ids": added["time_ids"].repeat(2, 1)}
             for t in sched.timesteps:

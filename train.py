@@ -112,11 +112,12 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     # z = s·(μ + σ·n), n drawn for all `rows` of the global micro-batch, this process's kept
     latents = M.encode_images(m, images, draw=lambda shape, dtype: share.keep(
         torch.randn((rows, *shape), generator=generator, dtype=dtype), pairs))
-    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
-    cond = M.encode_prompts(m, prompts, sizes, crops, repeat=k)
+    # c: dropped captions get the unconditional input that guidance uses at sampling time
+    cond = M.encode_prompts(m, batch["prompt"], sizes, crops, repeat=k, drop=drop if drop.any() else None)
     features = None
-    if args.loss == "rpo":  # E5's halves, one CLIP pass for [winners; losers], each prompt once
-        features = M.clip_features(*embedder, None if args.embed == "image" else prompts,
+    if args.loss == "rpo":  # E5's halves, one CLIP pass for [winners; losers], each prompt once: the
+        # pair's own prompt, dropped or not (dropout conditions the UNet, never the weights ω)
+        features = M.clip_features(*embedder, None if args.embed == "image" else batch["prompt"],
                                    None if args.embed == "text" else images)
     return latents, cond, features
 
