@@ -8,7 +8,13 @@ bit-identical before and after a change to the code.
 Each run trains 20 steps on a tiny preset (CPU, one thread per process) and is summarised by
 the SHA-256 of every file of its final unet/ or lora/ folder and of its metrics.jsonl with the
 timing column (pairs_per_s) removed. A refactor that changes nothing changes none of these.
+
+Exact on one machine only: another CPU (its vector units, its BLAS kernels) rounds differently,
+so a record made elsewhere can differ in every run without any code change. A record names the
+machine that made it; `check` says so when the machines differ, and the comparison that counts
+is a record and a check made on the same machine.
 """
+import platform
 import hashlib
 import json
 import os
@@ -83,6 +89,17 @@ def run_all(work):
     return results
 
 
+def machine():
+    """What makes floating point differ between machines: the CPU model and the torch build."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
+
+
 def main():
     if len(sys.argv) != 3 or sys.argv[1] not in ("record", "check"):
         sys.exit(__doc__)
@@ -91,11 +108,15 @@ def main():
         results = run_all(work)
     if mode == "record":
         with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"machine": machine(), "runs": results}, f, indent=1)
         print(f"recorded {len(results)} runs in {path}")
         return
     with open(path) as f:
         before = json.load(f)
+    made_on, before = before.get("machine"), before.get("runs", before)  # (older records: runs only)
+    if made_on != machine():
+        print(f"note: the record was made on {made_on or 'an unnamed machine'}, this is {machine()}: "
+              f"differences can be floating-point rounding, not code")
     bad = [f"{name}: {key}" for name in before for key in before[name]
            if results.get(name, {}).get(key) != before[name][key]]
     print("identical: every run's weights and metrics" if not bad else "DIFFERENT:\n  " + "\n  ".join(bad))
