@@ -17,7 +17,8 @@ Reading order, following the paper:
   sft_loss          E9  plain denoising loss on winners
 
 Conventions: err_w[i], err_l[i] are the policy's denoising errors e_theta on winner i and
-loser i (shape (B,)); ref_err_w, ref_err_l the frozen reference's e_ref (no gradient).
+loser i (shape (B,)): train.py runs the networks on the stacked batch [winners; losers] (2B rows)
+and splits the errors with .chunk(2); ref_err_w, ref_err_l the frozen reference's e_ref (no gradient).
 Every loss returns (loss, metrics): a scalar tensor and a dict of floats to log (E9).
 """
 import math
@@ -43,6 +44,9 @@ def sample_timesteps(num_pairs, num_train_timesteps=1000, mode="batch", generato
     E8: training never runs the sampling chain; it noises data latents at a random step t.
     mode="batch" (RPO default): one t for the whole micro-batch, so winner i and loser j of
       the contrast matrix (E4) are compared at the same step, as the paper's notation does.
+      train.py draws it for the *global* micro-batch (every rank's pairs: one t for all of them,
+      whatever --global_contrast says), and anew for each micro-batch of an accumulated step;
+      the paper's "same t for i and j" needs no more than one t per contrast matrix.
     mode="pair" (Diffusion-DPO): one t per pair.
     Winner and loser of a pair always share t: train.py applies this vector to both halves.
     """
@@ -70,7 +74,9 @@ def sample_noise(shape, generator=None, device="cpu", dtype=torch.float32):
 # Shared pieces of E3 and E7
 def _reward_gaps(err, ref_err):
     # E2: the step-wise implicit reward is r_t ∝ -(e_theta - e_ref); we keep (e_theta - e_ref)
-    # and put the minus sign into the logit.
+    # and put the minus sign into the logit. The exact constant (docs/method.md, E2): the paper's
+    # logit -β_paper·T·ω(λ_t)·(‖ε-ε_θ‖² - ‖ε-ε_ref‖² - ...) with sums over the D latent entries
+    # and ω(λ_t) = 1 equals this code's -(β/2)·Δ with means, for β = 2·T·D·β_paper.
     return err - ref_err.detach()
 
 
@@ -126,6 +132,10 @@ def rpo_weights(emb_w, emb_l, tau=0.5):
         # E6: d_ij = 1 - cos(f(c_i, x^w_i), f(c_j, x^l_j))
         dist = 1.0 - emb_w @ emb_l.T
         # E6: ω_ij = exp(-d_ij/τ) / Σ_j' exp(-d_ij'/τ): a softmax over j for each winner i.
+        # Nothing here makes ω_ii, a winner's own loser, special: it is the largest weight of its
+        # row only when that loser is the closest in f. With --embed text the pair's loser shares
+        # its prompt (cos 1); with mean or image embeddings the largest weight can sit off the
+        # diagonal (another prompt's loser that looks more like the winner).
         return torch.softmax(-dist / tau, dim=1)
 
 
@@ -150,9 +160,14 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, weighting
     B = logits.shape[0]
     if weighting == "outside":
         # E7 (paper form): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij). ω = I gives E3 exactly.
+        # Normalisation: each row of ω sums to 1, so this is a mean over winners of a weighted
+        # mean over losers, on DPO's scale (ln 2 at the start, like DPO's loss; the same gradient
+        # size, clipping threshold and lr). Dividing by the B² contrasted pairs instead, as the LLM
+        # RPO's 1/(M·N) does, would give L/B: B times smaller gradients and ω = I not equal to DPO.
         loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
     elif weighting == "inside":
-        # E7 (the LLM RPO release): L = -(1/B) Σ_i (1/B) Σ_j log σ(ω_ij · logit_ij).
+        # E7 (the LLM RPO release): L = -(1/B) Σ_i (1/B) Σ_j log σ(ω_ij · logit_ij), its 1/(M·N).
+        # Also ln 2 at the start; with ω = I it is (1/B)·L_DPO + (1 - 1/B)·ln 2.
         loss = -F.logsigmoid(weights * logits).sum(dim=1).mean() / B
     else:
         raise ValueError(f"rpo weighting must be 'outside' or 'inside', got {weighting!r}")

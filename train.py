@@ -40,6 +40,23 @@ from toy import clip as toy_clip
 # these two functions run the networks around them. A reader follows one pair from the batch to
 # the loss here and in loss.py. The loop below and bench/speed.py both call micro_batch_loss, so
 # what is benchmarked is what is trained.
+# One step, one GPU: B pairs in, one scalar out (shapes for the tiny preset: latents 3×16×16).
+#   batch    B prompts c_i, winners x^w_i and losers x^l_i (B,3,H,W)          data.collate_pairs
+#   latents  z = s·VAE.encode(x) for [winners; losers]: (2B,C,h,w), rows 0..B-1 the winners and
+#            B..2B-1 the losers; text conditioning c repeated the same way      model_inputs
+#   t, ε     E8: one t (RPO; one per pair for DPO) and one ε_i (B,C,h,w) per pair, .repeat(2) so
+#            that winner i and loser i share them: t (2B,), ε (2B,C,h,w)
+#   z_t      the forward process sqrt(ᾱ_t)·z + sqrt(1−ᾱ_t)·ε                   (2B,C,h,w)
+#   err      E1: e_θ = mean over C·h·w of (ε − ε_θ(z_t,t,c))², policy, with grad   (2B,)
+#   ref_err  E1: e_ref likewise with the frozen reference, no grad               (2B,)
+#   err_w, err_l = err.chunk(2)   the halves of [winners; losers]                  (B,), (B,)
+#   DPO      E2-E3: Δ_ii = (e_θ(w_i) − e_ref(w_i)) − (e_θ(l_i) − e_ref(l_i)),
+#            loss = −mean_i log σ(−(β/2)·Δ_ii)                                  scalar
+#   features E5: CLIP text (B,D) and image (2B,D) features -> f(c,x) for [winners; losers] (2B,D)
+#   ω        E6: softmax over losers j of −(1 − cos(f(w_i), f(l_j)))/τ               (B,B)
+#   RPO      E4, E7: Δ_ij for every winner i and loser j (B,B); loss = −(1/B)·Σ_ij ω_ij·log σ(−(β/2)·Δ_ij)
+# `share` is the identity on one process (keep() returns its input, everyone() too); under
+# torchrun it keeps this rank's rows of draws made for the global micro-batch (plumbing/distributed.py).
 def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedder=None, autocast=None):
     """One micro-batch -> (loss, metrics), as loss.py returns them.
     batch    what data.py yields: raw pairs (prompts, winner/loser images), a cache's tensors
