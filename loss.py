@@ -21,6 +21,7 @@ loser i (shape (B,)): train.py runs the networks on the stacked batch [winners; 
 and splits the errors with .chunk(2); ref_err_w, ref_err_l the frozen reference's e_ref (no gradient).
 Every loss returns (loss, metrics): a scalar tensor and a dict of floats to log (E9).
 """
+import inspect
 import math
 
 import torch
@@ -148,7 +149,7 @@ def weight_entropy(weights):
 
 # ---------------------------------------------------------------------------------------
 # E4, E7: the Diffusion-RPO loss
-def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, weighting="outside"):
+def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weighting="outside"):
     gap_w = _reward_gaps(err_w, ref_err_w)  # (B,)
     gap_l = _reward_gaps(err_l, ref_err_l)  # (B,)
     # E4: Δ_ij = (e_θ(w_i) - e_ref(w_i)) - (e_θ(l_j) - e_ref(l_j)) for every winner i, loser j.
@@ -158,19 +159,19 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, weighting
     logits = -0.5 * beta * delta
     weights = weights.to(logits.dtype).detach()
     B = logits.shape[0]
-    if weighting == "outside":
+    if rpo_weighting == "outside":
         # E7 (paper form): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij). ω = I gives E3 exactly.
         # Normalisation: each row of ω sums to 1, so this is a mean over winners of a weighted
         # mean over losers, on DPO's scale (ln 2 at the start, like DPO's loss; the same gradient
         # size, clipping threshold and lr). Dividing by the B² contrasted pairs instead, as the LLM
         # RPO's 1/(M·N) does, would give L/B: B times smaller gradients and ω = I not equal to DPO.
         loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
-    elif weighting == "inside":
+    elif rpo_weighting == "inside":
         # E7 (the LLM RPO release): L = -(1/B) Σ_i (1/B) Σ_j log σ(ω_ij · logit_ij), its 1/(M·N).
         # Also ln 2 at the start; with ω = I it is (1/B)·L_DPO + (1 - 1/B)·ln 2.
         loss = -F.logsigmoid(weights * logits).sum(dim=1).mean() / B
     else:
-        raise ValueError(f"rpo weighting must be 'outside' or 'inside', got {weighting!r}")
+        raise ValueError(f"rpo weighting must be 'outside' or 'inside', got {rpo_weighting!r}")
     diag = torch.diagonal(logits).detach()
     metrics = _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag)
     metrics["weight_entropy"] = weight_entropy(weights)
@@ -185,6 +186,61 @@ def sft_loss(err_w):
     # E9: L_SFT = mean_i e_θ(w_i): the plain denoising loss, on winners only.
     loss = err_w.mean()
     return loss, {"mse_w": loss.item()}
+
+
+# ---------------------------------------------------------------------------------------
+# The objectives and every setting they read: the one list the rest derives from. train.py
+# makes --loss's choices and one flag per setting from it, and calls fn; the resume check (no
+# setting changes mid-run), the model card, the log line and docs/flags.md read it too. A new
+# objective is a function above, one entry here (with its settings) and a test: docs/fork.md.
+#   fn       the loss: fn(err_w, err_l, ref_err_w, ref_err_l[, weights], **its settings) -> (loss,
+#            metrics); with pairs=False fn(err_w, **its settings), winners only and no reference
+#   weights  True: fn takes E6's ω (B_w × B_l), computed from E5's embeddings
+#   log      its diagnostics, shown on the log line (all metrics go to metrics.jsonl)
+#   timesteps  E8's default for it: "batch" (one t per micro-batch) or "pair"
+OBJECTIVES = {
+    "rpo": dict(fn=rpo_loss, pairs=True, weights=True, log=("weight_diag", "weight_entropy"), timesteps="batch",
+                about="Diffusion-RPO: every winner against every loser of the micro-batch, weighted by ω (E4-E7)"),
+    "dpo": dict(fn=dpo_loss, pairs=True, weights=False, log=(), timesteps="pair",
+                about="Diffusion-DPO, the baseline: each winner against its own loser (E3)"),
+    "sft": dict(fn=sft_loss, pairs=False, weights=False, log=(), timesteps="pair",
+                about="supervised fine-tuning: the denoising loss on winners alone (E9)"),
+}
+# name -> type, default, choices (None: a positive finite number, or any text), losses (the
+# objectives that read it, as a keyword of fn or in train.micro_batch_loss: a tuple of names, or
+# "all", "pairs" (every objective on pairs), "weights" (every one that takes ω)), help. Each is a
+# flag --name of train.py.
+SETTINGS = {
+    "beta": dict(type=float, default=5000.0, choices=None, losses="pairs",
+                 help="E3/E4: logit = -(beta/2)·Δ, the official Diffusion-DPO convention"),
+    "tau": dict(type=float, default=0.5, choices=None, losses="weights", help="E6: softmax temperature of ω"),
+    "rpo_weighting": dict(type=str, default="outside", choices=("outside", "inside"), losses=("rpo",),
+                          help="E7: ω outside the log-sigmoid (the paper's form) or inside (the LLM RPO code's)"),
+    "embed": dict(type=str, default="mean", choices=("mean", "text", "image"), losses="weights",
+                  help="E5: what f(c, x) embeds: prompt and image, or one of them"),
+    "timesteps": dict(type=str, default=None, choices=("batch", "pair"), losses="all",
+                      help="E8: one t per micro-batch or per pair (default: the objective's own)"),
+}
+
+
+def settings_of(name):
+    """The settings objective `name` reads."""
+    o = OBJECTIVES[name]
+    group = {"all": True, "pairs": o["pairs"], "weights": o["weights"]}
+    return [k for k, s in SETTINGS.items() if group.get(s["losses"], False) or name in s["losses"]]
+
+
+def readers(setting):
+    """Which objectives read a setting, in words (--help, docs/flags.md)."""
+    losses = SETTINGS[setting]["losses"]
+    return {"all": "every objective", "pairs": "every objective on pairs", "weights": "every objective with ω"}.get(
+        losses, losses) if isinstance(losses, str) else ", ".join(losses)
+
+
+def loss_kwargs(name, values):
+    """The settings that objective `name`'s fn takes as keywords, from `values` (a dict of flags)."""
+    params = inspect.signature(OBJECTIVES[name]["fn"]).parameters
+    return {k: values[k] for k in settings_of(name) if k in params}
 
 
 # Handy constant for tests and logs: the loss of any of the preference objectives above

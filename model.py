@@ -435,7 +435,7 @@ def from_args(args, device, dataset, resolution):
     (m.unet, or its DDP/FSDP wrapper)."""
     cached = args.data.startswith("cache:")
     m = load_models(args.model, args.pretrained, args.init, device, args.mixed_precision,
-                    args.gradient_checkpointing == "all", reference=args.loss != "sft", lora_rank=args.lora_rank,
+                    args.gradient_checkpointing == "all", reference=L.OBJECTIVES[args.loss]["pairs"], lora_rank=args.lora_rank,
                     lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")), encoders=not cached)
     if args.gradient_checkpointing not in ("none", "all"):  # ("all": load_models' own)
         speed.apply_checkpointing(m.unet, args.gradient_checkpointing)

@@ -28,7 +28,7 @@ import loss as L
 import model as M
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import parallel, pickapic, speed
+from plumbing import diffusers_flags, parallel, pickapic, speed
 from plumbing import report as R
 import toy
 from toy import clip as toy_clip
@@ -65,7 +65,8 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     share    this process's rows of the global micro-batch (distributed.Share; default: all of it).
     policy   the module that runs ε_θ: m.unet, or its DDP/FSDP wrapper under torchrun.
     embedder (CLIP, tokenizer) for E5 from raw images."""
-    pairs = args.loss != "sft"  # SFT trains on winners alone
+    objective = L.OBJECTIVES[args.loss]  # its function and what it needs (loss.py)
+    pairs = objective["pairs"]  # False (SFT): winners alone, no reference
     share = share or D.Share([len(batch["prompt"])])
     autocast = autocast or contextlib.nullcontext()
     # The data as the networks see it (model.py): latents z = s·VAE.encode(x) for [winners;
@@ -86,16 +87,17 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
         target = m.scheduler.get_velocity(latents, noise, t) if v_pred else noise
     with autocast:
         err = L.denoising_error(M.predict_noise(policy or m.unet, noisy, t, cond), target)  # E1, policy
+    settings = L.loss_kwargs(args.loss, vars(args))  # β, ... : the settings its function takes
     if not pairs:
-        return L.sft_loss(err)  # E9: plain denoising loss on winners
+        return objective["fn"](err, **settings)  # E9: plain denoising loss on winners
     # E1 for the frozen reference: m.ref_unet, or for LoRA the same UNet with its adapters off
     # (model.reference_unet). No gradient, and under DDP no communication: it is never wrapped.
     with torch.no_grad(), autocast, M.reference_unet(m) as ref_unet:
         ref_err = L.denoising_error(M.predict_noise(ref_unet, noisy, t, cond), target)
     err_w, err_l = err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
-    if args.loss == "dpo":
-        return L.dpo_loss(err_w, err_l, ref_w, ref_l, args.beta)  # E2, E3
+    if not objective["weights"]:
+        return objective["fn"](err_w, err_l, ref_w, ref_l, **settings)  # E2, E3 (DPO)
     # E5: f(c, x) for every winner and loser; E6: ω_ij = softmax over losers j of -(1 - cos)/τ.
     # With --global_contrast, everyone() gathers every rank's rows first, so that the matrix
     # spans the global micro-batch (4 scalars and 2 embeddings a pair cross ranks, never images).
@@ -103,7 +105,7 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     emb_w, emb_l = share.everyone(*emb.chunk(2))
     weights = L.rpo_weights(emb_w, emb_l, args.tau)
     err_w, err_l, ref_w, ref_l = share.everyone(err_w, err_l, ref_w, ref_l)
-    return L.rpo_loss(err_w, err_l, ref_w, ref_l, weights, args.beta, args.rpo_weighting)  # E4, E7
+    return objective["fn"](err_w, err_l, ref_w, ref_l, weights, **settings)  # E4, E7 (RPO)
 
 
 @torch.no_grad()
@@ -114,7 +116,7 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     one process computes for the concatenated batch."""
     if "latents" in batch:  # already encoded (bench/speed.py, tests)
         return batch["latents"], batch["cond"], batch.get("features")
-    pairs = args.loss != "sft"
+    pairs = L.OBJECTIVES[args.loss]["pairs"]
     k = 2 if pairs else 1  # images per pair in the model's batch: [winners; losers], or winners alone
     rows = k * share.total  # the global batch's images
     drop = torch.zeros(share.n, dtype=torch.bool)
@@ -132,7 +134,7 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     # c: dropped captions get the unconditional input that guidance uses at sampling time
     cond = M.encode_prompts(m, batch["prompt"], sizes, crops, repeat=k, drop=drop if drop.any() else None)
     features = None
-    if args.loss == "rpo":  # E5's halves, one CLIP pass for [winners; losers], each prompt once: the
+    if L.OBJECTIVES[args.loss]["weights"]:  # E5's halves, one CLIP pass for [winners; losers], each prompt once: the
         # pair's own prompt, dropped or not (dropout conditions the UNet, never the weights ω)
         features = M.clip_features(*embedder, None if args.embed == "image" else batch["prompt"],
                                    None if args.embed == "text" else images)
@@ -188,17 +190,15 @@ def parser():
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop (same for winner and loser)")
     g.add_argument("--random_flip", action="store_true", help="random horizontal flip (same for winner and loser)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--embed", default="mean", choices=["mean", "text", "image"], help="E5: what f(c, x) embeds")
     g.add_argument("--embed_model", default=None,
                    help="CLIP for E5 (default: toy-clip, trained on the toy world, for tiny presets; 'tiny': a random "
                         "tiny CLIP; else openai/clip-vit-large-patch14)")
-    g = p.add_argument_group("objective")
-    g.add_argument("--loss", default="rpo", choices=["rpo", "dpo", "sft"])
-    g.add_argument("--beta", "--beta_dpo", type=float, default=5000.0, help="E3/E4: logit = -(beta/2)·Δ")
-    g.add_argument("--tau", type=float, default=0.5, help="E6: softmax temperature of the RPO weights")
-    g.add_argument("--rpo_weighting", default="outside", choices=["outside", "inside"], help="E7: paper form or LLM-RPO code form")
-    g.add_argument("--timesteps", default=None, choices=["batch", "pair"],
-                   help="E8: one t per micro-batch or per pair (default: batch for rpo, pair otherwise)")
+    g = p.add_argument_group("objective (loss.OBJECTIVES, loss.SETTINGS)")
+    g.add_argument("--loss", default="rpo", choices=list(L.OBJECTIVES),
+                   help="; ".join(f"{k}: {o['about']}" for k, o in L.OBJECTIVES.items()))
+    for name, s in L.SETTINGS.items():
+        g.add_argument(f"--{name}", type=s["type"], default=s["default"], choices=s["choices"],
+                       help=f"{s['help']} (read by: {L.readers(name)})")
     g.add_argument("--global_contrast", action="store_true",
                    help="under torchrun, rpo: contrast every winner with every loser of the *global* micro-batch "
                         "(B·W × B·W, E4-E7) instead of each rank's own B × B")
@@ -215,7 +215,8 @@ def parser():
     g.add_argument("--scale_lr", action="store_true",
                    help="read --lr as per pair and multiply it by the pairs per step (batch × accumulation × ranks)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
-    g.add_argument("--max_steps", "--max_train_steps", type=int, default=300, help="optimizer steps")
+    g.add_argument("--max_steps", "--max_train_steps", type=int, default=None,
+                   help="optimizer steps (default 300, or --num_train_epochs over the data)")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "adamw_fused", "adafactor", "adamw8bit"],
                    help="auto: fused AdamW on a GPU, AdamW on the CPU. adafactor: what Diffusion-DPO's SDXL "
@@ -227,6 +228,7 @@ def parser():
     g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     g.add_argument("--seed", type=int, default=0)
     output_flags(p)
+    diffusers_flags.add_flags(p)  # (their names, each with its meaning there or refused in one line)
     return p
 
 
@@ -247,14 +249,19 @@ def output_flags(p):
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
     g.add_argument("--log_every", type=int, default=10, help="with --no_progress: print figures every N steps (0: never)")
     g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
-                   help="also log scalars and validation grids there (tensorboard: OUT_DIR/logs)")
+                   help="also log scalars and validation grids there (tensorboard: OUT_DIR/LOGGING_DIR)")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard's folder, under --out_dir")
+    g.add_argument("--tracker_name", default="rpo-diffusion", help="the W&B project of --report_to wandb")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="at the end, upload OUT_DIR's result, model card and args.json to the hub (huggingface_hub)")
+    g.add_argument("--hub_model_id", default=None, help="--push_to_hub's repo, owner/name (default: OUT_DIR's name)")
     g = p.add_argument_group("validation: sample fixed prompts and seeds while training")
     g.add_argument("--validation_prompts", default=None,
                    help="as sample.py --prompts: builtin, toy-test, a file, or 'a cat|a dog'. Sampled at the end "
                         "and every --validation_every steps into OUT_DIR/validation/")
     g.add_argument("--validation_every", type=int, default=0, help="steps between validation grids (0: the end only)")
     g.add_argument("--validation_seeds", default="0-3", help="seeds of the validation images (sample.py's syntax)")
-    g.add_argument("--validation_steps", type=int, default=25, help="sampler steps (DDIM)")
+    g.add_argument("--validation_inference_steps", type=int, default=25, help="sampler steps (DDIM)")
     g.add_argument("--validation_guidance", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL), 5 (toy)")
     g.add_argument("--validation_metric", default="none",
                    help="score the validation images and log the means in metrics.jsonl (curves): toy (the toy "
@@ -284,18 +291,22 @@ def parse_args(argv=None):
         p.set_defaults(**RECIPES[first.model], grad_accum=max(1, RECIPE_PAIRS // (batch * world)), scale_lr=True,
                        lr=RECIPE_LR_PER_PAIR, max_steps=2000, beta=5000.0, max_grad_norm=1.0)
     args = p.parse_args(argv)
-    args.timesteps = args.timesteps or ("batch" if args.loss == "rpo" else "pair")
+    diffusers_flags.resolve(args, diffusers_flags.stop)
+    if args.max_steps is None and args.num_train_epochs is None:
+        args.max_steps = 300
+    args.timesteps = args.timesteps or L.OBJECTIVES[args.loss]["timesteps"]
     if args.data is None:  # a real model gets real preference data that exists (Pick-a-Pic v2 left the hub)
         args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else pickapic.DEFAULT_DATA
     if args.embed_model is None:
         args.embed_model = M.default_embed_model(args.model, args.pretrained)
-    for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps", "num_train_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     for name in ("warmup_steps", "save_every", "seed", "num_workers", "log_every", "validation_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
-    for name in ("beta", "tau", "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
+    numbers = [k for k, s in L.SETTINGS.items() if s["type"] in (int, float) and s["choices"] is None]
+    for name in (*numbers, "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
         if not 0 < getattr(args, name) < float("inf"):
             p.error(f"--{name} must be a positive finite number, not {getattr(args, name)}")
     for name in ("caption_dropout", "style_fraction"):
@@ -410,13 +421,14 @@ class Reporter:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise SystemExit("error: --report_to tensorboard needs the tensorboard package (pip install tensorboard)")
-            self.tracker = SummaryWriter(os.path.join(args.out_dir, "logs"), purge_step=step + 1 if args.resume else None)
+            self.tracker = SummaryWriter(os.path.join(args.out_dir, args.logging_dir),
+                                         purge_step=step + 1 if args.resume else None)
         elif args.report_to == "wandb":
             try:
                 import wandb
             except ImportError:
                 raise SystemExit("error: --report_to wandb needs the wandb package (pip install wandb)")
-            self.tracker = wandb.init(project="rpo-diffusion", dir=args.out_dir, config=vars(args),
+            self.tracker = wandb.init(project=args.tracker_name, dir=args.out_dir, config=vars(args),
                                       name=os.path.basename(os.path.normpath(args.out_dir)), resume="allow")
 
     def step(self, record):
@@ -436,8 +448,9 @@ class Reporter:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}",
                                  pairs_s=f"{record['pairs_per_s']:.1f}")
         elif self.args.log_every and record["step"] % self.args.log_every == 0:
-            shown = ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "implicit_acc", "reward_margin", "grad_norm",
-                                                              "lr", "pairs_per_s") if k in record)
+            keys = ("loss", "implicit_acc", "reward_margin", *L.OBJECTIVES[self.args.loss]["log"], "grad_norm", "lr",
+                    "pairs_per_s")  # (the objective's own diagnostics too: RPO's weight_diag, weight_entropy)
+            shown = ", ".join(f"{k} {record[k]:.4g}" for k in keys if k in record)
             print(f"step {record['step']}/{self.args.max_steps}: {shown}", flush=True)
 
     def image(self, step, name, grid):
@@ -469,6 +482,9 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
         raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
+    if args.resume == "latest" and not C.checkpoint_folders(args.out_dir):  # as diffusers: nothing yet, start
+        log(f"--resume latest: no checkpoint in {args.out_dir} yet; starting a new run")
+        args.resume = None
     C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
     torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
     pairs_per_step = args.batch_size * args.grad_accum * world
@@ -477,12 +493,17 @@ def main(argv=None):
     speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
     dataset, resolution = data.from_args(args, world)
     streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
+    if args.max_steps is None:  # --num_train_epochs (diffusers' scripts): whole passes over the data
+        if streamed:
+            raise SystemExit(f"error: --num_train_epochs needs a data set of known size; --data {args.data} streams: "
+                             f"pass --max_steps")
+        args.max_steps = math.ceil(args.num_train_epochs * len(dataset) / pairs_per_step)
     skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
     new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
     m, policy = M.from_args(args, device, dataset, resolution)
     cached = args.data.startswith("cache:")  # (a cache holds E5's features: no CLIP needed)
-    embedder = toy_clip.embedder(args.embed_model, device) if args.loss == "rpo" and not cached else None
+    embedder = toy_clip.embedder(args.embed_model, device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None
     autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
     # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are

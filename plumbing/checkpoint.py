@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import loss as L
 from plumbing import distributed as D
 from plumbing import files, parallel
 import model as M
@@ -35,8 +36,8 @@ from plumbing import hub, lora
 RESUME_KEYS = ("model", "init", "lora_rank")
 LORA_KEYS = ("lora_alpha", "lora_targets")
 # What a continued run should not change silently (--allow_changed_resume lets it): the images it
-# trains on and the objective. (loss: last, so that the keys of the objective it names follow.)
-CHANGED_KEYS = ("resolution", "data", "loss", "timesteps", "beta", "tau", "rpo_weighting", "embed")
+# trains on and the objective, with every setting it reads (loss.SETTINGS).
+CHANGED_KEYS = ("resolution", "data", "loss")
 STATE_KEYS = ("step", "epoch", "items_in_epoch", "args", "optimizer")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 LEFTOVER_ORDER = {None: 0, ".tmp": 1, ".old": 2}  # at one step: the checkpoint, a finished save, the one replaced
@@ -358,6 +359,9 @@ def find_checkpoint(args, log=print):
     where = args.out_dir
     if args.resume != "latest":
         folder = os.path.normpath(args.resume)
+        named = CHECKPOINT_NAME.match(args.resume)  # diffusers' checkpoint-N: this run's checkpoint-00000N
+        if named and not named.group(2) and not os.path.exists(folder):
+            folder = os.path.join(args.out_dir, f"checkpoint-{int(named.group(1)):06d}")
         if not (os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "state.json"))
                 and checkpoint_folders(folder)):
             problem, state = inspect_checkpoint(folder)
@@ -411,9 +415,9 @@ def check_resume_settings(args, ckpt, state, log=print):
             raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {saved.get(key)}, "
                              f"not {getattr(args, key)}")
     now = vars(args)
-    relevant = {"tau": now.get("loss") == "rpo", "rpo_weighting": now.get("loss") == "rpo",
-                "embed": now.get("loss") == "rpo", "beta": now.get("loss") != "sft"}
-    for key in CHANGED_KEYS:
+    read = L.settings_of(now.get("loss")) if now.get("loss") in L.OBJECTIVES else list(L.SETTINGS)
+    relevant = {k: k in read for k in L.SETTINGS}  # (a setting the objective does not read may change)
+    for key in CHANGED_KEYS + tuple(L.SETTINGS):
         if key not in saved or not relevant.get(key, True):  # (a checkpoint from before the key existed)
             continue
         if key == "resolution":

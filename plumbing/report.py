@@ -11,6 +11,7 @@ import os
 import torch
 
 from toy import scorer as toy_scorer
+import loss as L
 import model as M
 
 
@@ -25,10 +26,9 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
     validation grid, and how to load the result in diffusers."""
     hub = args.pretrained or M.PRESETS[args.model]["pretrained"]
     base = hub or f"the built-in `{args.model}` preset"
-    objective = {"rpo": f"Diffusion-RPO (β = {args.beta:g}, τ = {args.tau:g}, ω {args.rpo_weighting} the "
-                        f"log-sigmoid, E5 embeddings: {args.embed}, timesteps per {args.timesteps})",
-                 "dpo": f"Diffusion-DPO (β = {args.beta:g}, timesteps per {args.timesteps})",
-                 "sft": "supervised fine-tuning on the preferred images"}[args.loss]
+    shown = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    objective = f"`--loss {args.loss}`: " + L.OBJECTIVES[args.loss]["about"] + "".join(
+        f"; {k} = {shown(getattr(args, k))}" for k in L.settings_of(args.loss))  # (its settings: loss.SETTINGS)
     pipe = "StableDiffusionXLPipeline" if M.PRESETS[args.model]["xl"] else "StableDiffusionPipeline"
     weights = os.path.join(args.out_dir, folder)
     if folder == "lora":
@@ -94,7 +94,7 @@ def validate(args, m, step, reporter, master):
     guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
     training = m.unet.training
     m.unet.eval()
-    images = sample.generate(m, args.validation_prompts, args.validation_seeds, args.validation_steps, guidance,
+    images = sample.generate(m, args.validation_prompts, args.validation_seeds, args.validation_inference_steps, guidance,
                              batch_size=args.batch_size)
     m.unet.train(training)
     if not master:

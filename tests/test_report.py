@@ -12,14 +12,14 @@ import train
 # the anchors' (diffusers' train_diffusion_dpo*.py) flag names, as a user would paste them
 DIFFUSERS_FLAGS = ["--output_dir", "{out}", "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
                    "--learning_rate", "1e-4", "--max_train_steps", "3", "--checkpointing_steps", "2",
-                   "--beta_dpo", "2500"]
+                   "--proportion_empty_prompts", "0.0"]
 
 
 def test_diffusers_flag_names_mean_ours(tmp_path):
     flags = [f.format(out=tmp_path) for f in DIFFUSERS_FLAGS]
     args = train.parse_args(flags + ["--resume_from_checkpoint", "latest"])
-    assert (args.out_dir, args.batch_size, args.grad_accum, args.lr, args.max_steps, args.save_every, args.beta,
-            args.resume) == (str(tmp_path), 4, 2, 1e-4, 3, 2, 2500.0, "latest")
+    assert (args.out_dir, args.batch_size, args.grad_accum, args.lr, args.max_steps, args.save_every,
+            args.caption_dropout, args.resume) == (str(tmp_path), 4, 2, 1e-4, 3, 2, 0.0, "latest")
 
 
 def test_a_run_with_diffusers_flag_names_trains_and_reports(tmp_path, capsys):
@@ -52,9 +52,9 @@ def test_a_run_with_diffusers_flag_names_trains_and_reports(tmp_path, capsys):
     assert [e.step for e in events.Images("validation/grid")] == [2, 3]
     # args.json: every resolved flag; the model card names base, data, objective and the grid
     args = json.load(open(out / "args.json"))
-    assert args["lr"] == 1e-4 and args["beta"] == 2500 and args["data"] == "toy"
+    assert args["lr"] == 1e-4 and args["beta"] == 5000 and args["data"] == "toy"
     card = open(out / "README.md").read()
-    for text in ("`toy`", "β = 2500", "τ = 0.5", "| pairs per optimizer step | 8 ", "| optimizer steps | 3 ",
+    for text in ("`toy`", "beta = 5000", "tau = 0.5", "rpo_weighting = outside", "| pairs per optimizer step | 8 ", "| optimizer steps | 3 ",
                  "validation/step-000003.png", "python sample.py --model tiny --unet"):
         assert text in card, text
 

@@ -99,7 +99,8 @@ def test_checkpoint_layout_is_diffusers_and_safetensors_only(tmp_path):
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_weights(tmp_path, monkeypatch):
     dpo_loss = L.dpo_loss
-    monkeypatch.setattr(L, "dpo_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(dpo_loss(*a, **k)))
+    monkeypatch.setitem(L.OBJECTIVES["dpo"], "fn",  # (train.py calls the objective's registered function)
+                        lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(dpo_loss(*a, **k)))
     with pytest.raises(SystemExit) as err:
         train.main(["--loss", "dpo", "--max_steps", "10", "--max_bad_steps", "3", "--out_dir", str(tmp_path), *FAST])
     msg = str(err.value)
@@ -114,7 +115,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_weights(tmp_path, monkeypatc
     (["--data", "nope.txt"], "nope.txt"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
     (["--data", "toy-base", "--loss", "rpo"], "--loss sft"),
-    (["--resume"], "no checkpoint"),
+    (["--resume", "missing-run"], "no checkpoint"),  # (--resume latest with none yet starts fresh: diffusers' rule)
 ])
 def test_bad_flags_end_with_a_clear_error(tmp_path, argv, needle):
     with pytest.raises(SystemExit) as err:

@@ -270,7 +270,7 @@ def main(argv=None):
                 # held-out prompts, this seed's sampling seeds, the toy scorer, every curve_every steps).
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
                               "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
-                              "--validation_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
+                              "--validation_inference_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
                 align(run, label, steps, lr, seed, base_dir, base, args, validation if curve else [])
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
                 if curve:  # the curves: style over training steps, from the validation scores in metrics.jsonl
