@@ -122,3 +122,45 @@ def test_pretrain_base_copies_a_fitting_shipped_base_and_trains_otherwise(tmp_pa
     third = tmp_path / "runs3" / "base"
     experiment.pretrain_base(str(third), "cpu", 4, shipped=str(shipped))  # other frozen parts: trained, and says why
     assert len(trained) == 3 and "other frozen text-encoder weights" in capsys.readouterr().out
+
+
+def test_variants_from_the_command_line_one_seed_many_lrs(tmp_path, monkeypatch, capsys):
+    """--variant NAME='TRAIN FLAGS' × --lrs × --seeds, one seed and two lrs (which crashed the summary
+    once): results.json has one row per run with its full train.py command and the scorer's identity;
+    a rerun reuses the runs and says so; a changed command or changed code retrains."""
+    fast = ["--base_steps", "4", "--align_steps", "3", "--sample_steps", "2", "--sample_seeds", "1",
+            "--runs", str(tmp_path), "--out", str(tmp_path / "mine")]
+    variants = ["--variant", "dpo=--loss dpo", "--variant", "rpo text=--loss rpo --embed text"]
+    experiment.main(fast + variants + ["--lrs", "1e-6,3e-6", "--seeds", "0"])
+    results = json.load(open(tmp_path / "mine" / "results.json"))
+    assert [(r["variant"], r["lr"], r["seed"]) for r in results["runs"]] == [
+        ("dpo", 1e-6, 0), ("dpo", 3e-6, 0), ("rpo text", 1e-6, 0), ("rpo text", 3e-6, 0)]
+    for r in results["runs"]:
+        assert r["command"].startswith("python train.py --model tiny") and "--lr" in r["command"]
+        assert 0 <= r["style"] <= 1 and 0 <= r["content"] <= 1 and r["scorer"].startswith("toy-scorer winter")
+    assert "--embed text" in results["runs"][2]["command"] and (tmp_path / "mine" / "tradeoff.png").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("retrained"))
+    experiment.main(fast + variants + ["--lrs", "1e-6,3e-6", "--seeds", "0"])
+    assert capsys.readouterr().out.count("cached run") == 4
+    trained = []
+    monkeypatch.setattr(train, "main", lambda argv: trained.append(argv))
+    monkeypatch.setattr(experiment, "score_unet", lambda *a, **k: {"style": 0.0, "content": 0.0})
+    experiment.main(fast + ["--variant", "dpo=--loss dpo --beta 2500", "--lrs", "1e-6"])  # same name, new flags
+    assert len(trained) == 1 and "2500" in trained[0]
+    monkeypatch.setattr(experiment, "code_id", lambda: "other code")
+    trained.clear()
+    experiment.main(fast + ["--variant", "rpo text=--loss rpo --embed text", "--lrs", "1e-6"])
+    assert len(trained) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--variant", "nameonly"], "NAME='TRAIN FLAGS'"),
+    (["--variant", "x=--loss nope"], "train.py does not take"),
+    (["--variant", "x=--loss dpo", "--lrs", "fast"], "comma lists"),
+    (["--lrs", "1e-6"], "go with --variant"),
+])
+def test_variant_mistakes_stop_before_any_work(argv, needle, capsys):
+    with pytest.raises(SystemExit):
+        experiment.parse_args(argv)
+    assert needle in capsys.readouterr().err

@@ -29,6 +29,8 @@ import glob
 import hashlib
 import json
 import os
+import platform
+import shlex
 import shutil
 import time
 
@@ -101,8 +103,55 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None,
                    help="comma list: only these of the study's variants (to split a study over processes; "
                         "a last run without it collects everything into the table)")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME='TRAIN FLAGS'",
+                   help="a variant: a name and any train.py flags (repeatable); with it the study is these "
+                        "variants × --lrs × --seeds, e.g. --variant dpo='--loss dpo' --variant top1='--loss rpo_topk --topk 1'")
+    p.add_argument("--lrs", default=None, help="with --variant: comma list of learning rates (default 1e-6)")
+    p.add_argument("--seeds", default=None, help="with --variant: comma list of training seeds (default 0)")
+    p.add_argument("--out", default=None, help="where the results go (default RUNS/STUDY)")
     p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.custom = {}
+    for spec in args.variant or []:  # NAME='TRAIN FLAGS': checked by train.py's own parser, before any work
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip():
+            p.error(f"--variant {spec!r}: write NAME='TRAIN FLAGS', e.g. dpo='--loss dpo'")
+        args.custom[name.strip()] = shlex.split(flags)
+        try:
+            train.parse_args(ALIGN_ARGS + args.custom[name.strip()])
+        except SystemExit:
+            p.error(f"--variant {name.strip()}: train.py does not take {flags!r} (its message is above)")
+    try:
+        lrs = [float(x) for x in (args.lrs or "1e-6").split(",")]
+        seeds = [int(x) for x in (args.seeds or "0").split(",")]
+    except ValueError:
+        p.error(f"--lrs and --seeds are comma lists of numbers, not {args.lrs!r}, {args.seeds!r}")
+    if not all(0 < lr < float("inf") for lr in lrs) or not all(s >= 0 for s in seeds):
+        p.error("--lrs must be positive and finite, --seeds 0 or more")
+    if args.custom:
+        STUDIES["custom"] = dict(variants=list(args.custom), lrs=lrs, seeds=seeds)
+        args.study = "custom"
+    elif args.lrs or args.seeds:
+        p.error("--lrs and --seeds go with --variant (a study of your own)")
+    return args
+
+
+def code_id():
+    """sha256 (12 hex digits) of the code that trains a run: the six files, plumbing/ and the toy
+    world and its CLIP. A run made by other code is not reused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "plumbing", "*.py"))
+                   + [os.path.join(root, "toy", "__init__.py"), os.path.join(root, "toy", "clip.py")])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(os.path.relpath(path, root).encode())
+        h.update(open(path, "rb").read())
+    return h.hexdigest()[:12]
+
+
+def machine():
+    """Where a result was made: floating point differs between CPUs (exact on one machine only)."""
+    return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__}
 
 
 def slug(label):
@@ -192,22 +241,25 @@ def base_id(base_dir):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def align(run, label, steps, lr, seed, base_dir, base, args, validation):
-    """One alignment run from the base in base_dir (id `base`, base_id's) into `run`, unless a finished
-    one is there, made from this base (and, a curve run, with the same validation flags); an
-    unfinished one restarts."""
-    made_from = {"base": base, "validation": validation}
+def align(run, label, flags, steps, lr, seed, base_dir, base, args, validation):
+    """One alignment run (train.py with `flags`) from the base in base_dir (id `base`, base_id's)
+    into `run` -> its full train.py command. A finished run there is reused only when it was made
+    by the same command, from the same base, by the same code (code_id); else it is trained anew."""
+    command = with_steps(ALIGN_ARGS, steps) + flags + [
+        "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed), "--keep_checkpoints", "1",
+        "--out_dir", run, "--device", args.device, "--no_progress", "--log_every", "100", "--overwrite"] + validation
+    made_from = {"base": base, "command": command, "code": code_id()}
     record = os.path.join(run, "made_from.json")
     if os.path.exists(os.path.join(run, "unet", "config.json")) and os.path.exists(record) \
             and json.load(open(record)) == made_from:
-        return
+        print(f"{label} lr={lr:g} seed={seed}: cached run {run} (same command, base and code)")
+        return command
     t0 = time.time()
-    train.main(with_steps(ALIGN_ARGS, steps) + VARIANTS[label] + [
-        "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed), "--keep_checkpoints", "1",
-        "--out_dir", run, "--device", args.device, "--no_progress", "--log_every", "100", "--overwrite"] + validation)
+    train.main(command)
     with open(record, "w") as f:
         json.dump(made_from, f)
     print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
+    return command
 
 
 def sample_unet(unet_dir, prompts, seeds, args):
@@ -229,12 +281,14 @@ def main(argv=None):
     if args.variants:
         study["variants"] = [v for v in args.variants.split(",") if v in study["variants"]]
     steps = args.align_steps or study.get("steps", 300)
-    out = os.path.join(args.runs, args.study)
+    out = args.out or os.path.join(args.runs, args.study)
     os.makedirs(out, exist_ok=True)
     base_dir = os.path.join(args.runs, "base")
     t_start = time.time()
     pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else SHIPPED_BASE)
     scorer, accuracy = toy_scorer.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
+    scorer_id = toy_scorer.identity("winter", 16)
+    variants = {**VARIANTS, **args.custom}
     prompts = toy.toy_prompts("test")
     args.sample_seeds = args.sample_seeds or study.get("sample_seeds", 4)
     sample_seeds = lambda seed: sampling_seeds(seed, args.sample_seeds)
@@ -250,7 +304,7 @@ def main(argv=None):
 
     def scored(unet_dir, seed, key):
         key += (f" | base {base}, sampling seeds {sample_seeds(seed)}, {args.sample_steps} steps, "
-                f"guidance {args.guidance}")
+                f"guidance {args.guidance} | {scorer_id}")
         if key not in cache:
             cache[key] = score_unet(unet_dir, prompts, sample_seeds(seed), args, scorer)
             json.dump(cache, open(cache_file, "w"), indent=1)
@@ -258,7 +312,7 @@ def main(argv=None):
 
     rows = [{"model": "base", "lr": None, "per_seed": [scored(os.path.join(base_dir, "unet"), s, f"base/seed{s}")
                                                        for s in study["seeds"]]}]
-    curves, style_points = {}, {}
+    curves, style_points, runs = {}, {}, []
     for label in study["variants"]:
         lrs = study_lrs(study, label)
         for lr in lrs:
@@ -271,8 +325,12 @@ def main(argv=None):
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
                               "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
                               "--validation_inference_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
-                align(run, label, steps, lr, seed, base_dir, base, args, validation if curve else [])
+                command = align(run, label, variants[label], steps, lr, seed, base_dir, base, args,
+                                validation if curve else [])
                 per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
+                runs.append({"variant": label, "lr": lr, "seed": seed, "command": shlex.join(["python", "train.py",
+                                                                                           *command]),
+                             **per_seed[-1], "scorer": scorer_id})
                 if curve:  # the curves: style over training steps, from the validation scores in metrics.jsonl
                     name = f"{label} lr={lr:g}"
                     curves[name] = run
@@ -287,18 +345,20 @@ def main(argv=None):
     for row in rows:
         entry = {"model": row["model"] + ("" if row["lr"] is None else f" lr={row['lr']:g}")}
         for metric in ("style", "content"):
-            entry[metric] = evaluate.summarize([r[metric] for r in row["per_seed"]])
-            if len(row["per_seed"]) == 1:  # one training seed (the demo): no spread to report
-                entry[metric] = entry[metric][0]
-        row.update({k: v for k, v in entry.items() if k != "model"})
+            row[metric] = evaluate.summarize([r[metric] for r in row["per_seed"]])  # (mean, std)
+            # one training seed (the demo): no spread to report in the table
+            entry[metric] = row[metric][0] if len(row["per_seed"]) == 1 else row[metric]
         table_rows.append(entry)
     table = evaluate.markdown_table(table_rows, ["model", "style", "content"])
     print(f"\nheld-out prompts: {len(prompts)}, sampling seeds per prompt: {args.sample_seeds}, "
-          f"training seeds: {study['seeds']}, scorer accuracy: {accuracy}\n")
+          f"training seeds: {study['seeds']}, scorer accuracy: {accuracy}\n"
+          f"(exact on this machine for this code; another CPU rounds differently and can move the figures "
+          f"in the third decimal: docs/toy-study.md)\n")
     print(table)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
-    json.dump({"study": args.study, "rows": rows, "scorer_accuracy": accuracy, "prompts": prompts,
+    json.dump({"study": args.study, "runs": runs, "rows": rows, "scorer": scorer_id, "scorer_accuracy": accuracy,
+               "code": code_id(), "made_on": machine(), "prompts": prompts,
                "base_recipe": BASE_ARGS, "align_args": with_steps(ALIGN_ARGS, steps), "sample_steps": args.sample_steps,
                "guidance": args.guidance, "sample_seeds": args.sample_seeds},
               open(os.path.join(out, "results.json"), "w"), indent=1)

@@ -6,6 +6,7 @@ shows (style score) and whether the prompt's shape, colour and background are st
 anything unless its held-out accuracy is >= 0.95: a weak scorer would make every table
 meaningless.
 """
+import hashlib
 import json
 import os
 import sys
@@ -188,3 +189,11 @@ def score_toy(scorer, images, prompts):
         scores[f"{k}_ok"] = (out[k].argmax(1) == labels[:, i]).float()
     scores["content"] = torch.stack([scores[f"{k}_ok"] for k in KEEPS[scorer.style]]).prod(0)
     return scores
+
+
+def identity(style="winter", resolution=16, seed=0):
+    """Which scorer made a score: its style, input size, seed and the hash of its recipe and version.
+    A score cache keyed on it is never answered by another scorer."""
+    config = dict(version=VERSION, style=style, resolution=resolution, seed=seed, **TRAIN)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return f"toy-scorer {style} {resolution}px seed {seed} v{VERSION} {digest}"
