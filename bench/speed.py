@@ -7,6 +7,8 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python -m bench.speed --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
     python -m bench.speed --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
     python -m bench.speed --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
+    python -m bench.speed train [train.py flags]      # train.py's own pairs/s and peak memory, one JSON row
+    python -m bench.speed profile [train.py flags]    # the share of each part of a train.py step (bench/profile.py)
 
 The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
@@ -486,5 +488,8 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:2] == ["train"]:
         train_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["profile"]:  # bench/profile.py: the share of each part of a train.py step
+        from bench import profile
+        profile.main(sys.argv[2:])
     else:
         main()
