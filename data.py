@@ -314,7 +314,6 @@ def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_
     and flips included. device: a CUDA device gets batches from pinned memory, their images (or
     cached tensors) already on it (to_device); None or the CPU: batches as collated."""
     cuda = device is not None and torch.device(device).type == "cuda"
-    global_batch = batch_size * world
     if hasattr(dataset, "stream"):
         rows, kept, skipped = item // world, [], []
         for new_epoch, it in dataset.stream(epoch, rank, world, rows):
