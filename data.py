@@ -335,7 +335,6 @@ def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_
                                          num_workers=num_workers, pin_memory=cuda,
                                          generator=torch.Generator().manual_seed(seed))
     for (epoch, item, _), batch in zip(plan(), loader):
-        dataset.epoch = epoch  # (what the main process's copy reads: the epoch of the latest batch)
         yield epoch, item, to_device(batch, device) if cuda else batch
 
 
