@@ -1,7 +1,9 @@
 """
 Speed levers for a built UNet, each measured by bench/speed.py (--compile, --gradient_checkpointing,
---channels_last, --sdpa_backend) and adopted by train.py with one call; and one_thread, for the
-tiny CPU models. Nothing here changes what a forward pass computes.
+--channels_last, --sdpa_backend) and adopted by train.py with one call; one_thread, for the
+tiny CPU models; device_defaults, which resolves train.py's "auto" flags, --num_workers among
+them (auto_workers), and input_note, the start line about the input path on a GPU. Nothing
+here changes what a forward pass computes.
 """
 import argparse
 import contextlib
