@@ -301,15 +301,19 @@ def collate_pairs(items):
     return batch
 
 
-def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_workers=0):
+def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_workers=0, device=None):
     """(epoch, item, batch) forever, from position (epoch, items consumed in the epoch).
     Map-style data: a per-epoch permutation seeded by (seed, epoch); a global micro-batch is
     batch_size × world consecutive items of it, and rank r takes items [r·B, (r+1)·B) of each:
     the ranks' union is what one process with batch_size B·W takes, and the position resumes
     exactly on any number of ranks. pickapic:DIR deals whole row groups to ranks instead
     (dataset.epoch_batches): exact on the same number of ranks, approximate on another.
-    pickapic:HUB_ID is read in stream order; `item` then counts rows read, over all ranks."""
-    global_batch = batch_size * world
+    pickapic:HUB_ID is read in stream order; `item` then counts rows read, over all ranks.
+    num_workers > 0: DataLoader worker processes read the items, started once for the whole run;
+    each index carries its epoch (EpochItems), so the batches are the main process's, crops
+    and flips included. device: a CUDA device gets batches from pinned memory, their images (or
+    cached tensors) already on it (to_device); None or the CPU: batches as collated."""
+    cuda = device is not None and torch.device(device).type == "cuda"
     if hasattr(dataset, "stream"):
         rows, kept, skipped = item // world, [], []
         for new_epoch, it in dataset.stream(epoch, rank, world, rows):
@@ -322,20 +326,74 @@ def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_
             if len(kept) == batch_size:
                 batch = collate_pairs(kept)
                 batch["skipped"] = skipped
-                yield epoch, rows * world, batch
+                yield epoch, rows * world, to_device(batch, device) if cuda else batch
                 kept, skipped = [], []
+    plan = lambda: _epoch_batches(dataset, batch_size, seed, epoch, item, rank, world)
+    # One DataLoader for the whole run: its workers (if any) live from the first batch to the last,
+    # prefetching across epoch ends. Its sampler and the loop below walk the same plan.
+    loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=_Keys(plan), collate_fn=collate_pairs,
+                                         num_workers=num_workers, pin_memory=cuda,
+                                         generator=torch.Generator().manual_seed(seed))
+    for (epoch, item, _), batch in zip(plan(), loader):
+        yield epoch, item, to_device(batch, device) if cuda else batch
+
+
+def _epoch_batches(dataset, batch_size, seed, epoch, item, rank, world):
+    """(epoch, items consumed after this batch, this rank's item indices) forever: stream_batches' plan."""
+    global_batch = batch_size * world
     while True:
-        dataset.epoch = epoch
         if hasattr(dataset, "epoch_batches"):
             batches = dataset.epoch_batches(epoch, rank, world, batch_size)[item // global_batch:]
         else:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
             starts = range(item, len(order) - global_batch + 1, global_batch)
             batches = [order[s + rank * batch_size:s + (rank + 1) * batch_size] for s in starts]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs,
-                                             num_workers=num_workers)
-        for batch in loader:
+        for indices in batches:
             item += global_batch
-            yield epoch, item, batch
+            yield epoch, item, indices
         epoch, item = epoch + 1, 0
 
+
+class _Keys:
+    """The DataLoader's batch sampler: each batch of the plan as [(epoch, index), ...]."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __iter__(self):
+        for epoch, _, indices in self.plan():
+            yield [(epoch, i) for i in indices]
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """dataset[i] as read in a given epoch: key (epoch, i). Crops and flips are drawn from
+    (seed, epoch, index) (plumbing/images.py ImagePairs, plumbing/cache.py CachedPairs), and a
+    DataLoader worker holds its own copy of the dataset, made when it starts: the epoch has to
+    travel with the index, or a worker would crop every epoch as the one it started in."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        self.dataset.epoch = epoch
+        return self.dataset[i]
+
+
+# What the model reads from a batch in bulk, moved to the GPU as it arrives: the images, or a
+# cache's latents, text states and CLIP features. The index, sizes and crop corners stay on the
+# CPU, where the conditioning is assembled from them.
+BULK = ("winner", "loser")
+
+
+def to_device(batch, device):
+    """The batch with its image tensors (raw data) or cache_* tensors (cache:DIR) on `device`,
+    copied without blocking the host (from pinned memory the copy overlaps the GPU's work)."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if torch.is_tensor(value) and (key in BULK or key.startswith("cache_")):
+            out[key] = value.to(device, non_blocking=True)
+    return out

@@ -413,7 +413,7 @@ def cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs=Tr
     z = cat("cache_latent").float()
     if "cache_latent_std_w" in batch:
         n = torch.randn((rows, *z.shape[1:]), generator=generator, dtype=torch.float32)
-        z = z + cat("cache_latent_std").float() * share.keep(n, pairs)
+        z = z + cat("cache_latent_std").float() * share.keep(n, pairs).to(z.device)  # (z: on the GPU already)
     latents = (z * m.vae_scale).to(m.device)
 
     # caption dropout: the dropped rows get the unconditional input (m.empty: the cached encoding of "")

@@ -186,10 +186,11 @@ def parser():
     g.add_argument("--style_fraction", type=float, default=1 / 3, help="toy-base: share of styled images")
     g.add_argument("--num_items", type=int, default=8192, help="toy sets: items per epoch")
     g.add_argument("--caption_dropout", type=float, default=0.0,
-                   help="share of prompts replaced by '' (teaches the unconditional model that guidance needs)")
+                   help="share of pairs whose UNet gets the unconditional input guidance uses (SD1.5 '', SDXL zeros)")
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop (same for winner and loser)")
     g.add_argument("--random_flip", action="store_true", help="random horizontal flip (same for winner and loser)")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=speed.workers_flag, default="auto",
+                   help="DataLoader worker processes that decode and crop; auto: a few on a GPU, 0 on the CPU")
     g.add_argument("--embed_model", default=None,
                    help="CLIP for E5 (default: toy-clip, trained on the toy world, for tiny presets; 'tiny': a random "
                         "tiny CLIP; else openai/clip-vit-large-patch14)")
@@ -302,7 +303,7 @@ def parse_args(argv=None):
     for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps", "num_train_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    for name in ("warmup_steps", "save_every", "seed", "num_workers", "log_every", "validation_every"):
+    for name in ("warmup_steps", "save_every", "seed", "log_every", "validation_every"):  # (--num_workers: its type)
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
     numbers = [k for k, s in L.SETTINGS.items() if s["type"] in (int, float) and s["choices"] is None]
@@ -522,6 +523,8 @@ def main(argv=None):
         log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} process(es), "
                                                      f"continued by {world})" if world > 1 else ""))
     log(describe(args, m, params, world, dataset))
+    if note := speed.input_note(args, m.device, dataset):  # on a GPU: whether the input path may hold it back
+        log(note)
     if M.PRESETS[args.model]["pretrained"] and args.lr / pairs_per_step > 10 * RECIPE_LR_PER_PAIR:
         log(f"warning: lr per pair {args.lr / pairs_per_step:.3g} is {args.lr / pairs_per_step / RECIPE_LR_PER_PAIR:.0f}× "
             f"the paper's; for its rate pass --scale_lr --lr 1e-8, or more accumulation (--grad_accum)")
@@ -538,7 +541,7 @@ def main(argv=None):
     # -----------------------------------------------------------------------------------
     # The loop: grad_accum micro-batches, one optimizer step.
     stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
-                                 args.num_workers)
+                                 args.num_workers, device=m.device)
     reporter = Reporter(args, step, master)
     bad_steps, last_epoch, grid = 0, epoch, None
     while step < args.max_steps:

@@ -7,6 +7,8 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python -m bench.speed --model sdxl --batch_size 4 --preset dpo-reference          # + the official DPO setup
     python -m bench.speed --model sdxl --batch_size 4 --mixed_precision bf16 --lora_rank 8  # LoRA: bf16 base, fp32 adapter
     python -m bench.speed --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
+    python -m bench.speed train [train.py flags]      # train.py's own pairs/s and peak memory, one JSON row
+    python -m bench.speed profile [train.py flags]    # the share of each part of a train.py step (bench/profile.py)
 
 The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
@@ -274,31 +276,56 @@ def show(result, args):
     print(line, flush=True)
 
 
-def fake_pickapic(folder, n, size=512):
-    """n pairs of toy renders upscaled to size² with noise, as JPEG bytes in Pick-a-Pic's columns."""
+def fake_pairs(n, size=512):
+    """n (prompt, JPEG bytes, JPEG bytes) of toy renders upscaled to size² with noise (quality 90),
+    so that decoding costs what a photo's does."""
     import io
-    import os
 
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    os.makedirs(folder, exist_ok=True)
     rng, prompts = np.random.default_rng(0), toy.toy_prompts("all")
-    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
     for i in range(n):
-        prompt = prompts[i % len(prompts)]
-        for col in ("jpg_0", "jpg_1"):
+        prompt, jpegs = prompts[i % len(prompts)], []
+        for _ in range(2):
             img = np.kron(toy.render_toy(prompt, size // 8, rng), np.ones((8, 8, 1), dtype=np.uint8))
             img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=90)
-            rows[col].append(buf.getvalue())
+            jpegs.append(buf.getvalue())
+        yield prompt, *jpegs
+
+
+def fake_pickapic(folder, n, size=512):
+    """n fake_pairs in Pick-a-Pic's columns, one parquet shard."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for i, (prompt, jpg_0, jpg_1) in enumerate(fake_pairs(n, size)):
         rows["caption"].append(prompt)
+        rows["jpg_0"].append(jpg_0)
+        rows["jpg_1"].append(jpg_1)
         rows["label_0"].append(float(i % 2))
     pq.write_table(pa.table(rows), os.path.join(folder, "train-00000-of-00001.parquet"), row_group_size=64)
     return folder
+
+
+def fake_manifest(folder, n, size=1024):
+    """n fake_pairs as JPEG files and a pairs.jsonl manifest naming them; returns its path."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
+        for i, (prompt, winner, loser) in enumerate(fake_pairs(n, size)):
+            for name, jpeg in ((f"{i}w.jpg", winner), (f"{i}l.jpg", loser)):
+                with open(os.path.join(folder, name), "wb") as img:
+                    img.write(jpeg)
+            f.write(json.dumps({"prompt": prompt, "winner": f"{i}w.jpg", "loser": f"{i}l.jpg"}) + "\n")
+    return os.path.join(folder, "pairs.jsonl")
 
 
 def bench_data(args, device):
@@ -486,5 +513,8 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:2] == ["train"]:
         train_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["profile"]:  # bench/profile.py: the share of each part of a train.py step
+        from bench import profile
+        profile.main(sys.argv[2:])
     else:
         main()

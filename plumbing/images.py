@@ -23,9 +23,9 @@ class ImagePairs(torch.utils.data.Dataset):
     def __init__(self, resolution=512, seed=0, random_crop=False, random_flip=False):
         self.resolution, self.seed = resolution, seed
         self.random_crop, self.random_flip = random_crop, random_flip
-        # Crop/flip randomness is keyed on the epoch, so each epoch sees new crops. The training
-        # loop sets it; DataLoader workers copy the dataset at each iter() (unless
-        # persistent_workers=True), so set it before iterating over the epoch.
+        # Crop/flip randomness is keyed on the epoch, so each epoch sees new crops. A DataLoader
+        # worker holds its own copy of the dataset, so data.stream_batches sends the epoch with
+        # every index (data.EpochItems sets it here, in whichever process reads the item).
         self.epoch = 0
         self.skip_counts = {}  # reason -> count, for pairs dropped before training sees them
 

@@ -1,9 +1,13 @@
 """
 Speed levers for a built UNet, each measured by bench/speed.py (--compile, --gradient_checkpointing,
---channels_last, --sdpa_backend) and adopted by train.py with one call; and one_thread, for the
-tiny CPU models. Nothing here changes what a forward pass computes.
+--channels_last, --sdpa_backend) and adopted by train.py with one call; one_thread, for the
+tiny CPU models; device_defaults, which resolves train.py's "auto" flags, --num_workers among
+them (auto_workers), and input_note, the start line about the input path on a GPU. Nothing
+here changes what a forward pass computes.
 """
+import argparse
 import contextlib
+import os
 
 import torch
 
@@ -197,5 +201,71 @@ def device_defaults(args, device, real):
         args.compile = "regional" if gpu else "none"
     if args.gradient_checkpointing == "auto":
         args.gradient_checkpointing = "transformer:0.25" if gpu and real and not args.lora_rank else "none"
+    # The input path off the critical path: on a GPU, images are decoded and cropped in DataLoader
+    # workers while the GPU runs the previous step; on the CPU they share the cores with the
+    # step, so the main process reads them, as it always did.
+    if args.num_workers == "auto":
+        args.num_workers = auto_workers() if gpu else 0
     if gpu:
         set_sdpa_backend(args.sdpa_backend)  # with the others as fallbacks for shapes it cannot take
+
+
+# The input path
+MAX_AUTO_WORKERS = 4
+
+
+def workers_flag(text):
+    """train.py's --num_workers: "auto" or a count >= 0."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be auto or 0 or more, not {text}")
+    return n
+
+
+def auto_workers():
+    """--num_workers auto on a GPU: this process's share of the CPU cores it may run on (under
+    torchrun, LOCAL_WORLD_SIZE processes share them), less one for the process itself, at most
+    MAX_AUTO_WORKERS. 0 when no core is left over: a worker would then only take turns with the
+    process that drives the GPU."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        cores = os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_AUTO_WORKERS, per_process - 1))
+
+
+def input_note(args, device, dataset):
+    """One line for train.py's start on a GPU about the input path, or None (always None on the
+    CPU, and for toy data, rendered at the training size). Raw images are decoded, resized and
+    cropped on the CPU, then go through the VAE, the text encoders and E5's CLIP on the GPU every
+    step; a cache (python -m tools.build_cache) does none of that. The line says "likely to hold
+    the GPU back" when the decoding runs on the main process (--num_workers 0, or images streamed
+    from the hub) or Pillow lacks libjpeg-turbo."""
+    if not str(device).startswith("cuda") or str(args.data).startswith("toy"):
+        return None
+    profile = "python -m bench.speed profile [train.py flags] times each part of a step"
+    if str(args.data).startswith("cache:"):
+        if args.num_workers:
+            return None
+        return f"input path: cache shards are read on the main process (--num_workers 0) ({profile})"
+    slow = []
+    if hasattr(dataset, "stream"):  # the hub: this process reads and decodes, never a DataLoader worker
+        slow.append("images streamed from the hub are decoded on the main process (--num_workers does not apply; "
+                    "hf:DIR, the downloaded shards, decodes in workers)")
+    elif args.num_workers == 0:
+        slow.append("images are decoded and cropped on the main process (--num_workers 0) while the GPU waits "
+                    "(--num_workers auto decodes in workers)")
+    from PIL import features
+    if not features.check_feature("libjpeg_turbo"):
+        slow.append("this Pillow decodes JPEG without libjpeg-turbo")
+    cache = "a cache (python -m tools.build_cache, then --data cache:DIR) skips decoding and the encoders"
+    if slow:
+        return f"input path: likely to hold the GPU back: {'; '.join(slow)}; {cache} ({profile})"
+    return (f"input path: {args.num_workers} DataLoader workers decode and crop ahead of the GPU; the VAE, text "
+            f"encoders and CLIP run every step; {cache} ({profile})")

@@ -15,7 +15,8 @@ CASES = {  # flags -> the one line argparse prints after "train.py: error: "
     ("--max_grad_norm", "-1"): "--max_grad_norm must be a positive finite number, not -1.0",
     ("--warmup_steps", "-5"): "--warmup_steps must be 0 or more, not -5",
     ("--seed", "-1"): "--seed must be 0 or more, not -1",
-    ("--num_workers", "-1"): "--num_workers must be 0 or more, not -1",
+    ("--num_workers", "-1"): "argument --num_workers: must be auto or 0 or more, not -1",
+    ("--num_workers", "four"): "argument --num_workers: must be auto or 0 or more, not four",
     ("--resolution", "0"): "--resolution must be a positive multiple of 2 for --model tiny (what its VAE and UNet "
                            "down-sample by), not 0",
     ("--resolution", "-16"): "--resolution must be a positive multiple of 2 for --model tiny (what its VAE and UNet "
