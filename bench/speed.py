@@ -9,6 +9,7 @@ Benchmark one Diffusion-RPO training step: time, throughput, peak memory, FLOPs 
     python -m bench.speed --model tiny-sd --data toy --steps 30                        # raw images vs data.py's cache
     python -m bench.speed train [train.py flags]      # train.py's own pairs/s and peak memory, one JSON row
     python -m bench.speed profile [train.py flags]    # the share of each part of a train.py step (bench/profile.py)
+    python -m bench.speed --loss rpo,dpo,rpo_topk --topk 1   # any other flag is train.py's (an objective's setting)
 
 The step is train.micro_batch_loss (what train.py runs) plus backward and the optimizer: policy
 forward+backward on [winners; losers], reference forward, E1/E3/E7 (with --lora_rank the
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+import loss as L
 import model as M
 from plumbing import random_weights, speed
 import train
@@ -84,7 +86,14 @@ def parse_args(argv=None):
                                                                  "after it are skipped (0: no limit)")
     p.add_argument("--out", default=None, help="also append each JSON row to this file")
     p.add_argument("--label", default=None, help="a name stored in each row")
-    args = p.parse_args(argv)
+    args, args.train_flags = p.parse_known_args(argv)
+    for name in args.loss.split(","):  # any other flag is train.py's (an objective's setting, say): checked by it
+        if name not in L.OBJECTIVES:
+            p.error(f"--loss takes a comma list of {', '.join(L.OBJECTIVES)}, not {args.loss!r}")
+        try:
+            train.parse_args(["--loss", name, *args.train_flags])
+        except SystemExit:
+            p.error(f"neither bench/speed.py nor train.py takes {' '.join(args.train_flags)!r} (see above)")
     if args.gradient_checkpointing and args.checkpointing is None:
         args.checkpointing = "all"
     args.checkpointing = args.checkpointing or "none"
@@ -171,7 +180,8 @@ def run(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] == "fp16")
     autocast = torch.autocast(device.type, dtype=m.dtype, enabled=cfg["mixed_precision"] != "no")
 
-    flags = train.parse_args(["--loss", cfg["loss"], "--timesteps", "batch"])  # β, τ, ω placement: train.py's defaults
+    # the objective's settings: train.py's defaults, or what the command line passed on to train.py
+    flags = train.parse_args(["--loss", cfg["loss"], "--timesteps", "batch", *cfg.get("train_flags", [])])
 
     def step(batch):
         loss, _ = train.micro_batch_loss(m, batch, generator, flags, autocast=autocast)
@@ -453,8 +463,6 @@ def main(argv=None):
     if args.grid:
         return run_grid(args, cfg)
     losses = args.loss.split(",")
-    if any(name not in ("rpo", "dpo", "sft") for name in losses):
-        raise SystemExit(f"error: --loss takes rpo, dpo, sft or a comma list of them, not {args.loss!r}")
     results = {name: [] for name in losses}
     for _ in range(args.repeat):  # interleaved, so drifts in machine load hit every loss alike
         for name in losses:

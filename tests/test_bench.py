@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import speed as bench
 import model as M
+import train
 
 
 def forward_flops(name, B):
@@ -48,3 +49,17 @@ def test_loss_list_reports_each_median_and_their_ratio(capsys):
         summary["median_ms_per_step"]["rpo"] / summary["median_ms_per_step"]["dpo"], abs=1e-3)
     with pytest.raises(SystemExit):
         bench.main(["--model", "tiny", "--loss", "ppo"])
+
+
+def test_flags_it_does_not_know_go_to_train_py(monkeypatch, capsys):
+    """Any train.py flag (an objective's setting) reaches the timed step; a flag neither knows is one error."""
+    seen = []
+    real = train.micro_batch_loss
+    monkeypatch.setattr(train, "micro_batch_loss", lambda m, batch, g, args, **k: seen.append(
+        (args.loss, args.tau, args.rpo_weighting)) or real(m, batch, g, args, **k))
+    bench.main(["--model", "tiny", "--loss", "rpo,dpo", "--batch_size", "2", "--steps", "1", "--warmup", "0",
+                "--tau", "0.1", "--rpo_weighting", "inside", "--json"])
+    assert ("rpo", 0.1, "inside") in seen and ("dpo", 0.1, "inside") in seen
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--no_such_flag", "1"])
+    assert "neither bench/speed.py nor train.py" in capsys.readouterr().err

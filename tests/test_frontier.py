@@ -96,3 +96,23 @@ def test_a_frontier_folder_refuses_runs_with_another_base_or_settings(tmp_path):
     F.same_as_before(str(tmp_path / "frontier" / "winter" / "base_id.json"), "abc", "the winter base")
     with pytest.raises(SystemExit, match="the winter base = abc, not def"):
         F.same_as_before(str(tmp_path / "frontier" / "winter" / "base_id.json"), "def", "the winter base")
+
+
+def test_variants_from_the_command_line(monkeypatch, tmp_path):
+    """--variant NAME='TRAIN FLAGS' × --lrs × --seeds are the frontier's jobs, trained with those flags."""
+    monkeypatch.setattr(F, "VARIANTS", dict(F.VARIANTS))
+    monkeypatch.setattr(F, "CUSTOM", {})
+    args = F.parse_args(["--variant", "top=--loss rpo --tau 0.2", "--lrs", "1e-6,2e-6", "--seeds", "0,1",
+                         "--runs", str(tmp_path)])
+    assert F.jobs() == [("top", 1e-6, 0, 8, "winter"), ("top", 2e-6, 0, 8, "winter"),
+                        ("top", 1e-6, 1, 8, "winter"), ("top", 2e-6, 1, 8, "winter")]
+    seen = []
+    monkeypatch.setattr(F, "pretrained_base", lambda a, style: str(tmp_path / "base"))
+    monkeypatch.setattr(F.train, "main", lambda argv: seen.append(argv))
+    monkeypatch.setattr(F.E, "score_unet", lambda *a, **k: {"style": 0.5, "content": 0.5})
+    monkeypatch.setattr(F, "scorer", lambda *a: None)
+    assert F.run_job(args, {}, "top", 1e-6, 0, 8, "winter")
+    assert "--tau" in seen[0] and seen[0][seen[0].index("--tau") + 1] == "0.2"
+    assert [r["variant"] for r in F.rows(str(tmp_path))] == ["top"]
+    with pytest.raises(SystemExit):
+        F.parse_args(["--lrs", "1e-6"])

@@ -125,9 +125,7 @@ def load(recipe=None, root=None, verbose=True):
             meta = json.load(f)
         if meta.get("recipe") == recipe:
             clip, tok = tiny.tiny_clip()
-            clip.load_state_dict(load_file(weights))
-            if verbose:
-                print(f"toy-clip: loaded {weights} (trained in {meta['train_seconds']:.1f}s)", file=sys.stderr)
+            clip.load_state_dict(load_file(weights))  # (silently: the notice was printed when it was trained)
             return clip.eval().requires_grad_(False), tok
     clip, tok, seconds, final = train(recipe, log_every=100 if verbose else 0)
     os.makedirs(folder, exist_ok=True)

@@ -92,9 +92,15 @@ ROW_DEFAULTS = dict(tau=None, weighting="outside", embed="mean", batch=8, style_
 COLLAPSE, UNCHANGED = 0.05, (0.1, 0.05)  # content <= 0.05; style within +0.1 and content within -0.05 of the base
 
 
+CUSTOM = {}  # --variant: name -> (lrs, seeds); then the study is these alone
+
+
 def jobs():
     """The study in priority order: seed 0 of everything, then the seeds that carry the DPO/RPO
-    comparison, the batch-size point, the second style, the remaining seeds."""
+    comparison, the batch-size point, the second style, the remaining seeds. With --variant: those
+    variants × their lrs × seeds, 8 pairs, winter."""
+    if CUSTOM:
+        return [(v, lr, s, 8, "winter") for v, (lrs_, seeds) in CUSTOM.items() for s in seeds for lr in lrs_]
     out = [(v, lr, 0, 8, "winter") for v in VARIANTS for lr in VARIANTS[v][2]]
     main = ["dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1"]
     out += [(v, lr, s, 8, "winter") for s in (1, 2) for v in main for lr in VARIANTS[v][3]]
@@ -384,7 +390,22 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+    p.add_argument("--variant", action="append", default=None, metavar="NAME='TRAIN FLAGS'",
+                   help="as toy.experiment: a name and any train.py flags (repeatable); the study is then these "
+                        "variants × --lrs × --seeds (rows named by the variant)")
+    p.add_argument("--lrs", default=None, help="with --variant: comma list of learning rates")
+    p.add_argument("--seeds", default=None, help="with --variant: comma list of training seeds (default 0)")
+    args = p.parse_args(argv)
+    if args.variant:  # the experiment runner's rules and checks (train.py's parser sees the flags first)
+        custom = E.parse_args([x for v in args.variant for x in ("--variant", v)] + [
+            "--lrs", args.lrs or "1e-6", "--seeds", args.seeds or "0"])
+        study = E.STUDIES["custom"]
+        for name, flags in custom.custom.items():
+            VARIANTS[name] = (flags, dict(method=name), study["lrs"], study["lrs"])
+            CUSTOM[name] = (study["lrs"], study["seeds"])
+    elif args.lrs or args.seeds:
+        p.error("--lrs and --seeds go with --variant")
+    return args
 
 
 def main(argv=None):
