@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 
 import torch
@@ -28,7 +29,7 @@ import loss as L
 import model as M
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import diffusers_flags, parallel, pickapic, speed
+from plumbing import diffusers_flags, hub, parallel, pickapic, speed
 from plumbing import report as R
 import toy
 from toy import clip as toy_clip
@@ -326,6 +327,8 @@ def parse_args(argv=None):
         p.error("--lora_rank must be 0 (full fine-tune) or positive")
     if args.lora_alpha is not None and args.lora_rank == 0:
         p.error("--lora_alpha needs --lora_rank")
+    if args.push_to_hub and hub.offline():  # (found now, not after the run)
+        p.error("--push_to_hub needs the hub, and HF_HUB_OFFLINE is set")
     if args.fsdp and args.lora_rank:
         p.error("--fsdp shards a full fine-tune; a LoRA's trainable part is small, train it with plain DDP")
     if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
@@ -477,6 +480,7 @@ class Reporter:
 
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
+    argv_ = list(sys.argv[1:] if argv is None else argv)  # (the model card quotes the command)
     args = parse_args(argv)
     rank, world, device, own_group = parallel.setup(args.device)  # torchrun: one process per device
     master = rank == 0  # logs and writes files; every rank computes
@@ -614,14 +618,18 @@ def main(argv=None):
     final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
     save(final, keep=args.keep_checkpoints)
     folder = "lora" if m.lora else "unet"
-    out = os.path.join(args.out_dir, folder)
+    out, lora_file = os.path.join(args.out_dir, folder), "pytorch_lora_weights.safetensors"
     if master:
         C.export(args.out_dir, final, folder)
-        R.model_card(args, step, pairs_per_step, folder, grid)
+        R.model_card(args, step, pairs_per_step, folder, grid, command=shlex.join(["python", "train.py", *argv_]))
+        if args.push_to_hub:  # (after everything is saved: a failed upload loses nothing)
+            repo, files = R.push_to_hub(args, folder)
+            log(f"pushed {len(files)} files to the hub: {repo}")
     skips = all_skips()
     if skips:
         log(f"skipped (counted): {skips}")
-    log(f"done: {step} steps; {'LoRA' if m.lora else 'UNet'} in {out}")
+    log(f"done: {step} steps; " + (f"LoRA in {args.out_dir} ({lora_file}, as diffusers' scripts leave it; also {out})"
+                                   if m.lora else f"UNet in {out}"))
     policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
     parallel.teardown(own_group)
     return m

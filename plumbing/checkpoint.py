@@ -169,6 +169,8 @@ def run_files(out_dir):
     if os.path.isdir(metrics) or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
         found.append("metrics.jsonl")  # (an empty one: a run that stopped before its first step)
     found += [name for name in ("unet", "lora", "validation", "logs") if os.path.isdir(os.path.join(out_dir, name))]
+    if os.path.isfile(os.path.join(out_dir, lora.LORA_FILE)):  # (a LoRA run's copy for load_lora_weights(OUT_DIR))
+        found.append(lora.LORA_FILE)
     if os.path.isfile(os.path.join(out_dir, "args.json")):  # plumbing/report.py's: the flags, and the model card beside them
         found += ["args.json"] + (["README.md"] if os.path.isfile(os.path.join(out_dir, "README.md")) else [])
     return found
@@ -523,7 +525,8 @@ def open_metrics(out_dir, step, resumed):
 
 def export(out_dir, final, folder):
     """OUT_DIR/unet (or lora) from the final checkpoint, hard-linked to save disk (copied where
-    links fail), swapped in by renames: a stock diffusers UNet folder / LoRA folder."""
+    links fail), swapped in by renames: a stock diffusers UNet folder / LoRA folder. A LoRA is also
+    OUT_DIR/pytorch_lora_weights.safetensors, as diffusers' training scripts leave it."""
     target, tmp, old = (os.path.join(out_dir, folder + suffix) for suffix in ("", ".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -539,4 +542,13 @@ def export(out_dir, final, folder):
         os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+    if folder == "lora":  # where diffusers' scripts leave it: pipe.load_lora_weights(OUT_DIR) finds it
+        root, part = os.path.join(out_dir, lora.LORA_FILE), os.path.join(out_dir, lora.LORA_FILE + ".tmp")
+        if os.path.lexists(part):
+            os.remove(part)
+        try:
+            os.link(os.path.join(target, lora.LORA_FILE), part)
+        except OSError:
+            shutil.copy2(os.path.join(target, lora.LORA_FILE), part)
+        os.replace(part, root)
     return target

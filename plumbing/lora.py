@@ -53,15 +53,23 @@ def save_lora(m, directory):
     exactly what StableDiffusion(XL)Pipeline.save_lora_weights writes and load_lora_weights
     reads. The LoraConfig goes into the safetensors header as diffusers' adapter metadata:
     without it a loader infers alpha = rank from the shapes, which is wrong for any
-    lora_alpha != lora_rank (the output would be scaled by rank/alpha)."""
+    lora_alpha != lora_rank (the output would be scaled by rank/alpha). Only the fields every peft
+    release knows (metadata_of): a whole LoraConfig dict of a newer peft does not load in an older one."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     pipeline = StableDiffusionXLPipeline if m.xl else StableDiffusionPipeline  # same layout either way
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
     pipeline.save_lora_weights(directory, unet_lora_layers={k: v.contiguous() for k, v in layers.items()},
-                               unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict(),
+                               unet_lora_adapter_metadata=metadata_of(m.unet.peft_config["default"]),
                                weight_name=LORA_FILE, safe_serialization=True)
+
+def metadata_of(config):
+    """The LoraConfig fields that define the adapter (rank, alpha, the modules), in a form any peft
+    release since 0.17 reads back with LoraConfig(**metadata)."""
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+            "init_lora_weights": config.init_lora_weights}
+
 
 def load_lora(m, directory):
     """Weights saved by save_lora -> the adapter of m.unet, in place and bit for bit (train.py

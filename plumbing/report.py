@@ -5,6 +5,7 @@ grids in TensorBoard or Weights & Biases (--report_to), and at the end OUT_DIR/R
 card that says how the weights were made and how to load them. The validation grids themselves
 (fixed prompts and seeds, sample.py's sampler) are written under OUT_DIR/validation/.
 """
+import fnmatch
 import json
 import os
 
@@ -13,6 +14,7 @@ import torch
 from toy import scorer as toy_scorer
 import loss as L
 import model as M
+from plumbing import hub
 
 
 def write_args(args):
@@ -21,8 +23,39 @@ def write_args(args):
         json.dump(vars(args), f, indent=1)
 
 
-def model_card(args, step, pairs_per_step, folder, grid=None):
-    """OUT_DIR/README.md: base model, data, objective, β, τ, pairs per step, steps, the last
+# The base models' licenses: a fine-tune keeps its base's (the tiny presets are this project's, MIT).
+LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
+
+
+def front_matter(args, folder):
+    """The model card's YAML header, what the hub reads: base model, license, tags, library, data."""
+    hub = args.pretrained or M.PRESETS[args.model]["pretrained"]
+    license_ = ("other" if args.pretrained else LICENSES.get(args.model)) if hub else "mit"
+    method = {"rpo": "diffusion-rpo", "dpo": "diffusion-dpo", "sft": "sft"}.get(args.loss, args.loss)
+    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if M.PRESETS[args.model]["xl"] else "stable-diffusion",
+            method, "rpo-diffusion"] + (["lora"] if folder == "lora" else [])
+    spec = args.data.split("#")[0]
+    dataset = spec.split(":", 1)[1] if spec.startswith(("hf:", "pickapic:")) else None
+    lines = ["---"] + ([f"base_model: {hub}"] if hub else []) + [f"license: {license_}", "library_name: diffusers",
+                                                                  "tags:"] + [f"- {t}" for t in tags]
+    if dataset and not os.path.exists(dataset):  # a hub id, not a local folder
+        lines += ["datasets:", f"- {dataset}"]
+    return lines + ["---", ""]
+
+
+def last_metrics(out_dir):
+    """The last step's figures in OUT_DIR/metrics.jsonl (what the card reports), or {}."""
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
+    """OUT_DIR/README.md: YAML front matter for the hub; base model, data, objective and its
+    settings, pairs per step, steps, the training command, the last step's figures, the last
     validation grid, and how to load the result in diffusers."""
     hub = args.pretrained or M.PRESETS[args.model]["pretrained"]
     base = hub or f"the built-in `{args.model}` preset"
@@ -31,15 +64,15 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
         f"; {k} = {shown(getattr(args, k))}" for k in L.settings_of(args.loss))  # (its settings: loss.SETTINGS)
     pipe = "StableDiffusionXLPipeline" if M.PRESETS[args.model]["xl"] else "StableDiffusionPipeline"
     weights = os.path.join(args.out_dir, folder)
-    if folder == "lora":
-        load = f"pipe = {pipe}.from_pretrained(\"{hub}\")\npipe.load_lora_weights(\"{weights}\")"
+    if folder == "lora":  # (OUT_DIR holds pytorch_lora_weights.safetensors, as diffusers' scripts leave it)
+        load = f"pipe = {pipe}.from_pretrained(\"{hub}\")\npipe.load_lora_weights(\"{args.out_dir}\")"
     else:
         load = (f"unet = UNet2DConditionModel.from_pretrained(\"{weights}\")\n"
                 f"pipe = {pipe}.from_pretrained(\"{hub}\", unet=unet)")
     sample_cmd = (f"python sample.py --model {args.model}" + (f" --pretrained {hub}" if args.pretrained else "")
-                  + f" --{'lora' if folder == 'lora' else 'unet'} {weights} --prompts "
+                  + f" --{'lora' if folder == 'lora' else 'unet'} {args.out_dir if folder == 'lora' else weights} --prompts "
                   + ("builtin" if hub else "toy-test") + " --seeds 0-3 --out samples")
-    lines = ["# " + os.path.basename(os.path.normpath(args.out_dir)), "",
+    lines = front_matter(args, folder) + ["# " + os.path.basename(os.path.normpath(args.out_dir)), "",
              f"A {'LoRA (rank ' + str(args.lora_rank) + ')' if folder == 'lora' else 'UNet'} fine-tuned from "
              f"{base} with rpo-diffusion.", "",
              "| | |", "|---|---|",
@@ -49,6 +82,12 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
              f"| optimizer steps | {step} (lr {args.lr:g}, warm-up {args.warmup_steps}, {args.optimizer}) |",
              f"| resolution | {args.resolution or M.PRESETS[args.model]['resolution']} |", "",
              "Every flag of the run: `args.json`; one line of figures per step: `metrics.jsonl`.", ""]
+    if command:
+        lines += ["Trained with:", "", "```bash", command, "```", ""]
+    figures = {k: v for k, v in last_metrics(args.out_dir).items() if isinstance(v, (int, float))
+               and k not in ("step", "epoch", "lr", "pairs_per_s")}
+    if figures:
+        lines += [f"At the last step ({step}): " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) + ".", ""]
     if grid:
         lines += ["Validation samples at the last step (rows: prompts, columns: seeds):", "", f"![validation]({grid})", ""]
     lines += ["## Load it", "", "```bash", sample_cmd, "```", ""]
@@ -117,3 +156,28 @@ def validate(args, m, step, reporter, master):
     grid.save(os.path.join(args.out_dir, name))
     reporter.image(step, "grid", grid)
     return name, scores
+
+
+def push_to_hub(args, folder, api=None):
+    """--push_to_hub: OUT_DIR's result, model card, args.json, metrics and validation grids to the
+    hub repo --hub_model_id (default OUT_DIR's name), through huggingface_hub; checkpoints stay
+    local. Returns (repo, the files uploaded). No network, no login: one line (the weights are
+    saved already)."""
+    from huggingface_hub import HfApi
+    api = api or HfApi()
+    repo = args.hub_model_id or os.path.basename(os.path.normpath(args.out_dir))
+    patterns = [f"{folder}/*", "README.md", "args.json", "metrics.jsonl", "validation/*.png"] + (
+        ["pytorch_lora_weights.safetensors"] if folder == "lora" else [])
+    found = [os.path.relpath(os.path.join(d, f), args.out_dir) for d, _, names in os.walk(args.out_dir) for f in names]
+    files = sorted(f for f in found if any(fnmatch.fnmatch(f, p) for p in patterns))
+    if hub.offline():
+        raise SystemExit(f"error: --push_to_hub: HF_HUB_OFFLINE is set; the result is in {args.out_dir} (upload it "
+                         f"later: hf upload {repo} {args.out_dir})")
+    try:
+        repo = api.create_repo(repo, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo, folder_path=args.out_dir, allow_patterns=patterns,
+                          commit_message="rpo-diffusion: end of training")
+    except Exception as err:  # no network, not logged in, no rights: the run itself is done and saved
+        raise SystemExit(f"error: --push_to_hub {repo}: {hub.first_line(err)}; the result is in {args.out_dir} "
+                         f"(hf auth login, then hf upload {repo} {args.out_dir})")
+    return repo, files

@@ -173,7 +173,7 @@ def test_train_writes_the_lora_and_resumes_to_the_same_weights(tmp_path):
               "--grad_accum", "2", "--no_progress", "--random_flip"]
     m = train.main(common + ["--max_steps", "4", "--out_dir", str(tmp_path / "straight")])
     assert sorted(os.listdir(tmp_path / "straight")) == ["README.md", "args.json", "checkpoint-000004", "lora",
-                                                         "metrics.jsonl"]
+                                                         "metrics.jsonl", "pytorch_lora_weights.safetensors"]
     assert sorted(os.listdir(tmp_path / "straight" / "checkpoint-000004")) == [
         "lora", "optimizer.safetensors", "rng.safetensors", "state.json"]  # no full unet/
     train.main(common + ["--max_steps", "2", "--out_dir", str(tmp_path / "split")])  # epoch boundary at 2
