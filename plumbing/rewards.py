@@ -102,9 +102,10 @@ def read_state_dict(path, what, flag):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only met an object it will not build
         raise SystemExit(f"error: cannot load {what} '{path}': it holds more than tensors "
-                         f"({type(err).__name__}: {hub.first_line(err)}); this project reads pickles with weights_only=True only. Where you "
-                         f"trust the file, convert it once: python -m tools.to_safetensors {path} OUT.safetensors "
-                         f"--trust_pickle, then pass {flag.split()[0]} OUT.safetensors")
+                         f"({type(err).__name__}: {hub.first_line(err)}); this project reads pickles with "
+                         f"weights_only=True only. Where you trust the file, convert it once: python -m "
+                         f"tools.to_safetensors {path} OUT.safetensors --trust_pickle, then pass "
+                         f"{flag.split()[0]} OUT.safetensors")
     except Exception as err:  # not a checkpoint, cut short, a safetensors header that lies
         raise SystemExit(f"error: cannot load {what} '{path}' ({type(err).__name__}: {hub.first_line(err)}); "
                          f"pass {flag}")
@@ -161,7 +162,7 @@ def load_aesthetic_head(path, embed_dim, device="cpu"):
 
 def load_hps(version, checkpoint, device):
     """HPSv2 (v2.0 or v2.1): open_clip's ViT-H-14, built without pretrained weights (the checkpoint
-    holds every tensor, as hpsv2/img_score.py loads it: model.load_state_dict(checkpoint['state_dict'])),
+    holds every tensor, as hpsv2/img_score.py loads it with load_state_dict(checkpoint['state_dict'])),
     and open_clip's tokenizer for that model (77 tokens, the bundled BPE vocabulary). checkpoint: a
     local .pt or .safetensors file, or None to fetch the version's file from the hub repo xswu/HPSv2
     (from the local cache only when HF_HUB_OFFLINE is set)."""

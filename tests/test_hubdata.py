@@ -263,11 +263,13 @@ def test_hpdv2_as_published_through_the_converter(tmp_path):
             "--shard_rows", "3", "--row_group_rows", "2"])
     assert sorted(os.listdir(out)) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     t = pq.read_table(out / "train-00000-of-00002.parquet")
-    assert t.column_names == ["prompt", "image", "human_preference"] and t.column("human_preference")[0].as_py() == [1, 0]
+    assert t.column_names == ["prompt", "image", "human_preference"]
+    assert t.column("human_preference")[0].as_py() == [1, 0]
     assert [c["path"] for c in t.column("image")[1].as_py()] == ["1-0.jpg", "1-1.jpg"]
     ds = data.build_dataset(f"hf:{out}", 16)  # the hpdv2 schema, found from the columns
     assert ds.schema == pickapic.SCHEMAS["hpdv2"] and len(ds) == 4 and ds.skip_counts == {}
-    got = sorted((it["prompt"], mean_colour(it["winner"]), mean_colour(it["loser"])) for it in (ds[i] for i in range(4)))
+    items = [ds[i] for i in range(4)]
+    got = sorted((it["prompt"], mean_colour(it["winner"]), mean_colour(it["loser"])) for it in items)
     want = sorted([("a", colour(0, 0), colour(0, 1)), ("b", colour(1, 1), colour(1, 0)),
                    ("three", colour(3, 1), colour(3, 0)), ("three", colour(3, 1), colour(4, 0))])
     assert [g[0] for g in got] == [w[0] for w in want]
@@ -284,10 +286,10 @@ def test_hpdv2_as_published_through_the_converter(tmp_path):
     want = sorted([(colour(0, 1), colour(0, 0)), (colour(0, 0), colour(1, 0)), (colour(0, 1), colour(1, 0))])
     assert len(pairs) == 3 and all(close(a, c) and close(b, d) for (a, b), (c, d) in zip(pairs, want))
     # one-line errors
-    for argv, needle in ((["--json", str(tmp_path / "none.json")], "cannot read"),
-                         (["--json", str(hpd / "train.json"), "--images", str(tmp_path / "nowhere")], "no such folder")):
+    for js, images, needle in ((tmp_path / "none.json", hpd / "train", "cannot read"),
+                               (hpd / "train.json", tmp_path / "nowhere", "no such folder")):
         with pytest.raises(SystemExit, match=needle) as e:
-            H.main(argv + (["--images", str(hpd / "train")] if "--images" not in argv else []) + ["--out", str(tmp_path / "x")])
+            H.main(["--json", str(js), "--images", str(images), "--out", str(tmp_path / "x")])
         assert "\n" not in str(e.value)
     (hpd / "empty.json").write_text("[]")
     with pytest.raises(SystemExit, match="no pairs written"):

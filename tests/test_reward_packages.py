@@ -331,7 +331,8 @@ def broken_module(tmp_path, monkeypatch, module, body):
 
 
 BROKEN = [  # (metric, module, what the module does at import, what the line must say)
-    ("hps", "open_clip", None, "needs the open_clip package, which is not installed; pip install -r requirements-eval.txt"),
+    ("hps", "open_clip", None,
+     "needs the open_clip package, which is not installed; pip install -r requirements-eval.txt"),
     ("hps", "open_clip", "raise RuntimeError('operator torchvision::nms does not exist')",
      "needs the open_clip package, which fails to import (RuntimeError: operator torchvision::nms does not exist)"),
     ("hps", "open_clip", "open('/nonexistent/bpe_simple_vocab_16e6.txt.gz')",

@@ -61,8 +61,8 @@ def main(argv=None):
     if not args.dst.endswith(".safetensors"):
         raise SystemExit("error: the output file must end in .safetensors")
     written, left = convert(args.src, args.dst, args.key, args.trust_pickle)
-    print(f"wrote {written} tensors to {args.dst}" + (f" ({left} entries that are not tensors left out)" if left else ""),
-          file=sys.stderr)
+    left = f" ({left} entries that are not tensors left out)" if left else ""
+    print(f"wrote {written} tensors to {args.dst}{left}", file=sys.stderr)
 
 
 if __name__ == "__main__":
