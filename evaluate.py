@@ -11,7 +11,8 @@ the same prompt and initial noise through two models. Printed: per metric, mean 
 images per folder and the win rate of each folder over the baseline with a bootstrap 95%
 interval; written: results.json (per-image scores too) and a bar chart next to it. Metrics:
 pickscore, hps, imagereward, aesthetic, clip, style (a CLIP zero-shot style probability,
-reported with clip to the prompt: content kept); hps and imagereward need their own packages.
+reported with clip to the prompt: content kept); hps needs open_clip (requirements-eval.txt),
+imagereward the ImageReward package.
 
 What is read from a folder: only the images its samples.jsonl lists, and only if they lie inside
 the folder (real paths, symlinks resolved: a listed '../x' or '/etc/x' is refused). Other files
@@ -57,9 +58,10 @@ from toy import scorer as toy_scorer
 #   style        Style Alignment on real images: CLIP zero-shot probability of the style text against
 #                a neutral text, softmax over [style, neutral] of logit_scale.exp() · cos(image, text),
 #                always reported next to `clip` to the prompt (does the content survive the style?).
-#   hps          HPSv2 (Wu et al. 2023) through the hpsv2 package's own open_clip ViT-H/14 and
-#                checkpoint: 100 · cos(text, image), as its benchmark (hpsv2.evaluate) reports it;
-#                hpsv2.score returns the same without the factor 100.
+#   hps          HPSv2 (Wu et al. 2023): open_clip's ViT-H-14 with the HPS v2.1 (or v2.0) checkpoint
+#                from xswu/HPSv2, HPSv2's own preprocessing (rewards.hps_pixels) and open_clip's
+#                tokenizer: 100 · cos(text, image), as its benchmark reports it (its hpsv2.score
+#                returns the same without the factor 100). The hpsv2 package itself is not used.
 #   imagereward  ImageReward-v1.0 (Xu et al. 2023) through the ImageReward package:
 #                its score(prompt, images), the reward standardised by the package's mean and std.
 # Every model is loaded once, before any image is read; CLIP ViT-L/14 serves clip, style and
@@ -108,10 +110,7 @@ def load_reward_models(metrics, args, device):
     Optional packages are checked first, so a missing one fails before any download."""
     for m in metrics:
         if m in rewards.OPTIONAL_PACKAGES:
-            try:
-                __import__(rewards.OPTIONAL_PACKAGES[m][0])
-            except ImportError as err:
-                raise rewards.missing_package(m, err)
+            rewards.import_optional(m)  # absent or broken: one line, before anything is downloaded
     clips, models = {}, {}
 
     def clip(name, flag, what, processor=None, processor_flag=None):
@@ -418,9 +417,12 @@ def parse_args(argv=None):
     g.add_argument("--aesthetic_head", default=REWARD_DEFAULTS["aesthetic_head"],
                    help="the LAION head: .pth (read with weights_only=True) or .safetensors file, or URL")
     g.add_argument("--hps_version", default=REWARD_DEFAULTS["hps_version"], choices=list(rewards.HPS_CHECKPOINTS))
-    g.add_argument("--hps_checkpoint", default=None, help="local HPS_v2*.pt (default: download from xswu/HPSv2)")
+    g.add_argument("--hps_checkpoint", default=None,
+                   help="local HPS_v2*_compressed.pt (read with weights_only=True) or .safetensors copy "
+                        "(default: the --hps_version file of the hub repo xswu/HPSv2)")
     g.add_argument("--imagereward_model", default=REWARD_DEFAULTS["imagereward_model"],
-                   help="ImageReward name or local ImageReward.pt")
+                   help="ImageReward name or local ImageReward.pt (with HF_HUB_OFFLINE: a local file, "
+                        "med_config.json beside it)")
     g.add_argument("--style_name", default="vangogh", choices=list(STYLE_TEXTS),
                    help="style metric: " + ", ".join(f"{k} = '{v}'" for k, v in STYLE_TEXTS.items()))
     g.add_argument("--style_text", default=None, help="style metric: a description instead of --style_name's")

@@ -26,6 +26,28 @@ def offline():
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+@contextlib.contextmanager
+def offline_everywhere():
+    """While offline() holds, the hub library's own switch on too, for code that is not ours (an
+    optional package's hf_hub_download or from_pretrained calls): the library reads HF_HUB_OFFLINE
+    once, at its import, so a variable set later would not stop it. Its requests check the switch
+    when they are made, and refuse."""
+    if not offline():
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub library: nothing of it can download
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def hub_kwargs():
     """from_pretrained's keyword arguments for the offline rule."""
     return dict(local_files_only=offline())

@@ -7,7 +7,9 @@ code, see docs/data.md#hub-and-parquet-preference-data):
 
   pickapic                caption, jpg_0, jpg_1, label_0 (1: jpg_0 preferred, 0: jpg_1, 0.5: a tie)
   open-image-preferences  prompt, chosen, rejected (winner and loser; no label)
-  hpdv2                   prompt, image (a list of two images), human_preference ([1, 0]: the first)
+  hpdv2                   prompt, image (a list of two images), human_preference ([1, 0]: the first): the
+                          rows of HPDv2's loading script, and what tools/hpdv2_to_parquet.py writes from
+                          the published train.json / test.json and image archives
 
 Images are encoded bytes, or datasets' Image struct {"bytes", "path"} as it lies in parquet. Text
 in an image column is refused (a counted skip, "image is not bytes"), never opened as a path.
@@ -25,8 +27,9 @@ import numpy as np
 from plumbing.images import ImagePairs, read_image
 from plumbing import hub
 
-# train.py's data for sd15/sdxl when --data is not given: Apache-2.0, thousands of community-voted pairs
-# (FLUX.1-dev vs SD3.5-large images; the hub's size class 1K-10K), two parquet shards of ~430 MB.
+# train.py's data for sd15/sdxl when --data is not given: Apache-2.0, 7,459 community-voted pairs of
+# FLUX.1-dev and SD3.5-large images (its card), five parquet shards of ~430 MB (since its upload of
+# 2024-12-09; the first upload had two).
 DEFAULT_HUB = "data-is-better-together/open-image-preferences-v1-binarized"
 DEFAULT_DATA = f"hf:{DEFAULT_HUB}"
 PICKAPIC_HUB = "yuvalkirstain/pickapic_v2"  # the paper's data; the hub answers 404 for it since 2025
@@ -60,12 +63,14 @@ SCHEMAS = {
     "open-image-preferences": Schema("open-image-preferences", "prompt", ("chosen", "rejected"), None, (DEFAULT_HUB,)),
     "hpdv2": Schema("hpdv2", "prompt", ("image",), "human_preference", ("ymhao/HPDv2",)),
 }
-STREAMS = {"open-image-preferences": DEFAULT_HUB, "pickapic": "pickapic-anonymous/pickapic_v1"}  # ids that stream
+# ids that stream. pickapic-anonymous/pickapic_v1 holds the parquet files of Pick-a-Pic v1 under the
+# names (and content hashes) of yuvalkirstain/pickapic_v1: data/train-NNNNN-of-00387-<hash>.parquet, ...
+STREAMS = {"open-image-preferences": DEFAULT_HUB, "pickapic": "pickapic-anonymous/pickapic_v1"}
 GONE = {PICKAPIC_HUB}
 HUB_NOTES = {  # said with any failure to stream these
     PICKAPIC_HUB: "Pick-a-Pic v2 is no longer on the hub",
-    "ymhao/HPDv2": "it ships tar archives and a loading script, which datasets 4 and later do not run: convert it to "
-                   "parquet (prompt, image, human_preference) and pass hf:DIR#hpdv2",
+    "ymhao/HPDv2": "it ships JSON annotations, tar archives of images and a loading script, which datasets 4 and "
+                   "later do not run: convert it once with python -m tools.hpdv2_to_parquet and pass hf:DIR",
 }
 NO_PAIRS = {  # ids that stream but hold no preference labels
     "data-is-better-together/open-image-preferences-v1":
@@ -400,7 +405,8 @@ def unreachable(hub_id, err, prefix="hf", schema=None):
     if hub_id in HUB_NOTES:
         why += f"; {HUB_NOTES[hub_id]}"
     others = [f"hf:{i} ({name}{', the default' if i == DEFAULT_HUB else ''})"
-              for name, i in STREAMS.items() if i.lower() != hub_id.lower()] + ["hf:DIR#hpdv2 (HPDv2 as parquet)"]
+              for name, i in STREAMS.items() if i.lower() != hub_id.lower()]
+    others.append("hf:DIR#hpdv2 (HPDv2 after python -m tools.hpdv2_to_parquet)")
     fetch, use = hub_id, prefix  # what to download for local shards
     if hub_id in GONE or _not_found(err):  # not that one: the same schema's data that exists, else the default
         known = schema or schema_for_id(hub_id)

@@ -78,8 +78,9 @@ def write_with_datasets(folder, features, rows, shards=2):
 
 
 def write_oip(folder):
-    """open-image-preferences-v1-binarized's columns: id, prompt, chosen, rejected (Image), chosen_model,
-    rejected_model, evolution, category, sub_category; no label: chosen is the winner."""
+    """open-image-preferences-v1-binarized's columns, as its card lists them: id, prompt, chosen,
+    rejected (Image with decode: false), chosen_model, rejected_model, evolution, category,
+    sub_category; no label: chosen is the winner."""
     datasets = pytest.importorskip("datasets")
     path, rows = lure(folder.parent), []
     for r, (p, w) in enumerate(ROWS):
@@ -91,13 +92,14 @@ def write_oip(folder):
         rows.append({"id": f"{r}-quality", "prompt": p, "chosen": cells[w], "rejected": cells[1 - w],
                      "chosen_model": "black-forest-labs/FLUX.1-dev", "rejected_model": "stabilityai/stable-diffusion-3.5-large",
                      "evolution": "quality", "category": "Manga", "sub_category": "detailed"})
-    s, img = datasets.Value("string"), datasets.Image()
+    s, img = datasets.Value("string"), datasets.Image(decode=False)
     return write_with_datasets(folder, {"id": s, "prompt": s, "chosen": img, "rejected": img, "chosen_model": s,
                                         "rejected_model": s, "evolution": s, "category": s, "sub_category": s}, rows)
 
 
 def write_hpdv2(folder):
-    """HPDv2's columns as its loading script emits them: prompt, image (a list of two images),
+    """HPDv2's columns as its loading script (HPDv2.py) emits them and tools.hpdv2_to_parquet writes
+    them: prompt, image (a list of two images),
     human_preference (1 for the preferred image), image_path, rank (unused); plus a row of three
     images (not a pair) and a row with no preference (its test split: a bad label)."""
     datasets = pytest.importorskip("datasets")
@@ -230,6 +232,68 @@ def test_column_mappings_and_spec_errors(tmp_path):
     with pytest.raises(SystemExit) as e:  # no hub traffic: known to hold no labels
         data.build_dataset("hf:data-is-better-together/open-image-preferences-v1", 16)
     assert pickapic.DEFAULT_HUB in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hpdv2_as_published_through_the_converter(tmp_path):
+    """ymhao/HPDv2 as its card lays it out (train.json: prompt, file_path, human_preference with 1
+    for the preferred image; test.json: prompt, image_path, rank, smaller preferred; the images
+    unpacked from the split's tar archive) -> python -m tools.hpdv2_to_parquet -> --data hf:DIR."""
+    from tools import hpdv2_to_parquet as H
+    hpd = tmp_path / "HPD"
+    (hpd / "train").mkdir(parents=True)
+    for r in range(5):
+        for side in (0, 1):
+            (hpd / "train" / f"{r}-{side}.jpg").write_bytes(encoded(colour(r, side), "JPEG"))
+    (hpd / "lure.jpg").write_bytes(encoded((255, 0, 255), "JPEG"))  # outside the image folder: never read
+    records = [
+        {"human_preference": [1, 0], "prompt": "a", "file_path": ["0-0.jpg", "0-1.jpg"]},
+        {"human_preference": [0, 1], "prompt": "b", "file_path": ["1-0.jpg", "1-1.jpg"]},
+        {"human_preference": [1, 1], "prompt": "tie", "file_path": ["2-0.jpg", "2-1.jpg"]},
+        {"human_preference": [1, 0], "prompt": "gone", "file_path": ["2-0.jpg", "nope.jpg"]},
+        {"human_preference": [1, 0], "prompt": "escape", "file_path": ["../lure.jpg", "2-1.jpg"]},
+        {"human_preference": [1, 0], "prompt": "", "file_path": ["0-0.jpg", "0-1.jpg"]},
+        {"human_preference": [1, 0, 0], "prompt": "short", "file_path": ["0-0.jpg", "0-1.jpg"]},
+        # three images, the middle one preferred: pairs (3-0, 3-1) -> the second, (3-0, 4-0) a tie,
+        # (3-1, 4-0) -> the first
+        {"human_preference": [0, 1, 0], "prompt": "three", "file_path": ["3-0.jpg", "3-1.jpg", "4-0.jpg"]},
+    ]
+    (hpd / "train.json").write_text(json.dumps(records))
+    out = tmp_path / "parquet"
+    H.main(["--json", str(hpd / "train.json"), "--images", str(hpd / "train"), "--out", str(out),
+            "--shard_rows", "3", "--row_group_rows", "2"])
+    assert sorted(os.listdir(out)) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    t = pq.read_table(out / "train-00000-of-00002.parquet")
+    assert t.column_names == ["prompt", "image", "human_preference"]
+    assert t.column("human_preference")[0].as_py() == [1, 0]
+    assert [c["path"] for c in t.column("image")[1].as_py()] == ["1-0.jpg", "1-1.jpg"]
+    ds = data.build_dataset(f"hf:{out}", 16)  # the hpdv2 schema, found from the columns
+    assert ds.schema == pickapic.SCHEMAS["hpdv2"] and len(ds) == 4 and ds.skip_counts == {}
+    items = [ds[i] for i in range(4)]
+    got = sorted((it["prompt"], mean_colour(it["winner"]), mean_colour(it["loser"])) for it in items)
+    want = sorted([("a", colour(0, 0), colour(0, 1)), ("b", colour(1, 1), colour(1, 0)),
+                   ("three", colour(3, 1), colour(3, 0)), ("three", colour(3, 1), colour(4, 0))])
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert all(close(g[1], w[1]) and close(g[2], w[2]) for g, w in zip(got, want)), got
+    written, skips = H.convert(str(hpd / "train.json"), str(hpd / "train"), str(tmp_path / "again"))
+    assert written == 4 and skips == {"tie": 2, "missing image": 1, "path outside --images": 1, "not a record": 2}
+    # test.json: ranks over several images, smaller = preferred
+    test = [{"prompt": "r", "image_path": ["0-0.jpg", "0-1.jpg", "1-0.jpg"], "rank": [2, 1, 3],
+             "raw_annotations": [{"rank": [2, 1, 3], "user_hash": "u"}]}]
+    (hpd / "test.json").write_text(json.dumps(test))
+    assert H.convert(str(hpd / "test.json"), str(hpd / "train"), str(tmp_path / "test"), split="test") == (3, {})
+    ds = data.build_dataset(f"hf:{tmp_path / 'test'}", 16, split="test")
+    pairs = sorted((mean_colour(it["winner"]), mean_colour(it["loser"])) for it in (ds[i] for i in range(len(ds))))
+    want = sorted([(colour(0, 1), colour(0, 0)), (colour(0, 0), colour(1, 0)), (colour(0, 1), colour(1, 0))])
+    assert len(pairs) == 3 and all(close(a, c) and close(b, d) for (a, b), (c, d) in zip(pairs, want))
+    # one-line errors
+    for js, images, needle in ((tmp_path / "none.json", hpd / "train", "cannot read"),
+                               (hpd / "train.json", tmp_path / "nowhere", "no such folder")):
+        with pytest.raises(SystemExit, match=needle) as e:
+            H.main(["--json", str(js), "--images", str(images), "--out", str(tmp_path / "x")])
+        assert "\n" not in str(e.value)
+    (hpd / "empty.json").write_text("[]")
+    with pytest.raises(SystemExit, match="no pairs written"):
+        H.main(["--json", str(hpd / "empty.json"), "--images", str(hpd / "train"), "--out", str(tmp_path / "y")])
 
 
 def test_default_data_exists_and_maps_to_a_schema():

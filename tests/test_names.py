@@ -73,7 +73,7 @@ def modules():
 FILE_RE = re.compile(r"(?<![\w./-])((?:[a-z_]+/)?[a-z_][a-z0-9_]*\.py)\b(?::([A-Za-z_]\w*))?")
 DOTTED_RE = re.compile(r"(?<![\w./-])((?:plumbing|toy|bench|tools)\.[a-z_]\w*|loss|model|data|train|sample|evaluate|toy)"
                        r"\.([A-Za-z_]\w*)\b")
-NOT_ATTRIBUTES = {"py", "md", "json", "jsonl", "png", "txt", "safetensors", "sh"}  # file names, not attributes
+NOT_ATTRIBUTES = {"py", "md", "json", "jsonl", "png", "txt", "safetensors", "sh", "tar"}  # file names, not attributes
 
 
 def test_every_file_named_exists():

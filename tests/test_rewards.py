@@ -337,7 +337,7 @@ def test_several_folders_against_one_baseline_and_no_matplotlib(tiny, tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------
-# One-line errors: missing packages, models and files; toy names
+# One-line errors: missing models and files; toy names (optional packages: tests/test_reward_packages.py)
 
 
 def cli(tmp_path, *argv):
@@ -347,17 +347,6 @@ def cli(tmp_path, *argv):
     msg = str(err.value)
     assert "\n" not in msg
     return msg
-
-
-@pytest.mark.parametrize("metric,module,message", [
-    ("hps", "hpsv2", "error: --metrics hps needs the hpsv2 package (pip install hpsv2)"),
-    ("imagereward", "ImageReward",
-     "error: --metrics imagereward needs the ImageReward package (pip install image-reward)"),
-])
-def test_missing_optional_package_is_one_line_naming_it(tmp_path, monkeypatch, metric, module, message):
-    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if not installed
-    # checked before any model is loaded: the CLIP id here does not exist and is never reached
-    assert cli(tmp_path, "--metrics", f"clip,{metric}", "--clip_model", str(tmp_path / "no_clip")) == message
 
 
 def test_missing_models_and_files_are_one_line_naming_the_flag(tiny, tmp_path):
@@ -377,76 +366,6 @@ def test_metric_names_toy_and_real_do_not_mix(tmp_path):
     assert "separate runs" in cli(tmp_path, "--metrics", "toy_style,clip")
     assert "--baseline (win rates) is for reward-model metrics" in cli(
         tmp_path, "--metrics", "toy_style", "--baseline", str(tmp_path / "imgs"))
-
-
-# ----------------------------------------------------------------------------------------------
-# HPSv2 and ImageReward glue, against stand-ins for their packages' APIs (the real ones are
-# optional and download gigabytes): what evaluate.py calls, and how it turns answers into scores.
-
-
-class FakeOpenClip(torch.nn.Module):
-    """hpsv2's open_clip model as evaluate.py uses it: model(images, tokens) -> dict of unit-length
-    image_features and text_features."""
-
-    def __init__(self):
-        super().__init__()
-        self.img, self.txt = torch.nn.Linear(3, 4), torch.nn.Embedding(128, 4)
-
-    def forward(self, images, tokens):
-        f = torch.nn.functional.normalize
-        return {"image_features": f(self.img(images.mean(dim=(2, 3))), dim=-1),
-                "text_features": f(self.txt(tokens).mean(1), dim=-1)}
-
-
-def fake_to_tensor(im):  # the stand-in's image preprocessing: 4x4, [0, 1]
-    return torch.from_numpy(np.asarray(im.resize((4, 4)), dtype=np.float32) / 255).permute(2, 0, 1)
-
-
-def fake_tokenizer(texts):  # the stand-in's tokenizer: 8 character codes per text
-    return torch.tensor([[ord(c) % 128 for c in (t + " " * 8)[:8]] for t in texts])
-
-
-def fake_packages(monkeypatch, created):
-    def create_model_and_transforms(name, pretrained, **kw):
-        assert name == "ViT-H-14" and pretrained is None and kw["output_dict"]  # as hpsv2/evaluation.py
-        created.append(FakeOpenClip())
-        return created[-1], None, fake_to_tensor
-    hps = types.ModuleType("hpsv2")
-    oc = types.ModuleType("hpsv2.src.open_clip")
-    oc.create_model_and_transforms, oc.get_tokenizer = create_model_and_transforms, lambda name: fake_tokenizer
-    ir = types.ModuleType("ImageReward")
-
-    class Reward:  # ImageReward.score: a list for a list of images, a float for a single one
-        def score(self, prompt, images):
-            r = [len(prompt) + np.asarray(im, dtype=np.float64).mean() / 255 for im in images]
-            return r if len(r) > 1 else r[0]
-    ir.load = lambda name, device: Reward()
-    for name, mod in (("hpsv2", hps), ("hpsv2.src", types.ModuleType("hpsv2.src")), ("hpsv2.src.open_clip", oc),
-                      ("ImageReward", ir)):
-        monkeypatch.setitem(sys.modules, name, mod)
-
-
-def test_hps_and_imagereward_glue(tmp_path, monkeypatch):
-    created = []
-    fake_packages(monkeypatch, created)
-    torch.manual_seed(0)
-    trained = FakeOpenClip()
-    ckpt = tmp_path / "HPS_v2.1_compressed.pt"
-    torch.save({"state_dict": trained.state_dict()}, ckpt)
-    keys = [(PROMPTS[0], 0), (PROMPTS[0], 1), (PROMPTS[1], 0)]
-    folder = write_folder(tmp_path / "imgs", keys, random_images(3, 0))
-    E.main(["--images", folder, "--metrics", "hps,imagereward", "--hps_checkpoint", str(ckpt),
-            "--batch_size", "2", "--out", str(tmp_path / "r.json")])
-    res = json.load(open(tmp_path / "r.json"))
-    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in created[0].state_dict().items())  # loaded
-    images = [Image.open(tmp_path / "imgs" / f"{i:04d}_seed{s}.png").convert("RGB") for i, (_, s) in enumerate(keys)]
-    with torch.no_grad():
-        out = trained(torch.stack([fake_to_tensor(im) for im in images]), fake_tokenizer([p for p, _ in keys]))
-    hps = 100 * (out["image_features"] * out["text_features"]).sum(-1)
-    assert res["runs"][0]["scores"]["hps"] == pytest.approx(hps.tolist(), abs=1e-4)
-    # ImageReward: prompts grouped, one prompt's images in one call; a lone image's float answer too
-    want = [len(p) + np.asarray(im, dtype=np.float64).mean() / 255 for (p, _), im in zip(keys, images)]
-    assert res["runs"][0]["scores"]["imagereward"] == pytest.approx(want, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
