@@ -5,7 +5,6 @@ sample.py --lora OUT_DIR; a model card with YAML front matter, the command and t
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import sample as S
