@@ -478,6 +478,16 @@ class Reporter:
             (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
 
 
+def publish(args, final, folder, step, pairs_per_step, grid, argv, log):
+    """Rank 0, at the end: OUT_DIR/unet (or the LoRA) from the final checkpoint, the model card
+    beside it, and with --push_to_hub the upload (after everything is saved: a failure loses nothing)."""
+    C.export(args.out_dir, final, folder)
+    R.model_card(args, step, pairs_per_step, folder, grid, command=shlex.join(["python", "train.py", *argv]))
+    if args.push_to_hub:
+        repo, files = R.push_to_hub(args, folder)
+        log(f"pushed {len(files)} files to the hub: {repo}")
+
+
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
     argv_ = list(sys.argv[1:] if argv is None else argv)  # (the model card quotes the command)
@@ -617,19 +627,13 @@ def main(argv=None):
     reporter.close()
     final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
     save(final, keep=args.keep_checkpoints)
-    folder = "lora" if m.lora else "unet"
-    out, lora_file = os.path.join(args.out_dir, folder), "pytorch_lora_weights.safetensors"
     if master:
-        C.export(args.out_dir, final, folder)
-        R.model_card(args, step, pairs_per_step, folder, grid, command=shlex.join(["python", "train.py", *argv_]))
-        if args.push_to_hub:  # (after everything is saved: a failed upload loses nothing)
-            repo, files = R.push_to_hub(args, folder)
-            log(f"pushed {len(files)} files to the hub: {repo}")
+        publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
     skips = all_skips()
     if skips:
         log(f"skipped (counted): {skips}")
-    log(f"done: {step} steps; " + (f"LoRA in {args.out_dir} ({lora_file}, as diffusers' scripts leave it; also {out})"
-                                   if m.lora else f"UNet in {out}"))
+    log(f"done: {step} steps; " + (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts "
+                                   f"leave it; also lora/)" if m.lora else f"UNet in {args.out_dir}/unet"))
     policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
     parallel.teardown(own_group)
     return m
