@@ -32,8 +32,9 @@ INSTALL = {
     # image-reward 1.5 imports apply_chunking_to_forward and friends from transformers.modeling_utils, which
     # transformers 4.56 and later no longer export, and imports the openai CLIP package (`clip`), which its
     # pip metadata does not install: docs/evaluation.md says what was checked and what is left to try.
-    "imagereward": "image-reward 1.5 imports only with transformers<4.56 (this project is tested with >=4.57) and "
-                   "pip install openai-clip; see docs/evaluation.md#imagereward",
+    "imagereward": "image-reward 1.5 imports only with transformers<4.56, in an environment of its own: pip install "
+                   "'transformers<4.56' 'huggingface_hub<1' 'setuptools<81' image-reward openai-clip "
+                   "(docs/evaluation.md#imagereward)",
 }
 
 
