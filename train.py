@@ -28,7 +28,7 @@ import loss as L
 import model as M
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import parallel, pickapic, speed
+from plumbing import files, parallel, pickapic, speed
 from plumbing import report as R
 import toy
 from toy import clip as toy_clip
@@ -334,6 +334,7 @@ def parse_args(argv=None):
                     evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
             except (SystemExit, ValueError):
                 p.error(f"--validation_reward_flags {args.validation_reward_flags!r}: not evaluate.py reward-model flags")
+    check_flags(p, args)
     if args.validation_prompts is not None:
         import sample  # (sampling is only needed here)
         if args.data.startswith("cache:"):
@@ -341,6 +342,46 @@ def parse_args(argv=None):
         args.validation_prompts = sample.read_prompts(args.validation_prompts)
         args.validation_seeds = sample.parse_seeds(args.validation_seeds)
     return args
+
+
+def check_flags(p, args):
+    """What the checks above leave open, before anything loads: every number finite and within
+    int32 (--seed: uint32), the optimizer's settings in their ranges, the folders a run writes
+    creatable and writable, a validation prompts file readable. One line each (argparse's exit 2)."""
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not math.isfinite(value):
+            p.error(f"{action.option_strings[0]} must be a finite number, not {value}")
+        top = 2 ** 32 - 1 if action.dest == "seed" else 2 ** 31 - 1
+        if action.type is int and value is not None and abs(value) > top:
+            p.error(f"{action.option_strings[0]} must be at most {top}, not {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 0 and below 1, not {getattr(args, name)}")
+    if not args.adam_eps > 0:
+        p.error(f"--adam_eps must be a positive finite number, not {args.adam_eps}")
+    if args.weight_decay < 0:
+        p.error(f"--weight_decay must be 0 or more, not {args.weight_decay}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        p.error(f"--lora_alpha must be positive, not {args.lora_alpha}")
+    for name in ("num_items", "shuffle_window", "shuffle_buffer", "validation_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.validation_steps > 1000:  # (the schedulers' training timesteps: a sampler cannot take more)
+        p.error(f"--validation_steps must be at most 1000, not {args.validation_steps}")
+    if args.validation_guidance is not None and not 0 <= args.validation_guidance <= 100:
+        p.error(f"--validation_guidance must be between 0 and 100, not {args.validation_guidance}")
+    if args.validation_prompts is not None:
+        try:
+            import sample
+            sample.parse_seeds(args.validation_seeds)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"--validation_seeds: {err}")
+    problem = files.folder_problem(args.out_dir, "--out_dir")
+    problem = problem or (args.validation_prompts is not None and
+                          files.text_file_problem(args.validation_prompts, "--validation_prompts"))
+    if problem:
+        p.error(problem.removeprefix("error: "))
 
 
 def learning_rate(args, step):
@@ -463,12 +504,28 @@ class Reporter:
 
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
+    """The flags, then the run, holding --out_dir's lock, with Ctrl-C and SIGTERM ending it at the
+    end of a step (a checkpoint saved); a full disk while writing ends in one line."""
     args = parse_args(argv)
+    with C.Stop() as stop:
+        try:
+            return run(args, stop)
+        except OSError as err:
+            line = C.write_failure(args.out_dir, err)
+            if line is None:
+                raise
+            raise SystemExit(line)
+        finally:
+            C.unlock_out_dir(args.out_dir)
+
+
+def run(args, stop):
     rank, world, device, own_group = parallel.setup(args.device)  # torchrun: one process per device
     master = rank == 0  # logs and writes files; every rank computes
     log = print if master else (lambda *a, **k: None)
     if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
         raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
+    C.lock_out_dir(args.out_dir, master)  # one run writes an out_dir at a time (released when main ends)
     C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
     torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
     pairs_per_step = args.batch_size * args.grad_accum * world
@@ -519,8 +576,12 @@ def main(argv=None):
     stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
                                  args.num_workers)
     reporter = Reporter(args, step, master)
-    bad_steps, last_epoch, grid = 0, epoch, None
+    bad_steps, last_epoch, grid, start = 0, epoch, None, step
+    stop.in_loop = True
     while step < args.max_steps:
+        if stop.requested(m.device):  # Ctrl-C or SIGTERM: the last finished step saved, then exit 130/143
+            reporter.close()
+            stop.stop_now(C.save_on_stop(args, step, start, save), master)
         t0 = time.time()
         lr = learning_rate(args, step)
         for group in optimizer.param_groups:

@@ -98,6 +98,17 @@ def safetensors_problem(path):
         return f"is truncated or corrupt ({size} bytes where its header promises {8 + n + end})"
     return None
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def non_float_tensor(path):
+    """(name, dtype) of the first tensor of a whole safetensors file that is not floating point
+    (int32 weights would be cast to float without a word, and train as nonsense), else None."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return next(((k, v["dtype"]) for k, v in header.items() if k != "__metadata__" and v["dtype"] not in FLOAT_DTYPES),
+                None)
+
 @contextlib.contextmanager
 def quiet():
     # Library deprecation notices on stderr would bury the one line a failure ends in.
@@ -121,6 +132,10 @@ def load_unet(spec, flag="--init"):
         problem = safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
         if problem:
             raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} {problem}; copy or save it again")
+        bad = non_float_tensor(os.path.join(path, name)) if name.endswith(".safetensors") else None
+        if bad:
+            raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} holds {bad[0]} as {bad[1]}, not "
+                             f"floating-point weights")
     try:
         with quiet():
             return UNet2DConditionModel.from_pretrained(path)

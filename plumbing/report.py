@@ -10,14 +10,14 @@ import os
 
 import torch
 
+from plumbing import files
 from toy import scorer as toy_scorer
 import model as M
 
 
 def write_args(args):
     """OUT_DIR/args.json: every flag as the run resolved it (defaults filled in)."""
-    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    files.write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))  # (never through a link)
 
 
 def model_card(args, step, pairs_per_step, folder, grid=None):
@@ -54,8 +54,7 @@ def model_card(args, step, pairs_per_step, folder, grid=None):
     lines += ["## Load it", "", "```bash", sample_cmd, "```", ""]
     if hub:  # the stock diffusers pipelines load the result as they are
         lines += ["```python", f"from diffusers import {pipe}, UNet2DConditionModel", load, "```", ""]
-    with open(os.path.join(args.out_dir, "README.md"), "w") as f:
-        f.write("\n".join(lines))
+    files.write_atomic(os.path.join(args.out_dir, "README.md"), "\n".join(lines))
 
 
 def reward_scores(args, images, prompts, folder, device):
