@@ -136,13 +136,13 @@ def looks_like_path(value):
             or (any(c in value for c in seps) and not any(c.isspace() for c in value)))
 
 
-def text_file_problem(value, flag):
-    """For a value that looks like a path (looks_like_path): why it is not a readable file, as one
-    line without the `error: ` prefix (for argparse's p.error), else None. Text that does not look
-    like a path: None."""
+def text_file_problem(value, flag, always=False):
+    """For a value that looks like a path (looks_like_path), or any value with always=True: why it
+    is not a readable file, as one line without the `error: ` prefix (for argparse's p.error), else
+    None. Text that does not look like a path: None."""
     if "\0" in value:
         return f"{flag} {value!r}: a path cannot hold a NUL byte"
-    if not looks_like_path(value):
+    if not (always or looks_like_path(value)):
         return None
     if os.path.isdir(value):
         return f"{flag} {value} is a folder, not a file"
@@ -152,6 +152,21 @@ def text_file_problem(value, flag):
         return f"{flag} {value} is not a regular file"
     if not os.access(value, os.R_OK):
         return f"{flag} {value}: the file is not readable"
+    return None
+
+
+def file_to_write_problem(path, flag):
+    """Why PATH cannot be written as a file (one line without `error: `), or None: it is not a
+    folder, and its folder exists and is writable."""
+    if not path or "\0" in path:
+        return f"{flag} {path!r}: not a file name"
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder, not a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: no folder {parent}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {parent} is not writable"
     return None
 
 

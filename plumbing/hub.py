@@ -26,6 +26,27 @@ def offline():
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+def unreachable(repo, repo_type="dataset", timeout=4.0):
+    """Why the hub cannot be reached about REPO (no network, no name resolution, no answer within
+    TIMEOUT seconds), or None when it answers, whatever it answers (a missing or gated repo is the
+    loader's to say) or when HF_HUB_OFFLINE is set (the loaders say that). One request, no retries:
+    the libraries' own retries take half a minute to say the same."""
+    if offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        return None
+    try:
+        HfApi().repo_info(repo, repo_type=repo_type, timeout=timeout)
+    except Exception as err:  # the HTTP client's own classes: ConnectError, ConnectTimeout, ...
+        network = isinstance(err, (OSError, TimeoutError)) or any(
+            word in type(err).__name__ for word in ("Connect", "Timeout", "Network", "Transport", "Proxy"))
+        if network and not type(err).__name__.startswith(("Hf", "Repository", "Gated", "Revision")):
+            return first_line(err)
+    return None
+
+
 def hub_kwargs():
     """from_pretrained's keyword arguments for the offline rule."""
     return dict(local_files_only=offline())
