@@ -419,8 +419,8 @@ def unlock_out_dir(out_dir):
 class Stop:
     """SIGINT and SIGTERM handlers for a run. Before the loop (models loading, data scanning) a
     signal stops at once; in the loop it is noted, and the loop stops after the step it is in,
-    saves a checkpoint and exits (stop_now). A second signal stops at once: a checkpoint being
-    written at that moment is left for the next resume to walk back from."""
+    saves a checkpoint and exits (stop_now). The same signal again stops at once: a checkpoint
+    being written at that moment is left for the next resume to walk back from."""
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
@@ -439,11 +439,15 @@ class Stop:
             signal.signal(getattr(signal, name), handler)
 
     def handler(self, signum, frame):
-        if self.signum is not None or not self.in_loop:
-            print(f"stopped by {signal.Signals(signum).name} "
-                  f"{'before training began' if not self.in_loop else 'again: no checkpoint written'}", file=sys.stderr)
+        # (another signal after the first is not "again": torchrun answers Ctrl-C by sending its
+        # workers SIGTERM, and they should still finish the step and save)
+        if self.signum == signum or not self.in_loop:
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun rank 0 says it)
+                print(f"stopped by {signal.Signals(signum).name} "
+                      f"{'before training began' if not self.in_loop else 'again: at once, this step not saved'}",
+                      file=sys.stderr)
             raise SystemExit(128 + signum)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def requested(self, device):
         """Whether a signal asked to stop (any rank's: every rank stops at the same step)."""
@@ -740,8 +744,10 @@ def resume(args, m, optimizer, scaler, master):
     log = print if master else (lambda *a, **k: None)
     command = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     rejected = {}
-    for ckpt, state in resume_candidates(args, log, lambda c, s: fit_problem(c, s, m, optimizer), rejected):
+    def fits(ckpt, state):  # the settings first: another model or objective is refused, not walked past
         check_resume_settings(args, ckpt, state, log)
+        return fit_problem(ckpt, state, m, optimizer)
+    for ckpt, state in resume_candidates(args, log, fits, rejected):
         _load(args, ckpt, state, m, optimizer, scaler, master)
         if finite_weights(m):
             break

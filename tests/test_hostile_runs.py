@@ -509,6 +509,7 @@ def test_a_second_signal_stops_at_once():
     stop = C.Stop()
     stop.in_loop = True
     stop.handler(signal.SIGINT, None)
+    stop.handler(signal.SIGTERM, None)  # (torchrun's answer to Ctrl-C, to its workers: not "again")
     assert stop.signum == signal.SIGINT
     with pytest.raises(SystemExit) as err:
         stop.handler(signal.SIGINT, None)
