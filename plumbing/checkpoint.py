@@ -228,7 +228,7 @@ def _check_out_dir(args):
 
 # What a run writes at the top of OUT_DIR (and leftovers: NAME.tmp, NAME.part, NAME.old), and of which kind
 RUN_ENTRIES = {"args.json": "file", "README.md": "file", "metrics.jsonl": "file", "unet": "folder", "lora": "folder",
-               "logs": "folder", "validation": "folder"}
+               "logs": "folder", "wandb": "folder", "validation": "folder"}
 
 
 def _runs_name(name):
@@ -254,8 +254,9 @@ def _links_problem(out):
 def _kinds_problem(args):
     """A file where the run writes a folder (or the reverse): it would fail after the models load."""
     needed = dict(RUN_ENTRIES)
-    if getattr(args, "report_to", None) != "tensorboard":
-        needed.pop("logs")
+    for name, tracker in (("logs", "tensorboard"), ("wandb", "wandb")):
+        if getattr(args, "report_to", None) != tracker:
+            needed.pop(name)
     if not getattr(args, "validation_prompts", None):
         needed.pop("validation")
     for name, kind in needed.items():
