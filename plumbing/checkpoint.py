@@ -745,6 +745,7 @@ def resume(args, m, optimizer, scaler, master):
     log = print if master else (lambda *a, **k: None)
     command = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     rejected = {}
+
     def fits(ckpt, state):  # the settings first: another model or objective is refused, not walked past
         check_resume_settings(args, ckpt, state, log)
         return fit_problem(ckpt, state, m, optimizer)
