@@ -19,6 +19,7 @@ lives in tools/: `python -m tools.build_cache` (cache:DIR) and `python -m tools.
 (Style Alignment pairs from real images).
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -269,6 +270,11 @@ def from_args(args, world):
         raise SystemExit(f"error: {err}")
     if args.loss != "sft" and isinstance(dataset, ToyImages):
         raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")
+    if args.max_steps is None:  # --num_train_epochs (diffusers' scripts): whole passes over the data
+        if hasattr(dataset, "stream"):
+            raise SystemExit(f"error: --num_train_epochs needs a data set of known size; --data {args.data} streams: "
+                             f"pass --max_steps")
+        args.max_steps = math.ceil(args.num_train_epochs * len(dataset) / (args.batch_size * args.grad_accum * world))
     if not hasattr(dataset, "stream") and len(dataset) < args.batch_size * world:
         raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
                          + (f" × {world} ranks" if world > 1 else ""))

@@ -440,7 +440,43 @@ def parse_args(argv=None):
     c = p.add_argument_group("training curves")
     c.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", help="plot train.py metrics instead")
     c.add_argument("--style_points", default=None, help="--curves: JSON {label: [[step, style], ...]}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def check_flags(p, args):
+    """Before anything loads or trains: numbers in their ranges, the files to read readable, the
+    file to write writable. One line each (argparse's exit 2)."""
+    for name, low, high in (("bootstrap", 1, 10 ** 6), ("batch_size", 1, 2 ** 31 - 1), ("bootstrap_seed", 0, 2 ** 32 - 1),
+                            ("scorer_seed", 0, 2 ** 32 - 1), ("resolution", 8, 512)):
+        if not low <= getattr(args, name) <= high:
+            p.error(f"--{name} must be from {low} to {high}, not {getattr(args, name)}")
+    if args.out is not None:
+        problem = files.file_to_write_problem(args.out, "--out")
+        if problem:
+            p.error(problem)
+    if args.scorer_cache is not None:
+        problem = files.file_to_write_problem(args.scorer_cache, "--scorer_cache")
+        if problem:
+            p.error(problem)
+    if args.style_points is not None:
+        problem = files.text_file_problem(args.style_points, "--style_points", always=True)
+        if problem:
+            p.error(problem)
+
+
+def read_style_points(path):
+    """--style_points: JSON {label: [[step, style], ...]}."""
+    try:
+        points = json.loads(files.read_utf8(path))
+        if isinstance(points, dict) and all(isinstance(v, list) and all(
+                isinstance(x, list) and len(x) == 2 and all(isinstance(n, (int, float)) for n in x) for x in v)
+                for v in points.values()):
+            return points
+    except ValueError:
+        pass
+    raise SystemExit(f"error: --style_points {path}: expected JSON {{label: [[step, style], ...]}}")
 
 
 def main(argv=None):
@@ -449,7 +485,7 @@ def main(argv=None):
         runs = dict(c.split("=", 1) for c in args.curves if "=" in c)
         if len(runs) != len(args.curves):
             raise SystemExit("error: --curves takes LABEL=RUN_DIR pairs")
-        points = json.load(open(args.style_points)) if args.style_points else None
+        points = read_style_points(args.style_points) if args.style_points else None
         plots.plot_curves(runs, args.out or "curves.png", points)
         return print(f"wrote {args.out or 'curves.png'}")
     if not args.images:

@@ -39,7 +39,9 @@ from plumbing import hub, lora
 import toy
 
 SCHEDULERS = ("ddim", "euler", "dpm")
-PATH_SUFFIXES = (".txt", ".tsv", ".json", ".jsonl", ".csv")  # an argument ending so is a file, not a prompt
+MAX_SEED, MAX_SEEDS = 2 ** 32 - 1, 10_000  # a seed is a uint32; a list longer than this is a typo
+MAX_STEPS = 1000  # the schedulers' training timesteps: a sampler cannot take more steps
+MAX_GUIDANCE = 100
 
 
 def parse_seeds(text):
@@ -51,6 +53,9 @@ def parse_seeds(text):
             lo, hi = int(lo), int(hi) if hi else int(lo)
             if lo < 0 or hi < lo:
                 raise ValueError
+            if hi > MAX_SEED or len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise argparse.ArgumentTypeError(f"bad seeds {text!r}: at most {MAX_SEEDS} seeds, each from 0 to "
+                                                  f"{MAX_SEED}")
             seeds += range(lo, hi + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad seeds {text!r}: use e.g. 0-3, 0,5,7 or 2 (non-negative, ranges ascending)")
@@ -117,6 +122,8 @@ def read_prompts(spec):
         prompts = list(BUILTIN_PROMPTS)
     elif spec in ("toy-test", "toy-train", "toy-all"):
         prompts = toy.toy_prompts(spec[4:])
+    elif files.text_file_problem(spec, "prompts file"):  # meant as a file: sampling its name would be a silent mistake
+        raise SystemExit(f"error: {files.text_file_problem(spec, 'prompts file')}")
     elif os.path.isfile(spec):
         text = files.read_utf8(spec)
         if spec.lower().endswith(".json"):
@@ -129,8 +136,6 @@ def read_prompts(spec):
             else:
                 prompts = lines
         prompts = [p.strip() for p in prompts]
-    elif spec.lower().endswith(PATH_SUFFIXES):  # meant as a file: sampling its name would be a silent mistake
-        raise SystemExit(f"error: prompts file '{spec}' not found")
     else:
         prompts = [p.strip() for p in spec.split("|")]
     prompts = list(dict.fromkeys(p for p in prompts if p))
@@ -309,7 +314,22 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size") + (("grid_scale",) if args.grid_scale is not None else ()):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    check_flags(p, args)
     return args
+
+
+def check_flags(p, args):
+    """Before anything loads: numbers in their ranges (guidance finite), a --prompts value that
+    names a file names a readable one. One line each (argparse's exit 2)."""
+    for name, top in (("steps", MAX_STEPS), ("batch_size", 2 ** 31 - 1), ("grid_scale", 64)):
+        if getattr(args, name) is not None and getattr(args, name) > top:
+            p.error(f"--{name} must be at most {top}, not {getattr(args, name)}")
+    if args.guidance is not None and not 0 <= args.guidance <= MAX_GUIDANCE:  # (nan fails both)
+        p.error(f"--guidance must be a finite number from 0 to {MAX_GUIDANCE}, not {args.guidance}")
+    if args.prompts not in ("builtin", "toy-test", "toy-train", "toy-all"):
+        problem = files.text_file_problem(args.prompts, "--prompts")
+        if problem:
+            p.error(problem)
 
 
 def load_for_sampling(args):

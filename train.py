@@ -29,7 +29,7 @@ import loss as L
 import model as M
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import diffusers_flags, hub, parallel, pickapic, speed
+from plumbing import checks, diffusers_flags, parallel, pickapic, speed
 from plumbing import report as R
 import toy
 from toy import clip as toy_clip
@@ -301,54 +301,7 @@ def parse_args(argv=None):
         args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else pickapic.DEFAULT_DATA
     if args.embed_model is None:
         args.embed_model = M.default_embed_model(args.model, args.pretrained)
-    for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps", "num_train_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    for name in ("warmup_steps", "save_every", "seed", "log_every", "validation_every"):  # (--num_workers: its type)
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
-    numbers = [k for k, s in L.SETTINGS.items() if s["type"] in (int, float) and s["choices"] is None]
-    for name in (*numbers, "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
-        if not 0 < getattr(args, name) < float("inf"):
-            p.error(f"--{name} must be a positive finite number, not {getattr(args, name)}")
-    for name in ("caption_dropout", "style_fraction"):
-        if not 0 <= getattr(args, name) <= 1:
-            p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
-    if args.gradient_checkpointing != "auto" and not speed.checkpointing_ok(args.gradient_checkpointing):
-        p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(speed.CHECKPOINTING)} or "
-                f"transformer:F with 0 < F <= 1")
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
-        p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
-                f"{args.model} (what its VAE and UNet down-sample by), not {args.resolution}")
-    if args.device not in ("auto", "cpu") and not M.device_exists(args.device):
-        p.error(f"--device {args.device}: no such device here (auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available()
-                                                                               else "; no GPU is visible") + ")")
-    if args.lora_rank < 0:
-        p.error("--lora_rank must be 0 (full fine-tune) or positive")
-    if args.lora_alpha is not None and args.lora_rank == 0:
-        p.error("--lora_alpha needs --lora_rank")
-    if args.push_to_hub and hub.offline():  # (found now, not after the run)
-        p.error("--push_to_hub needs the hub, and HF_HUB_OFFLINE is set")
-    if args.fsdp and args.lora_rank:
-        p.error("--fsdp shards a full fine-tune; a LoRA's trainable part is small, train it with plain DDP")
-    if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
-        p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
-    args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    if args.validation_metric != "none":
-        if args.validation_prompts is None:
-            p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
-                    f"(e.g. toy-test, builtin)")
-        if args.validation_metric != "toy":
-            import evaluate  # (its reward metrics; the models load at the first validation)
-            unknown = [m for m in args.validation_metric.split(",") if m not in evaluate.REWARD_METRICS]
-            if unknown:
-                p.error(f"--validation_metric: unknown {','.join(unknown)}; choose toy or a comma list of "
-                        f"{','.join(evaluate.REWARD_METRICS)}")
-            try:
-                with contextlib.redirect_stderr(open(os.devnull, "w")):  # (its usage text: ours says it in one line)
-                    evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
-            except (SystemExit, ValueError):
-                p.error(f"--validation_reward_flags {args.validation_reward_flags!r}: not evaluate.py reward-model flags")
+    checks.check_train_flags(p, args)  # every value in its range, every path usable: one line each, exit 2
     if args.validation_prompts is not None:
         import sample  # (sampling is only needed here)
         if args.data.startswith("cache:"):
@@ -490,153 +443,154 @@ def publish(args, final, folder, step, pairs_per_step, grid, argv, log):
 
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
+    """The flags, then the run, holding --out_dir's lock, with Ctrl-C and SIGTERM ending it at the
+    end of a step (a checkpoint saved); a full disk while writing ends in one line."""
     argv_ = list(sys.argv[1:] if argv is None else argv)  # (the model card quotes the command)
     args = parse_args(argv)
-    rank, world, device, own_group = parallel.setup(args.device)  # torchrun: one process per device
-    master = rank == 0  # logs and writes files; every rank computes
-    log = print if master else (lambda *a, **k: None)
-    if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
-        raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
-    if args.resume == "latest" and not C.checkpoint_folders(args.out_dir):  # as diffusers: nothing yet, start
-        log(f"--resume latest: no checkpoint in {args.out_dir} yet; starting a new run")
-        args.resume = None
-    C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
-    pairs_per_step = args.batch_size * args.grad_accum * world
-    if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
-        args.lr *= pairs_per_step
-    speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
-    dataset, resolution = data.from_args(args, world)
-    streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
-    if args.max_steps is None:  # --num_train_epochs (diffusers' scripts): whole passes over the data
-        if streamed:
-            raise SystemExit(f"error: --num_train_epochs needs a data set of known size; --data {args.data} streams: "
-                             f"pass --max_steps")
-        args.max_steps = math.ceil(args.num_train_epochs * len(dataset) / pairs_per_step)
-    skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
-    new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
+    with C.guarded_run(args.out_dir) as stop:
+        rank, world, device, own_group = parallel.setup(args.device)  # torchrun: one process per device
+        master = rank == 0  # logs and writes files; every rank computes
+        log = print if master else (lambda *a, **k: None)
+        if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
+            raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
+        C.lock_out_dir(args.out_dir, master)  # one run writes an out_dir at a time (released when main ends)
+        C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
+        torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
+        pairs_per_step = args.batch_size * args.grad_accum * world
+        if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
+            args.lr *= pairs_per_step
+        speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
+        dataset, resolution = data.from_args(args, world)
+        streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
+        skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
+        new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
-    m, policy = M.from_args(args, device, dataset, resolution)
-    cached = args.data.startswith("cache:")  # (a cache holds E5's features: no CLIP needed)
-    embedder = toy_clip.embedder(args.embed_model, device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None
-    autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
+        m, policy = M.from_args(args, device, dataset, resolution)
+        cached = args.data.startswith("cache:")  # (a cache holds E5's features: no CLIP needed)
+        embedder = toy_clip.embedder(args.embed_model, device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None
+        autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
-    # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are
-    # sharded too), and where to start.
-    params = [p for p in m.unet.parameters() if p.requires_grad]  # LoRA: the adapter's A and B only
-    optimizer = M.make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
-                                 args.weight_decay)
-    scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
-    step, epoch, items_in_epoch = 0, 0, 0
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:
-        ckpt, state = C.resume(args, m, optimizer, scaler, master)
-        step, epoch, items_in_epoch = state["step"], state["epoch"], state["items_in_epoch"]
-        skip_counts = state.get("skip_counts", skip_counts)
-        log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} process(es), "
-                                                     f"continued by {world})" if world > 1 else ""))
-    log(describe(args, m, params, world, dataset))
-    if note := speed.input_note(args, m.device, dataset):  # on a GPU: whether the input path may hold it back
-        log(note)
-    if M.PRESETS[args.model]["pretrained"] and args.lr / pairs_per_step > 10 * RECIPE_LR_PER_PAIR:
-        log(f"warning: lr per pair {args.lr / pairs_per_step:.3g} is {args.lr / pairs_per_step / RECIPE_LR_PER_PAIR:.0f}× "
-            f"the paper's; for its rate pass --scale_lr --lr 1e-8, or more accumulation (--grad_accum)")
-    if master:
-        R.write_args(args)
+        # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are
+        # sharded too), and where to start.
+        params = [p for p in m.unet.parameters() if p.requires_grad]  # LoRA: the adapter's A and B only
+        optimizer = M.make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                     args.weight_decay)
+        scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
+        step, epoch, items_in_epoch = 0, 0, 0
+        if master:
+            os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:
+            ckpt, state = C.resume(args, m, optimizer, scaler, master)
+            step, epoch, items_in_epoch = state["step"], state["epoch"], state["items_in_epoch"]
+            skip_counts = state.get("skip_counts", skip_counts)
+            log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} process(es), "
+                                                         f"continued by {world})" if world > 1 else ""))
+        log(describe(args, m, params, world, dataset))
+        if note := speed.input_note(args, m.device, dataset):  # on a GPU: whether the input path may hold it back
+            log(note)
+        if M.PRESETS[args.model]["pretrained"] and args.lr / pairs_per_step > 10 * RECIPE_LR_PER_PAIR:
+            log(f"warning: lr per pair {args.lr / pairs_per_step:.3g} is {args.lr / pairs_per_step / RECIPE_LR_PER_PAIR:.0f}× "
+                f"the paper's; for its rate pass --scale_lr --lr 1e-8, or more accumulation (--grad_accum)")
+        if master:
+            R.write_args(args)
 
-    def save(path, keep=None):  # every rank calls it (FSDP gathers, skips are summed); rank 0 writes
-        position = dict(step=step, epoch=epoch, items_in_epoch=items_in_epoch)
-        C.save(path, args, m, optimizer, scaler, position, all_skips(), master, keep)
+        def save(path, keep=None):  # every rank calls it (FSDP gathers, skips are summed); rank 0 writes
+            position = dict(step=step, epoch=epoch, items_in_epoch=items_in_epoch)
+            C.save(path, args, m, optimizer, scaler, position, all_skips(), master, keep)
 
-    def all_skips():
-        return {**skip_counts, **{k: skip_counts.get(k, 0) + n for k, n in D.sum_counts(new_skips).items()}}
+        def all_skips():
+            return {**skip_counts, **{k: skip_counts.get(k, 0) + n for k, n in D.sum_counts(new_skips).items()}}
 
-    # -----------------------------------------------------------------------------------
-    # The loop: grad_accum micro-batches, one optimizer step.
-    stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
-                                 args.num_workers, device=m.device)
-    reporter = Reporter(args, step, master)
-    bad_steps, last_epoch, grid = 0, epoch, None
-    while step < args.max_steps:
-        t0 = time.time()
-        lr = learning_rate(args, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums, n_pairs, n_micro, finite, synced = {}, 0, 0, True, True
-        for micro in range(args.grad_accum):
-            epoch, items_in_epoch, batch = next(stream)
-            count_skips(new_skips, batch["skipped"])  # found while reading: corrupt images (hub: ties, ...)
-            epoch = D.latest_epoch(epoch, m.device) if streamed else epoch
-            counts = D.world_counts(len(batch["prompt"]), m.device)
-            if min(counts) == 0:  # (every rank alike: a rank with no pairs cannot join DDP's backward)
+        # -----------------------------------------------------------------------------------
+        # The loop: grad_accum micro-batches, one optimizer step.
+        stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
+                                     args.num_workers, device=m.device)
+        reporter = Reporter(args, step, master)
+        bad_steps, last_epoch, grid, start = 0, epoch, None, step
+        stop.in_loop = True
+        while step < args.max_steps:
+            # Ctrl-C or SIGTERM (any rank's): the last finished step saved, then exit 130/143
+            if not D.all_ranks(stop.signum is None, m.device):
+                reporter.close()
+                stop.stop_now(C.save_on_stop(args, step, start, save), master)
+            t0 = time.time()
+            lr = learning_rate(args, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums, n_pairs, n_micro, finite, synced = {}, 0, 0, True, True
+            for micro in range(args.grad_accum):
+                epoch, items_in_epoch, batch = next(stream)
+                count_skips(new_skips, batch["skipped"])  # found while reading: corrupt images (hub: ties, ...)
+                epoch = D.latest_epoch(epoch, m.device) if streamed else epoch
+                counts = D.world_counts(len(batch["prompt"]), m.device)
+                if min(counts) == 0:  # (every rank alike: a rank with no pairs cannot join DDP's backward)
+                    continue
+                generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009 + micro)
+                # DDP all-reduces gradients in the last micro-batch's backward only (no_sync before);
+                # FSDP reduce-scatters every micro-batch (docs/multi-gpu.md).
+                accumulate = world > 1 and not args.fsdp and micro < args.grad_accum - 1
+                with policy.no_sync() if accumulate else contextlib.nullcontext():
+                    share = D.Share(counts, rank, global_contrast=args.global_contrast and world > 1)
+                    loss, metrics = micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
+                    finite = D.all_ranks(torch.isfinite(loss).item(), m.device)
+                    if finite or world > 1:  # DDP/FSDP: every forward needs its backward (the reducer waits)
+                        scaler.scale(loss / args.grad_accum).backward()
+                synced = not accumulate
+                if not finite:
+                    break
+                for k, v in dict(metrics, loss=loss.item()).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_pairs, n_micro = n_pairs + len(batch["prompt"]), n_micro + 1
+            epoch_done = epoch != last_epoch
+            if epoch_done:  # (a collective under DDP: every rank sees the same epoch here)
+                skips = all_skips()
+                log(f"epoch {last_epoch} done; skipped so far: {skips or 'nothing'}")
+            last_epoch = epoch
+            grad_norm = clip_gradients(params, optimizer, scaler, args.max_grad_norm, synced) if finite and n_pairs else None
+            # A bad step changes no weight: a non-finite loss or gradient (fp16's scaler skips its own
+            # inf steps), or no usable pairs. Too many in a row stop the run, weights kept.
+            cause = ("non-finite loss" if not finite else "no usable pairs" if not n_pairs else
+                     "non-finite gradient" if not scaler.is_enabled() and not math.isfinite(grad_norm) else None)
+            if cause:
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                log(f"warning: step {step}: {cause}; step skipped")
+                if bad_steps >= args.max_bad_steps:
+                    save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
+                    raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir))
                 continue
-            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009 + micro)
-            # DDP all-reduces gradients in the last micro-batch's backward only (no_sync before);
-            # FSDP reduce-scatters every micro-batch (docs/multi-gpu.md).
-            accumulate = world > 1 and not args.fsdp and micro < args.grad_accum - 1
-            with policy.no_sync() if accumulate else contextlib.nullcontext():
-                share = D.Share(counts, rank, global_contrast=args.global_contrast and world > 1)
-                loss, metrics = micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
-                finite = D.all_ranks(torch.isfinite(loss).item(), m.device)
-                if finite or world > 1:  # DDP/FSDP: every forward needs its backward (the reducer waits)
-                    scaler.scale(loss / args.grad_accum).backward()
-            synced = not accumulate
-            if not finite:
-                break
-            for k, v in dict(metrics, loss=loss.item()).items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_pairs, n_micro = n_pairs + len(batch["prompt"]), n_micro + 1
-        epoch_done = epoch != last_epoch
-        if epoch_done:  # (a collective under DDP: every rank sees the same epoch here)
-            skips = all_skips()
-            log(f"epoch {last_epoch} done; skipped so far: {skips or 'nothing'}")
-        last_epoch = epoch
-        grad_norm = clip_gradients(params, optimizer, scaler, args.max_grad_norm, synced) if finite and n_pairs else None
-        # A bad step changes no weight: a non-finite loss or gradient (fp16's scaler skips its own
-        # inf steps), or no usable pairs. Too many in a row stop the run, weights kept.
-        cause = ("non-finite loss" if not finite else "no usable pairs" if not n_pairs else
-                 "non-finite gradient" if not scaler.is_enabled() and not math.isfinite(grad_norm) else None)
-        if cause:
+            bad_steps = 0
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            log(f"warning: step {step}: {cause}; step skipped")
-            if bad_steps >= args.max_bad_steps:
-                save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
-                raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir))
-            continue
-        bad_steps = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        sums, n_pairs = D.mean_over_ranks(sums, n_pairs, m.device)
-        record = {k: v / n_micro for k, v in sums.items()}
-        record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
-        if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
-            record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
-        if args.validation_prompts and (step == args.max_steps or due(args.validation_every, step)):
-            grid, scores = R.validate(args, m, step, reporter, master)
-            record.update(scores)
-        reporter.step(record)
-        if due(args.save_every, step) and step < args.max_steps:
-            save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"), keep=args.keep_checkpoints)
+            step += 1
+            sums, n_pairs = D.mean_over_ranks(sums, n_pairs, m.device)
+            record = {k: v / n_micro for k, v in sums.items()}
+            record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
+            if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
+                record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
+            if args.validation_prompts and (step == args.max_steps or due(args.validation_every, step)):
+                grid, scores = R.validate(args, m, step, reporter, master)
+                record.update(scores)
+            reporter.step(record)
+            if due(args.save_every, step) and step < args.max_steps:
+                save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"), keep=args.keep_checkpoints)
 
-    # The end: a last (resumable) checkpoint, and OUT_DIR/unet (or lora/) for sample.py and the
-    # stock diffusers pipelines, hard-linked to the checkpoint's weights; a model card beside it.
-    reporter.close()
-    final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
-    save(final, keep=args.keep_checkpoints)
-    if master:
-        publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
-    skips = all_skips()
-    if skips:
-        log(f"skipped (counted): {skips}")
-    log(f"done: {step} steps; " + (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts "
-                                   f"leave it; also lora/)" if m.lora else f"UNet in {args.out_dir}/unet"))
-    policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
-    parallel.teardown(own_group)
-    return m
+        # The end: a last (resumable) checkpoint, and OUT_DIR/unet (or lora/) for sample.py and the
+        # stock diffusers pipelines, hard-linked to the checkpoint's weights; a model card beside it.
+        reporter.close()
+        final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
+        save(final, keep=args.keep_checkpoints)
+        if master:
+            publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
+        skips = all_skips()
+        if skips:
+            log(f"skipped (counted): {skips}")
+        log(f"done: {step} steps; " + (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts "
+                                       f"leave it; also lora/)" if m.lora else f"UNet in {args.out_dir}/unet"))
+        policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
+        parallel.teardown(own_group)
+        return m
 
 
 if __name__ == "__main__":

@@ -13,12 +13,24 @@ new checkpoint under one of those three names; --resume checks each candidate (s
 safetensors header against its file's size, the rng file) and walks back past broken ones. A
 checkpoint holds full, single-device state whatever wrote it (FSDP's shards are gathered first:
 distributed.fsdp_full_state), so it resumes on any number of ranks, with or without --fsdp.
+
+One run writes an OUT_DIR at a time: it holds OUT_DIR/.lock (an flock, released by the kernel when
+the process ends however it ends) for its whole life, and nothing it writes there follows a
+symbolic link out of the folder. A checkpoint is checked against the model before it is used
+(its step against its name; its tensors' names, shapes and dtypes; finite weights), and weights
+that are not finite are never saved.
 """
+import errno
+import contextlib
 import glob
 import json
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -104,6 +116,9 @@ def inspect_checkpoint(folder):
     if counts or not isinstance(state["args"], dict) or not isinstance(state["optimizer"], dict) \
             or not isinstance(state["optimizer"].get("param_groups"), list):
         return f"state.json has a malformed {(counts or ['args or optimizer'])[0]}", None
+    named = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
+    if named and int(named.group(1)) != state["step"]:  # moved, copied under another name, or edited
+        return f"state.json says step {state['step']}, its name step {int(named.group(1))}", None
     files = ["optimizer.safetensors", "rng.safetensors"]
     if state["args"].get("lora_rank"):
         files.insert(0, os.path.join("lora", lora.LORA_FILE))
@@ -185,28 +200,84 @@ def _sync_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def check_out_dir(args, master):
-    """Before a run: a fresh one (no --resume) must not write into an OUT_DIR that holds another
-    run's checkpoints or log (its keep-N clean-up, its metrics.jsonl, its final export would mix
-    with or destroy them). With --overwrite, that run's checkpoint-* folders, metrics.jsonl,
-    unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else). Rank 0 decides and deletes; every rank calls it."""
-    problem = None
-    if master:
-        try:
-            problem = _check_out_dir(args)
-        except OSError as err:
-            problem = f"error: cannot clear --out_dir {args.out_dir}: {err.strerror}: {err.filename}"
+def _agree(problem, master):
+    """Rank 0's verdict (a one-line error or None) made every rank's: all stop or none."""
     if D.active() and not D.all_ranks(problem is None, _sync_device()):
         raise SystemExit(problem or 1)  # (other ranks: rank 0 prints the line)
     if problem:
         raise SystemExit(problem)
 
 
+def check_out_dir(args, master):
+    """Before a run: a fresh one (no --resume) must not write into an OUT_DIR that holds another
+    run's checkpoints or log (its keep-N clean-up, its metrics.jsonl, its final export would mix
+    with or destroy them). With --overwrite, that run's checkpoint-* folders, metrics.jsonl,
+    unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else). Nothing
+    the run writes may be a symbolic link out of OUT_DIR, nor a file where it writes a folder (or
+    the reverse). Rank 0 decides and deletes; every rank calls it."""
+    if args.resume == "latest" and not getattr(args, "overwrite", False) and not checkpoint_folders(args.out_dir):
+        # as diffusers' scripts: nothing to resume yet, a new run starts
+        if master:
+            print(f"--resume latest: no checkpoint in {args.out_dir} yet; starting a new run")
+        args.resume = None
+    problem = None
+    if master:
+        try:
+            problem = _check_out_dir(args)
+        except OSError as err:
+            problem = f"error: cannot clear --out_dir {args.out_dir}: {err.strerror}: {err.filename}"
+    _agree(problem, master)
+
+
 def _check_out_dir(args):
+    out = args.out_dir
+    return (files.folder_problem(out, "--out_dir") or _links_problem(out) or _run_problem(args)
+            or _kinds_problem(args))
+
+
+# What a run writes at the top of OUT_DIR (and leftovers: NAME.tmp, NAME.part, NAME.old), and of which kind
+RUN_ENTRIES = {"args.json": "file", "README.md": "file", "metrics.jsonl": "file", "unet": "folder", "lora": "folder",
+               "logs": "folder", "wandb": "folder", "validation": "folder"}
+
+
+def _runs_name(name):
+    return bool(CHECKPOINT_NAME.match(name)) or name == LOCK_NAME or any(
+        name == e or name.startswith(e + ".") for e in RUN_ENTRIES)
+
+
+def _links_problem(out):
+    """A symbolic link among the names the run writes that leads out of OUT_DIR: writing it would
+    change a file elsewhere (a link inside the folder is harmless)."""
+    try:
+        names = sorted(os.listdir(out))
+    except OSError:
+        return None  # (no folder yet: nothing in it)
+    for name in filter(_runs_name, names):
+        target = files.link_out_of(os.path.join(out, name), out)
+        if target:
+            return (f"error: {os.path.join(out, name)} is a symbolic link to {target}, outside --out_dir; a run "
+                    f"writes only inside its folder: remove the link")
+    return None
+
+
+def _kinds_problem(args):
+    """A file where the run writes a folder (or the reverse): it would fail after the models load."""
+    needed = dict(RUN_ENTRIES)
+    for name, tracker in (("logs", "tensorboard"), ("wandb", "wandb")):
+        if getattr(args, "report_to", None) != tracker:
+            needed.pop(name)
+    if not getattr(args, "validation_prompts", None):
+        needed.pop("validation")
+    for name, kind in needed.items():
+        path = os.path.join(args.out_dir, name)
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+            return (f"error: {path} is a {'folder' if kind == 'file' else 'file'}; the run writes its {name} "
+                    f"{kind} there: move it away")
+    return None
+
+
+def _run_problem(args):
     out, overwrite = args.out_dir, getattr(args, "overwrite", False)
-    problem = files.folder_problem(out, "--out_dir")
-    if problem:
-        return problem
     if args.resume:
         if overwrite:
             return "error: --overwrite starts over and --resume continues: pass one of them"
@@ -239,6 +310,207 @@ def _check_out_dir(args):
 
 
 # ---------------------------------------------------------------------------------------
+# One run writes an OUT_DIR at a time
+LOCK_NAME = ".lock"
+_held = {}  # OUT_DIR's real path -> (descriptor of its .lock, the lock's path, whether the run made OUT_DIR)
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
+def lock_out_dir(out_dir, master=True):
+    """Make OUT_DIR (if need be) and hold OUT_DIR/.lock until unlock_out_dir or the end of the
+    process: a second run, or a --resume of a running one, stops at once with one line naming the
+    holder. The lock is an flock, so a run killed by any means leaves no lock behind (its .lock
+    file stays, naming it, and the next run takes it over). Where the file system has no flock,
+    the holder's pid is checked instead (on the same host). Under torchrun rank 0 takes it."""
+    problem = None
+    if master:
+        try:
+            problem = _lock(out_dir)
+        except OSError as err:
+            problem = f"error: cannot lock --out_dir {out_dir}: {err.strerror}"
+    _agree(problem, master)
+
+
+def _holder_words(path):
+    """The holder's record in the lock file, as words (it may be writing it: a few tries)."""
+    for _ in range(20):
+        info, _ = _read_json(path)
+        if isinstance(info, dict):
+            return info, f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+        time.sleep(0.05)
+    return None, "a run that has not written who it is"
+
+
+def _in_use(out_dir, words, note=""):
+    return (f"error: --out_dir {out_dir} is in use by another run ({words}){note}; one run writes a folder at a "
+            f"time: wait for it to end, or choose another --out_dir")
+
+
+def _lock(out_dir):
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        return _in_use(out_dir, f"pid {os.getpid()}, this process")
+    made = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_NAME)
+    while True:
+        if files.link_out_of(path, out_dir) or os.path.isdir(path):
+            return f"error: {path} is not the lock file a run keeps there (a link or a folder): remove it"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return _in_use(out_dir, _holder_words(path)[1])
+        except (OSError, ImportError) as err:  # no flock here (some network file systems, Windows)
+            if isinstance(err, OSError) and err.errno not in NO_FLOCK:
+                os.close(fd)
+                raise
+            info, words = _holder_words(path) if os.path.getsize(path) else (None, "")
+            if isinstance(info, dict) and info.get("pid") != os.getpid():
+                if info.get("host") != socket.gethostname():
+                    return _in_use(out_dir, words, f"; if that run is gone, delete {path}")
+                if _alive(info.get("pid")):
+                    return _in_use(out_dir, words)
+        # The holder may have released (deleted) the file between our open and our flock: the
+        # lock is ours only if the file at the path is the one we locked.
+        try:
+            here = os.stat(path, follow_symlinks=False)
+            mine = os.fstat(fd)
+            same = (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    record = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  command=" ".join(sys.argv))
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(record).encode())
+    os.fsync(fd)
+    _held[key] = (fd, path, made)
+    return None
+
+
+def _alive(pid):
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def unlock_out_dir(out_dir):
+    """Let OUT_DIR go: its .lock is deleted (while still held, so no one can take the old file)
+    and, when this run made OUT_DIR and left nothing in it, the folder too."""
+    held = _held.pop(os.path.realpath(out_dir), None)
+    if held is None:
+        return
+    fd, path, made = held
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    os.close(fd)
+    if made:
+        try:
+            os.rmdir(out_dir)  # (only when empty)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: stop at the end of the step, with a checkpoint
+@contextlib.contextmanager
+def guarded_run(out_dir):
+    """train.main's run: SIGINT/SIGTERM handled (Stop), a full disk while writing turned into one
+    line (write_failure), OUT_DIR's lock released at the end whatever happens."""
+    with Stop() as stop:
+        try:
+            yield stop
+        except OSError as err:
+            line = write_failure(out_dir, err)
+            if line is None:
+                raise
+            raise SystemExit(line)
+        finally:
+            unlock_out_dir(out_dir)
+
+
+class Stop:
+    """SIGINT and SIGTERM handlers for a run. Before the loop (models loading, data scanning) a
+    signal stops at once; in the loop it is noted, and the loop stops after the step it is in,
+    saves a checkpoint and exits (stop_now). The same signal again stops at once: a checkpoint
+    being written at that moment is left for the next resume to walk back from."""
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signum, self.in_loop, self.previous = None, False, {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():  # (handlers can be set there only)
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    self.previous[name] = signal.signal(getattr(signal, name), self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def handler(self, signum, frame):
+        # (another signal after the first is not "again": torchrun answers Ctrl-C by sending its
+        # workers SIGTERM, and they should still finish the step and save)
+        if self.signum == signum or not self.in_loop:
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun rank 0 says it)
+                print(f"stopped by {signal.Signals(signum).name} "
+                      f"{'before training began' if not self.in_loop else 'again: at once, this step not saved'}",
+                      file=sys.stderr)
+            raise SystemExit(128 + signum)
+        self.signum = self.signum or signum
+
+    def stop_now(self, line, master):
+        """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM."""
+        signum = self.signum or signal.SIGTERM
+        if master:
+            print(f"stopped by {signal.Signals(signum).name}: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+
+def save_on_stop(args, step, start, save):
+    """The checkpoint of a run stopped by a signal at STEP (START: where this process began): saved
+    unless no step finished since START or --save_every saved this step already -> the stop line."""
+    path = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
+    if step == start:
+        return f"no step finished since {'the start' if not step else f'step {step}'}; nothing new to save"
+    if not (args.save_every and step % args.save_every == 0):
+        save(path, keep=args.keep_checkpoints)
+    return f"step {step} saved in {path}; continue with --resume"
+
+
+# A disk that fills, a file system that turns read-only: the run's files stay as the last
+# complete save left them, and the run ends in one line.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def write_failure(out_dir, err):
+    """One line for an OSError from writing the run's files, or None when it is not one of those."""
+    if not isinstance(err, OSError) or err.errno not in WRITE_ERRORS:
+        return None
+    ckpt, state = latest_checkpoint(out_dir)
+    kept = (f"the last complete checkpoint, {ckpt} (step {state['step']}), is intact: free space, then --resume"
+            if ckpt else "no checkpoint was saved yet")
+    where = f" ({err.filename})" if err.filename else ""
+    return f"error: cannot write in {out_dir}: {err.strerror or err}{where}; {kept}"
+
+
+# ---------------------------------------------------------------------------------------
 # Saving
 def _fsync(path, directory=False):
     try:
@@ -261,12 +533,8 @@ def _fsync_tree(root):
 
 
 def _write_json(path, value):
-    """JSON written whole or not at all: PATH.part, fsync, rename."""
-    with open(path + ".part", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".part", path)
+    """JSON written whole or not at all: PATH.part, fsync, rename (a link at PATH is replaced)."""
+    files.write_atomic(path, json.dumps(value, indent=1))
     _fsync(os.path.dirname(path) or ".", directory=True)
 
 
@@ -299,7 +567,7 @@ def prune_checkpoints(parent, step, keep):
     kept = set(older[:max(keep - 1, 0)])
     for s, path in checkpoint_folders(parent):
         if s < step and s not in kept:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
 
 
 def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
@@ -310,7 +578,33 @@ def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     path = os.path.normpath(path)
     tmp, old, parent = path + ".tmp", path + ".old", os.path.dirname(path) or "."
     _settle(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)  # (a link there goes, not what it points at)
+    try:
+        _write_checkpoint(tmp, m, optimizer, scaler, state, unet)
+    except OSError:  # a full disk: the partial copy goes, the last complete checkpoint stays as it is
+        _remove(tmp)
+        raise
+    if os.path.lexists(path):  # re-saving the same step: the old copy stays whole until the new one is in place
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync(parent, directory=True)
+    _remove_tree(old)
+    if keep:
+        match = CHECKPOINT_NAME.match(os.path.basename(path))
+        if match:
+            prune_checkpoints(parent, int(match.group(1)), keep)
+
+
+def _remove_tree(path):
+    """Delete a folder, or a link in its place (never what the link points at); errors ignored."""
+    try:
+        _remove(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_checkpoint(tmp, m, optimizer, scaler, state, unet=None):
+    """Everything of a checkpoint into the fresh folder TMP, state.json last."""
     if m.lora:
         lora.save_lora(m, os.path.join(tmp, "lora"))
     else:
@@ -329,15 +623,6 @@ def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     # the marker: a folder with a state.json is complete
     _write_json(os.path.join(tmp, "state.json"),
                 dict(state, optimizer=optimizer_meta, scaler=scaler.state_dict() if scaler.is_enabled() else None))
-    if os.path.lexists(path):  # re-saving the same step: the old copy stays whole until the new one is in place
-        os.rename(path, old)
-    os.rename(tmp, path)
-    _fsync(parent, directory=True)
-    shutil.rmtree(old, ignore_errors=True)
-    if keep:
-        match = CHECKPOINT_NAME.match(os.path.basename(path))
-        if match:
-            prune_checkpoints(parent, int(match.group(1)), keep)
 
 
 def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=None):
@@ -347,18 +632,39 @@ def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=N
                  args=vars(args), cwd=os.getcwd(),
                  rng="timesteps/noise: Generator(seed, step, micro-batch), drawn for the "
                      "global micro-batch; crops: (seed, epoch, index)")
+    if not finite_weights(m):
+        ckpt, good = latest_checkpoint(args.out_dir)
+        kept = f"the last good checkpoint is {ckpt} (step {good['step']})" if ckpt else "no checkpoint was saved"
+        raise SystemExit(f"error: the trained weights are not finite (nan or inf) at step {position['step']}; they "
+                         f"are not saved, {kept}; try a lower --lr, and check the data and --init")
     unet, optim = parallel.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
     if master:
         save_checkpoint(path, m, optim, scaler, state, keep, unet=unet)
 
 
+def finite_weights(m):
+    """Whether every trainable weight is finite, on every rank (FSDP: each checks its shards)."""
+    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+             for p in m.unet.parameters() if p.requires_grad)
+    return D.all_ranks(ok, _sync_device()) if D.active() else ok
+
+
 # ---------------------------------------------------------------------------------------
 # Resuming
-def find_checkpoint(args, log=print):
-    """--resume's checkpoint -> (path, state). `latest`: OUT_DIR's newest complete one, walking
-    back past broken ones (one log line each); a folder: that checkpoint, which must be complete
-    (a run's folder holding checkpoints: its newest complete one). Problems: one-line SystemExit."""
+def find_checkpoint(args, log=print, fits=None):
+    """--resume's checkpoint -> (path, state): the first of resume_candidates."""
+    return next(resume_candidates(args, log, fits))
+
+
+def resume_candidates(args, log=print, fits=None, rejected=None):
+    """--resume's checkpoints, best first, as (path, state). `latest`: OUT_DIR's complete ones,
+    newest first, walking back past broken ones (one log line each); a folder: that checkpoint,
+    which must be complete (a run's folder holding checkpoints: its complete ones, newest first).
+    fits(path, state): why that checkpoint does not fit the model (None: it fits), a check that
+    treats a misfit as broken. rejected: {path: why} of candidates the caller found broken after
+    taking them (it logs those itself). When none is left: one-line SystemExit."""
     where = args.out_dir
+    rejected = {} if rejected is None else rejected
     if args.resume != "latest":
         folder = os.path.normpath(args.resume)
         named = CHECKPOINT_NAME.match(args.resume)  # diffusers' checkpoint-N: this run's checkpoint-00000N
@@ -369,18 +675,27 @@ def find_checkpoint(args, log=print):
             problem, state = inspect_checkpoint(folder)
             if problem in ("does not exist", "is not a folder"):
                 raise SystemExit(f"error: --resume found no checkpoint in '{args.resume}'")
+            problem = problem or (fits and fits(folder, state))
             if problem:
                 raise SystemExit(f"error: --resume {args.resume}: {problem}")
-            return folder, state
+            yield folder, state
+            raise SystemExit(f"error: --resume {args.resume}: {rejected.get(folder, 'is broken')}")
         where = folder  # a run's folder: its newest complete checkpoint
     folders = checkpoint_folders(where)
     if not folders:
         raise SystemExit(f"error: --resume found no checkpoint in '{where}'")
-    ckpt, state = latest_checkpoint(where, log)
-    if ckpt is None:
-        raise SystemExit(f"error: --resume found no complete checkpoint in '{where}': all {len(folders)} are "
-                         f"broken (the newest, {folders[0][1]}, {checkpoint_problem(folders[0][1])})")
-    return ckpt, state
+    first = None
+    for _, path in folders:
+        problem, state = inspect_checkpoint(path)
+        problem = problem or (fits and fits(path, state))
+        if problem is None:
+            yield path, state
+            problem = rejected.get(path, "is broken")
+        else:
+            log(f"warning: skipping {path}: {problem}")
+        first = first or problem
+    raise SystemExit(f"error: --resume found no complete checkpoint in '{where}': all {len(folders)} are "
+                     f"broken (the newest, {folders[0][1]}, {first})")
 
 
 def _resolution(a):
@@ -416,6 +731,11 @@ def check_resume_settings(args, ckpt, state, log=print):
         if saved.get(key) != getattr(args, key):
             raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {saved.get(key)}, "
                              f"not {getattr(args, key)}")
+    family = lambda name: {"adamw_fused": "adamw"}.get(name, name)  # (the same state, another kernel)
+    optimizer = getattr(args, "optimizer", "auto")  # ("auto": not resolved yet, as in a bare parse_args)
+    if optimizer != "auto" and saved.get("optimizer", "auto") != "auto" and family(saved["optimizer"]) != family(optimizer):
+        raise SystemExit(f"error: checkpoint {ckpt} was trained with --optimizer {saved['optimizer']}, not "
+                         f"{args.optimizer}: its state is another optimizer's")
     now = vars(args)
     read = L.settings_of(now.get("loss")) if now.get("loss") in L.OBJECTIVES else list(L.SETTINGS)
     relevant = {k: k in read for k in L.SETTINGS}  # (a setting the objective does not read may change)
@@ -440,18 +760,39 @@ def check_resume_settings(args, ckpt, state, log=print):
 
 
 def resume(args, m, optimizer, scaler, master):
-    """Load --resume's checkpoint (OUT_DIR's newest complete one, or the folder given) into the
-    model, the optimizer and the scaler. Returns (checkpoint path, its state.json). Every rank
-    reads it (on multi-node runs OUT_DIR must be a shared file system); with --fsdp rank 0 alone
-    reads the full tensors into host memory and every rank receives its shard."""
+    """Load --resume's checkpoint (OUT_DIR's newest complete one that fits this model and holds
+    finite weights, or the folder given) into the model, the optimizer and the scaler. The
+    command's optimizer settings (lr, betas, eps, weight decay, ...) replace the checkpoint's, and
+    one line names each setting that differs from the checkpoint's run. Returns (checkpoint path,
+    its state.json). Every rank reads it (on multi-node runs OUT_DIR must be a shared file system);
+    with --fsdp rank 0 alone reads the full tensors into host memory and every rank receives its shard."""
     log = print if master else (lambda *a, **k: None)
-    ckpt, state = find_checkpoint(args, log)
-    check_resume_settings(args, ckpt, state, log)
+    command = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    rejected = {}
+
+    def fits(ckpt, state):  # the settings first: another model or objective is refused, not walked past
+        check_resume_settings(args, ckpt, state, log)
+        return fit_problem(ckpt, state, m, optimizer)
+    for ckpt, state in resume_candidates(args, log, fits, rejected):
+        _load(args, ckpt, state, m, optimizer, scaler, master)
+        if finite_weights(m):
+            break
+        rejected[ckpt] = "holds weights that are not finite (nan or inf)"
+        log(f"warning: skipping {ckpt}: {rejected[ckpt]}")
+    for group, settings in zip(optimizer.param_groups, command):  # the command wins: what it says trains
+        group.update(settings)
+    changed = changed_settings(state["args"], vars(args))
+    if changed:
+        log(f"note: the command's settings replace the checkpoint's: {', '.join(changed)}")
     if args.resume != "latest":  # an earlier checkpoint: OUT_DIR's later ones are another run's future
         later = sorted({os.path.basename(p) for s, p in checkpoint_folders(args.out_dir) if s > state["step"]})
         if later:
             log(f"note: {args.out_dir} also holds later checkpoints ({', '.join(later)}); each stays until "
                 f"this run saves that step")
+    return ckpt, state
+
+
+def _load(args, ckpt, state, m, optimizer, scaler, master):
     try:
         where = "cpu" if args.fsdp else str(m.device)
         reads = master or not args.fsdp
@@ -472,7 +813,84 @@ def resume(args, m, optimizer, scaler, master):
     except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SystemExit(f"error: checkpoint {ckpt} does not load into this model ({first})")
-    return ckpt, state
+
+
+# What a checkpoint's tensors must be, header by header (safetensors' dtype names)
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's and Adafactor's (when not factored): the parameter's shape
+
+
+def _header(path):
+    """A safetensors file's {name: (dtype, shape)} (its header only)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: (v["dtype"], list(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def _tensor_misfit(name, have, want):
+    """Why the tensors of file NAME ({key: (dtype, shape)}) do not match WANT's, or None."""
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which the model has not"
+        return f"{name} {what} ({len(missing)} missing, {len(extra)} unknown tensors)"
+    for key, (dtype, shape) in want.items():
+        if have[key][1] != shape:
+            return f"{name}: {key} has shape {have[key][1]}, the model's {shape}"
+        if have[key][0] != dtype:
+            return f"{name}: {key} is {have[key][0]}, the model's {dtype}"
+    return None
+
+
+def fit_problem(ckpt, state, m, optimizer):
+    """Why checkpoint CKPT does not fit the model and optimizer (None: it fits): its weights'
+    names, shapes and dtypes must be the model's, its optimizer state must be for as many
+    parameters, each moment of its parameter's shape and dtype. Headers only."""
+    spec = lambda t: (ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape))
+    try:
+        if m.lora:  # (load_lora compares names and shapes: the dtypes here)
+            path = os.path.join(ckpt, "lora", lora.LORA_FILE)
+            want = {spec(p)[0] for p in m.unet.parameters() if p.requires_grad}
+            bad = next(((k, d) for k, (d, _) in _header(path).items() if d not in want), None)
+            if bad:
+                return f"lora/{lora.LORA_FILE}: {bad[0]} is {bad[1]}, the adapter's {' or '.join(sorted(want))}"
+        else:
+            have = {}
+            for f in sorted(glob.glob(os.path.join(ckpt, "unet", "diffusion_pytorch_model*.safetensors"))):
+                have.update(_header(f))
+            problem = _tensor_misfit("unet/diffusion_pytorch_model.safetensors", have,
+                                     {k: spec(v) for k, v in m.unet.state_dict().items()})
+            if problem:
+                return problem
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        saved = sum(len(g.get("params", ())) for g in state["optimizer"]["param_groups"])
+        if saved != len(params):
+            return f"its optimizer state is for {saved} parameters, the model trains {len(params)}"
+        for key, (dtype, shape) in _header(os.path.join(ckpt, "optimizer.safetensors")).items():
+            pid, _, name = key.partition(".")
+            if not (pid.isdigit() and int(pid) < len(params)):
+                return f"optimizer.safetensors holds {key}, for no parameter of the model"
+            if name in MOMENTS and (dtype, shape) != spec(params[int(pid)]):
+                return f"optimizer.safetensors: {key} is {dtype} {shape}, its parameter {' '.join(map(str, spec(params[int(pid)])))}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"cannot be read ({hub.first_line(err)})"
+    return None
+
+
+# Settings that say where a run writes and how it reports, not what it trains
+QUIET_KEYS = ("out_dir", "save_every", "keep_checkpoints", "resume", "overwrite", "allow_changed_resume",
+              "no_progress", "log_every", "report_to", "num_workers")
+
+
+def changed_settings(saved, now):
+    """['--lr 0.001 (was 2e-05)', ...]: each training setting of the command that differs from
+    the checkpoint's run (saved: its args); the ones check_resume_settings refuses or notes, and
+    the output and validation settings, left out."""
+    now = json.loads(json.dumps(now, default=str))  # (tuples as lists, as the checkpoint stored them)
+    skip = set(QUIET_KEYS) | set(RESUME_KEYS) | set(LORA_KEYS) | set(CHANGED_KEYS)
+    return [f"--{k} {now[k]} (was {saved[k]})" for k in now
+            if k in saved and k not in skip and not k.startswith("validation_") and now[k] != saved[k]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,11 +933,7 @@ def open_metrics(out_dir, step, resumed):
     kept = []
     if resumed and os.path.exists(path):
         kept = [r for r in read_metrics(path) if r["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return open(path, "a")
 
 
@@ -528,7 +942,7 @@ def export(out_dir, final, folder):
     links fail), swapped in by renames: a stock diffusers UNet folder / LoRA folder. A LoRA is also
     OUT_DIR/pytorch_lora_weights.safetensors, as diffusers' training scripts leave it."""
     target, tmp, old = (os.path.join(out_dir, folder + suffix) for suffix in ("", ".tmp", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)  # (a link goes, not what it points at)
     os.makedirs(tmp)
     for name in os.listdir(os.path.join(final, folder)):
         src = os.path.join(final, folder, name)
@@ -537,11 +951,11 @@ def export(out_dir, final, folder):
         except OSError:
             shutil.copy2(src, os.path.join(tmp, name))
     _fsync_tree(tmp)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
     if os.path.lexists(target):
         os.rename(target, old)
     os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
     if folder == "lora":  # where diffusers' scripts leave it: pipe.load_lora_weights(OUT_DIR) finds it
         root, part = os.path.join(out_dir, lora.LORA_FILE), os.path.join(out_dir, lora.LORA_FILE + ".tmp")
         if os.path.lexists(part):

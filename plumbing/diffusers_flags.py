@@ -100,9 +100,9 @@ TABLE = {
 }
 
 
-def stop(message):
-    """One line on stderr and exit code 2, as argparse's own errors (without their usage text)."""
-    sys.stderr.write(f"error: {message}\n")
+def stop(message, prog="train.py"):
+    """One line on stderr and exit code 2, as argparse's own last line (without its usage text)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
     raise SystemExit(2)
 
 
@@ -110,7 +110,7 @@ class _Refuse(argparse.Action):
     """A refused flag: one line, exit code 2, as soon as the parser meets it."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        stop(f"{option_string} is not taken: {TABLE[option_string][2]}")
+        stop(f"{option_string} is not taken: {TABLE[option_string][2]}", parser.prog)
 
 
 def add_flags(p):
@@ -168,6 +168,8 @@ def resolve(args, error):
         if get("num_validation_images") < 1:
             error("--num_validation_images must be at least 1")
         args.validation_seeds = f"0-{get('num_validation_images') - 1}"
+    if get("local_rank") is not None and not -1 <= get("local_rank") < 2 ** 31:  # (its value is otherwise unused)
+        error(f"--local_rank must be -1 or a rank, not {get('local_rank')}")
     args.num_train_epochs = get("num_train_epochs")
     for key in [k for k in vars(args) if k.startswith("diffusers_")]:
         delattr(args, key)  # (args.json holds this project's settings only)

@@ -26,8 +26,11 @@ def read_utf8(path):
     """A text file's content (a UTF-8 BOM dropped). Anything else ends in one line naming the file,
     line and column of the first byte that is not UTF-8: guessing another encoding could turn a
     prompt into different text without a word."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:  # a folder, no permission, a file gone since it was checked
+        raise SystemExit(f"error: {path}: cannot be read ({err.strerror})")
     raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         return raw.decode("utf-8")
@@ -95,12 +98,102 @@ def read_index(folder):
 
 def folder_problem(path, flag):
     """Why `path` cannot be (or become) a folder to write into, as one error line, or None: the
-    one check that train.py's --out_dir and sample.py's --out make before anything loads."""
+    one check that train.py's --out_dir and sample.py's --out make before anything loads. The
+    nearest folder that exists (PATH or a parent) must be writable: PATH is created there."""
+    if not path:
+        return f"error: {flag} is empty: name a folder"
+    if "\0" in path:
+        return f"error: {flag} {path!r}: a path cannot hold a NUL byte"
     if os.path.exists(path) and not os.path.isdir(path):
         return f"error: {flag} {path} is a file, not a folder"
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"error: {flag} {path}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return (f"error: {flag} {path}: {parent} is not writable" +
+                (" (a read-only file system)" if _read_only(parent) else "") + "; choose another folder")
     return None
+
+
+def _read_only(folder):
+    try:
+        return bool(os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1))
+    except OSError:
+        return False
+
+
+# An argument that names a file rather than text: sample.py --prompts, train.py --validation_prompts
+FILE_SUFFIXES = (".txt", ".tsv", ".json", ".jsonl", ".csv")
+
+
+def looks_like_path(value):
+    """Whether a value given where text or a file may go means a file: it exists, ends in a file
+    suffix, or has a path separator and no blank (a prompt has blanks; "AC/DC at night" is text)."""
+    seps = {os.sep, os.altsep or os.sep}
+    return (os.path.lexists(value) or value.lower().endswith(FILE_SUFFIXES)
+            or (any(c in value for c in seps) and not any(c.isspace() for c in value)))
+
+
+def text_file_problem(value, flag, always=False):
+    """For a value that looks like a path (looks_like_path), or any value with always=True: why it
+    is not a readable file, as one line without the `error: ` prefix (for argparse's p.error), else
+    None. Text that does not look like a path: None."""
+    if "\0" in value:
+        return f"{flag} {value!r}: a path cannot hold a NUL byte"
+    if not (always or looks_like_path(value)):
+        return None
+    if os.path.isdir(value):
+        return f"{flag} {value} is a folder, not a file"
+    if not os.path.exists(value):
+        return f"{flag} {value}: no such file" + (" (a broken symbolic link)" if os.path.lexists(value) else "")
+    if not os.path.isfile(value):
+        return f"{flag} {value} is not a regular file"
+    if not os.access(value, os.R_OK):
+        return f"{flag} {value}: the file is not readable"
+    return None
+
+
+def file_to_write_problem(path, flag):
+    """Why PATH cannot be written as a file (one line without `error: `), or None: it is not a
+    folder, and its folder exists and is writable."""
+    if not path or "\0" in path:
+        return f"{flag} {path!r}: not a file name"
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder, not a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: no folder {parent}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {parent} is not writable"
+    return None
+
+
+def write_atomic(path, text):
+    """PATH's new content, whole or not at all: written to a fresh file beside it (never through a
+    link left there), fsynced, then renamed over PATH. A PATH that is a symbolic link is replaced by
+    the file, so nothing is ever written through a link to a file elsewhere."""
+    tmp = f"{path}.part"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def link_out_of(path, root):
+    """The target of PATH when PATH is a symbolic link that leads out of the folder ROOT, else None."""
+    if not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    root = os.path.realpath(root)
+    return None if os.path.commonpath([root, target]) == root else target

@@ -48,6 +48,27 @@ def offline_everywhere():
         constants.HF_HUB_OFFLINE = before
 
 
+def unreachable(repo, repo_type="dataset", timeout=4.0):
+    """Why the hub cannot be reached about REPO (no network, no name resolution, no answer within
+    TIMEOUT seconds), or None when it answers, whatever it answers (a missing or gated repo is the
+    loader's to say) or when HF_HUB_OFFLINE is set (the loaders say that). One request, no retries:
+    the libraries' own retries take half a minute to say the same."""
+    if offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        return None
+    try:
+        HfApi().repo_info(repo, repo_type=repo_type, timeout=timeout)
+    except Exception as err:  # the HTTP client's own classes: ConnectError, ConnectTimeout, ...
+        network = isinstance(err, (OSError, TimeoutError)) or any(
+            word in type(err).__name__ for word in ("Connect", "Timeout", "Network", "Transport", "Proxy"))
+        if network and not type(err).__name__.startswith(("Hf", "Repository", "Gated", "Revision")):
+            return first_line(err)
+    return None
+
+
 def hub_kwargs():
     """from_pretrained's keyword arguments for the offline rule."""
     return dict(local_files_only=offline())
@@ -120,6 +141,17 @@ def safetensors_problem(path):
         return f"is truncated or corrupt ({size} bytes where its header promises {8 + n + end})"
     return None
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def non_float_tensor(path):
+    """(name, dtype) of the first tensor of a whole safetensors file that is not floating point
+    (int32 weights would be cast to float without a word, and train as nonsense), else None."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return next(((k, v["dtype"]) for k, v in header.items() if k != "__metadata__" and v["dtype"] not in FLOAT_DTYPES),
+                None)
+
 @contextlib.contextmanager
 def quiet():
     # Library deprecation notices on stderr would bury the one line a failure ends in.
@@ -143,6 +175,10 @@ def load_unet(spec, flag="--init"):
         problem = safetensors_problem(os.path.join(path, name)) if name.endswith(".safetensors") else None
         if problem:
             raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} {problem}; copy or save it again")
+        bad = non_float_tensor(os.path.join(path, name)) if name.endswith(".safetensors") else None
+        if bad:
+            raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} holds {bad[0]} as {bad[1]}, not "
+                             f"floating-point weights")
     try:
         with quiet():
             return UNet2DConditionModel.from_pretrained(path)

@@ -341,6 +341,9 @@ class HubPairs(_PreferencePairs):
         if not hasattr(datasets.IterableDataset, "decode"):  # images must come undecoded (no path opened)
             raise SystemExit(f"error: --data {prefix}:{hub_id} needs datasets 3.6 or later (pip install -U datasets)")
         self.hub_id, self.split, self.shuffle_buffer = hub_id, split, shuffle_buffer
+        why = hub.unreachable(hub_id)  # in seconds, before datasets' retries
+        if why:
+            raise SystemExit(unreachable(hub_id, ConnectionError(why), prefix, schema))
         try:
             ds = datasets.load_dataset(hub_id, split=split, streaming=True).decode(False)
             first = next(iter(ds), None)  # reaching the data is what can fail (no network, no such id)

@@ -2,8 +2,8 @@
 evaluate.py's and the toy study's figures (matplotlib, Agg: files only, no display needed):
 training curves from metrics.jsonl, style-content trade-offs, reward bar charts with win rates.
 """
-import json
 import os
+import sys
 
 import numpy as np
 
@@ -26,8 +26,11 @@ def plot_curves(runs, out_png, style_points=None):
         path, colour = os.path.join(run_dir, "metrics.jsonl"), f"C{i}"
         if not os.path.isfile(path):
             raise SystemExit(f"error: {run_dir}: no metrics.jsonl (not a train.py output folder?)")
-        with open(path) as f:
-            log = [json.loads(line) for line in f if line.strip()]
+        from plumbing.checkpoint import read_metrics  # (cut or unreadable lines dropped, with a warning)
+        log = [r for r in read_metrics(path, log=lambda line: print(line, file=sys.stderr))
+               if isinstance(r.get("loss"), (int, float))]
+        if not log:
+            raise SystemExit(f"error: {path}: no step with a loss")
         steps, loss = np.array([r["step"] for r in log]), np.array([r["loss"] for r in log])
         # Per-step losses are noisy (one t and ε draw per step): show a 20-step moving average.
         w = min(20, len(loss))

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from plumbing import files
 from toy import scorer as toy_scorer
 import loss as L
 import model as M
@@ -19,8 +20,7 @@ from plumbing import hub
 
 def write_args(args):
     """OUT_DIR/args.json: every flag as the run resolved it (defaults filled in)."""
-    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    files.write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))  # (never through a link)
 
 
 # The base models' licenses: a fine-tune keeps its base's (the tiny presets are this project's, MIT).
@@ -93,8 +93,7 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
     lines += ["## Load it", "", "```bash", sample_cmd, "```", ""]
     if hub:  # the stock diffusers pipelines load the result as they are
         lines += ["```python", f"from diffusers import {pipe}, UNet2DConditionModel", load, "```", ""]
-    with open(os.path.join(args.out_dir, "README.md"), "w") as f:
-        f.write("\n".join(lines))
+    files.write_atomic(os.path.join(args.out_dir, "README.md"), "\n".join(lines))
 
 
 def reward_scores(args, images, prompts, folder, device):

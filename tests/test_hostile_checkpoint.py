@@ -68,8 +68,8 @@ def same_weights(a, b):
 
 def run_args(out, **changes):
     """train.py's flags for OUT as a Namespace (the flags train.py does not define yet included)."""
-    args = train.parse_args(["--out_dir", str(out), *FAST])
-    args.overwrite, args.allow_changed_resume = False, False
+    args = train.parse_args(FAST)  # (parse_args refuses an --out_dir that is a file: check_out_dir is under test)
+    args.out_dir, args.overwrite, args.allow_changed_resume = str(out), False, False
     vars(args).update(changes)
     return args
 

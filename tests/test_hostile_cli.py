@@ -72,6 +72,20 @@ def test_sample_prompt_file_in_latin1(tmp_path):
     assert not sample_out(tmp_path).exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "prompts.txt"], "--prompts prompts.txt: no such file"),
+    (["--prompts", "."], "--prompts . is a folder, not a file"),
+    (["--guidance", "nan"], "--guidance must be a finite number from 0 to 100, not nan"),
+])
+def test_sample_a_missing_prompts_file_a_folder_or_nan_guidance_is_refused(tmp_path, argv, message):
+    """Issue #28: these sampled the path itself as a prompt, or with a nan guidance; now argparse's
+    usage and one error line, exit code 2, before a model loads."""
+    r = run_cli("sample.py", [*argv, "--out", sample_out(tmp_path)], tmp_path)
+    assert "Traceback" not in r.stderr and r.returncode == 2
+    assert r.stderr.splitlines()[-1] == f"sample.py: error: {message}"
+    assert not sample_out(tmp_path).exists()
+
+
 def test_sample_prompt_file_with_a_utf8_bom_is_read_as_text(tmp_path):
     # not an error, but a silent-wrong-result trap: the BOM must not become part of prompt 1
     prompts = tmp_path / "prompts.tsv"

@@ -155,8 +155,15 @@ def test_prompt_and_seed_parsing(tmp_path):
     assert S.parse_seeds("0-3") == [0, 1, 2, 3] and S.parse_seeds("0,5,7") == [0, 5, 7] and S.parse_seeds("2") == [2]
 
 
+def test_a_missing_prompts_file_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        S.main(["--prompts", str(tmp_path / "missing_prompts.txt"), "--out", str(tmp_path / "out")])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"--prompts {tmp_path / 'missing_prompts.txt'}: no such file")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv,needle", [
-    (["--prompts", "{tmp}/missing_prompts.txt"], "missing_prompts.txt"),
     (["--prompts", "{tmp}/empty.txt"], "no prompts"),
     (["--prompts", " | "], "no prompts"),
     (["--compare", "{tmp}/nowhere"], "nowhere"),

@@ -1,0 +1,109 @@
+"""
+train.py's flags checked before anything heavy loads (models, data): every number finite and in its
+range, every choice one that exists, the folders a run writes creatable and writable, validation's
+prompts and seeds readable. One line each, through argparse (exit code 2).
+"""
+import argparse
+import contextlib
+import math
+import os
+import shlex
+
+import torch
+
+import loss as L
+import model as M
+from plumbing import files, hub, speed
+
+
+def check_train_flags(p, args):
+    """parse_args' checks, in one place (p: the parser, whose error() makes the one line)."""
+    for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps", "num_train_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    for name in ("warmup_steps", "save_every", "seed", "log_every", "validation_every"):  # (--num_workers: its type)
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
+    numbers = [k for k, s in L.SETTINGS.items() if s["type"] in (int, float) and s["choices"] is None]
+    for name in (*numbers, "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
+        if not 0 < getattr(args, name) < float("inf"):
+            p.error(f"--{name} must be a positive finite number, not {getattr(args, name)}")
+    for name in ("caption_dropout", "style_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
+    if args.gradient_checkpointing != "auto" and not speed.checkpointing_ok(args.gradient_checkpointing):
+        p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(speed.CHECKPOINTING)} or "
+                f"transformer:F with 0 < F <= 1")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
+        p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
+                f"{args.model} (what its VAE and UNet down-sample by), not {args.resolution}")
+    if args.device not in ("auto", "cpu") and not M.device_exists(args.device):
+        p.error(f"--device {args.device}: no such device here (auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available()
+                                                                               else "; no GPU is visible") + ")")
+    if args.lora_rank < 0:
+        p.error("--lora_rank must be 0 (full fine-tune) or positive")
+    if args.lora_alpha is not None and args.lora_rank == 0:
+        p.error("--lora_alpha needs --lora_rank")
+    if args.push_to_hub and hub.offline():  # (found now, not after the run)
+        p.error("--push_to_hub needs the hub, and HF_HUB_OFFLINE is set")
+    if args.fsdp and args.lora_rank:
+        p.error("--fsdp shards a full fine-tune; a LoRA's trainable part is small, train it with plain DDP")
+    if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
+        p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
+    args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.validation_metric != "none":
+        if args.validation_prompts is None:
+            p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
+                    f"(e.g. toy-test, builtin)")
+        if args.validation_metric != "toy":
+            import evaluate  # (its reward metrics; the models load at the first validation)
+            unknown = [m for m in args.validation_metric.split(",") if m not in evaluate.REWARD_METRICS]
+            if unknown:
+                p.error(f"--validation_metric: unknown {','.join(unknown)}; choose toy or a comma list of "
+                        f"{','.join(evaluate.REWARD_METRICS)}")
+            try:
+                with contextlib.redirect_stderr(open(os.devnull, "w")):  # (its usage text: ours says it in one line)
+                    evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
+            except (SystemExit, ValueError):
+                p.error(f"--validation_reward_flags {args.validation_reward_flags!r}: not evaluate.py reward-model flags")
+    _check_more(p, args)
+
+
+def _check_more(p, args):
+    """What the checks above leave open, before anything loads: every number finite and within
+    int32 (--seed: uint32), the optimizer's settings in their ranges, the folders a run writes
+    creatable and writable, a validation prompts file readable. One line each (argparse's exit 2)."""
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not math.isfinite(value):
+            p.error(f"{action.option_strings[0]} must be a finite number, not {value}")
+        top = 2 ** 32 - 1 if action.dest == "seed" else 2 ** 31 - 1
+        if action.type is int and value is not None and abs(value) > top:
+            p.error(f"{action.option_strings[0]} must be at most {top}, not {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 0 and below 1, not {getattr(args, name)}")
+    if not args.adam_eps > 0:
+        p.error(f"--adam_eps must be a positive finite number, not {args.adam_eps}")
+    if args.weight_decay < 0:
+        p.error(f"--weight_decay must be 0 or more, not {args.weight_decay}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        p.error(f"--lora_alpha must be positive, not {args.lora_alpha}")
+    for name in ("num_items", "shuffle_window", "shuffle_buffer", "validation_inference_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.validation_inference_steps > 1000:  # (the schedulers' training timesteps: a sampler cannot take more)
+        p.error(f"--validation_inference_steps must be at most 1000, not {args.validation_inference_steps}")
+    if args.validation_guidance is not None and not 0 <= args.validation_guidance <= 100:
+        p.error(f"--validation_guidance must be between 0 and 100, not {args.validation_guidance}")
+    if args.validation_prompts is not None:
+        try:
+            import sample
+            sample.parse_seeds(args.validation_seeds)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"--validation_seeds: {err}")
+    problem = files.folder_problem(args.out_dir, "--out_dir")
+    problem = problem or (args.validation_prompts is not None and
+                          files.text_file_problem(args.validation_prompts, "--validation_prompts"))
+    if problem:
+        p.error(problem.removeprefix("error: "))
