@@ -154,6 +154,21 @@ def test_variants_from_the_command_line_one_seed_many_lrs(tmp_path, monkeypatch,
     assert len(trained) == 1
 
 
+def test_data_id_follows_the_data(tmp_path):
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text('{"prompt": "a", "winner": "w.png", "loser": "l.png"}\n')
+    first = experiment.data_id(["--data", str(manifest)])
+    assert experiment.data_id(["--data", str(manifest)]) == first
+    manifest.write_text('{"prompt": "b", "winner": "w.png", "loser": "l.png"}\n')
+    assert experiment.data_id(["--data", str(manifest)]) != first
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-0.parquet").write_bytes(b"x")
+    folder = experiment.data_id(["--data", f"hf:{tmp_path / 'shards'}#pickapic"])
+    (tmp_path / "shards" / "train-1.parquet").write_bytes(b"y")
+    assert experiment.data_id(["--data", f"hf:{tmp_path / 'shards'}#pickapic"]) != folder
+    assert experiment.data_id(["--loss", "dpo"]) == "toy"  # (the toy sets: made by the hashed code)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--variant", "nameonly"], "NAME='TRAIN FLAGS'"),
     (["--variant", "x=--loss nope"], "train.py does not take"),

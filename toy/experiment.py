@@ -149,6 +149,25 @@ def code_id():
     return h.hexdigest()[:12]
 
 
+def data_id(command):
+    """What a run's --data holds, when it is a local file or folder: sha256 (12 hex digits) of the
+    file, or of a folder's file names, sizes and modification times (the toy sets are made by the
+    code that code_id hashes). A run on changed data is not reused."""
+    spec = command[command.index("--data") + 1] if "--data" in command else "toy"
+    path = spec.split(":", 1)[-1].split("#")[0]
+    if spec in ("toy", "toy-base") or not os.path.exists(path):  # (a hub id: its name is what is known here)
+        return spec
+    h = hashlib.sha256(spec.encode())
+    if os.path.isfile(path):
+        h.update(open(path, "rb").read())
+    else:
+        for root, _, names in sorted(os.walk(path)):
+            for name in sorted(names):
+                st = os.stat(os.path.join(root, name))
+                h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
 def machine():
     """Where a result was made: floating point differs between CPUs (exact on one machine only)."""
     return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__}
@@ -244,15 +263,16 @@ def base_id(base_dir):
 def align(run, label, flags, steps, lr, seed, base_dir, base, args, validation):
     """One alignment run (train.py with `flags`) from the base in base_dir (id `base`, base_id's)
     into `run` -> its full train.py command. A finished run there is reused only when it was made
-    by the same command, from the same base, by the same code (code_id); else it is trained anew."""
+    by the same command, from the same base, on the same data (data_id), by the same code (code_id);
+    else it is trained anew."""
     command = with_steps(ALIGN_ARGS, steps) + flags + [
         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed), "--keep_checkpoints", "1",
         "--out_dir", run, "--device", args.device, "--no_progress", "--log_every", "100", "--overwrite"] + validation
-    made_from = {"base": base, "command": command, "code": code_id()}
+    made_from = {"base": base, "command": command, "code": code_id(), "data": data_id(command)}
     record = os.path.join(run, "made_from.json")
     if os.path.exists(os.path.join(run, "unet", "config.json")) and os.path.exists(record) \
             and json.load(open(record)) == made_from:
-        print(f"{label} lr={lr:g} seed={seed}: cached run {run} (same command, base and code)")
+        print(f"{label} lr={lr:g} seed={seed}: cached run {run} (same command, base, data and code)")
         return command
     t0 = time.time()
     train.main(command)
