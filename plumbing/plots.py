@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _pyplot():
 def plot_curves(runs, out_png, style_points=None):
     """runs {label: run_dir with train.py's metrics.jsonl}; style_points {label: [(step, score)]}.
     Saves a 1500x400 px PNG: loss, implicit accuracy and style score against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     for i, (label, run_dir) in enumerate(runs.items()):
         path, colour = os.path.join(run_dir, "metrics.jsonl"), f"C{i}"
@@ -53,7 +53,7 @@ def plot_curves(runs, out_png, style_points=None):
 def plot_tradeoff(points, out_png):
     """points {method: [(lr, style_mean, style_std, content_mean, content_std)]} -> 600x500 PNG:
     style (x) against content (y), one line per method through its lr grid."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for method, pts in points.items():
         lr, sm, ss, cm, cs = zip(*sorted(pts))
@@ -70,7 +70,7 @@ def plot_tradeoff(points, out_png):
 def plot_scores(runs, metrics, out_png, win_rates=None):
     """Reward metrics as bars: one panel per metric (their scales differ), one bar per folder at
     its mean with the std over images as error bar; the panel title carries the win rate(s)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.5), dpi=100, squeeze=False)
     for ax, m in zip(axes[0], metrics):
         means = [r["metrics"][m]["mean"] for r in runs]

@@ -116,3 +116,16 @@ def test_variants_from_the_command_line(monkeypatch, tmp_path):
     assert [r["variant"] for r in F.rows(str(tmp_path))] == ["top"]
     with pytest.raises(SystemExit):
         F.parse_args(["--lrs", "1e-6"])
+
+
+def test_analysis_and_plot_of_command_line_variants(monkeypatch, tmp_path):
+    monkeypatch.setattr(F, "VARIANTS", dict(F.VARIANTS))
+    monkeypatch.setattr(F, "CUSTOM", {})
+    F.parse_args(["--variant", "dpo=--loss dpo", "--variant", "top=--loss rpo --tau 0.2", "--lrs", "1e-6,2e-6,4e-6"])
+    table = [{"variant": v, **F.ROW_DEFAULTS, **F.VARIANTS[v][1], "batch": 8, "style_name": "winter", "lr": lr,
+              "seed": 0, "style": 0.3 + 0.25 * i, "content": 0.4 - 0.1 * i}
+             for v in ("dpo", "top") for i, lr in enumerate([1e-6, 2e-6, 4e-6])]
+    base = {("winter", 0): {"style": 0.3, "content": 0.4}}
+    assert "| top |" in F.analysis(table, base)
+    F.plot(table, str(tmp_path / "frontier.png"), base)
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
