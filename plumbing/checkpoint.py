@@ -119,9 +119,9 @@ def inspect_checkpoint(folder):
     named = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
     if named and int(named.group(1)) != state["step"]:  # moved, copied under another name, or edited
         return f"state.json says step {state['step']}, its name step {int(named.group(1))}", None
-    files = ["optimizer.safetensors", "rng.safetensors"]
+    needed = ["optimizer.safetensors", "rng.safetensors"]
     if state["args"].get("lora_rank"):
-        files.insert(0, os.path.join("lora", lora.LORA_FILE))
+        needed.insert(0, os.path.join("lora", lora.LORA_FILE))
     else:
         config, why = _read_json(os.path.join(folder, "unet", "config.json"))
         if why:
@@ -134,8 +134,8 @@ def inspect_checkpoint(folder):
                 shards = sorted({os.path.join("unet", f) for f in index["weight_map"].values()})
             except (KeyError, TypeError, AttributeError):
                 return "unet/diffusion_pytorch_model.safetensors.index.json has no weight_map", None
-        files[:0] = shards or [os.path.join("unet", "diffusion_pytorch_model.safetensors")]
-    for name in files:
+        needed[:0] = shards or [os.path.join("unet", "diffusion_pytorch_model.safetensors")]
+    for name in needed:
         why = hub.safetensors_problem(os.path.join(folder, name))
         if why:
             return f"{name.replace(os.sep, '/')} {why}", None
