@@ -37,20 +37,13 @@ def finished(tmp_path_factory):
     return out
 
 
+from test_hostile_checkpoint import read_steps, same_weights  # noqa: E402  (the same checks as there)
+
+
 def copy_run(finished, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished, out, symlinks=True)
     return out
-
-
-def read_steps(out):
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line)["step"] for line in f]
-
-
-def same_weights(a, b):
-    a, b = load_file(a), load_file(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def exit_of(fn, *a):
