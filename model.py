@@ -75,7 +75,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # ---------------------------------------------------------------------------------------
 # The one loader that train.py, sample.py and evaluate.py use
 def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mixed_precision="no",
-                gradient_checkpointing=False, reference=True, random_unet=False, lora_rank=0, lora_alpha=None,
+                gradient_checkpointing=False, reference=True, lora_rank=0, lora_alpha=None,
                 lora_targets=LORA_TARGETS, lora_dir=None, encoders=True):
     """Returns a namespace with
       unet       the policy ε_θ: fp32 master weights, train mode, requires grad
@@ -86,9 +86,8 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
                  (two for SDXL); scheduler: DDPMScheduler, the forward process q(z_t|z_0)
       xl, resolution, dtype (compute dtype), device, vae_scale (s in z = s·VAE.encode(x))
     pretrained="random" (benchmarks): sd15/sdxl built from their architectures with random weights
-    (plumbing/random_weights.py), no download: every code path at the real shapes.
-    random_unet=True (bench/speed.py): a real preset's UNet built from ARCHITECTURES with random
-    weights, no VAE and no text encoders (the caller feeds latents and text states directly).
+    (plumbing/random_weights.py), no download: every code path at the real shapes (with
+    encoders=False the UNet alone, as bench/speed.py feeds latents and text states directly).
     lora_rank R > 0: the UNet's own weights are frozen and kept in the compute dtype, and a
     peft LoRA adapter of rank R (scale lora_alpha / R, alpha default R) on the modules named
     lora_targets is the only trainable part, in fp32. The reference is that UNet with the
@@ -110,13 +109,6 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
         parts = tiny.build_tiny(preset["xl"], preset["vae"])
         if not encoders:
             parts.update(vae=None, text_encoders=[], tokenizers=[])
-    elif random_unet:
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        with torch.device(device):  # initialise on the GPU directly: 2.6B random weights take minutes on a CPU
-            unet = UNet2DConditionModel(**random_weights.ARCHITECTURES[model])
-        parts = dict(unet=unet, vae=None, text_encoders=[], tokenizers=[],
-                     scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                             beta_start=0.00085, beta_end=0.012, clip_sample=False))
     elif pretrained == "random":  # benchmarks: the real shapes, random weights, no download
         parts = random_weights.build_random_real(preset["xl"], preset["resolution"], device, encoders)
     else:

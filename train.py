@@ -71,7 +71,7 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     share = share or D.Share([len(batch["prompt"])])
     autocast = autocast or contextlib.nullcontext()
     # The data as the networks see it (model.py): latents z = s·VAE.encode(x) for [winners;
-    # losers], the text conditioning c (caption dropout swaps in the empty prompt), and E5's
+    # losers], the text conditioning c (a dropped caption: the unconditional input), and E5's
     # CLIP text and image features (none for DPO/SFT).
     latents, cond, features = model_inputs(m, batch, generator, args, share, embedder)
     with torch.no_grad():
@@ -133,7 +133,7 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     latents = M.encode_images(m, images, draw=lambda shape, dtype: share.keep(
         torch.randn((rows, *shape), generator=generator, dtype=dtype), pairs))
     # c: dropped captions get the unconditional input that guidance uses at sampling time
-    cond = M.encode_prompts(m, batch["prompt"], sizes, crops, repeat=k, drop=drop if drop.any() else None)
+    cond = M.encode_prompts(m, batch["prompt"], sizes, crops, repeat=k, drop=drop)
     features = None
     if L.OBJECTIVES[args.loss]["weights"]:  # E5's halves, one CLIP pass for [winners; losers], each prompt once: the
         # pair's own prompt, dropped or not (dropout conditions the UNet, never the weights ω)

@@ -149,11 +149,11 @@ def run(cfg):
     cfg = normalise(cfg)
     device = torch.device(cfg["device"])
     name, B = cfg["model"], cfg["batch_size"]
-    real = name in ("sd15", "sdxl")
-    m = M.load_models(name, init_unet=None if cfg["init"] == "random" else cfg["init"], device=str(device),
+    random_real = name in ("sd15", "sdxl") and cfg["init"] == "random"  # the real architecture, random weights, UNet alone
+    m = M.load_models(name, pretrained="random" if random_real else None,
+                      init_unet=None if cfg["init"] == "random" else cfg["init"], device=str(device),
                       mixed_precision=cfg["mixed_precision"], gradient_checkpointing=False,
-                      reference=cfg["loss"] != "sft", random_unet=real and cfg["init"] == "random",
-                      lora_rank=cfg.get("lora_rank", 0))
+                      reference=cfg["loss"] != "sft", lora_rank=cfg.get("lora_rank", 0), encoders=not random_real)
     R = cfg["resolution"] or m.resolution
     if cfg.get("offload_reference") and m.ref_unet is not None:
         # The official Diffusion-DPO SDXL script's memory saver: the reference lives in CPU RAM and
