@@ -15,6 +15,7 @@ from plumbing import files
 from toy import scorer as toy_scorer
 import loss as L
 import model as M
+from plumbing import checkpoint as C
 from plumbing import hub
 
 
@@ -41,16 +42,6 @@ def front_matter(args, folder):
     if dataset and not os.path.exists(dataset):  # a hub id, not a local folder
         lines += ["datasets:", f"- {dataset}"]
     return lines + ["---", ""]
-
-
-def last_metrics(out_dir):
-    """The last step's figures in OUT_DIR/metrics.jsonl (what the card reports), or {}."""
-    try:
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            lines = [line for line in f if line.strip()]
-        return json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
@@ -84,7 +75,8 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
              "Every flag of the run: `args.json`; one line of figures per step: `metrics.jsonl`.", ""]
     if command:
         lines += ["Trained with:", "", "```bash", command, "```", ""]
-    figures = {k: v for k, v in last_metrics(args.out_dir).items() if isinstance(v, (int, float))
+    records = C.read_metrics(os.path.join(args.out_dir, "metrics.jsonl"), log=lambda line: None)  # (warned at open)
+    figures = {k: v for k, v in (records[-1] if records else {}).items() if isinstance(v, (int, float))
                and k not in ("step", "epoch", "lr", "pairs_per_s")}
     if figures:
         lines += [f"At the last step ({step}): " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) + ".", ""]
