@@ -7,6 +7,7 @@ here changes what a forward pass computes.
 """
 import argparse
 import contextlib
+import platform
 import os
 
 import torch
@@ -269,3 +270,15 @@ def input_note(args, device, dataset):
         return f"input path: likely to hold the GPU back: {'; '.join(slow)}; {cache} ({profile})"
     return (f"input path: {args.num_workers} DataLoader workers decode and crop ahead of the GPU; the VAE, text "
             f"encoders and CLIP run every step; {cache} ({profile})")
+
+
+def machine():
+    """What makes floating point differ between machines: the CPU model and the torch build. Runs
+    repeat bit for bit on one machine; a record (tools/same_runs.py, the toy study's results) names it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}

@@ -14,7 +14,6 @@ so a record made elsewhere can differ in every run without any code change. A re
 machine that made it; `check` says so when the machines differ, and the comparison that counts
 is a record and a check made on the same machine.
 """
-import platform
 import hashlib
 import json
 import os
@@ -23,6 +22,8 @@ import sys
 import tempfile
 
 import torch
+
+from plumbing import speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["--max_steps", "20", "--batch_size", "4", "--no_progress", "--num_items", "256"]
@@ -89,17 +90,6 @@ def run_all(work):
     return results
 
 
-def machine():
-    """What makes floating point differ between machines: the CPU model and the torch build."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
-
-
 def main():
     if len(sys.argv) != 3 or sys.argv[1] not in ("record", "check"):
         sys.exit(__doc__)
@@ -108,14 +98,14 @@ def main():
         results = run_all(work)
     if mode == "record":
         with open(path, "w") as f:
-            json.dump({"machine": machine(), "runs": results}, f, indent=1)
+            json.dump({"machine": speed.machine(), "runs": results}, f, indent=1)
         print(f"recorded {len(results)} runs in {path}")
         return
     with open(path) as f:
         before = json.load(f)
     made_on, before = before.get("machine"), before.get("runs", before)  # (older records: runs only)
-    if made_on != machine():
-        print(f"note: the record was made on {made_on or 'an unnamed machine'}, this is {machine()}: "
+    if made_on != speed.machine():
+        print(f"note: the record was made on {made_on or 'an unnamed machine'}, this is {speed.machine()}: "
               f"differences can be floating-point rounding, not code")
     bad = [f"{name}: {key}" for name in before for key in before[name]
            if results.get(name, {}).get(key) != before[name][key]]

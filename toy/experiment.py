@@ -29,7 +29,6 @@ import glob
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import time
@@ -40,7 +39,7 @@ import evaluate
 from plumbing import plots
 from toy import scorer as toy_scorer
 import model as M
-from plumbing import tiny
+from plumbing import speed, tiny
 import sample
 import train
 import toy
@@ -166,11 +165,6 @@ def data_id(command):
                 st = os.stat(os.path.join(root, name))
                 h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
-
-
-def machine():
-    """Where a result was made: floating point differs between CPUs (exact on one machine only)."""
-    return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__}
 
 
 def slug(label):
@@ -378,7 +372,7 @@ def main(argv=None):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     json.dump({"study": args.study, "runs": runs, "rows": rows, "scorer": scorer_id, "scorer_accuracy": accuracy,
-               "code": code_id(), "made_on": machine(), "prompts": prompts,
+               "code": code_id(), "made_on": speed.machine(), "prompts": prompts,
                "base_recipe": BASE_ARGS, "align_args": with_steps(ALIGN_ARGS, steps), "sample_steps": args.sample_steps,
                "guidance": args.guidance, "sample_seeds": args.sample_seeds},
               open(os.path.join(out, "results.json"), "w"), indent=1)
