@@ -19,7 +19,7 @@ from toy import scorer as toy_scorer
 def scorer(tmp_path_factory):
     """Train once per test session into a fresh cache (~10 s on one CPU core)."""
     cache = str(tmp_path_factory.mktemp("scorer") / "toy_scorer.safetensors")
-    net, acc = toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=0)
+    net, acc = toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=0, shipped=None)
     return net, acc, cache
 
 
@@ -60,7 +60,7 @@ def test_accuracy_gate_stops_a_weak_scorer(scorer, monkeypatch, tmp_path):
     # and load_toy_scorer really applies it (on a cached scorer whose accuracy is faked low)
     monkeypatch.setattr(toy_scorer, "heldout_accuracy", lambda *a: {"style": 0.9, "shape": 1.0})
     with pytest.raises(SystemExit, match=r"style=0\.900 < 0\.95"):
-        toy_scorer.load_toy_scorer("winter", 16, cache=scorer[2], seed=0)
+        toy_scorer.load_toy_scorer("winter", 16, cache=scorer[2], seed=0, shipped=None)
 
 
 def test_scorer_cache_is_reused_and_keyed_on_config(scorer, monkeypatch):
@@ -72,12 +72,12 @@ def test_scorer_cache_is_reused_and_keyed_on_config(scorer, monkeypatch):
     def no_training(*a):
         raise AssertionError("retrained")
     monkeypatch.setattr(toy_scorer, "train_toy_scorer", no_training)
-    net2, acc2 = toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=0)
+    net2, acc2 = toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=0, shipped=None)
     assert os.path.getmtime(cache) == mtime and acc2 == acc
     for k, v in net.state_dict().items():
         assert torch.equal(v, net2.state_dict()[k]) and torch.equal(v, load_file(cache)[k])
     with pytest.raises(AssertionError, match="retrained"):  # another seed must not reuse it
-        toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=1)
+        toy_scorer.load_toy_scorer("winter", 16, cache=cache, seed=1, shipped=None)
 
 
 def test_summarize_and_markdown_table():

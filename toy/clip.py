@@ -113,12 +113,29 @@ def train(recipe=None, log_every=100):
     return clip.eval().requires_grad_(False), tok, time.time() - t0, loss.item()
 
 
-def load(recipe=None, root=None, verbose=True):
-    """The trained toy CLIP for `recipe` (default RECIPE): from its cache folder, or trained now
-    and cached there (written atomically: concurrent processes never read a partial file)."""
+# The toy CLIP every committed toy result used, shipped with the code as the toy base is: every
+# machine then computes E5/E6 with the same network (one trained anew elsewhere rounds otherwise).
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "toy-study", "toy-clip")
+
+
+def source(recipe=None, root=None, shipped=SHIPPED):
+    """The folder toy-clip for `recipe` is read from: the shipped one where its recipe is this one,
+    else its cache folder (which load() fills on first use)."""
+    recipe = recipe or RECIPE
+    meta = os.path.join(shipped or "", "recipe.json")
+    if shipped and os.path.isfile(meta) and os.path.isfile(os.path.join(shipped, "model.safetensors")) \
+            and json.load(open(meta)).get("recipe") == recipe:
+        return shipped
+    return cache_dir(recipe, root)
+
+
+def load(recipe=None, root=None, verbose=True, shipped=SHIPPED):
+    """The trained toy CLIP for `recipe` (default RECIPE): the shipped one where it was trained by
+    this recipe, else from its cache folder, else trained now and cached there (written
+    atomically: concurrent processes never read a partial file)."""
     from safetensors.torch import load_file, save_file
     recipe = recipe or RECIPE
-    folder = cache_dir(recipe, root)
+    folder = source(recipe, root, shipped)
     weights, meta_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "recipe.json")
     if os.path.isfile(weights) and os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -265,7 +282,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     t0 = time.time()
     trained = load()
-    with open(os.path.join(cache_dir(), "recipe.json")) as f:
+    with open(os.path.join(source(), "recipe.json")) as f:
         meta = json.load(f)
     lines = [f"toy-clip recipe {json.dumps(RECIPE, sort_keys=True)} (key {recipe_key(RECIPE)}); "
              f"training took {meta['train_seconds']:.1f}s on 1 CPU thread (final loss {meta['final_loss']:.3f}); "
