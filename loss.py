@@ -166,14 +166,22 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weigh
         # size, clipping threshold and lr). Dividing by the B² contrasted pairs instead, as the LLM
         # RPO's 1/(M·N) does, would give L/B: B times smaller gradients and ω = I not equal to DPO.
         loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
+        terms = -weights * F.logsigmoid(logits.detach())  # (B, B): L = Σ_ij terms_ij / B, for the log
     elif rpo_weighting == "inside":
         # E7 (the LLM RPO release): L = -(1/B) Σ_i (1/B) Σ_j log σ(ω_ij · logit_ij), its 1/(M·N).
         # Also ln 2 at the start; with ω = I it is (1/B)·L_DPO + (1 - 1/B)·ln 2.
         loss = -F.logsigmoid(weights * logits).sum(dim=1).mean() / B
+        terms = -F.logsigmoid(weights * logits.detach()) / B
     else:
         raise ValueError(f"rpo weighting must be 'outside' or 'inside', got {rpo_weighting!r}")
     diag = torch.diagonal(logits).detach()
     metrics = _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag)
+    # E9 for the whole contrast (implicit_acc and reward_margin above see the diagonal only, as
+    # diffusers' DPO scripts log them): contrast_acc = Σ_ij ω_ij·[logit_ij > 0] / B, the ω-weighted
+    # share of the B×B contrast that prefers the winner; offdiag_loss_share = the share of the loss
+    # from the terms i ≠ j (0 when ω = I; the rest of the loss is the pairs' own, DPO's terms).
+    metrics["contrast_acc"] = ((logits.detach() > 0).to(weights.dtype) * weights).sum(dim=1).mean().item()
+    metrics["offdiag_loss_share"] = (1.0 - torch.diagonal(terms).sum() / terms.sum().clamp_min(1e-30)).item()
     metrics["weight_entropy"] = weight_entropy(weights)
     # Share of each row's weight on its own pair: 1.0 means RPO has collapsed to DPO.
     metrics["weight_diag"] = torch.diagonal(weights).float().mean().item()
@@ -199,7 +207,8 @@ def sft_loss(err_w):
 #   log      its diagnostics, shown on the log line (all metrics go to metrics.jsonl)
 #   timesteps  E8's default for it: "batch" (one t per micro-batch) or "pair"
 OBJECTIVES = {
-    "rpo": dict(fn=rpo_loss, pairs=True, weights=True, log=("weight_diag", "weight_entropy"), timesteps="batch",
+    "rpo": dict(fn=rpo_loss, pairs=True, weights=True, log=("contrast_acc", "offdiag_loss_share", "weight_diag",
+                                                             "weight_entropy"), timesteps="batch",
                 about="Diffusion-RPO: every winner against every loser of the micro-batch, weighted by ω (E4-E7)"),
     "dpo": dict(fn=dpo_loss, pairs=True, weights=False, log=(), timesteps="pair",
                 about="Diffusion-DPO, the baseline: each winner against its own loser (E3)"),

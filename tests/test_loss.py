@@ -189,3 +189,25 @@ def test_outside_normalisation_is_dpo_scale_and_b_times_the_per_pair_mean():
     start_rpo, _ = L.rpo_loss(ew, el, ew, el, w, 50.0, "outside")
     start_dpo, _ = L.dpo_loss(ew, el, ew, el, 50.0)
     assert start_rpo.item() == pytest.approx(L.LN2) and start_dpo.item() == pytest.approx(L.LN2)
+
+
+def test_whole_contrast_diagnostics_by_hand():
+    """contrast_acc = Σ_ij ω_ij·[logit_ij > 0] / B and offdiag_loss_share = 1 - Σ_i term_ii / Σ_ij term_ij,
+    on a 2×2 contrast worked by hand; with ω = I they are DPO's implicit_acc and 0."""
+    beta = 2.0  # logit_ij = -(β/2)·Δ_ij = -Δ_ij
+    err_w, err_l = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0])
+    zero = torch.zeros(2)
+    # Δ_ij = err_w[i] - err_l[j]: [[-1, -3], [0, -2]] -> logits [[1, 3], [0, 2]]: all but (1, 0) > 0
+    w = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    _, m = L.rpo_loss(err_w, err_l, zero, zero, w, beta=beta)
+    assert m["contrast_acc"] == pytest.approx((0.75 + 0.25 + 0.5) / 2)
+    sp = lambda x: math.log1p(math.exp(-x))  # -log σ(x)
+    terms = [[0.75 * sp(1), 0.25 * sp(3)], [0.5 * sp(0), 0.5 * sp(2)]]
+    total = sum(map(sum, terms))
+    assert m["offdiag_loss_share"] == pytest.approx((terms[0][1] + terms[1][0]) / total)
+    _, inside = L.rpo_loss(err_w, err_l, zero, zero, w, beta=beta, rpo_weighting="inside")
+    terms = [[sp(0.75 * 1), sp(0.25 * 3)], [sp(0.5 * 0), sp(0.5 * 2)]]
+    assert inside["offdiag_loss_share"] == pytest.approx((terms[0][1] + terms[1][0]) / sum(map(sum, terms)))
+    _, dpo = L.dpo_loss(err_w, err_l, zero, zero, beta=beta)
+    _, eye = L.rpo_loss(err_w, err_l, zero, zero, torch.eye(2), beta=beta)
+    assert eye["contrast_acc"] == dpo["implicit_acc"] and eye["offdiag_loss_share"] == 0.0
