@@ -1,6 +1,7 @@
 """toy/experiment.py end to end at toy scale (a few steps each): every code path, the table maths
 against the per-seed numbers, the outputs, and that a rerun reuses every cached piece."""
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -13,6 +14,9 @@ import train
 
 FAST = ["--study", "smoke", "--base_steps", "4", "--align_steps", "4", "--curve_every", "2", "--sample_steps", "2",
         "--sample_seeds", "1"]
+
+
+train_main, score_unet = train.main, experiment.score_unet
 
 
 def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
@@ -36,7 +40,7 @@ def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, mo
     # style over steps for the curves: train.py's validation scores of the curve run (first seed,
     # middle lr), every --curve_every steps; the last one is the run's final score (same prompts,
     # sampling seeds, sampler and scorer)
-    run = tmp_path / "align" / "dpo" / "steps4" / "lr1e-06" / "seed0"  # (keyed by steps: no reuse across them)
+    run, = (tmp_path / "align" / "dpo").glob("lr1e-06-seed0-*")  # (named by what made it)
     log = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in log if "val_toy_style" in r] == [2, 4]
     final = next(r for r in rows if r["model"] == "dpo" and r["lr"] == 1e-6)["per_seed"][0]
@@ -54,19 +58,22 @@ def test_smoke_study_writes_consistent_results_and_reuses_its_cache(tmp_path, mo
     # whose validation used it, are retrained); from another base, every run is retrained
     calls = {"train": 0, "score": 0}
 
-    def count(what, result=None):
-        calls[what] += 1
-        return result
+    def count(what, fn):
+        def counted(*a, **k):
+            calls[what] += 1
+            return fn(*a, **k)
+        return counted
 
-    monkeypatch.setattr(train, "main", lambda *a, **k: count("train"))
-    monkeypatch.setattr(experiment, "score_unet", lambda *a, **k: count("score", {"style": 0.0, "content": 0.0}))
+    monkeypatch.setattr(train, "main", count("train", train_main))
+    monkeypatch.setattr(experiment, "score_unet", count("score", score_unet))
     runs = len(study["variants"]) * len(study["lrs"]) * len(study["seeds"])
     experiment.main(FAST + ["--runs", str(tmp_path), "--sample_steps", "3"])
     assert calls == {"train": len(study["variants"]), "score": len(study["seeds"]) + runs}
     monkeypatch.setattr(experiment, "base_id", lambda base_dir: "another")
     calls.update(train=0, score=0)
     experiment.main(FAST + ["--runs", str(tmp_path), "--sample_steps", "3"])
-    assert calls == {"train": runs, "score": len(study["seeds"]) + runs}
+    # (retrained from the same weights: the same bytes, so their scores are the ones just made)
+    assert calls == {"train": runs, "score": 0}
 
 
 def test_the_shipped_base_is_the_recipes_and_fits_todays_frozen_text_encoder():
@@ -142,16 +149,56 @@ def test_variants_from_the_command_line_one_seed_many_lrs(tmp_path, monkeypatch,
     capsys.readouterr()
     monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("retrained"))
     experiment.main(fast + variants + ["--lrs", "1e-6,3e-6", "--seeds", "0"])
-    assert capsys.readouterr().out.count("cached run") == 4
-    trained = []
-    monkeypatch.setattr(train, "main", lambda argv: trained.append(argv))
-    monkeypatch.setattr(experiment, "score_unet", lambda *a, **k: {"style": 0.0, "content": 0.0})
-    experiment.main(fast + ["--variant", "dpo=--loss dpo --beta 2500", "--lrs", "1e-6"])  # same name, new flags
-    assert len(trained) == 1 and "2500" in trained[0]
-    monkeypatch.setattr(experiment, "code_id", lambda: "other code")
-    trained.clear()
-    experiment.main(fast + ["--variant", "rpo text=--loss rpo --embed text", "--lrs", "1e-6"])
-    assert len(trained) == 1
+    out = capsys.readouterr().out
+    assert out.count("reused run") == 4 and "4 of 4 runs and 5 of 5 scores reused" in out
+
+
+def scores(path):
+    return [(r["variant"], r["lr"], r["seed"], r["style"], r["content"]) for r in json.load(open(path))["runs"]]
+
+
+def test_a_changed_variant_or_code_is_never_answered_by_the_old_model(tmp_path, monkeypatch):
+    """The same variant name with other flags, or after an edit to the code, gives the rows a fresh
+    --runs folder gives (never the old model's scores beside the new command); the old run is kept."""
+    fast = ["--base_steps", "4", "--sample_steps", "2", "--sample_seeds", "1", "--lrs", "1e-3", "--seeds", "0"]
+    a, fresh = ["--runs", str(tmp_path / "a"), "--out", str(tmp_path / "a" / "out")], str(tmp_path / "fresh")
+    experiment.main(fast + a + ["--variant", "m=--loss sft --max_steps 1"])
+    old = scores(tmp_path / "a" / "out" / "results.json")
+    experiment.main(fast + a + ["--variant", "m=--loss sft --max_steps 4"])
+    experiment.main(fast + ["--runs", fresh, "--out", fresh + "/out", "--variant", "m=--loss sft --max_steps 4"])
+    new = scores(tmp_path / "a" / "out" / "results.json")
+    assert new == scores(fresh + "/out/results.json") and len(list((tmp_path / "a" / "align" / "m").iterdir())) == 2
+    assert "--max_steps 4" in json.load(open(tmp_path / "a" / "out" / "results.json"))["runs"][0]["command"]
+
+    # a code edit that changes what a run computes (here: SFT's loss × 50), seen by code_id
+    import loss
+    sft = loss.OBJECTIVES["sft"]["fn"]
+    monkeypatch.setitem(loss.OBJECTIVES["sft"], "fn", lambda err_w: (50 * sft(err_w)[0], sft(err_w)[1]))
+    monkeypatch.setattr(experiment, "code_id", lambda: "edited")
+    experiment.main(fast + a + ["--variant", "m=--loss sft --max_steps 4"])
+    experiment.main(fast + ["--runs", fresh + "2", "--out", fresh + "2/out", "--variant", "m=--loss sft --max_steps 4"])
+    edited = scores(tmp_path / "a" / "out" / "results.json")
+    assert edited == scores(fresh + "2/out/results.json")
+    weights = [experiment.weights_id(str(p / "unet")) for p in (tmp_path / "a" / "align" / "m").iterdir()]
+    assert len(set(weights)) == 3  # three models, each scored as itself
+    assert old != new or old != edited  # (the toy scores at these sizes may coincide; the weights do not)
+
+
+def test_code_id_ignores_comments_and_docstrings_only(tmp_path):
+    import shutil
+    root = tmp_path / "repo"
+    for folder in ("plumbing", "toy"):
+        (root / folder).mkdir(parents=True)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (root / "toy" / "experiment.py").write_text("")
+    for name in ("loss.py", "plumbing/files.py", "toy/__init__.py", "toy/clip.py"):
+        shutil.copy(os.path.join(here, name), root / name)
+    first = experiment.code_id.__wrapped__(str(root))
+    text = (root / "loss.py").read_text()
+    (root / "loss.py").write_text(text.replace('"""', '"""A new sentence. ', 1).replace("# E1", "# E1 (edited)"))
+    assert experiment.code_id.__wrapped__(str(root)) == first
+    (root / "loss.py").write_text(text.replace("beta=5000.0", "beta=5001.0", 1))
+    assert experiment.code_id.__wrapped__(str(root)) != first
 
 
 def test_data_id_follows_the_data(tmp_path):

@@ -1,5 +1,6 @@
 """toy/frontier.py's analysis on hand-made numbers (the study itself takes hours: results/toy-study/)."""
 import math
+import os
 
 import pytest
 
@@ -86,34 +87,49 @@ def test_the_committed_demo_table_is_the_frontiers_seed_0_points():
         assert row["per_seed"] == [{"style": point["style"], "content": point["content"]}], row["model"]
 
 
-def test_a_frontier_folder_refuses_runs_with_another_base_or_settings(tmp_path):
-    path = str(tmp_path / "frontier" / "settings.json")
-    settings = {"base_steps": 1200, "sample_steps": 25, "guidance": 5.0, "device": "cpu"}
-    F.same_as_before(path, settings, "the flags")  # first: recorded
-    F.same_as_before(path, dict(settings), "the flags")  # same: fine
-    with pytest.raises(SystemExit, match="sample_steps.*25.*not.*'sample_steps': 50.*another --runs"):
-        F.same_as_before(path, {**settings, "sample_steps": 50}, "the flags")
-    F.same_as_before(str(tmp_path / "frontier" / "winter" / "base_id.json"), "abc", "the winter base")
-    with pytest.raises(SystemExit, match="the winter base = abc, not def"):
-        F.same_as_before(str(tmp_path / "frontier" / "winter" / "base_id.json"), "def", "the winter base")
+def fake_train(seen):
+    """A stand-in for train.main that leaves what a run leaves for the study: OUT_DIR/unet's weights
+    (bytes that depend on the command, so another command is another model)."""
+    def run(argv):
+        seen.append(argv)
+        unet = os.path.join(argv[argv.index("--out_dir") + 1], "unet")
+        os.makedirs(unet, exist_ok=True)
+        open(os.path.join(unet, "diffusion_pytorch_model.safetensors"), "w").write(" ".join(argv))
+        open(os.path.join(unet, "config.json"), "w").write("{}")
+    return run
 
 
 def test_variants_from_the_command_line(monkeypatch, tmp_path):
-    """--variant NAME='TRAIN FLAGS' × --lrs × --seeds are the frontier's jobs, trained with those flags."""
+    """--variant NAME='TRAIN FLAGS' × --lrs × --seeds are the frontier's jobs, trained with those
+    flags into folders named by what made them; a score belongs to the weights it scored."""
     monkeypatch.setattr(F, "VARIANTS", dict(F.VARIANTS))
     monkeypatch.setattr(F, "CUSTOM", {})
     args = F.parse_args(["--variant", "top=--loss rpo --tau 0.2", "--lrs", "1e-6,2e-6", "--seeds", "0,1",
                          "--runs", str(tmp_path)])
     assert F.jobs() == [("top", 1e-6, 0, 8, "winter"), ("top", 2e-6, 0, 8, "winter"),
                         ("top", 1e-6, 1, 8, "winter"), ("top", 2e-6, 1, 8, "winter")]
-    seen = []
+    seen, scored = [], []
+    (tmp_path / "base" / "unet").mkdir(parents=True)
+    (tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors").write_text("base")
     monkeypatch.setattr(F, "pretrained_base", lambda a, style: str(tmp_path / "base"))
-    monkeypatch.setattr(F.train, "main", lambda argv: seen.append(argv))
-    monkeypatch.setattr(F.E, "score_unet", lambda *a, **k: {"style": 0.5, "content": 0.5})
+    monkeypatch.setattr(F.train, "main", fake_train(seen))
+    monkeypatch.setattr(F.E, "score_unet", lambda unet, *a, **k: scored.append(unet) or {"style": 0.5, "content": 0.5})
     monkeypatch.setattr(F, "scorer", lambda *a: None)
     assert F.run_job(args, {}, "top", 1e-6, 0, 8, "winter")
     assert "--tau" in seen[0] and seen[0][seen[0].index("--tau") + 1] == "0.2"
-    assert [r["variant"] for r in F.rows(str(tmp_path))] == ["top"]
+    assert [r["variant"] for r in F.rows(args)] == ["top"] and len(scored) == 1
+    assert not F.run_job(args, {}, "top", 1e-6, 0, 8, "winter")  # done: neither trained nor scored again
+    assert len(seen) == 1 and len(scored) == 1
+    first = F.job(args.runs, args.device, "top", 1e-6, 0, 8, "winter")[0]
+    # the same name with other flags: another folder, trained and scored anew; the first run is kept
+    F.VARIANTS["top"] = (["--loss", "rpo", "--tau", "0.3"],) + F.VARIANTS["top"][1:]
+    other = F.job(args.runs, args.device, "top", 1e-6, 0, 8, "winter")[0]
+    assert other != first and F.rows(args, [("top", 1e-6, 0, 8, "winter")]) == []  # (not answered by the old run)
+    assert F.run_job(args, {}, "top", 1e-6, 0, 8, "winter") and len(seen) == 2 and len(scored) == 2
+    assert os.path.exists(os.path.join(first, "run", "unet"))
+    # other code: another folder too
+    monkeypatch.setattr(F.E, "code_id", lambda: "edited")
+    assert F.job(args.runs, args.device, "top", 1e-6, 0, 8, "winter")[0] not in (first, other)
     with pytest.raises(SystemExit):
         F.parse_args(["--lrs", "1e-6"])
 

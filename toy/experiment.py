@@ -20,11 +20,19 @@ Style and content are judged by a small CNN trained on procedural renders
 (evaluate.py), which must reach 95% held-out accuracy or the experiment stops.
 
 The base that the committed results came from ships in results/toy-study/base and is used where
-it fits the recipe (--pretrain trains it anew). Everything is cached under --runs (default runs/):
-rerunning skips the base, finished alignment runs and their scores (keyed by base and sampling
-settings), so an interrupted study resumes where it stopped.
+it fits the recipe (--pretrain trains it anew). Everything is cached under --runs (default runs/),
+so an interrupted study resumes where it stopped and a rerun only does new work:
+  - a run's folder is named by what made it (run_name: its train.py command, base, data and code),
+    so a finished run is reused only for all four the same, and a changed variant trains into a
+    folder of its own, never over another;
+  - a score is keyed by the sha256 of the weights it scored, the prompts, the sampling settings,
+    the scorer and the code (score_key), in RUNS/scores: a retrained model is always scored anew.
+"The code" is code_id: the syntax of the six, plumbing/ and the toy world; a comment or docstring
+edit keeps every run, any other edit retrains. The output counts what was reused.
 """
 import argparse
+import ast
+import functools
 import glob
 import hashlib
 import json
@@ -135,16 +143,29 @@ def parse_args(argv=None):
     return args
 
 
-def code_id():
-    """sha256 (12 hex digits) of the code that trains a run: the six files, plumbing/ and the toy
-    world and its CLIP. A run made by other code is not reused."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+@functools.lru_cache(maxsize=None)
+def code_id(root=None):
+    """sha256 (12 hex digits) of the code that trains and samples a run, as Python reads it: the
+    syntax trees of the six files, plumbing/ and the toy world and its CLIP, docstrings dropped
+    (comments are not in a syntax tree). A comment or docstring edit keeps every run and score;
+    any other edit retrains and rescores all of them, even one that changes nothing a run
+    computes (a move of code is shown to change nothing by tools.same_runs, not here). The trees
+    are Python's: another Python version may read the same code into another tree, and retrain.
+    (Cached for the process: a study is made by the code it started with.)"""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "plumbing", "*.py"))
                    + [os.path.join(root, "toy", "__init__.py"), os.path.join(root, "toy", "clip.py")])
     h = hashlib.sha256()
     for path in files:
+        tree = ast.parse(open(path, "rb").read())
+        for node in ast.walk(tree):  # drop docstrings: a node's first statement, when a bare string
+            body = getattr(node, "body", None)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                    isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                    isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
         h.update(os.path.relpath(path, root).encode())
-        h.update(open(path, "rb").read())
+        h.update(ast.dump(tree, include_attributes=False).encode())
     return h.hexdigest()[:12]
 
 
@@ -176,9 +197,58 @@ def study_lrs(study, label):
     return study["lrs"][label] if isinstance(study["lrs"], dict) else study["lrs"]
 
 
-def align_dir(runs, label, steps, lr, seed):
-    """One alignment run's folder, shared by the studies (a run is reused only with the same steps)."""
-    return os.path.join(runs, "align", slug(label), f"steps{steps}", f"lr{lr:g}", f"seed{seed}")
+def made_from(command, base):
+    """What made a run: its train.py command (less --out_dir, where it is written), the base it
+    started from (base_id), its data (data_id) and the code (code_id)."""
+    i = command.index("--out_dir") if "--out_dir" in command else len(command)
+    command = command[:i] + command[i + 2:]
+    return {"base": base, "command": command, "code": code_id(), "data": data_id(command)}
+
+
+def run_name(made):
+    """A run folder's name: the sha256 (12 hex digits) of what made it. Another command, base, data
+    or code is another folder, so a changed variant never overwrites (or is answered by) an earlier run."""
+    return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def align_dir(runs, label, lr, seed, made):
+    """One alignment run's folder: RUNS/align/VARIANT/lrLR-seedSEED-<run_name>."""
+    return os.path.join(runs, "align", slug(label), f"lr{lr:g}-seed{seed}-{run_name(made)}")
+
+
+def weights_id(unet_dir):
+    """sha256 (16 hex digits) of a saved UNet's weight files: a score belongs to these bytes."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(unet_dir)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(unet_dir, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def score_key(unet_dir, prompts, seeds, args, scorer_id):
+    """What a score depends on: the weights' bytes, the prompts, sampling seeds, sampler steps and
+    guidance, the scorer's identity and the code that samples (code_id)."""
+    return {"weights": weights_id(unet_dir), "prompts": list(prompts), "seeds": list(seeds), "steps": args.sample_steps,
+            "guidance": args.guidance, "scorer": scorer_id, "code": code_id()}
+
+
+def scored(runs, unet_dir, prompts, seeds, args, scorer, scorer_id, lookup_only=False):
+    """A UNet's score from RUNS/scores (one file per score key: shared by toy.experiment and
+    toy.frontier and by parallel workers), else sampled and scored now -> (score, reused).
+    lookup_only: None when it is not there."""
+    key = score_key(unet_dir, prompts, seeds, args, scorer_id)
+    path = os.path.join(runs, "scores", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if os.path.exists(path):
+        return json.load(open(path))["score"], True
+    if lookup_only:
+        return None, False
+    score = score_unet(unet_dir, prompts, seeds, args, scorer)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + f".{os.getpid()}", "w") as f:
+        json.dump({"key": key, "score": score}, f)
+    os.replace(path + f".{os.getpid()}", path)  # (whole: another worker may read it now)
+    return score, False
 
 
 def with_steps(argv, steps):
@@ -254,26 +324,29 @@ def base_id(base_dir):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def align(run, label, flags, steps, lr, seed, base_dir, base, args, validation):
+def align(runs, label, flags, steps, lr, seed, base_dir, base, args, validation):
     """One alignment run (train.py with `flags`) from the base in base_dir (id `base`, base_id's)
-    into `run` -> its full train.py command. A finished run there is reused only when it was made
-    by the same command, from the same base, on the same data (data_id), by the same code (code_id);
-    else it is trained anew."""
+    -> (its folder, its full train.py command, whether a finished run was reused). The folder is named by what made it (run_name), so
+    a finished run there is reused (and says so) and any other command, base, data or code trains
+    into a folder of its own; --overwrite only ever clears this command's own unfinished run."""
     command = with_steps(ALIGN_ARGS, steps) + flags + [
         "--init", os.path.join(base_dir, "unet"), "--lr", str(lr), "--seed", str(seed), "--keep_checkpoints", "1",
-        "--out_dir", run, "--device", args.device, "--no_progress", "--log_every", "100", "--overwrite"] + validation
-    made_from = {"base": base, "command": command, "code": code_id(), "data": data_id(command)}
+        "--device", args.device, "--no_progress", "--log_every", "100"] + validation
+    made = made_from(command, base)
+    run = align_dir(runs, label, lr, seed, made)
+    command += ["--out_dir", run, "--overwrite"]
     record = os.path.join(run, "made_from.json")
     if os.path.exists(os.path.join(run, "unet", "config.json")) and os.path.exists(record) \
-            and json.load(open(record)) == made_from:
-        print(f"{label} lr={lr:g} seed={seed}: cached run {run} (same command, base, data and code)")
-        return command
+            and json.load(open(record)) == made:
+        print(f"{label} lr={lr:g} seed={seed}: reused run {run} (same command, base, data and code)")
+        return run, command, True
     t0 = time.time()
     train.main(command)
     with open(record, "w") as f:
-        json.dump(made_from, f)
-    print(f"{label} lr={lr:g} seed={seed}: trained in {time.time() - t0:.0f}s")
-    return command
+        json.dump(made, f)
+    print(f"{label} lr={lr:g} seed={seed}: trained {run} in {time.time() - t0:.0f}s (no finished run of this "
+          f"command, base, data and code)")
+    return run, command, False
 
 
 def sample_unet(unet_dir, prompts, seeds, args):
@@ -308,40 +381,34 @@ def main(argv=None):
     sample_seeds = lambda seed: sampling_seeds(seed, args.sample_seeds)
     base = base_id(base_dir)
 
-    # Scores are cached per UNet folder, base and sampling settings, so a rerun or an extended
-    # study only does new work, and a changed setting is never answered from the cache.
-    # Processes working on different --variants write separate files; all are read back.
-    cache = {}
-    for name in sorted(glob.glob(os.path.join(out, "scores*.json"))):
-        cache.update(json.load(open(name)))
-    cache_file = os.path.join(out, "scores.json" if not args.variants else f"scores-{slug(args.variants)}.json")
+    # Scores are cached in RUNS/scores by the weights' bytes, prompts, sampling settings, scorer and
+    # code (score_key), so a rerun or an extended study only does new work, a retrained run is
+    # always scored anew, and a changed setting is never answered from the cache.
+    reused = {"runs": 0, "scores": 0}
 
-    def scored(unet_dir, seed, key):
-        key += (f" | base {base}, sampling seeds {sample_seeds(seed)}, {args.sample_steps} steps, "
-                f"guidance {args.guidance} | {scorer_id}")
-        if key not in cache:
-            cache[key] = score_unet(unet_dir, prompts, sample_seeds(seed), args, scorer)
-            json.dump(cache, open(cache_file, "w"), indent=1)
-        return cache[key]
+    def score(unet_dir, seed):
+        result, hit = scored(args.runs, unet_dir, prompts, sample_seeds(seed), args, scorer, scorer_id)
+        reused["scores"] += hit
+        return result
 
-    rows = [{"model": "base", "lr": None, "per_seed": [scored(os.path.join(base_dir, "unet"), s, f"base/seed{s}")
-                                                       for s in study["seeds"]]}]
-    curves, style_points, runs = {}, {}, []
+    rows = [{"model": "base", "lr": None, "per_seed": [score(os.path.join(base_dir, "unet"), s) for s in study["seeds"]]}]
+    curves, style_points, runs, folders = {}, {}, [], {}
     for label in study["variants"]:
         lrs = study_lrs(study, label)
         for lr in lrs:
             per_seed = []
             for seed in study["seeds"]:
-                run = align_dir(args.runs, label, steps, lr, seed)
                 curve = seed == study["seeds"][0] and lr == lrs[len(lrs) // 2]
                 # The curve runs score their own samples while training (train.py's validation: the
                 # held-out prompts, this seed's sampling seeds, the toy scorer, every curve_every steps).
                 validation = ["--validation_prompts", "toy-test", "--validation_every", str(args.curve_every),
                               "--validation_seeds", ",".join(map(str, sample_seeds(seed))), "--validation_metric", "toy",
                               "--validation_inference_steps", str(args.sample_steps), "--validation_guidance", str(args.guidance)]
-                command = align(run, label, variants[label], steps, lr, seed, base_dir, base, args,
-                                validation if curve else [])
-                per_seed.append(scored(os.path.join(run, "unet"), seed, f"{run}"))
+                run, command, hit = align(args.runs, label, variants[label], steps, lr, seed, base_dir, base, args,
+                                     validation if curve else [])
+                folders[label, lr, seed] = run
+                reused["runs"] += hit
+                per_seed.append(score(os.path.join(run, "unet"), seed))
                 runs.append({"variant": label, "lr": lr, "seed": seed, "command": shlex.join(["python", "train.py",
                                                                                            *command]),
                              **per_seed[-1], "scorer": scorer_id})
@@ -369,6 +436,9 @@ def main(argv=None):
           f"(exact on this machine for this code; another CPU rounds differently and can move the figures "
           f"in the third decimal: docs/toy-study.md)\n")
     print(table)
+    print(f"\n{reused['runs']} of {len(runs)} runs and {reused['scores']} of {len(runs) + len(rows[0]['per_seed'])} "
+          f"scores reused (same command, base, data and code; a score: the same weights' bytes, sampling, scorer and "
+          f"code); the rest made now")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     json.dump({"study": args.study, "runs": runs, "rows": rows, "scorer": scorer_id, "scorer_accuracy": accuracy,
@@ -387,8 +457,7 @@ def main(argv=None):
     # the held-out prompts, one sampling seed, the same for every row.
     seed = study["seeds"][0]
     mid = {v: study_lrs(study, v)[len(study_lrs(study, v)) // 2] for v in study["variants"]}
-    unets = [os.path.join(base_dir, "unet")] + [os.path.join(align_dir(args.runs, v, steps, mid[v], seed), "unet")
-                                                for v in study["variants"]]
+    unets = [os.path.join(base_dir, "unet")] + [os.path.join(folders[v, mid[v], seed], "unet") for v in study["variants"]]
     images = torch.cat([sample_unet(u, prompts, [sample_seeds(seed)[0]], args) for u in unets])
     sample.make_grid(tensor_to_uint8(images), rows=len(unets), cols=len(prompts), scale=4).save(
         os.path.join(out, "grid.png"))

@@ -27,6 +27,7 @@ The comparison: along each seed's lr grid, content is interpolated linearly at a
 noise) and reported as mean ± a 95% t-interval over the seeds.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import numpy as np
 from plumbing import plots
 from toy import scorer as toy_scorer
 from toy import experiment as E
+import loss as L
 import toy
 import train
 
@@ -88,7 +90,7 @@ VARIANTS["rpo τ=0.1"] = VARIANTS["rpo τ=0.1"][:3] + ([x for x in grid(1e-7, 13
 # scorer asks for the shape only, which DPO keeps to the top of its grid).
 BATCH16 = {"dpo": grid(1e-7)[1::2], "rpo τ=0.5": grid(3.2e-7, 10)[1::2]}
 SKETCH = {"dpo": grid(1e-7, 11), "rpo τ=0.5": grid(3.2e-7, 13), "sft": grid(1e-5, 6, 2)}
-ROW_DEFAULTS = dict(tau=None, weighting="outside", embed="mean", batch=8, style_name="winter")
+ROW_DEFAULTS = dict(tau=None, weighting="outside", embed="mean", timesteps=None, batch=8, style_name="winter")
 COLLAPSE, UNCHANGED = 0.05, (0.1, 0.05)  # content <= 0.05; style within +0.1 and content within -0.05 of the base
 
 
@@ -110,8 +112,43 @@ def jobs():
     return out
 
 
-def run_dir(runs, variant, lr, seed, batch, style):
-    return os.path.join(runs, "frontier", style, f"B{batch}", E.slug(variant), f"lr{lr:g}", f"seed{seed}")
+def run_dir(runs, variant, lr, seed, batch, style, made):
+    """A job's folder, named by what made its run (experiment.run_name: command, base, data, code):
+    another command, base or code is another folder, and never overwrites this one."""
+    return os.path.join(runs, "frontier", style, f"B{batch}", E.slug(variant), f"lr{lr:g}", f"seed{seed}",
+                        E.run_name(made))
+
+
+def base_dir(runs, style):
+    return os.path.join(runs, "base" if style == "winter" else f"base-{style}")
+
+
+def command(runs, variant, lr, seed, batch, style, device):
+    """A job's train.py command, less --out_dir."""
+    return ["--model", "tiny", "--data", "toy", "--style", style, "--batch_size", str(batch), "--max_steps", str(STEPS),
+            *VARIANTS[variant][0], "--embed_model", "toy-clip", "--init", os.path.join(base_dir(runs, style), "unet"),
+            "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
+            "--device", device, "--no_progress", "--log_every", str(STEPS)]
+
+
+def job(runs, device, variant, lr, seed, batch, style):
+    """-> (the job's folder, what made its run, its command less --out_dir); None before its base exists."""
+    base = base_dir(runs, style)
+    if not os.path.exists(os.path.join(base, "unet", "diffusion_pytorch_model.safetensors")):
+        return None
+    argv = command(runs, variant, lr, seed, batch, style, device)
+    made = E.made_from(argv, base_id(base))
+    return run_dir(runs, variant, lr, seed, batch, style, made), made, argv
+
+
+@functools.lru_cache(maxsize=None)
+def _base_id(path, mtime):
+    return E.base_id(path)
+
+
+def base_id(base):
+    """experiment.base_id, once per version of the base's file (a study asks at every job)."""
+    return _base_id(base, os.path.getmtime(os.path.join(base, "unet", "diffusion_pytorch_model.safetensors")))
 
 
 def claim(path):
@@ -137,79 +174,71 @@ def claim(path):
 
 
 def scorer(args, scorers, style):
+    """The style's toy scorer (the shipped one where it fits: toy/scorer.py)."""
     if style not in scorers:
         scorers[style] = toy_scorer.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
     return scorers[style]
 
 
-def save_score(path, score):
-    tmp = os.path.join(path, "score.json.tmp")
-    json.dump(score, open(tmp, "w"))
-    os.replace(tmp, os.path.join(path, "score.json"))
+def score(args, scorers, unet, seed, style, lookup_only=False):
+    """A UNet's score on the held-out prompts × this seed's sampling seeds, from the score store
+    keyed by its weights' bytes (experiment.scored) -> (score or None, reused)."""
+    net = None if lookup_only else scorer(args, scorers, style)
+    return E.scored(args.runs, unet, toy.toy_prompts("test"), E.sampling_seeds(seed, SAMPLE_SEEDS), args, net,
+                    toy_scorer.identity(style, 16), lookup_only=lookup_only)
 
 
 def pretrained_base(args, style):
     """The style's toy base (toy/experiment.py's recipe), pretrained now unless cached or shipped."""
-    base = os.path.join(args.runs, "base" if style == "winter" else f"base-{style}")
+    base = base_dir(args.runs, style)
     E.pretrain_base(base, args.device, args.base_steps, style)
-    same_as_before(os.path.join(args.runs, "frontier", style, "base_id.json"), E.base_id(base), f"the {style} base")
     return base
-
-
-def same_as_before(path, value, what):
-    """Runs in one frontier folder must share a base and sampling settings: the first process records
-    them, a later one with others stops in one line instead of mixing results silently."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + f".{os.getpid()}", "w") as f:
-            json.dump(value, f)
-        os.replace(path + f".{os.getpid()}", path)  # (whole, for a second worker reading it now)
-    if json.load(open(path)) != value:
-        raise SystemExit(f"frontier: {path} says its runs were made with {what} = {json.load(open(path))}, "
-                         f"not {value}; use another --runs")
 
 
 def score_base(args, scorers, seed, style):
     """The base itself, scored on the sampling seeds a run with this training seed uses: the
     'no change' point every lr path starts from."""
-    path = os.path.join(args.runs, "frontier", style, "base", f"seed{seed}")
-    if not os.path.exists(os.path.join(path, "score.json")) and claim(path):
-        base = pretrained_base(args, style)
-        save_score(path, E.score_unet(os.path.join(base, "unet"), toy.toy_prompts("test"),
-                                      E.sampling_seeds(seed, SAMPLE_SEEDS), args, scorer(args, scorers, style)))
-        os.remove(os.path.join(path, "claim"))
+    base = pretrained_base(args, style)
+    score(args, scorers, os.path.join(base, "unet"), seed, style)
 
 
 def run_job(args, scorers, variant, lr, seed, batch, style):
-    path = run_dir(args.runs, variant, lr, seed, batch, style)
-    if os.path.exists(os.path.join(path, "score.json")) or not claim(path):
+    """Train and score one job unless its run and score exist (or another worker has claimed it)
+    -> whether this process did any work."""
+    pretrained_base(args, style)
+    path, made, argv = job(args.runs, args.device, variant, lr, seed, batch, style)
+    unet, record = os.path.join(path, "run", "unet"), os.path.join(path, "made_from.json")
+    finished = os.path.exists(record) and json.load(open(record)) == made
+    if finished and score(args, scorers, unet, seed, style, lookup_only=True)[0] is not None:
         return False
-    base = pretrained_base(args, style)
+    if not claim(path):
+        return False
     t0 = time.time()
-    flags = VARIANTS[variant][0]
-    train.main(["--model", "tiny", "--data", "toy", "--style", style, "--batch_size", str(batch),
-                "--max_steps", str(STEPS), *flags, "--embed_model", "toy-clip", "--init", os.path.join(base, "unet"),
-                "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
-                "--out_dir", os.path.join(path, "run"), "--device", args.device, "--no_progress",
-                "--log_every", str(STEPS), "--overwrite"])
-    score = E.score_unet(os.path.join(path, "run", "unet"), toy.toy_prompts("test"),
-                         E.sampling_seeds(seed, SAMPLE_SEEDS), args, scorer(args, scorers, style))
-    score["train_s"] = round(time.time() - t0, 1)
-    save_score(path, score)
+    if not finished:
+        train.main(argv + ["--out_dir", os.path.join(path, "run"), "--overwrite"])
+        with open(record, "w") as f:
+            json.dump(made, f)
+    result = score(args, scorers, unet, seed, style)[0]
     os.remove(os.path.join(path, "claim"))
-    print(f"frontier: {style} B={batch} {variant} lr={lr:g} seed={seed}: style {score['style']:.3f} "
-          f"content {score['content']:.3f} ({score['train_s']:.0f}s)", flush=True)
+    print(f"frontier: {style} B={batch} {variant} lr={lr:g} seed={seed}: style {result['style']:.3f} "
+          f"content {result['content']:.3f} ({time.time() - t0:.0f}s; {path})", flush=True)
     return True
 
 
-def rows(runs):
-    """Every finished run as a JSON row (method, τ, weighting, embed, batch, style, lr, seed, scores)."""
+def rows(args, job_list=None):
+    """Every finished, scored run of the study (default: jobs()) as a JSON row (method, τ,
+    weighting, embed, timesteps, batch, style, lr, seed, scores)."""
     out = []
-    for variant, lr, seed, batch, style in jobs():
-        path = os.path.join(run_dir(runs, variant, lr, seed, batch, style), "score.json")
-        if os.path.exists(path):
-            s = json.load(open(path))
-            out.append({"variant": variant, **ROW_DEFAULTS, **VARIANTS[variant][1], "batch": batch, "style_name": style,
+    for variant, lr, seed, batch, style in (jobs() if job_list is None else job_list):
+        found = job(args.runs, args.device, variant, lr, seed, batch, style)
+        if found is None or not os.path.exists(os.path.join(found[0], "made_from.json")):
+            continue
+        s = score(args, {}, os.path.join(found[0], "run", "unet"), seed, style, lookup_only=True)[0]
+        if s is not None:
+            fields = {**ROW_DEFAULTS, **VARIANTS[variant][1]}
+            if fields["timesteps"] is None and fields["method"] in L.OBJECTIVES:  # the objective's default (E8)
+                fields["timesteps"] = L.OBJECTIVES[fields["method"]]["timesteps"]
+            out.append({"variant": variant, **fields, "batch": batch, "style_name": style,
                         "lr": lr, "seed": seed, "style": s["style"], "content": s["content"]})
     return out
 
@@ -217,13 +246,13 @@ def rows(runs):
 BASES = (("winter", 0), ("winter", 1), ("winter", 2), ("sketch", 0))  # (style, training seed) the runs need
 
 
-def bases(runs):
+def bases(args, which=BASES):
     """{(style, seed): the base's score on that seed's sampling seeds} for those scored so far."""
     out = {}
-    for style, seed in BASES:
-        path = os.path.join(runs, "frontier", style, "base", f"seed{seed}", "score.json")
-        if os.path.exists(path):
-            s = json.load(open(path))
+    for style, seed in which:
+        unet = os.path.join(base_dir(args.runs, style), "unet")
+        s = score(args, {}, unet, seed, style, lookup_only=True)[0] if os.path.isdir(unet) else None
+        if s is not None:
             out[(style, seed)] = {"style": s["style"], "content": s["content"]}
     return out
 
@@ -358,21 +387,21 @@ def plot(table, out_png, base=None):
     plt.close(fig)
 
 
-def matched_grid(runs, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1")):
+def matched_grid(args, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1")):
     """Samples at matched style: per variant the seed-0 run at the first lr whose style reaches
     `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
     held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
     import sample
     from model import tensor_to_uint8
-    prompts, args = toy.toy_prompts("test"), argparse.Namespace(sample_steps=25, guidance=5.0, device="cpu")
-    rows = [("base", os.path.join(runs, "base", "unet"))]
+    prompts = toy.toy_prompts("test")
+    rows = [("base", os.path.join(base_dir(args.runs, "winter"), "unet"))]
     for v in variants:
         cands = [r for r in table if r["variant"] == v and r["seed"] == 0 and r["batch"] == 8
                  and r["style_name"] == "winter" and r["style"] >= target]
         if cands:
             r = min(cands, key=lambda r: r["lr"])
             rows.append((f"{v} lr={r['lr']:g} (style {r['style']:.2f}, content {r['content']:.2f})",
-                         os.path.join(run_dir(runs, v, r["lr"], 0, 8, "winter"), "run", "unet")))
+                         os.path.join(job(args.runs, args.device, v, r["lr"], 0, 8, "winter")[0], "run", "unet")))
     images = [E.sample_unet(unet, prompts, [0], args) for _, unet in rows]
     import torch
     sample.make_grid(tensor_to_uint8(torch.cat(images)), rows=len(rows), cols=len(prompts), scale=4).save(
@@ -410,16 +439,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = {k: getattr(args, k) for k in ("base_steps", "sample_steps", "guidance", "device")}
-    same_as_before(os.path.join(args.runs, "frontier", "settings.json"), settings, "the flags")
     scorers, done = {}, 0
     if not args.collect:
-        for job in jobs():
-            done += run_job(args, scorers, *job)
+        for one in jobs():
+            done += run_job(args, scorers, *one)
         print(f"frontier: this process ran {done} jobs")
     for style, seed in BASES:  # (a minute at most; --collect scores them too if missing)
         score_base(args, scorers, seed, style)
-    table, base = rows(args.runs), bases(args.runs)
+    table, base = rows(args), bases(args)
     os.makedirs(args.out, exist_ok=True)
     json.dump({"steps": STEPS, "sample_seeds": SAMPLE_SEEDS, "held_out_prompts": len(toy.toy_prompts("test")),
                "base_recipe": E.BASE_ARGS, "embed_model": "toy-clip", "rows": table,
@@ -428,7 +455,7 @@ def main(argv=None):
     text = analysis(table, base)
     open(os.path.join(args.out, "frontier.md"), "w").write(text)
     plot(table, os.path.join(args.out, "frontier.png"), base)
-    matched_grid(args.runs, table, args.out)
+    matched_grid(args, table, args.out)
     print(text + f"\n{len(table)} of {len(jobs())} runs; wrote {args.out}/frontier.{{json,md,png}}")
 
 
