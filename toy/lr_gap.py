@@ -1,0 +1,141 @@
+"""
+Why RPO's `outside` form needs about 10× DPO's learning rate for the same style (docs/method.md,
+"The learning rate"): train each objective from the toy base at one shared lr, as train.py
+does, and measure per step what its gradient and AdamW's update look like.
+
+    python -m toy.lr_gap --out results/toy-study/lr_gap.md      # 6 arms × 150 steps, ~10 min on a CPU core
+
+For each arm (objective × E8's t sampling, the factorial's arms) it reports:
+  cos(g_t, g_t-1)    the cosine between successive (clipped) gradients: how consistently the steps point
+  net / path         |θ_N - θ_0| / Σ_t |θ_t - θ_t-1|: how much of AdamW's travel adds up (1: a straight line)
+  |θ_N - θ_0|        how far the weights moved in N steps
+  |Δθ| per step      AdamW's update size (its normalisation makes it near lr·sqrt(#params) whatever the gradient)
+  grad norm          before clipping (train.py clips at --max_grad_norm 1)
+  off-diag loss      the share of the loss from the i ≠ j terms (loss.rpo_loss's offdiag_loss_share)
+  off-diag grad      the share of the logits' gradient weight Σ ω_ij·σ(-logit_ij) on i ≠ j
+  flat tails         the share of the off-diagonal (resp. diagonal) logits with |logit| > 4, where σ' < 0.018
+The run is train.py's loop on one process (the same flags, data order, draws, clipping and AdamW);
+the logits are read by wrapping the objective's function for the duration of the measurement.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+import data
+import loss as L
+import model as M
+import train
+from plumbing import speed
+from toy import clip as toy_clip
+from toy import experiment as E
+from toy import factorial as X
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def measure(arm, lr, steps, seed, base):
+    """Train `arm` for `steps` steps at `lr` from `base` -> per-step records."""
+    with tempfile.TemporaryDirectory() as out:
+        args = train.parse_args(["--model", "tiny", "--data", "toy", "--style", "winter", "--batch_size", "8",
+                                 "--max_steps", str(steps), *X.ARMS[arm][0], "--embed_model", "toy-clip",
+                                 "--init", os.path.join(base, "unet"), "--lr", str(lr), "--seed", str(seed),
+                                 "--out_dir", out, "--device", "cpu"])
+    device = "cpu"
+    speed.device_defaults(args, device, real=False)
+    dataset, resolution = data.from_args(args, 1)
+    m, _ = M.from_args(args, device, dataset, resolution)
+    embedder = toy_clip.embedder(args.embed_model) if L.OBJECTIVES[args.loss]["weights"] else None
+    params = [p for p in m.unet.parameters() if p.requires_grad]
+    optimizer = M.make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                 args.weight_decay)
+    seen = {}
+    fn = L.OBJECTIVES[args.loss]["fn"]
+
+    def capture(err_w, err_l, ref_w, ref_l, *rest, **kw):  # the logits and ω of this step
+        seen["gaps"] = ((err_w - ref_w).detach(), (err_l - ref_l).detach())
+        seen["weights"] = rest[0].detach() if rest else torch.eye(len(err_w))
+        return fn(err_w, err_l, ref_w, ref_l, *rest, **kw)
+
+    stream = data.stream_batches(dataset, args.batch_size, args.seed, 0, 0)
+    theta0, prev_theta, prev_g, records = flat(params).detach().clone(), None, None, []
+    L.OBJECTIVES[args.loss]["fn"] = capture
+    try:
+        for step in range(steps):
+            _, _, batch = next(stream)
+            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009)  # train.py's
+            loss, metrics = train.micro_batch_loss(m, batch, generator, args, None, m.unet, embedder)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            g = flat([p.grad for p in params]).detach().clone()
+            before = flat(params).detach().clone()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            after = flat(params).detach()
+            gw, gl = seen["gaps"]
+            logits = -0.5 * args.beta * (gw[:, None] - gl[None, :])
+            w = seen["weights"].float()
+            off = ~torch.eye(len(gw), dtype=torch.bool)
+            pull = w * torch.sigmoid(-logits)  # |∂L/∂logit_ij|·B for the outside form (and DPO: ω = I)
+            records.append({
+                "loss": loss.item(), "grad_norm": norm,
+                "cos_prev": None if prev_g is None else torch.nn.functional.cosine_similarity(g, prev_g, dim=0).item(),
+                "update": (after - before).norm().item(),
+                "offdiag_loss_share": metrics.get("offdiag_loss_share", 0.0),
+                "offdiag_grad_share": (pull[off].sum() / pull.sum().clamp_min(1e-30)).item(),
+                "tails_off": (logits[off].abs() > 4).float().mean().item(),
+                "tails_diag": (torch.diagonal(logits).abs() > 4).float().mean().item(),
+            })
+            prev_g = g
+        net = (flat(params).detach() - theta0).norm().item()
+    finally:
+        L.OBJECTIVES[args.loss]["fn"] = fn
+    return records, net
+
+
+def summary(arm, records, net):
+    def mean(key, skip=0):
+        v = [r[key] for r in records[skip:] if r[key] is not None]
+        return sum(v) / len(v)
+    path = sum(r["update"] for r in records)
+    return (f"| {arm} | {mean('cos_prev', 1):.3f} | {net / path:.3f} | {net:.4f} | {mean('update'):.2e} | "
+            f"{mean('grad_norm'):.2f} | {mean('offdiag_loss_share'):.2f} | {mean('offdiag_grad_share'):.2f} | "
+            f"{mean('tails_off'):.2f} / {mean('tails_diag'):.2f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    p.add_argument("--lr", type=float, default=1e-6, help="the one lr every arm trains at")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arms", default=",".join(X.ARMS), help="comma list of toy.factorial's arms")
+    p.add_argument("--runs", default="runs", help="where the toy base is cached (toy.experiment's)")
+    p.add_argument("--out", default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    arms = args.arms.split(",")
+    if any(a not in X.ARMS for a in arms):
+        p.error(f"--arms: choose from {', '.join(X.ARMS)}")
+    base = os.path.join(args.runs, "base")
+    E.pretrain_base(base, "cpu", 1200)
+    lines = [f"lr {args.lr:g} for every arm, {args.steps} steps × 8 pairs, seed {args.seed}, winter toy set, from the "
+             f"shipped base; means over the steps", "",
+             "| arm | cos(g_t, g_t-1) | net / path | \\|θ_N - θ_0\\| | \\|Δθ\\| per step | grad norm | off-diag loss | "
+             "off-diag grad | flat tails off / diag |", "|---|---|---|---|---|---|---|---|---|"]
+    with speed.one_thread():
+        for arm in arms:
+            records, net = measure(arm, args.lr, args.steps, args.seed, base)
+            lines.append(summary(arm, records, net))
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"python -m toy.lr_gap --lr {args.lr:g} --steps {args.steps} --seed {args.seed}\n\n" + text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
