@@ -433,8 +433,8 @@ def main(argv=None):
     table = evaluate.markdown_table(table_rows, ["model", "style", "content"])
     print(f"\nheld-out prompts: {len(prompts)}, sampling seeds per prompt: {args.sample_seeds}, "
           f"training seeds: {study['seeds']}, scorer accuracy: {accuracy}\n"
-          f"(exact on this machine for this code; another CPU rounds differently and can move the figures "
-          f"in the third decimal: docs/toy-study.md)\n")
+          f"(exact on this machine for this code; another CPU rounds training differently, which moves the "
+          f"figures: docs/toy-study.md#what-reproduces-and-across-machines)\n")
     print(table)
     print(f"\n{reused['runs']} of {len(runs)} runs and {reused['scores']} of {len(runs) + len(rows[0]['per_seed'])} "
           f"scores reused (same command, base, data and code; a score: the same weights' bytes, sampling, scorer and "
