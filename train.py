@@ -38,8 +38,8 @@ from toy import clip as toy_clip
 
 # ---------------------------------------------------------------------------------------
 # The method, applied to one micro-batch: from a batch of preference pairs to the loss, in the
-# order a step computes it, E8, E1, E2/E3, E5, E6, E4/E7 (DPO ends at E2/E3; RPO goes from E1 to
-# E5, its E4 using E2's reward; docs/method.md numbers them E1..E9). The equations themselves are
+# order a step computes it, E8, E1, E2/E3, E5, E6, E4/E7, E9 (DPO ends at E2/E3; RPO goes from E1
+# to E5, its E4 using E2's reward; SFT from E1 to E9; docs/method.md numbers them). The equations are
 # loss.py's pure functions; these two functions run the networks around them, through model.py
 # (encoders, UNet calls, CLIP passes) and plumbing/distributed.py (Share: this process's rows).
 # One pair goes from the batch to the loss through those four files (README, "Read the code with
