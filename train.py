@@ -1,7 +1,7 @@
 """
 Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop.
 
-    python train.py                                  # RPO on the tiny preset and toy set, CPU, a minute
+    python train.py                                  # RPO on the tiny preset and toy set, CPU (timed in the README)
     python train.py --model sd15 --pretrained /models/sd15 --data pairs.jsonl --gradient_checkpointing \
                     --batch_size 8 --grad_accum 32
     python train.py --lora_rank 8                    # LoRA: only adapters train; ε_ref = adapters off
@@ -59,7 +59,7 @@ from toy import clip as toy_clip
 #            loss = −mean_i log σ(−(β/2)·Δ_ii)                                  scalar
 #   features E5: CLIP text (B,D) and image (2B,D) features -> f(c,x) for [winners; losers] (2B,D)
 #   ω        E6: softmax over losers j of −(1 − cos(f(w_i), f(l_j)))/τ               (B,B)
-#   RPO      E4, E7: Δ_ij for every winner i and loser j (B,B); loss = −(1/B)·Σ_ij ω_ij·log σ(−(β/2)·Δ_ij)
+#   RPO      E4, E7: Δ_ij for every winner i and loser j (B,B); outside: loss = −(1/B)·Σ_ij ω_ij·log σ(−(β/2)·Δ_ij)
 # `share` is the identity on one process (keep() returns its input, everyone() too); under
 # torchrun it keeps this rank's rows of draws made for the global micro-batch (plumbing/distributed.py).
 def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedder=None, autocast=None):
