@@ -174,10 +174,11 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weigh
     B = logits.shape[0]
     if rpo_weighting == "outside":
         # E7, outside (this project's reading, the default): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij).
-        # ω = I gives E3 exactly. 1/B (this project's reading): each row of ω sums to 1, a weighted
-        # mean over losers, averaged over winners: DPO's scale (ln 2 at the start; the same gradient
-        # size, clipping threshold and lr). Dividing by the B² contrasted pairs instead, as the LLM
-        # RPO's 1/(M·N) does, would give L/B: B times smaller gradients and ω = I not equal to DPO.
+        # ω weighs each comparison and leaves its β alone; ω = I gives E3 exactly. 1/B (this
+        # project's reading): each row of ω sums to 1, a weighted mean over losers averaged over
+        # winners: DPO's scale (ln 2 at the start; the same gradient size, clipping threshold and lr).
+        # Dividing by the B² contrasted pairs instead, as the LLM RPO's 1/(M·N) does, would give L/B:
+        # B times smaller gradients and ω = I not equal to DPO (docs/method.md, E7, says why).
         loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
     elif rpo_weighting == "inside":
         # E7 (the LLM RPO release): L = -(1/B) Σ_i (1/B) Σ_j log σ(ω_ij · logit_ij), its 1/(M·N).
