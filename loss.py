@@ -2,16 +2,17 @@
 The objectives of Diffusion-RPO and its baselines, as pure functions on tensors.
 
 Nothing in this file knows about UNets, VAEs or data: train.py runs the networks and hands
-per-sample denoising errors to these functions. That keeps every equation of the paper
-(docs/method.md, E1..E9) in one short file that can be checked by hand, and lets the
-tests compare each loss against hand-computed numbers.
+per-sample denoising errors to these functions. That keeps every equation of docs/method.md
+(E1..E9) in one short file that can be checked by hand, and lets the tests compare each loss
+against hand-computed numbers.
 
-Reading order, following the paper:
-  denoising_error   E1  per-sample ||eps - eps_theta||^2
-  sample_timesteps  E8  one t per batch (RPO default) or per pair (Diffusion-DPO)
+The functions, in the order this file defines them (one training step runs E8 before E1, as
+docs/read-along.md does; docs/method.md numbers the equations E1..E9):
+  denoising_error   E1  per-sample mean over the D latent entries of (eps - eps_theta)^2
+  sample_timesteps  E8  one t per micro-batch (RPO default) or per pair (Diffusion-DPO)
   sample_noise      E8  winner and loser of a pair share their noise
-  dpo_loss          E2, E3  the Diffusion-DPO baseline
-  combine_features  E5  f(c, x): normalize(CLIP text + CLIP image)
+  dpo_loss          E2, E3  the Diffusion-DPO baseline (E2 through _excess_errors)
+  combine_features  E5  f(c, x) from CLIP halves that model.clip_features has normalised
   rpo_weights       E6  multi-modal similarity -> softmax weights over losers
   rpo_loss          E4, E7  every winner against every loser in the batch
   sft_loss          E9  plain denoising loss on winners
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------
 # E1: per-sample denoising error
 def denoising_error(pred, target):
-    # E1: e(z, c, t, eps) = mean over latent dims of ||eps - eps_theta(z_t, t, c)||^2.
+    # E1: e(z, c, t, eps) = (1/D)·||eps - eps_theta(z_t, t, c)||^2, the mean over the D latent
+    # entries of (eps - eps_theta)^2, one number per sample. The mean, not the sum, is what sets
+    # beta's scale (docs/method.md, E2: beta = 2·T·D·beta_DDPO against Diffusion-DPO's equation).
     # Computed in fp32 whatever the network's dtype: the DPO/RPO logits multiply
     # differences of these errors by beta/2 = 2500, so bf16 rounding here would be amplified.
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
@@ -44,10 +47,12 @@ def sample_timesteps(num_pairs, num_train_timesteps=1000, mode="batch", generato
 
     E8: training never runs the sampling chain; it noises data latents at a random step t.
     mode="batch" (RPO default): one t for the whole micro-batch, so winner i and loser j of
-      the contrast matrix (E4) are compared at the same step, as the paper's notation does.
-      train.py draws it for the *global* micro-batch (every rank's pairs: one t for all of them,
-      whatever --global_contrast says), and anew for each micro-batch of an accumulated step;
-      the paper's "same t for i and j" needs no more than one t per contrast matrix.
+      the contrast matrix (E4) are compared at the same step. This is this project's reading
+      (docs/method.md, E8): a step-wise reward is a reward at one step, and with one t per pair
+      an off-diagonal Δ_ij would compare gaps measured at two noise levels, whose sizes differ
+      with t. train.py draws it for the *global* micro-batch (every rank's pairs: one t for all
+      of them, whatever --global_contrast says), and anew for each micro-batch of an accumulated
+      step: "the same t for i and j" needs no more than one t per contrast matrix.
     mode="pair" (Diffusion-DPO): one t per pair.
     Winner and loser of a pair always share t: train.py applies this vector to both halves.
     """
@@ -73,11 +78,14 @@ def sample_noise(shape, generator=None, device="cpu", dtype=torch.float32):
 
 # ---------------------------------------------------------------------------------------
 # Shared pieces of E3 and E7
-def _reward_gaps(err, ref_err):
-    # E2: the step-wise implicit reward is r_t ∝ -(e_theta - e_ref); we keep (e_theta - e_ref)
-    # and put the minus sign into the logit. The exact constant (docs/method.md, E2): the paper's
-    # logit -β_paper·T·ω(λ_t)·(‖ε-ε_θ‖² - ‖ε-ε_ref‖² - ...) with sums over the D latent entries
-    # and ω(λ_t) = 1 equals this code's -(β/2)·Δ with means, for β = 2·T·D·β_paper.
+def _excess_errors(err, ref_err):
+    # e_θ - e_ref per sample: how much worse the policy denoises it than the frozen reference.
+    # This is the negative of E2's step-wise implicit reward, r_t ∝ -(e_θ - e_ref): the logits
+    # below put the minus sign and β/2 in, logit = -(β/2)·Δ. e_ref carries no gradient.
+    # β's scale against Diffusion-DPO's equation, whose constant docs/method.md (E2) calls β_DDPO
+    # (logit -β_DDPO·T·w(λ_t)·(‖ε-ε_θ‖² - ‖ε-ε_ref‖² - ...) with sums over the D latent entries,
+    # T from its whole-chain derivation, its time weighting w(λ_t) = 1): that logit equals this
+    # code's -(β/2)·Δ over means for β = 2·T·D·β_DDPO (tests/test_loss.py checks it).
     return err - ref_err.detach()
 
 
@@ -98,7 +106,7 @@ def _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag_logits):
 # E3: Diffusion-DPO, the baseline
 def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=5000.0):
     # E3: Δ_ii = (e_θ(w_i) - e_ref(w_i)) - (e_θ(l_i) - e_ref(l_i))
-    delta = _reward_gaps(err_w, ref_err_w) - _reward_gaps(err_l, ref_err_l)
+    delta = _excess_errors(err_w, ref_err_w) - _excess_errors(err_l, ref_err_l)
     # E3: logit_ii = -(β/2) Δ_ii; the 1/2 follows the official Diffusion-DPO code (docs/method.md, E3).
     logits = -0.5 * beta * delta
     # E3: L_DPO = -(1/B) Σ_i log σ(logit_ii). logsigmoid is the stable form of log(sigmoid()).
@@ -109,8 +117,12 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=5000.0):
 # ---------------------------------------------------------------------------------------
 # E5, E6: multi-modal weights
 def combine_features(text, image, mode="mean", rows=None):
-    """E5: f(c, x) = normalize(text + image) ("mean"), or one of them ("text" / "image"). text
-    (B, D) is repeated to `rows` (default: image's k·B rows; [winners; losers]: k = 2)."""
+    """E5: f(c, x) = normalize(normalize(text) + normalize(image)) ("mean"), or normalize of one
+    of them ("text" / "image"). The inner normalize() of E5 is not here: `text` and `image` come
+    from model.clip_features (or a cache it filled, plumbing/cache.py), which L2-normalises each
+    half; this function adds them and normalises the sum. Given raw, unnormalised CLIP features
+    it would weight the halves by their norms. text (B, D) is repeated to `rows` (default:
+    image's k·B rows; [winners; losers]: k = 2)."""
     if mode not in ("mean", "text", "image"):
         raise ValueError(f"embed mode must be 'mean', 'text' or 'image', got {mode!r}")
     rows = rows or len(image)
@@ -119,7 +131,7 @@ def combine_features(text, image, mode="mean", rows=None):
         parts.append(text.repeat(rows // len(text), 1))
     if mode in ("mean", "image"):
         parts.append(image)
-    return torch.nn.functional.normalize(sum(parts), dim=-1)  # E5: normalize(text + image)
+    return torch.nn.functional.normalize(sum(parts), dim=-1)  # E5: the outer normalize of the sum
 
 
 def rpo_weights(emb_w, emb_l, tau=0.5):
@@ -141,8 +153,9 @@ def rpo_weights(emb_w, emb_l, tau=0.5):
 
 
 def weight_entropy(weights):
-    # E9: mean entropy of the weight rows (nats): 0 when each winner looks at one loser,
-    # ln B when ω is uniform. Tells how far RPO is from DPO (entropy 0 on the diagonal).
+    # E9: mean entropy of the weight rows (nats), between 0 and ln B: 0 when each winner puts all
+    # its weight on one loser (its own or another prompt's: entropy does not say which), ln B when
+    # ω is uniform (1/B everywhere). How spread ω is; where its weight sits is weight_diag's.
     w = weights.float().clamp_min(1e-30)
     return -(weights.float() * w.log()).sum(dim=1).mean().item()
 
@@ -150,8 +163,8 @@ def weight_entropy(weights):
 # ---------------------------------------------------------------------------------------
 # E4, E7: the Diffusion-RPO loss
 def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weighting="outside"):
-    gap_w = _reward_gaps(err_w, ref_err_w)  # (B,)
-    gap_l = _reward_gaps(err_l, ref_err_l)  # (B,)
+    gap_w = _excess_errors(err_w, ref_err_w)  # (B,)
+    gap_l = _excess_errors(err_l, ref_err_l)  # (B,)
     # E4: Δ_ij = (e_θ(w_i) - e_ref(w_i)) - (e_θ(l_j) - e_ref(l_j)) for every winner i, loser j.
     # A broadcast of two B-vectors: the B×B matrix costs B² scalars, nothing next to a UNet.
     delta = gap_w[:, None] - gap_l[None, :]
@@ -160,11 +173,12 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weigh
     weights = weights.to(logits.dtype).detach()
     B = logits.shape[0]
     if rpo_weighting == "outside":
-        # E7 (paper form): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij). ω = I gives E3 exactly.
-        # Normalisation: each row of ω sums to 1, so this is a mean over winners of a weighted
-        # mean over losers, on DPO's scale (ln 2 at the start, like DPO's loss; the same gradient
-        # size, clipping threshold and lr). Dividing by the B² contrasted pairs instead, as the LLM
-        # RPO's 1/(M·N) does, would give L/B: B times smaller gradients and ω = I not equal to DPO.
+        # E7, outside (this project's reading, the default): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij).
+        # ω weighs each comparison and leaves its β alone; ω = I gives E3 exactly. 1/B (this
+        # project's reading): each row of ω sums to 1, a weighted mean over losers averaged over
+        # winners: DPO's scale (ln 2 at the start; the same gradient size, clipping threshold and lr).
+        # Dividing by the B² contrasted pairs instead, as the LLM RPO's 1/(M·N) does, would give L/B:
+        # B times smaller gradients and ω = I not equal to DPO (docs/method.md, E7, says why).
         loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()
         terms = -weights * F.logsigmoid(logits.detach())  # (B, B): L = Σ_ij terms_ij / B, for the log
     elif rpo_weighting == "inside":
@@ -183,7 +197,7 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weigh
     metrics["contrast_acc"] = ((logits.detach() > 0).to(weights.dtype) * weights).sum(dim=1).mean().item()
     metrics["offdiag_loss_share"] = (1.0 - torch.diagonal(terms).sum() / terms.sum().clamp_min(1e-30)).item()
     metrics["weight_entropy"] = weight_entropy(weights)
-    # Share of each row's weight on its own pair: 1.0 means RPO has collapsed to DPO.
+    # Mean ω_ii, a winner's weight on its own loser: at 1.0 (ω = I) `outside` is DPO; `inside` is not.
     metrics["weight_diag"] = torch.diagonal(weights).float().mean().item()
     return loss, metrics
 
@@ -224,7 +238,7 @@ SETTINGS = {
                  help="E3/E4: logit = -(beta/2)·Δ, the official Diffusion-DPO convention"),
     "tau": dict(type=float, default=0.5, choices=None, losses="weights", help="E6: softmax temperature of ω"),
     "rpo_weighting": dict(type=str, default="outside", choices=("outside", "inside"), losses=("rpo",),
-                          help="E7: ω outside the log-sigmoid (the paper's form) or inside (the LLM RPO code's)"),
+                          help="E7: ω outside the log-sigmoid (this project's reading) or inside (the LLM RPO code's)"),
     "embed": dict(type=str, default="mean", choices=("mean", "text", "image"), losses="weights",
                   help="E5: what f(c, x) embeds: prompt and image, or one of them"),
     "timesteps": dict(type=str, default=None, choices=("batch", "pair"), losses="all",

@@ -1,14 +1,15 @@
 """
 Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop.
 
-    python train.py                                  # RPO on the tiny preset and toy set, CPU, a minute
+    python train.py                                  # RPO on the tiny preset and toy set, CPU (timed in the README)
     python train.py --model sd15 --pretrained /models/sd15 --data pairs.jsonl --gradient_checkpointing \
                     --batch_size 8 --grad_accum 32
     python train.py --lora_rank 8                    # LoRA: only adapters train; ε_ref = adapters off
     torchrun --standalone --nproc_per_node 8 train.py --model sdxl ... [--fsdp] [--global_contrast]
 
-Reads top to bottom: flags; set-up; the loop, whose every micro-batch is one call of
-micro_batch_loss (the method, E1..E9 of docs/method.md); the end. Randomness comes from
+Reads top to bottom: the method first, micro_batch_loss and model_inputs (one micro-batch from
+pairs to loss, E1..E9 of docs/method.md); then the flags; the set-up pieces; main, whose loop
+calls micro_batch_loss once per micro-batch; the end of a run. Randomness comes from
 generators seeded by (seed, step, micro-batch) and (seed, epoch, index), so a resumed run replays
 an uninterrupted one exactly. Collectives are plumbing/distributed.py's (docs/multi-gpu.md); checkpoints
 plumbing/checkpoint.py's; logs, validation and the model card plumbing/report.py's.
@@ -37,10 +38,13 @@ from toy import clip as toy_clip
 
 # ---------------------------------------------------------------------------------------
 # The method, applied to one micro-batch: from a batch of preference pairs to the loss, in the
-# paper's order (docs/method.md, E1..E9). The equations themselves are loss.py's pure functions;
-# these two functions run the networks around them. A reader follows one pair from the batch to
-# the loss here and in loss.py. The loop below and bench/speed.py both call micro_batch_loss, so
-# what is benchmarked is what is trained.
+# order a step computes it, E8, E1, E2/E3, E5, E6, E4/E7, E9 (DPO ends at E2/E3; RPO goes from E1
+# to E5, its E4 using E2's reward; SFT from E1 to E9; docs/method.md numbers them). The equations are
+# loss.py's pure functions; these two functions run the networks around them, through model.py
+# (encoders, UNet calls, CLIP passes) and plumbing/distributed.py (Share: this process's rows).
+# One pair goes from the batch to the loss through those four files (README, "Read the code with
+# the paper"; tests/test_prose.py traces it). The loop below and bench/speed.py both call
+# micro_batch_loss, so what is benchmarked is what is trained.
 # One step, one GPU: B pairs in, one scalar out (shapes for the tiny preset: latents 3×16×16).
 #   batch    B prompts c_i, winners x^w_i and losers x^l_i (B,3,H,W)          data.collate_pairs
 #   latents  z = s·VAE.encode(x) for [winners; losers]: (2B,C,h,w), rows 0..B-1 the winners and
@@ -55,7 +59,7 @@ from toy import clip as toy_clip
 #            loss = −mean_i log σ(−(β/2)·Δ_ii)                                  scalar
 #   features E5: CLIP text (B,D) and image (2B,D) features -> f(c,x) for [winners; losers] (2B,D)
 #   ω        E6: softmax over losers j of −(1 − cos(f(w_i), f(l_j)))/τ               (B,B)
-#   RPO      E4, E7: Δ_ij for every winner i and loser j (B,B); loss = −(1/B)·Σ_ij ω_ij·log σ(−(β/2)·Δ_ij)
+#   RPO      E4, E7: Δ_ij for every winner i and loser j (B,B); outside: loss = −(1/B)·Σ_ij ω_ij·log σ(−(β/2)·Δ_ij)
 # `share` is the identity on one process (keep() returns its input, everyone() too); under
 # torchrun it keeps this rank's rows of draws made for the global micro-batch (plumbing/distributed.py).
 def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedder=None, autocast=None):

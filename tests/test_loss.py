@@ -156,27 +156,28 @@ def test_unknown_weighting_is_an_error():
         L.rpo_loss(e, e, e, e, torch.eye(2), 1.0, "sideways")
 
 
-def test_beta_relation_to_the_papers_equation():
-    """E2/E3: the paper's logit -β_p·T·ω(λ_t)·(‖ε-ε_θ(w)‖² - ‖ε-ε_ref(w)‖² - (same for l)), with
-    sums over the D latent entries and ω(λ_t) = 1, is this code's -(β/2)·Δ over means for
-    β = 2·T·D·β_p (docs/method.md, E2). Computed independently with sums, from raw predictions."""
+def test_beta_relation_to_diffusion_dpos_equation():
+    """E2/E3: Diffusion-DPO's logit -β_DDPO·T·w(λ_t)·(‖ε-ε_θ(w)‖² - ‖ε-ε_ref(w)‖² - (same for l)),
+    with sums over the D latent entries and its time weighting w(λ_t) = 1, is this code's -(β/2)·Δ
+    over means for β = 2·T·D·β_DDPO (docs/method.md, E2). Computed independently with sums, from
+    raw predictions."""
     g = torch.Generator().manual_seed(0)
     B, shape, T, beta = 3, (4, 8, 8), 1000, 5000.0
     D = 4 * 8 * 8
     eps = torch.randn(B, *shape, generator=g)
     pw, pl, rw, rl = (eps + 0.1 * torch.randn(B, *shape, generator=g) for _ in range(4))
     sq = lambda pred: (eps - pred).pow(2).flatten(1).sum(1)  # ‖ε - ε_·‖², summed over D
-    beta_paper = beta / (2 * T * D)
-    logit = -beta_paper * T * 1.0 * ((sq(pw) - sq(rw)) - (sq(pl) - sq(rl)))
-    paper = -torch.nn.functional.logsigmoid(logit).mean()
+    beta_ddpo = beta / (2 * T * D)
+    logit = -beta_ddpo * T * 1.0 * ((sq(pw) - sq(rw)) - (sq(pl) - sq(rl)))
+    ddpo = -torch.nn.functional.logsigmoid(logit).mean()
     code, _ = L.dpo_loss(L.denoising_error(pw, eps), L.denoising_error(pl, eps), L.denoising_error(rw, eps),
                          L.denoising_error(rl, eps), beta)
-    assert code.item() == pytest.approx(paper.item(), rel=1e-5)
-    assert abs(paper.item() - L.LN2) > 1e-3  # (the errors differ: a real check, not ln 2 = ln 2)
+    assert code.item() == pytest.approx(ddpo.item(), rel=1e-5)
+    assert abs(ddpo.item() - L.LN2) > 1e-3  # (the errors differ: a real check, not ln 2 = ln 2)
 
 
 def test_outside_normalisation_is_dpo_scale_and_b_times_the_per_pair_mean():
-    """E7: the paper form (1/B)·Σ_ij ω_ij·(-log σ) is B times the form normalised by the B²
+    """E7: the outside form (1/B)·Σ_ij ω_ij·(-log σ) is B times the form normalised by the B²
     contrasted pairs, and starts at ln 2 like DPO: logged RPO and DPO losses are comparable."""
     g = torch.Generator().manual_seed(1)
     B = 5
