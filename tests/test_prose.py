@@ -172,26 +172,24 @@ def test_the_readme_figures_for_python_train_py(monkeypatch):
     args = train.parse_args([])
     assert (args.loss, args.model, args.max_steps, args.batch_size * args.grad_accum) == (
         "rpo", "tiny", int(m.group(1)), int(m.group(2)))
-    assert args.embed_model == "toy-clip" and "toy-clip" in text
-    steps = re.search(r"toy-clip[^.]*?(\d+) steps", text)
-    assert steps and int(steps.group(1)) == toy.clip.RECIPE["steps"], text
+    assert args.embed_model == "toy-clip" and "shipped toy-clip" in text
+    assert toy.clip.source() == toy.clip.SHIPPED  # (the shipped one is today's recipe's)
 
 
-def test_the_readme_time_for_python_train_py_is_the_right_size(tmp_path):
-    """The time the README quotes for a second `python train.py` (toy-clip cached), against a short
-    run of the same flags: 300 steps at this run's median rate must come within a factor of 3 of it.
-    Loose on purpose (a shared CPU's speed varies 2x); it catches a figure left stale by a change
-    of defaults or of speed by several times."""
-    text = quick_start()
-    m = re.search(r"(\d+) min (\d+) s (?:the second|after)", text) or re.search(r"(\d+) min(?: (\d+) s)? after", text)
-    assert m, text
-    quoted = int(m.group(1)) * 60 + int(m.group(2) or 0)
-    out = tmp_path / "run"
-    train.main(["--max_steps", "8", "--no_progress", "--log_every", "0", "--out_dir", str(out)])
-    rates = sorted(json.loads(line)["pairs_per_s"] for line in open(out / "metrics.jsonl"))[2:]
-    args = train.parse_args([])
-    loop = args.max_steps * args.batch_size / rates[len(rates) // 2]
-    assert quoted / 3 < loop < quoted * 3, (quoted, loop)
+def test_the_readme_time_for_python_train_py_is_the_measured_one():
+    """The time the README quotes for `python train.py` is the one measured and recorded, with its
+    command and machine, in results/train_py_time.md (a timed test would fail on a slower or busier
+    machine; a figure moved in one place and not the other fails here)."""
+    quoted = re.search(r"python train.py +# (\d+ min \d+ s) to (\d+ min \d+ s)", read("README.md"))
+    assert quoted, "the README's python train.py line quotes no time"
+    measured = re.findall(r"\| (\d+ min \d+ s) \|", read("results/train_py_time.md"))
+    cached = measured[1:]  # (the first run's row trained toy-clip, which now ships)
+    assert quoted.groups() == (min(cached, key=seconds), max(cached, key=seconds)), (quoted.groups(), measured)
+
+
+def seconds(text):
+    m, s = re.match(r"(\d+) min (\d+) s", text).groups()
+    return int(m) * 60 + int(s)
 
 
 def test_e5_as_written_holds_for_the_features_train_py_passes():
