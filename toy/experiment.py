@@ -287,9 +287,16 @@ def shipped_base_fits(shipped, recipe):
     return True
 
 
-def pretrain_base(base_dir, device, steps, style="winter", shipped=SHIPPED_BASE):
+def shipped_base(style):
+    """The shipped base of a style: results/toy-study/base (winter), results/toy-study/base-sketch."""
+    return SHIPPED_BASE if style == "winter" else f"{SHIPPED_BASE}-{style}"
+
+
+def pretrain_base(base_dir, device, steps, style="winter", shipped=True):
     """The toy base (a third of its images in `style`), cached in base_dir: copied from the shipped
-    one where it fits the recipe, else trained once; a rerun with the same recipe reuses it."""
+    one (shipped=True: the style's, shipped_base; or a folder; None: none) where it fits the recipe,
+    else trained once; a rerun with the same recipe reuses it."""
+    shipped = shipped_base(style) if shipped is True else shipped
     recipe = with_style(with_steps(BASE_ARGS, steps), style) + ["--device", device]
     done, copied = os.path.join(base_dir, "recipe.json"), os.path.join(base_dir, "shipped")
     if (os.path.exists(done) and json.load(open(done)) == recipe and os.path.isdir(os.path.join(base_dir, "unet"))
@@ -372,7 +379,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     base_dir = os.path.join(args.runs, "base")
     t_start = time.time()
-    pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else SHIPPED_BASE)
+    pretrain_base(base_dir, args.device, args.base_steps, shipped=None if args.pretrain else True)
     scorer, accuracy = toy_scorer.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
     scorer_id = toy_scorer.identity("winter", 16)
     variants = {**VARIANTS, **args.custom}
