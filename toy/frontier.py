@@ -18,9 +18,10 @@ content and style of each pair.
 Each run is 150 steps of 8 pairs (so the grid fits in a few hours on 2 cores) and is scored on
 the 12 held-out prompts × 8 sampling seeds: style = share of samples the style scorer calls
 styled, content = share that still show the prompt's shape, colour and background. The base is
-scored the same way, on each training seed's sampling seeds. A run's folder holds its UNet and
-score.json; a rerun skips both, and two processes claim jobs with a lock file each, so the
-study resumes where it stopped.
+scored the same way, on each training seed's sampling seeds. A run's folder is named by what made
+it and its score is keyed by its weights' bytes (toy/experiment.py: experiment.run_name,
+experiment.scored); a rerun skips what exists, and two processes claim jobs with a lock file
+each, so the study resumes where it stopped. toy/factorial.py runs its study with these pieces.
 
 The comparison: along each seed's lr grid, content is interpolated linearly at a target style
 (0.6, 0.7, 0.8); the RPO - DPO difference is taken per seed (same seed: same data order and
