@@ -9,6 +9,8 @@ For each arm (objective × E8's t sampling, the factorial's arms) it reports:
   cos(g_t, g_t-1)    the cosine between successive (clipped) gradients: how consistently the steps point
   net / path         |θ_N - θ_0| / Σ_t |θ_t - θ_t-1|: how much of AdamW's travel adds up (1: a straight line)
   |θ_N - θ_0|        how far the weights moved in N steps
+  cos with ...       the cosine between this arm's θ_N - θ_0 and the first arm's: how much of its
+                     travel goes the way the first arm's (DPO's, by default) goes
   |Δθ| per step      AdamW's update size (its normalisation makes it near lr·sqrt(#params) whatever the gradient)
   grad norm          before clipping (train.py clips at --max_grad_norm 1)
   off-diag loss      the share of the loss from the i ≠ j terms (loss.rpo_loss's offdiag_loss_share)
@@ -91,18 +93,19 @@ def measure(arm, lr, steps, seed, base):
                 "tails_diag": (torch.diagonal(logits).abs() > 4).float().mean().item(),
             })
             prev_g = g
-        net = (flat(params).detach() - theta0).norm().item()
+        travel = flat(params).detach() - theta0
     finally:
         L.OBJECTIVES[args.loss]["fn"] = fn
-    return records, net
+    return records, travel
 
 
-def summary(arm, records, net):
+def summary(arm, records, travel, first):
     def mean(key, skip=0):
         v = [r[key] for r in records[skip:] if r[key] is not None]
         return sum(v) / len(v)
-    path = sum(r["update"] for r in records)
-    return (f"| {arm} | {mean('cos_prev', 1):.3f} | {net / path:.3f} | {net:.4f} | {mean('update'):.2e} | "
+    net, path = travel.norm().item(), sum(r["update"] for r in records)
+    along = torch.nn.functional.cosine_similarity(travel, first, dim=0).item()
+    return (f"| {arm} | {mean('cos_prev', 1):.3f} | {net / path:.3f} | {net:.4f} | {along:.3f} | {mean('update'):.2e} | "
             f"{mean('grad_norm'):.2f} | {mean('offdiag_loss_share'):.2f} | {mean('offdiag_grad_share'):.2f} | "
             f"{mean('tails_off'):.2f} / {mean('tails_diag'):.2f} |")
 
@@ -112,7 +115,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-6, help="the one lr every arm trains at")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arms", default=",".join(X.ARMS), help="comma list of toy.factorial's arms")
+    p.add_argument("--arms", default="dpo t=pair,rpo outside t=batch,rpo inside t=batch,dpo t=batch,rpo outside t=pair,"
+                   "rpo inside t=pair", help="comma list of toy.factorial's arms (the first is the others' reference)")
     p.add_argument("--runs", default="runs", help="where the toy base is cached (toy.experiment's)")
     p.add_argument("--out", default=None, help="also write the table here")
     args = p.parse_args(argv)
@@ -123,12 +127,15 @@ def main(argv=None):
     E.pretrain_base(base, "cpu", 1200)
     lines = [f"lr {args.lr:g} for every arm, {args.steps} steps × 8 pairs, seed {args.seed}, winter toy set, from the "
              f"shipped base; means over the steps", "",
-             "| arm | cos(g_t, g_t-1) | net / path | \\|θ_N - θ_0\\| | \\|Δθ\\| per step | grad norm | off-diag loss | "
-             "off-diag grad | flat tails off / diag |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| arm | cos(g_t, g_t-1) | net / path | \\|θ_N - θ_0\\| | cos with {arms[0]}'s θ_N - θ_0 | \\|Δθ\\| per "
+             "step | grad norm | off-diag loss | off-diag grad | flat tails off / diag |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    first = None
     with speed.one_thread():
         for arm in arms:
-            records, net = measure(arm, args.lr, args.steps, args.seed, base)
-            lines.append(summary(arm, records, net))
+            records, travel = measure(arm, args.lr, args.steps, args.seed, base)
+            first = travel if first is None else first
+            lines.append(summary(arm, records, travel, first))
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print("\n" + text)
