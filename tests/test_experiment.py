@@ -83,14 +83,17 @@ def test_the_shipped_base_is_the_recipes_and_fits_todays_frozen_text_encoder():
     import transformers
     from safetensors.torch import load_file
 
-    shipped = experiment.SHIPPED_BASE
-    assert json.load(open(f"{shipped}/recipe.json")) == experiment.BASE_ARGS + ["--device", "cpu"]
     unet = tiny.build_tiny(False, False)["unet"]
-    weights = load_file(f"{shipped}/unet/diffusion_pytorch_model.safetensors")
-    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    for style in ("winter", "sketch"):  # (the winter base, and the sketch base of the sketch runs)
+        shipped = experiment.shipped_base(style)
+        assert json.load(open(f"{shipped}/recipe.json")) == experiment.with_style(experiment.BASE_ARGS, style) + [
+            "--device", "cpu"]
+        weights = load_file(f"{shipped}/unet/diffusion_pytorch_model.safetensors")
+        assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("transformers 4 initialises the frozen CLIP otherwise: there the demo pretrains its own base")
-    assert open(f"{shipped}/fingerprint.txt").read().strip() == experiment.frozen_fingerprint()
+    for style in ("winter", "sketch"):
+        assert open(f"{experiment.shipped_base(style)}/fingerprint.txt").read().strip() == experiment.frozen_fingerprint()
 
 
 def test_pretrain_base_copies_a_fitting_shipped_base_and_trains_otherwise(tmp_path, monkeypatch, capsys):
