@@ -20,6 +20,7 @@ The run is train.py's loop on one process (the same flags, data order, draws, cl
 the logits are read by wrapping the objective's function for the duration of the measurement.
 """
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def measure(arm, lr, steps, seed, base):
     seen = {}
     fn = L.OBJECTIVES[args.loss]["fn"]
 
+    @functools.wraps(fn)  # (its signature stays fn's: train.py passes the settings fn names)
     def capture(err_w, err_l, ref_w, ref_l, *rest, **kw):  # the logits and ω of this step
         seen["gaps"] = ((err_w - ref_w).detach(), (err_l - ref_l).detach())
         seen["weights"] = rest[0].detach() if rest else torch.eye(len(err_w))
@@ -65,12 +67,16 @@ def measure(arm, lr, steps, seed, base):
 
     stream = data.stream_batches(dataset, args.batch_size, args.seed, 0, 0)
     theta0, prev_theta, prev_g, records = flat(params).detach().clone(), None, None, []
+    settings = L.loss_kwargs(args.loss, vars(args))
     L.OBJECTIVES[args.loss]["fn"] = capture
+    # the wrapper passes on every setting fn takes (an inside run must not train as outside)
+    assert L.loss_kwargs(args.loss, vars(args)) == settings, "lr_gap: the wrapped objective lost its settings"
     try:
         for step in range(steps):
             _, _, batch = next(stream)
             generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009)  # train.py's
             loss, metrics = train.micro_batch_loss(m, batch, generator, args, None, m.unet, embedder)
+
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             g = flat([p.grad for p in params]).detach().clone()
