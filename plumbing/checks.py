@@ -107,3 +107,38 @@ def _check_more(p, args):
                           files.text_file_problem(args.validation_prompts, "--validation_prompts"))
     if problem:
         p.error(problem.removeprefix("error: "))
+
+
+# ---------------------------------------------------------------------------------------
+# One flag, one name per command line. argparse keeps the last value of a flag it is given twice;
+# given under two of its names (--lr 1e-5 --learning_rate 1e-3) that is a silent choice between
+# two settings the user wrote. (The same name twice is argparse's own rule, "the later wins", as in
+# a script that appends an override to its base flags.)
+def one_name_each(p, same=()):
+    """From now on, p's parse_args refuses (p.error: one line, exit 2) a flag given under two of
+    its names. same: groups of dests that are one setting (a diffusers flag mapped onto ours, e.g.
+    ("data", "diffusers_dataset_name")): two names among a group's flags are refused too."""
+    given = {}
+    group_of = {dest: group[0] for group in same for dest in group}
+    for action in p._actions:
+        if not action.option_strings or type(action).__name__ == "_HelpAction":
+            continue
+
+        class Noted(type(action)):
+            def __call__(self, parser, namespace, values, option_string=None, _base=type(action)):
+                key = group_of.get(self.dest, self.dest)
+                names = given.setdefault(key, [])
+                other = next((n for n in names if n != option_string), None)
+                if other is not None:
+                    parser.error(f"{other} and {option_string} set one setting ({key}); given both, the later "
+                                 f"would win without a word: pass one of them")
+                names.append(option_string)
+                return _base.__call__(self, parser, namespace, values, option_string)
+        action.__class__ = Noted
+    parse_known_args = p.parse_known_args
+
+    def parse_fresh(*a, **k):  # (every parse starts with nothing seen)
+        given.clear()
+        return parse_known_args(*a, **k)
+    p.parse_known_args = parse_fresh
+    return p
