@@ -1150,3 +1150,45 @@ def export(out_dir, final, folder):
             shutil.copy2(os.path.join(target, lora.LORA_FILE), part)
         os.replace(part, root)
     return target
+
+
+# ---------------------------------------------------------------------------------------
+# python -m plumbing.checkpoint DIR: verify a run's checkpoints (or one) without loading anything
+def verify(folder, log=print):
+    """Every checkpoint of FOLDER (a run's folder, or one checkpoint folder) checked as --resume
+    checks it: state.json, every safetensors header against its file's size, and the sha256 of
+    every file recorded at save. One line each; returns how many are broken."""
+    if os.path.isfile(os.path.join(folder, "state.json")):
+        found = [folder]
+    else:
+        found = [path for _, path in checkpoint_folders(folder)]
+    if not found:
+        raise SystemExit(f"error: {folder}: no checkpoint there (neither a checkpoint folder nor a run's folder "
+                         f"holding checkpoint-N folders)")
+    bad = 0
+    for path in found:
+        problem, state = inspect_checkpoint(path, verify=True)
+        if problem:
+            bad += 1
+            log(f"{path}: broken: {problem}")
+        else:
+            log(f"{path}: whole (step {state['step']}" + (f", {len(state[DIGESTS])} files match their sha256)"
+                                                          if state.get(DIGESTS) else
+                                                          "; saved before digests were kept: headers and sizes only)"))
+    return bad
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m plumbing.checkpoint",
+                                description="Verify train.py checkpoints: headers, sizes, and every file's sha256 "
+                                            "against the one recorded at save. Exit code 1 when one is broken.")
+    p.add_argument("folder", help="a run's --out_dir (all its checkpoints) or one checkpoint-N folder")
+    args = p.parse_args(argv)
+    bad = verify(args.folder)
+    if bad:
+        raise SystemExit(f"error: {bad} broken checkpoint(s) in {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
