@@ -343,6 +343,9 @@ def check_flags(p, args):
         problem = files.text_file_problem(args.prompts, "--prompts")
         if problem:
             p.error(problem)
+    problem = hub.pickled_flags_problem(args, ("--unet", "--pretrained"))  # (never unpickled: one line now)
+    if problem:
+        p.error(problem.removeprefix("error: "))
 
 
 def load_for_sampling(args):

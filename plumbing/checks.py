@@ -103,6 +103,7 @@ def _check_more(p, args):
         except argparse.ArgumentTypeError as err:
             p.error(f"--validation_seeds: {err}")
     problem = files.folder_problem(args.out_dir, "--out_dir")
+    problem = problem or hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))
     problem = problem or (args.validation_prompts is not None and
                           files.text_file_problem(args.validation_prompts, "--validation_prompts"))
     if problem:

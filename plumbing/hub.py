@@ -102,6 +102,18 @@ def pickle_problem(folder, flag, spec=None):
     return None
 
 
+def pickled_flags_problem(args, flags):
+    """pickle_problem for each of FLAGS (e.g. "--init") whose value in ARGS is a local folder: the
+    flag checks' early look, before anything loads (the loaders look again)."""
+    for flag in flags:
+        value = getattr(args, flag[2:], None)
+        if isinstance(value, str) and os.path.isdir(value):
+            problem = pickle_problem(value, flag)
+            if problem:
+                return problem
+    return None
+
+
 # A pickle's name -> the name its loader looks for in safetensors
 SAFE_NAMES = {"diffusion_pytorch_model.bin": "diffusion_pytorch_model.safetensors", "pytorch_model.bin": "model.safetensors"}
 

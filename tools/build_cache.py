@@ -15,7 +15,7 @@ import torch
 
 import data
 import model as M
-from plumbing import cache, checks, files, pickapic
+from plumbing import cache, checks, files, hub, pickapic
 from plumbing.images import ImagePairs
 
 
@@ -67,7 +67,8 @@ def main(argv=None):
     checks.one_name_each(c)  # (--pretrained and --pretrained_model_name_or_path: one of them)
     args = c.parse_args(argv)
     part, parts = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    problem = out_problem(args.out, args.overwrite, part, parts)  # before the encoders load
+    problem = out_problem(args.out, args.overwrite, part, parts) or hub.pickled_flags_problem(
+        args, ("--pretrained", "--embed_model"))  # before the encoders load
     if problem:
         raise SystemExit(problem)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
