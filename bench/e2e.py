@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from plumbing import files
+from plumbing import checks, files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("bench", "raw", "cached")
@@ -100,6 +100,10 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="then once more the raw run, profiled (python -m bench.speed "
                                                           "profile): the share of each part of its step")
     args = p.parse_args(argv)
+    checks.plain_numbers(p, args, positive=("repeat", "timeout"))
+    problem = args.out is not None and files.file_to_write_problem(args.out, "--out")
+    if problem:
+        p.error(problem)
     if args.tmp:  # train.py's rule for a folder it writes: empty, or its own output (replaced with --overwrite)
         mine = ["pairs", "cache", "raw", "cached", "profile", "e2e-dry.jsonl"]
         problem = files.output_folder_problem(args.tmp, "--tmp", mine, lambda: [os.path.join(args.tmp, n) for n in mine],

@@ -653,9 +653,10 @@ def write_failure(out_dir, err):
 
 
 def as_os_error(err, path):
-    """A SafetensorError from writing (its Rust io::Error, "... Os { code: 28, ... }") as the
-    OSError it wraps, so that write_failure says it in one line; errno EIO when it names none."""
-    code = re.search(r"code: (\d+)", str(err))
+    """A SafetensorError from writing (its Rust io::Error: "... No space left on device (os error
+    28)", or "Os { code: 28, ... }") as the OSError it wraps, so that write_failure says it in one
+    line; errno EIO when it names none."""
+    code = re.search(r"(?:os error |code: )(\d+)", str(err))
     number = int(code.group(1)) if code else errno.EIO
     return OSError(number, os.strerror(number), path)
 

@@ -143,3 +143,24 @@ def one_name_each(p, same=()):
         return parse_known_args(*a, **k)
     p.parse_known_args = parse_fresh
     return p
+
+
+def plain_numbers(p, args, positive=(), non_negative=()):
+    """The number checks train.py makes, for the other programs (tools/, bench/): every int flag
+    within int32 (--seed: uint32), every float flag finite, POSITIVE ones at least 1 (ints) or above
+    0 (floats), NON_NEGATIVE ones 0 or more. One line each through p.error (exit 2), before
+    anything loads."""
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or action.type not in (int, float):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        if action.type is float and not math.isfinite(value):
+            p.error(f"{flag} must be a finite number, not {value}")
+        top = 2 ** 32 - 1 if action.dest == "seed" else 2 ** 31 - 1
+        if abs(value) > top:
+            p.error(f"{flag} must be at most {top}, not {value}")
+        if action.dest in positive and not value > 0:
+            p.error(f"{flag} must be {'at least 1' if action.type is int else 'above 0'}, not {value}")
+        if action.dest in non_negative and value < 0:
+            p.error(f"{flag} must be 0 or more, not {value}")

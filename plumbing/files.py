@@ -104,6 +104,9 @@ def folder_problem(path, flag):
         return f"error: {flag} is empty: name a folder"
     if "\0" in path:
         return f"error: {flag} {path!r}: a path cannot hold a NUL byte"
+    long_name = name_too_long(path)
+    if long_name:
+        return f"error: {flag} {shown(path)[:80]}...: {long_name}"
     odd = not_utf8(path)
     if odd is not None:  # (the folder's name goes into what is written there: args.json, the model card, logs)
         return (f"error: {flag} {shown(path)}: the name holds byte 0x{odd:02x}, which is not UTF-8 text; the files "
@@ -118,6 +121,14 @@ def folder_problem(path, flag):
     if not os.access(parent, os.W_OK | os.X_OK):
         return (f"error: {flag} {path}: {parent} is not writable" +
                 (" (a read-only file system)" if _read_only(parent) else "") + "; choose another folder")
+    return None
+
+
+def name_too_long(path):
+    """Why PATH cannot be made (a name of more bytes than the file system takes, usually 255), or None."""
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > 255:
+            return f"a name in it is {len(os.fsencode(part))} bytes long; file systems take at most 255"
     return None
 
 
@@ -175,6 +186,8 @@ def file_to_write_problem(path, flag):
     folder, and its folder exists and is writable."""
     if not path or "\0" in path:
         return f"{flag} {path!r}: not a file name"
+    if name_too_long(path):
+        return f"{flag} {shown(path)[:80]}...: {name_too_long(path)}"
     if os.path.isdir(path):
         return f"{flag} {path} is a folder, not a file"
     parent = os.path.dirname(os.path.abspath(path))

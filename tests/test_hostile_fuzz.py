@@ -174,8 +174,8 @@ def sandbox(tmp_path, monkeypatch):
 
 SKIP = {"train": ("device", "report_to", "num_workers", "resume", "recipe"),
         "sample": ("device", "lora"), "evaluate": ("device",), "tools.build_cache": ("device",),
-        "tools.hpdv2_to_parquet": (), "tools.build_style": ("device",), "bench.speed": ("device", "grid"),
-        "bench.e2e": ()}
+        "tools.hpdv2_to_parquet": (), "tools.build_style": ("device",),
+        "bench.speed": ("device", "grid", "out"), "bench.e2e": ("out",)}  # (their --out appends rows to the file named)
 # program: (its main, the flags every case starts from). (tools.to_safetensors reads pickles by
 # design, with weights_only, and takes positional paths; tools.same_runs takes no flags: both
 # have their own tests.)
@@ -279,3 +279,33 @@ def test_malformed_files_end_in_one_line(tmp_path):
             except SystemExit as exit_:
                 assert isinstance(exit_.code, str) and exit_.code.startswith("error: ") and "\n" not in exit_.code, \
                     (name, k, bad[:80], exit_.code)
+
+
+HOSTILE = [2 ** 70, 2 ** 31, -1, 1.5, "x", None, [], {}, True, float("nan"), float("inf"), {"a": -1}, ["x"]]
+
+
+def test_state_json_values_out_of_range_end_in_one_line_or_resume(tmp_path):
+    """A checkpoint's state.json with one value (or one of args', optimizer's, skip_counts') out of
+    its range or of another type: --resume walks past it (one warning line) to the checkpoint
+    before, or ends in one line; never a traceback after "resumed from"."""
+    import shutil
+    run = tmp_path / "run"
+    train.main(["--max_steps", "2", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(run),
+                "--no_progress", "--num_items", "4", "--batch_size", "4"])
+    good = json.loads((run / "checkpoint-000002" / "state.json").read_text())
+    places = [(k,) for k in good] + [("args", k) for k in ("model", "lora_rank", "resolution", "data", "loss")] + \
+        [("optimizer", "param_groups"), ("optimizer", "scalars"), ("skip_counts", "x"), ("sha256", "rng.safetensors")]
+    rng = random.Random(0)
+    for case in range(16):
+        where, value = rng.choice(places), rng.choice(HOSTILE)
+        out = tmp_path / f"case{case}"
+        shutil.copytree(run, out)
+        state = json.loads(json.dumps(good))
+        target = state
+        for key in where[:-1]:
+            target = target.setdefault(key, {}) if isinstance(target.get(key), dict) else target
+        target[where[-1]] = value
+        (out / "checkpoint-000002" / "state.json").write_text(json.dumps(state))
+        result = outcome(train.main, ["--max_steps", "3", "--resume", "--out_dir", str(out), "--no_progress",
+                                      "--num_items", "4", "--batch_size", "4"])
+        assert result in ("accepted", "error"), (where, value, result)

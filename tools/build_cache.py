@@ -47,7 +47,7 @@ def out_problem(out, overwrite, part, parts):
 def main(argv=None):
     import argparse
     c = argparse.ArgumentParser(description="Precompute latents, text states and E5 features for train.py --data cache:DIR.")
-    c.add_argument("--model", default="tiny", help="preset (model.py), as for train.py")
+    c.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py), as for train.py")
     c.add_argument("--pretrained", "--pretrained_model_name_or_path", default=None)
     c.add_argument("--data", required=True, help="toy, a .jsonl manifest or pickapic:DIR")
     c.add_argument("--data_split", default="train", help="pickapic: shard name prefix; toy: prompt split")
@@ -66,6 +66,8 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0)
     checks.one_name_each(c)  # (--pretrained and --pretrained_model_name_or_path: one of them)
     args = c.parse_args(argv)
+    checks.plain_numbers(c, args, positive=("resolution", "batch_size", "shard_size", "num_items"),
+                         non_negative=("num_workers", "seed"))
     part, parts = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     problem = out_problem(args.out, args.overwrite, part, parts) or hub.pickled_flags_problem(
         args, ("--pretrained", "--embed_model"))  # before the encoders load

@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import model as M
-from plumbing import files, hub, pickapic
+from plumbing import checks, files, hub, pickapic
 from plumbing.images import decode_image
 from toy import apply_style
 
@@ -140,6 +140,8 @@ def main(argv=None):
     s.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     s.add_argument("--seed", type=int, default=0)
     args = s.parse_args(argv)
+    checks.plain_numbers(s, args, positive=("limit", "resolution", "steps", "batch_size"),
+                         non_negative=("guidance", "image_guidance", "seed"))
     # train.py's rule for a folder it writes: empty, or its own output, which it continues (resumable)
     problem = files.output_folder_problem(args.out, "--out", ["pairs.jsonl", "images"], list, resuming=True)
     if problem:

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 
-from plumbing import files
+from plumbing import checks, files
 
 
 def numbers(xs):
@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--shard_rows", type=int, default=1000, help="pairs per parquet file")
     p.add_argument("--row_group_rows", type=int, default=100, help="pairs per row group (what hf:DIR reads at once)")
     args = p.parse_args(argv)
+    checks.plain_numbers(p, args)
     if args.shard_rows < 1 or args.row_group_rows < 1:
         raise SystemExit("error: --shard_rows and --row_group_rows must be at least 1")
     # train.py's rule for a folder it writes: empty, or its own output (old shards beside new ones,
