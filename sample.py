@@ -11,7 +11,9 @@ Sample images from the base or a trained UNet, with the stock diffusers samplers
                      --negative_prompt "blurry, low quality" --out out/dpo-release   # a hub UNet (its unet/)
 
 Writes OUT/0000_seed0.png ..., OUT/samples.jsonl (one line per image) and OUT/grid.png
-(rows = prompts, columns = seeds). Image (prompt, seed) starts from the same noise as the stock
+(rows = prompts, columns = seeds; at most GRID_MAX images). Each batch's images and lines are
+written as the batch ends, under a progress bar; OUT is an empty folder or an earlier output of
+this script, continued with --resume (what is there is kept) or replaced with --overwrite. Image (prompt, seed) starts from the same noise as the stock
 StableDiffusion(XL)Pipeline given generator=torch.Generator("cpu").manual_seed(seed), and
 follows the same sampling loop, so a saved unet/ gives the same image here and there
 (tests/test_sample.py checks this to 1e-4), --negative_prompt included.
