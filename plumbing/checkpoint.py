@@ -615,7 +615,7 @@ class Stop:
         """At the very end: a signal noted during the final save and export stops the process now
         that they are done, with its line and exit code (the run is complete)."""
         if self.signum:
-            self.stop_now(f"it came during the final save, which finished: {line}", master)
+            self.stop_now(f"it came after the last step; the final save and export finished: {line}", master)
 
     def stop_now(self, line, master):
         """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM."""
@@ -826,10 +826,11 @@ def resume_candidates(args, log=print, fits=None, rejected=None):
             folder = os.path.join(args.out_dir, f"checkpoint-{int(named.group(1)):06d}")
         if not (os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "state.json"))
                 and checkpoint_folders(folder)):
-            problem, state = inspect_checkpoint(folder, verify=True)
+            problem, state = inspect_checkpoint(folder)
             if problem in ("does not exist", "is not a folder"):
                 raise SystemExit(f"error: --resume found no checkpoint in '{args.resume}'")
-            problem = problem or (fits and fits(folder, state))
+            # (what does not fit is named first; then every file's bytes against their sha256)
+            problem = problem or (fits and fits(folder, state)) or digest_problem(folder, state)
             if problem:
                 raise SystemExit(f"error: --resume {args.resume}: {problem}")
             yield folder, state
@@ -840,8 +841,8 @@ def resume_candidates(args, log=print, fits=None, rejected=None):
         raise SystemExit(f"error: --resume found no checkpoint in '{where}'")
     first = None
     for _, path in folders:
-        problem, state = inspect_checkpoint(path, verify=True)
-        problem = problem or (fits and fits(path, state))
+        problem, state = inspect_checkpoint(path)
+        problem = problem or (fits and fits(path, state)) or digest_problem(path, state)
         if problem is None:
             yield path, state
             problem = rejected.get(path, "is broken")
