@@ -490,8 +490,6 @@ def main(argv=None):
             ckpt, state = C.resume(args, m, optimizer, scaler, master)
             step, epoch, items_in_epoch = state["step"], state["epoch"], state["items_in_epoch"]
             skip_counts = state.get("skip_counts", skip_counts)
-            log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} process(es), "
-                                                         f"continued by {world})" if world > 1 else ""))
         log(describe(args, m, params, world, dataset))
         if note := speed.input_note(args, m.device, dataset):  # on a GPU: whether the input path may hold it back
             log(note)

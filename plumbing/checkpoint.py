@@ -942,14 +942,17 @@ def resume(args, m, optimizer, scaler, master):
     changed = changed_settings(state["args"], vars(args))
     if changed:
         log(f"note: the command's settings replace the checkpoint's: {', '.join(changed)}")
-    if state["step"] == args.max_steps:
-        log(f"note: {ckpt} is at --max_steps {args.max_steps} already: nothing left to train; its weights are "
-            f"exported again")
     if args.resume != "latest":  # an earlier checkpoint: OUT_DIR's later ones are another run's future
         later = sorted({os.path.basename(p) for s, p in checkpoint_folders(args.out_dir) if s > state["step"]})
         if later:
             log(f"note: {args.out_dir} also holds later checkpoints ({', '.join(later)}); each stays until "
                 f"this run saves that step")
+    world = dist.get_world_size() if D.active() else 1
+    log(f"resumed from {ckpt} at step {state['step']}" + (f" (written by {state.get('world_size', 1)} process(es), "
+                                                          f"continued by {world})" if world > 1 else ""))
+    if state["step"] == args.max_steps:  # (a run stopped in its final export, say: the export is made again)
+        log(f"note: {ckpt} is at --max_steps {args.max_steps} already: nothing left to train; its weights are "
+            f"exported again")
     return ckpt, state
 
 

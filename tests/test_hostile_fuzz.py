@@ -172,10 +172,11 @@ def sandbox(tmp_path, monkeypatch):
     return tmp_path
 
 
-SKIP = {"train": ("device", "report_to", "num_workers", "resume", "recipe"),
+SKIP_TRAIN = ("device", "report_to", "num_workers", "resume", "recipe")
+SKIP = {"train": SKIP_TRAIN,
         "sample": ("device", "lora"), "evaluate": ("device",), "tools.build_cache": ("device",),
         "tools.hpdv2_to_parquet": (), "tools.build_style": ("device",),
-        "bench.speed": ("device", "grid", "out"), "bench.e2e": ("out",)}  # (their --out appends rows to the file named)
+        "bench.speed": ("device", "grid", "out"), "bench.e2e": ("out",), "bench.profile": SKIP_TRAIN}  # (their --out appends rows to the file named)
 # program: (its main, the flags every case starts from). (tools.to_safetensors reads pickles by
 # design, with weights_only, and takes positional paths; tools.same_runs takes no flags: both
 # have their own tests.)
@@ -190,6 +191,8 @@ PROGRAMS = {
                           ["--style", "toy-winter", "--src", "garbage.jsonl", "--out", "style"]),
     "bench.speed": (lambda: __import__("bench.speed").speed.main, ["--steps", "1", "--warmup", "0"]),
     "bench.e2e": (lambda: __import__("bench.e2e").e2e.main, ["--dry"]),
+    "bench.profile": (lambda: __import__("bench.profile").profile.main,  # (train.py's flags, and two of its own)
+                      ["--profile_warmup", "0", "--max_steps", "1", "--out_dir", "run"]),
 }
 
 
@@ -217,7 +220,7 @@ def test_malformed_flags_end_in_one_line(sandbox, program):
     """(Skipped flags: --device and --report_to load or import heavy things before their own checks;
     tests/test_hostile_flags.py has their cases.) After every case the user's files are as they were."""
     main, base = PROGRAMS[program][0](), PROGRAMS[program][1]
-    parser = train.parser() if program == "train" else parser_of(main, base)
+    parser = train.parser() if program in ("train", "bench.profile") else parser_of(main, base)
     before = user_files(sandbox)
     counts = {}
     for seed in range(200 if program in ("train", "sample", "evaluate") else 60):
