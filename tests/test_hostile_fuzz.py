@@ -135,11 +135,16 @@ class Unpickled(Exception):
     """Something asked torch.load or pickle to read a file."""
 
 
+UNPICKLED = []  # what was asked to be unpickled (a loader's broad except may swallow the marker itself)
+
+
 def no_pickles(monkeypatch):
     import pickle
     import torch
+    UNPICKLED.clear()
 
     def refuse(*a, **k):
+        UNPICKLED.append(str(a[:1])[:200])
         raise Unpickled(f"unpickled: {a[:1]}")
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
@@ -230,6 +235,7 @@ def test_malformed_flags_end_in_one_line(sandbox, program):
         counts[result] = counts.get(result, 0) + 1
         assert not (never and result == "accepted"), f"seed {seed}: {program} accepted {argv}"
         assert user_files(sandbox) == before, f"seed {seed}: {program} {argv} changed a user's file"
+        assert not UNPICKLED, f"seed {seed}: {program} {argv} unpickled {UNPICKLED}"
     assert counts.get("argparse", 0) + counts.get("error", 0) > 10, counts  # the fuzzer does reach the checks
 
 
@@ -312,3 +318,22 @@ def test_state_json_values_out_of_range_end_in_one_line_or_resume(tmp_path):
         result = outcome(train.main, ["--max_steps", "3", "--resume", "--out_dir", str(out), "--no_progress",
                                       "--num_items", "4", "--batch_size", "4"])
         assert result in ("accepted", "error"), (where, value, result)
+
+
+def test_pickled_model_folders_are_never_unpickled(tmp_path, monkeypatch):
+    """Every loader of model weights, given each folder whose weights are pickles: one line naming
+    the converter, with torch.load and pickle's loaders replaced by a marker that fails the case."""
+    pickled_model_folders(tmp_path)
+    no_pickles(monkeypatch)
+    from toy import clip as toy_clip
+    loaders = {"hub.load_unet": lambda f: hub.load_unet(f, "--init"),
+               "hub.load_clip": lambda f: hub.load_clip(f, "--clip_model", "CLIP", "cpu"),
+               "hub.load_real": lambda f: hub.load_real(f, False),
+               "model.load_models(init_unet)": lambda f: M.load_models("tiny", init_unet=f, reference=False),
+               "model.load_models(pretrained)": lambda f: M.load_models("sd15", pretrained=f, reference=False),
+               "model.load_embedder": lambda f: M.load_embedder(f),
+               "toy.clip.embedder": lambda f: toy_clip.embedder(f)}
+    for name, load in loaders.items():
+        for folder in ("pickled-unet", "pickled-clip", "pickled-pipeline"):
+            result = outcome(lambda argv: load(str(tmp_path / folder)), [])
+            assert result == "error" and not UNPICKLED, (name, folder, result, UNPICKLED)

@@ -129,6 +129,8 @@ def test_pickled_weights_are_refused_by_every_loader(pickled):
                         (lambda: hub.load_real(str(pickled / "pickled-pipeline"), False), "pickled-pipeline/unet")):
         line = one_line(load)
         assert "is a pickle" in line and "python -m tools.to_safetensors" in line and where in line
+    from test_hostile_fuzz import UNPICKLED
+    assert not UNPICKLED
 
 
 @pytest.mark.parametrize("program,argv", [
