@@ -436,8 +436,10 @@ def sample_out_problem(args):
                     listed += [path] if path else []
         return listed + [os.path.join(args.out, n) for n in os.listdir(args.out) if fnmatch.fnmatch(n, "*_seed*.png")
                          or n in ("samples.jsonl", "grid.png", "compare.png") or n.endswith(".part.png")]
-    return files.output_folder_problem(args.out, "--out", ("samples.jsonl", "grid.png", "*_seed*.png"), owned,
-                                       args.overwrite, args.resume, "--resume")
+    # (evaluate.py's results.json/.png are often written into a sample folder: they may stay)
+    return files.output_folder_problem(args.out, "--out", ("samples.jsonl", "grid.png", "compare.png", "*_seed*.png"),
+                                       owned, args.overwrite, args.resume, "--resume",
+                                       tolerated=("results.json", "results.png"))
 
 
 def write_samples(args, m, prompts, guidance):

@@ -245,9 +245,8 @@ def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=Fa
     ours = [n for n in names if any(fnmatch.fnmatch(n, m) for m in marks)]
     foreign = [n for n in names if n not in ours and not any(fnmatch.fnmatch(n, m) for m in tolerated)]
     if foreign:
-        names = foreign
-        return (f"error: {flag} {path} holds files that are not this program's output ({', '.join(names[:3])}"
-                f"{', ...' if len(names) > 3 else ''}); it writes only into an empty folder or its own output: "
+        return (f"error: {flag} {path} holds files that are not this program's output ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); it writes only into an empty folder or its own output: "
                 f"choose another {flag}")
     if not ours or resuming:
         return None
