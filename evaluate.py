@@ -464,6 +464,9 @@ def check_flags(p, args):
         problem = files.text_file_problem(args.style_points, "--style_points", always=True)
         if problem:
             p.error(problem)
+    problem = hub.pickled_flags_problem(args, ("--pickscore_model", "--clip_model", "--aesthetic_clip"))
+    if problem:  # (a CLIP folder whose weights are a pickle: never unpickled)
+        p.error(problem.removeprefix("error: "))
 
 
 def read_style_points(path):

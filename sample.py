@@ -11,7 +11,9 @@ Sample images from the base or a trained UNet, with the stock diffusers samplers
                      --negative_prompt "blurry, low quality" --out out/dpo-release   # a hub UNet (its unet/)
 
 Writes OUT/0000_seed0.png ..., OUT/samples.jsonl (one line per image) and OUT/grid.png
-(rows = prompts, columns = seeds). Image (prompt, seed) starts from the same noise as the stock
+(rows = prompts, columns = seeds; at most GRID_MAX images). Each batch's images and lines are
+written as the batch ends, under a progress bar; OUT is an empty folder or an earlier output of
+this script, continued with --resume (what is there is kept) or replaced with --overwrite. Image (prompt, seed) starts from the same noise as the stock
 StableDiffusion(XL)Pipeline given generator=torch.Generator("cpu").manual_seed(seed), and
 follows the same sampling loop, so a saved unet/ gives the same image here and there
 (tests/test_sample.py checks this to 1e-4), --negative_prompt included.
@@ -23,6 +25,8 @@ Mistakes (a truncated weights file, a LoRA or UNet of another preset, a prompts 
 UTF-8, an --out that is a file) end in one line `error: ...`, before any sampling.
 """
 import argparse
+import contextlib
+import fnmatch
 import io
 import json
 import os
@@ -179,13 +183,20 @@ def make_scheduler(name, m):
     return sched
 
 
-@torch.no_grad()
 def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_size=32, negative_prompt=None):
     """Images for every (prompt, seed), prompt-major (all seeds of prompts[0] first), as a float
     CPU tensor (len(prompts)·len(seeds), 3, H, W) in [-1, 1]. `m` is model.load_models(...).
     negative_prompt: the text of the unconditional half of classifier-free guidance, as the
     pipelines' negative_prompt (None: their default, see below)."""
     items = [(p, s) for p in prompts for s in seeds]
+    return torch.cat([images for _, images in generate_batches(m, items, steps, guidance, scheduler, batch_size,
+                                                               negative_prompt)])
+
+
+@torch.no_grad()
+def generate_batches(m, items, steps=50, guidance=7.5, scheduler="ddim", batch_size=32, negative_prompt=None):
+    """generate's images batch by batch: yields (the batch's (prompt, seed) items, their images),
+    so that a caller can write each batch before the next is sampled (sample.py's main)."""
     # Latent size as the stock pipelines compute it: 2^(levels-1) from the VAE config (not the
     # SD-typical 8, which is wrong for the 2-level tiny VAE); pixel space without a VAE.
     f = 2 ** (len(m.vae.config.block_out_channels) - 1) if m.vae is not None else 1
@@ -199,7 +210,6 @@ def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_
     neg = M.encode_prompts(m, [negative_prompt or ""], drop=torch.tensor([negative_prompt is None])) if cfg else None
     was_training = m.unet.training  # the toy experiment may call this mid-training: restore the mode
     m.unet.eval()
-    out = []
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -231,10 +241,9 @@ def generate(m, prompts, seeds, steps=50, guidance=7.5, scheduler="ddim", batch_
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + guidance * (eps_c - eps_u)
                 latents = sched.step(eps, t, latents).prev_sample
-            out.append(M.decode_latents(m, latents).cpu())
+            yield chunk, M.decode_latents(m, latents).cpu()
     finally:
         m.unet.train(was_training)
-    return torch.cat(out)
 
 
 def make_grid(images_uint8, rows, cols, scale=1):
@@ -303,7 +312,13 @@ def parse_args(argv=None):
                    help="text for the unconditional half of guidance (needs --guidance > 1), as the pipelines' "
                         "negative_prompt; default: SD1.5 the empty prompt, SDXL zeros (as its pipeline)")
     p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
-    p.add_argument("--out", default="out/samples", help="output folder (created; files in it are overwritten)")
+    p.add_argument("--out", default="out/samples",
+                   help="output folder: empty (or created), or an earlier output of sample.py with --resume or --overwrite")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out's earlier output (same prompts, seeds and settings): images already there "
+                        "are kept, the others sampled")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out's earlier output (its images, samples.jsonl, grid.png, compare.png are deleted)")
     p.add_argument("--compare", default=None, help="a folder from an earlier run (e.g. the base model): write compare.png")
     p.add_argument("--batch_size", type=int, default=32, help="images per UNet batch (results do not depend on it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -330,6 +345,9 @@ def check_flags(p, args):
         problem = files.text_file_problem(args.prompts, "--prompts")
         if problem:
             p.error(problem)
+    problem = hub.pickled_flags_problem(args, ("--unet", "--pretrained"))  # (never unpickled: one line now)
+    if problem:
+        p.error(problem.removeprefix("error: "))
 
 
 def load_for_sampling(args):
@@ -357,10 +375,120 @@ def load_for_sampling(args):
     return m
 
 
+# The settings an image depends on, as samples.jsonl records them: --resume continues only a
+# folder sampled with the same ones
+RECORDED = ("model", "unet", "lora", "steps", "guidance", "scheduler", "negative_prompt")
+GRID_MAX = 1024  # grid.png and compare.png are made for at most this many images (one picture)
+
+
+def image_name(i, seed):
+    return f"{i:04d}_seed{seed}.png"
+
+
+def read_done(out, items, settings):
+    """--resume: OUT's samples.jsonl -> {(prompt, seed): record} of the images already written
+    (a last line cut short by a kill is dropped; a listed image that is gone is made again).
+    Refused in one line: a folder sampled with other settings, or whose images are named for
+    other prompts or seeds (writing this command's names would replace them)."""
+    index = os.path.join(out, "samples.jsonl")
+    if not os.path.isfile(index):
+        return {}
+    names = {item: image_name(i, item[1]) for i, item in enumerate(items)}
+    done = {}
+    lines = files.read_utf8(index).split("\n")
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:
+            if n == len(lines):  # (cut short by a kill)
+                continue
+            raise SystemExit(f"error: --resume: {index}:{n}: not valid JSON")
+        if rec is None:
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and type(rec.get("seed")) is int):
+            raise SystemExit(f"error: --resume: {index}:{n}: not a sample.py record")
+        changed = next((k for k in RECORDED if rec.get(k) != settings[k]), None)
+        if changed:
+            raise SystemExit(f"error: --resume: {out} was sampled with --{changed} {rec.get(changed)}, this command "
+                             f"with {settings[changed]}; continue it with the same settings, or choose another --out")
+        key = (rec["prompt"], rec["seed"])
+        if names.get(key) != rec.get("file"):
+            raise SystemExit(f"error: --resume: {index}:{n}: {rec.get('file')} is not this command's image of that "
+                             f"prompt and seed (other --prompts or --seeds); resume with the same ones, or choose "
+                             f"another --out")
+        if os.path.isfile(os.path.join(out, rec["file"])):
+            done[key] = rec
+    return done
+
+
+def sample_out_problem(args):
+    """--out: an empty folder or sample.py's own output (samples.jsonl, its images, grid.png,
+    compare.png); an earlier output is continued with --resume or replaced with --overwrite."""
+    if args.resume and args.overwrite:
+        return "error: --overwrite starts over and --resume continues: pass one of them"
+
+    def owned():
+        listed = []
+        if os.path.isfile(os.path.join(args.out, "samples.jsonl")):
+            for line in files.read_utf8(os.path.join(args.out, "samples.jsonl")).splitlines():
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    path = files.path_inside(args.out, json.loads(line)["file"])
+                    listed += [path] if path else []
+        return listed + [os.path.join(args.out, n) for n in os.listdir(args.out) if fnmatch.fnmatch(n, "*_seed*.png")
+                         or n in ("samples.jsonl", "grid.png", "compare.png") or n.endswith(".part.png")]
+    # (evaluate.py's results.json/.png are often written into a sample folder: they may stay)
+    return files.output_folder_problem(args.out, "--out", ("samples.jsonl", "grid.png", "compare.png", "*_seed*.png"),
+                                       owned, args.overwrite, args.resume, "--resume",
+                                       tolerated=("results.json", "results.png"))
+
+
+def write_samples(args, m, prompts, guidance):
+    """Sample every (prompt, seed) not written yet, writing each image (whole: a rename) and then
+    its samples.jsonl line as its batch ends, with a progress bar: a kill loses at most one batch,
+    and --resume skips what is there. Returns the images (uint8, prompt-major) when there are at
+    most GRID_MAX of them (grid.png, compare.png), else None: a large run holds none in memory."""
+    from tqdm import tqdm
+    items = [(p, s) for p in prompts for s in args.seeds]
+    settings = dict(model=args.model, unet=args.unet, lora=args.lora, steps=args.steps, guidance=guidance,
+                    scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+    done = read_done(args.out, items, settings) if args.resume else {}
+    todo = [item for item in items if item not in done]
+    keep = len(items) <= GRID_MAX
+    kept = {}
+    os.makedirs(args.out, exist_ok=True)
+    index = os.path.join(args.out, "samples.jsonl")
+    # the index as --resume leaves it: the records of the images that are there, nothing cut short
+    files.write_atomic(index, "".join(json.dumps(done[item]) + "\n" for item in items if item in done))
+    if done:
+        print(f"--resume: {len(done)} of {len(items)} images are in {args.out} already; sampling the other "
+              f"{len(todo)}", file=sys.stderr)
+    number = {item: i for i, item in enumerate(items)}
+    with open(index, "a", encoding="utf-8") as log, tqdm(total=len(todo), desc="sampling", unit="image",
+                                                         disable=not todo) as bar:
+        for chunk, images in generate_batches(m, todo, args.steps, guidance, args.scheduler, args.batch_size,
+                                              args.negative_prompt):
+            for (prompt, seed), img in zip(chunk, tensor_to_uint8(images)):
+                name = image_name(number[(prompt, seed)], seed)
+                part = os.path.join(args.out, name[:-4] + ".part.png")
+                Image.fromarray(img).save(part)
+                os.replace(part, os.path.join(args.out, name))
+                log.write(json.dumps(dict(prompt=prompt, seed=seed, file=name, **settings)) + "\n")
+                if keep:
+                    kept[(prompt, seed)] = img
+            log.flush()
+            bar.update(len(chunk))
+    if not keep:
+        return None
+    for item in items:  # (the images of an earlier run, for the grid)
+        if item not in kept:
+            kept[item] = np.asarray(files.open_rgb(os.path.join(args.out, done[item]["file"])))
+    return np.stack([kept[item] for item in items])
+
+
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)  # before loading models: bad input fails in a second
-    problem = files.folder_problem(args.out, "--out")
+    problem = sample_out_problem(args)
     if problem:
         raise SystemExit(problem)
     if args.compare:
@@ -372,21 +500,19 @@ def main(argv=None):
     if args.negative_prompt is not None and guidance <= 1:
         print(f"warning: --negative_prompt has no effect with --guidance {guidance} (no unconditional pass)",
               file=sys.stderr)
-    images = tensor_to_uint8(generate(m, prompts, args.seeds, args.steps, guidance, args.scheduler,
-                                           args.batch_size, args.negative_prompt))
-
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
-        for i, ((prompt, seed), img) in enumerate(zip(((p, s) for p in prompts for s in args.seeds), images)):
-            name = f"{i:04d}_seed{seed}.png"
-            Image.fromarray(img).save(os.path.join(args.out, name))
-            f.write(json.dumps(dict(prompt=prompt, seed=seed, file=name, model=args.model, unet=args.unet,
-                                    lora=args.lora, steps=args.steps, guidance=guidance, scheduler=args.scheduler,
-                                    negative_prompt=args.negative_prompt)) + "\n")
+    try:
+        images = write_samples(args, m, prompts, guidance)
+    except OSError as err:  # a full disk: what is written is listed, --resume goes on from there
+        raise SystemExit(f"error: cannot write in {args.out}: {err.strerror or err}; the images written so far are "
+                         f"listed in its samples.jsonl: free space, then rerun with --resume")
+    total = len(prompts) * len(args.seeds)
+    print(f"{total} images ({len(prompts)} prompts x {len(args.seeds)} seeds, {args.scheduler}, "
+          f"{args.steps} steps, guidance {guidance}) in {args.out}")
+    if images is None:
+        print(f"no grid.png{' nor compare.png' if args.compare else ''}: more than {GRID_MAX} images")
+        return None
     scale = args.grid_scale or (4 if images.shape[1] < 64 else 1)
     make_grid(list(images), len(prompts), len(args.seeds), scale).save(os.path.join(args.out, "grid.png"))
-    print(f"{len(images)} images ({len(prompts)} prompts x {len(args.seeds)} seeds, {args.scheduler}, "
-          f"{args.steps} steps, guidance {guidance}) in {args.out}")
     if args.compare:
         write_compare(args.compare, args.out, prompts, args.seeds, images, scale,
                       dict(steps=args.steps, guidance=guidance, scheduler=args.scheduler,

@@ -235,7 +235,7 @@ def parser():
     g.add_argument("--seed", type=int, default=0)
     output_flags(p)
     diffusers_flags.add_flags(p)  # (their names, each with its meaning there or refused in one line)
-    return p
+    return checks.one_name_each(p, diffusers_flags.SAME_SETTING)  # --lr 1e-5 --learning_rate 1e-3: refused
 
 
 def output_flags(p):
@@ -435,6 +435,13 @@ class Reporter:
             (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
 
 
+def done_line(args, m, step, skips):
+    """The last line of a run: where its result is, and what was skipped (counted)."""
+    return ((f"skipped (counted): {skips}\n" if skips else "") + f"done: {step} steps; " +
+            (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts leave it; also lora/)"
+             if m.lora else f"UNet in {args.out_dir}/unet"))
+
+
 def publish(args, final, folder, step, pairs_per_step, grid, argv, log):
     """Rank 0, at the end: OUT_DIR/unet (or the LoRA) from the final checkpoint, the model card
     beside it, and with --push_to_hub the upload (after everything is saved: a failure loses nothing)."""
@@ -487,8 +494,6 @@ def main(argv=None):
             ckpt, state = C.resume(args, m, optimizer, scaler, master)
             step, epoch, items_in_epoch = state["step"], state["epoch"], state["items_in_epoch"]
             skip_counts = state.get("skip_counts", skip_counts)
-            log(f"resumed from {ckpt} at step {step}" + (f" (written by {state.get('world_size', 1)} process(es), "
-                                                         f"continued by {world})" if world > 1 else ""))
         log(describe(args, m, params, world, dataset))
         if note := speed.input_note(args, m.device, dataset):  # on a GPU: whether the input path may hold it back
             log(note)
@@ -582,18 +587,17 @@ def main(argv=None):
 
         # The end: a last (resumable) checkpoint, and OUT_DIR/unet (or lora/) for sample.py and the
         # stock diffusers pipelines, hard-linked to the checkpoint's weights; a model card beside it.
+        stop.ending = "saving"  # (a signal from here on: the save and export finish, then stop.finish says so)
         reporter.close()
         final = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
         save(final, keep=args.keep_checkpoints)
+        stop.ending = final
         if master:
             publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
-        skips = all_skips()
-        if skips:
-            log(f"skipped (counted): {skips}")
-        log(f"done: {step} steps; " + (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts "
-                                       f"leave it; also lora/)" if m.lora else f"UNet in {args.out_dir}/unet"))
+        log(done_line(args, m, step, all_skips()))
         policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
         parallel.teardown(own_group)
+        stop.finish(f"step {step} saved in {final} and exported", master)
         return m
 
 

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from plumbing import checks, files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("bench", "raw", "cached")
 
@@ -91,11 +93,23 @@ def main(argv=None):
                                                             "default 2, --dry 1)")
     p.add_argument("--out", default=None, help="append the rows here (default: results/e2e_gpu.jsonl; --dry: "
                                                "e2e-dry.jsonl in the temporary folder)")
-    p.add_argument("--tmp", default=None, help="folder for the pairs, the cache and the runs (default: a new one)")
+    p.add_argument("--tmp", default=None, help="folder for the pairs, the cache and the runs: empty (or created), or "
+                                               "an earlier one of this script's with --overwrite (default: a new one)")
+    p.add_argument("--overwrite", action="store_true", help="--tmp holds an earlier run of this script: replace it")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
     p.add_argument("--profile", action="store_true", help="then once more the raw run, profiled (python -m bench.speed "
                                                           "profile): the share of each part of its step")
     args = p.parse_args(argv)
+    checks.plain_numbers(p, args, positive=("repeat", "timeout"))
+    problem = args.out is not None and files.file_to_write_problem(args.out, "--out")
+    if problem:
+        p.error(problem)
+    if args.tmp:  # train.py's rule for a folder it writes: empty, or its own output (replaced with --overwrite)
+        mine = ["pairs", "cache", "raw", "cached", "profile", "e2e-dry.jsonl"]
+        problem = files.output_folder_problem(args.tmp, "--tmp", mine, lambda: [os.path.join(args.tmp, n) for n in mine],
+                                              args.overwrite)
+        if problem:
+            raise SystemExit(problem)
     s = settings(args.dry)
     args.repeat = args.repeat or (1 if args.dry else 2)
     tmp = args.tmp or tempfile.mkdtemp(prefix="e2e-")

@@ -30,6 +30,7 @@ import torch
 import data
 import model as M
 import train
+from plumbing import files
 
 PARTS = ("data_wait", "vae_encode", "text_encoders", "e5_clip", "cached_inputs", "policy_fwd", "policy_bwd",
          "reference_fwd", "optimizer", "other")
@@ -166,9 +167,14 @@ def main(argv):
             value = argv[i + 1]
             del argv[i:i + 2]
             if flag == "--profile_warmup":
+                if not (value.isdigit() and int(value) <= 10 ** 6):
+                    raise SystemExit(f"error: --profile_warmup takes a number of steps from 0 to 1000000, not {value!r}")
                 warmup = int(value)
             else:
                 out = value
+                problem = files.file_to_write_problem(out, "--profile_out")
+                if problem:
+                    raise SystemExit(f"error: {problem}")
     parts = profile(argv, warmup)
     if int(os.environ.get("RANK", "0")) != 0:
         return None

@@ -29,7 +29,7 @@ import torch
 
 import loss as L
 import model as M
-from plumbing import random_weights, speed
+from plumbing import checks, files, random_weights, speed
 import train
 import toy
 from plumbing import hub
@@ -87,6 +87,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also append each JSON row to this file")
     p.add_argument("--label", default=None, help="a name stored in each row")
     args, args.train_flags = p.parse_known_args(argv)
+    checks.plain_numbers(p, args, positive=("repeat", "batch_size", "resolution", "steps"),
+                         non_negative=("warmup", "time_budget", "lora_rank"))
+    problem = hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))  # (never unpickled)
+    problem = problem or (args.out is not None and files.file_to_write_problem(args.out, "--out"))
+    if problem:
+        p.error(problem.removeprefix("error: "))
+    try:
+        args.workers = [int(w) for w in str(args.num_workers).split(",")]
+        assert all(0 <= w <= 1024 for w in args.workers)
+    except (ValueError, AssertionError):
+        p.error(f"--num_workers takes a comma list of worker counts from 0 to 1024, not {args.num_workers!r}")
     for name in args.loss.split(","):  # any other flag is train.py's (an objective's setting, say): checked by it
         if name not in L.OBJECTIVES:
             p.error(f"--loss takes a comma list of {', '.join(L.OBJECTIVES)}, not {args.loss!r}")
@@ -354,22 +365,24 @@ def bench_data(args, device):
         os.makedirs(os.environ["BENCH_TMP"], exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-data-", dir=os.environ.get("BENCH_TMP"))
     steps, n = args.steps + args.warmup, args.batch_size * (args.steps + args.warmup)
-    workers = [int(w) for w in str(args.num_workers).split(",")]
     if args.data == "fake-pickapic":  # Pick-a-Pic-like shards: 512x512 JPEG pairs (q 90), so decoding costs what it does
         args.data = f"pickapic:{fake_pickapic(f'{tmp}/pickapic', n)}"
     mp = args.mixed_precision if device.startswith("cuda") else "no"
     results = []
     t0 = time.time()
-    index = build_cache.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
-                                    embed_model=args.embed_model, resolution=args.resolution, device=device,
-                                    mixed_precision=mp, num_items=n, batch_size=args.batch_size,
-                                    num_workers=workers[0], progress=False)
+    try:
+        index = build_cache.build_cache(args.model, args.data, f"{tmp}/cache", pretrained=args.pretrained,
+                                        embed_model=args.embed_model, resolution=args.resolution, device=device,
+                                        mixed_precision=mp, num_items=n, batch_size=args.batch_size,
+                                        num_workers=args.workers[0], progress=False)
+    except (ValueError, FileNotFoundError) as err:  # a --data that is not pairs read in order: one line
+        raise SystemExit(f"error: --data {args.data}: {err}")
     cache_s = time.time() - t0
     print(f"cache: {index['num_pairs']} pairs in {cache_s:.1f} s ({tmp}/cache)", flush=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    for num_workers in workers:
+    for num_workers in args.workers:
         runs = {"raw": [], "cached": []}
         for name, spec in [("raw", args.data), ("cached", f"cache:{tmp}/cache")] * args.repeat:  # interleaved
             flags = ["--model", args.model, "--data", spec, "--loss", args.loss.split(",")[0], "--batch_size",
@@ -458,7 +471,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     cfg = {k: v for k, v in vars(args).items() if k not in ("preset", "json", "repeat", "grid", "time_budget", "out",
-                                                             "data", "num_workers", "pretrained", "embed_model")}
+                                                             "data", "num_workers", "workers", "pretrained", "embed_model")}
     cfg["device"] = device
     if args.grid:
         return run_grid(args, cfg)

@@ -23,6 +23,7 @@ that are not finite are never saved.
 import errno
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
@@ -97,9 +98,42 @@ def _read_json(path):
         return None, "is not valid JSON (cut short or overwritten)"
 
 
-def inspect_checkpoint(folder):
+# A count in state.json is an int32, as train.py's flags are (--max_steps at most 2**31 - 1): a
+# larger one (epoch 2**70) would overflow a random generator's seed after "resumed from".
+MAX_COUNT = 2 ** 31 - 1
+
+
+def _state_problem(state):
+    """What is malformed in the parts of state.json a resume reads besides the STATE_KEYS (their
+    types and ranges), as a phrase, or None."""
+    counts = [k for k in STATE_KEYS[:3] if not (type(state[k]) is int and 0 <= state[k] <= MAX_COUNT)]
+    if counts:
+        return f"state.json has a malformed {counts[0]} ({str(state[counts[0]])[:40]}: not a count from 0 to {MAX_COUNT})"
+    if not isinstance(state["args"], dict) or not isinstance(state["optimizer"], dict) \
+            or not isinstance(state["optimizer"].get("param_groups"), list) \
+            or not all(isinstance(g, dict) for g in state["optimizer"]["param_groups"]) \
+            or not isinstance(state["optimizer"].get("scalars", {}), dict):
+        return "state.json has a malformed args or optimizer"
+    if not isinstance(state["args"].get("model", ""), str) or type(state["args"].get("lora_rank", 0)) is not int:
+        return "state.json has a malformed args (model, lora_rank)"
+    skips = state.get("skip_counts", {})
+    if not (isinstance(skips, dict) and all(type(v) is int and 0 <= v <= 2 ** 63 - 1 for v in skips.values())):
+        return "state.json has a malformed skip_counts (not counts)"
+    world = state.get("world_size", 1)
+    if not (type(world) is int and 1 <= world <= MAX_COUNT):
+        return "state.json has a malformed world_size"
+    if not isinstance(state.get("cwd", ""), (str, type(None))) or not isinstance(state.get("scaler"), (dict, type(None))):
+        return "state.json has a malformed cwd or scaler"
+    if not isinstance(state.get(DIGESTS, {}), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in state.get(DIGESTS, {}).items()):
+        return f"state.json has a malformed {DIGESTS}"
+    return None
+
+
+def inspect_checkpoint(folder, verify=False):
     """-> (problem, state): problem is None for a complete checkpoint (state: its state.json),
-    else one phrase saying what is wrong with it."""
+    else one phrase saying what is wrong with it. verify: also read every file and compare its
+    sha256 with the one recorded at save (a flipped byte inside a tensor; headers alone miss it)."""
     if not os.path.isdir(folder):
         return "does not exist" if not os.path.exists(folder) else "is not a folder", None
     if not os.path.exists(os.path.join(folder, "state.json")):
@@ -112,10 +146,9 @@ def inspect_checkpoint(folder):
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         return f"state.json lacks {', '.join(missing)}", None
-    counts = [k for k in STATE_KEYS[:3] if not (type(state[k]) is int and state[k] >= 0)]
-    if counts or not isinstance(state["args"], dict) or not isinstance(state["optimizer"], dict) \
-            or not isinstance(state["optimizer"].get("param_groups"), list):
-        return f"state.json has a malformed {(counts or ['args or optimizer'])[0]}", None
+    malformed = _state_problem(state)
+    if malformed:
+        return malformed, None
     named = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
     if named and int(named.group(1)) != state["step"]:  # moved, copied under another name, or edited
         return f"state.json says step {state['step']}, its name step {int(named.group(1))}", None
@@ -139,7 +172,46 @@ def inspect_checkpoint(folder):
         why = hub.safetensors_problem(os.path.join(folder, name))
         if why:
             return f"{name.replace(os.sep, '/')} {why}", None
-    return None, state
+    return (digest_problem(folder, state) if verify else None), state
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints verify their bytes: state.json records the sha256 of every other file of the
+# checkpoint, taken at save before state.json is written; --resume (and python -m
+# plumbing.checkpoint DIR) compares them. A checkpoint from before digests were kept has none:
+# its headers and sizes are all that is checked.
+DIGESTS = "sha256"
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def folder_digests(folder):
+    """{relative path with '/': sha256} of every file under FOLDER but state.json."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != "state.json":
+                found[rel] = file_digest(os.path.join(root, name))
+    return found
+
+
+def digest_problem(folder, state):
+    """None when every file state.json names has its recorded sha256, else the first that has not."""
+    for rel, want in sorted(state.get(DIGESTS, {}).items()):
+        path = os.path.join(folder, *rel.split("/"))
+        if ".." in rel.split("/") or not os.path.isfile(path):
+            return f"{rel} is missing (state.json records its digest)"
+        try:
+            got = file_digest(path)
+        except OSError as err:
+            return f"{rel} cannot be read ({err.strerror})"
+        if got != want:
+            return f"{rel} does not match its sha256 recorded at save (its bytes changed since)"
+    return None
 
 
 def checkpoint_problem(folder):
@@ -215,24 +287,64 @@ def check_out_dir(args, master):
     unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else). Nothing
     the run writes may be a symbolic link out of OUT_DIR, nor a file where it writes a folder (or
     the reverse). Rank 0 decides and deletes; every rank calls it."""
+    again = False
     if args.resume == "latest" and not getattr(args, "overwrite", False) and not checkpoint_folders(args.out_dir):
-        # as diffusers' scripts: nothing to resume yet, a new run starts
+        # as diffusers' scripts: nothing to resume yet, a new run starts. When the folder holds
+        # this command's own run, killed before its first checkpoint, that run starts over (a
+        # scheduler that reruns the command with --resume must not fail forever).
+        again = bool(run_files(args.out_dir)) and own_partial_run(args)
         if master:
-            print(f"--resume latest: no checkpoint in {args.out_dir} yet; starting a new run")
+            print(f"--resume latest: no checkpoint in {args.out_dir} yet; " + (
+                "its files are this command's own run, stopped before its first checkpoint: starting it again"
+                if again else "starting a new run"))
         args.resume = None
     problem = None
     if master:
         try:
-            problem = _check_out_dir(args)
+            problem = _check_out_dir(args, again)
         except OSError as err:
             problem = f"error: cannot clear --out_dir {args.out_dir}: {err.strerror}: {err.filename}"
     _agree(problem, master)
 
 
-def _check_out_dir(args):
+def _check_out_dir(args, again=False):
     out = args.out_dir
-    return (files.folder_problem(out, "--out_dir") or _links_problem(out) or _run_problem(args)
-            or _kinds_problem(args))
+    return (files.folder_problem(out, "--out_dir") or _links_problem(out) or _foreign_problem(args)
+            or _run_problem(args, again) or _kinds_problem(args))
+
+
+def _foreign_problem(args):
+    """A run writes only into an empty folder or its own run: a folder that holds something and no
+    run (the user's own README.md, say, which the model card would replace) is refused."""
+    if run_files(args.out_dir):
+        return None  # (a run: _run_problem's rules)
+    try:
+        names = sorted(os.listdir(args.out_dir))
+    except OSError:
+        return None  # (no folder yet)
+    foreign = [n for n in names if not _runs_name(n) or n == "README.md"]  # (a run's card comes with its args.json)
+    if not foreign:
+        return None
+    return (f"error: --out_dir {args.out_dir} holds files that are not a run's ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); a run writes only into an empty folder or its own run: choose "
+            f"another --out_dir")
+
+
+# The settings a run resolves after its folder is checked (speed.device_defaults: "auto"; --scale_lr's lr)
+RESOLVED_LATER = ("mixed_precision", "optimizer", "sdpa_backend", "compile", "gradient_checkpointing", "num_workers")
+
+
+def own_partial_run(args):
+    """Whether OUT_DIR's args.json (a run with no checkpoint: killed before its first) is this
+    command's: every setting it records that this command also sets is the same, but where the
+    run writes and how it reports (QUIET_KEYS), and settings resolved later from "auto"."""
+    saved, _ = _read_json(os.path.join(args.out_dir, "args.json"))
+    if not isinstance(saved, dict):
+        return False
+    now = json.loads(json.dumps(vars(args), default=str))
+    skip = set(QUIET_KEYS) | {k for k in RESOLVED_LATER if now.get(k) == "auto"} | ({"lr"} if now.get("scale_lr") else set()) \
+        | ({"max_steps"} if now.get("max_steps") is None else set())  # (--num_train_epochs: resolved with the data)
+    return all(now[k] == v for k, v in saved.items() if k in now and k not in skip)
 
 
 # What a run writes at the top of OUT_DIR (and leftovers: NAME.tmp, NAME.part, NAME.old), and of which kind
@@ -243,6 +355,15 @@ RUN_ENTRIES = {"args.json": "file", "README.md": "file", "metrics.jsonl": "file"
 def _runs_name(name):
     return bool(CHECKPOINT_NAME.match(name)) or name == LOCK_NAME or any(
         name == e or name.startswith(e + ".") for e in RUN_ENTRIES)
+
+
+def past_the_end(ckpt, state, max_steps):
+    """A --resume whose checkpoint is past --max_steps would train nothing and rewrite the run's
+    args.json and export with the smaller number: one line instead."""
+    if ckpt is None or state["step"] <= max_steps:
+        return None
+    return (f"error: --resume: checkpoint {ckpt} is at step {state['step']}, past --max_steps {max_steps}: nothing "
+            f"to train; the run is left as it is (pass --max_steps above {state['step']} to continue it)")
 
 
 def _links_problem(out):
@@ -276,11 +397,14 @@ def _kinds_problem(args):
     return None
 
 
-def _run_problem(args):
-    out, overwrite = args.out_dir, getattr(args, "overwrite", False)
+def _run_problem(args, again=False):
+    out, overwrite = args.out_dir, getattr(args, "overwrite", False) or again
     if args.resume:
         if overwrite:
             return "error: --overwrite starts over and --resume continues: pass one of them"
+        if args.resume == "latest" and getattr(args, "max_steps", None) is not None:
+            ckpt, state = latest_checkpoint(out)  # (headers only: cheap, before anything loads)
+            return past_the_end(ckpt, state, args.max_steps)
         return None
     found = run_files(out)
     if not found:
@@ -305,7 +429,7 @@ def _run_problem(args):
     # the log, the exported weights, then the checkpoints (a kill midway: the next --overwrite ends it)
     for path in sorted(doomed, key=lambda p: (not p.endswith("metrics.jsonl"), "checkpoint-" in p)):
         _remove(path)
-    print(f"--overwrite: deleted the run in {out} ({', '.join(found)})")
+    print(f"{'--resume' if again else '--overwrite'}: deleted the run in {out} ({', '.join(found)})")
     return None
 
 
@@ -446,11 +570,13 @@ class Stop:
     """SIGINT and SIGTERM handlers for a run. Before the loop (models loading, data scanning) a
     signal stops at once; in the loop it is noted, and the loop stops after the step it is in,
     saves a checkpoint and exits (stop_now). The same signal again stops at once: a checkpoint
-    being written at that moment is left for the next resume to walk back from."""
+    being written at that moment is left for the next resume to walk back from. After the loop
+    (`ending`: "saving" the final checkpoint, then its path while the export runs) a signal is
+    noted too: the save and export finish, and `finish` says so and exits with its code."""
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        self.signum, self.in_loop, self.previous = None, False, {}
+        self.signum, self.in_loop, self.previous, self.ending = None, False, {}, None
 
     def __enter__(self):
         import threading
@@ -469,11 +595,27 @@ class Stop:
         # workers SIGTERM, and they should still finish the step and save)
         if self.signum == signum or not self.in_loop:
             if os.environ.get("RANK", "0") == "0":  # (under torchrun rank 0 says it)
-                print(f"stopped by {signal.Signals(signum).name} "
-                      f"{'before training began' if not self.in_loop else 'again: at once, this step not saved'}",
-                      file=sys.stderr)
+                print(f"stopped by {signal.Signals(signum).name} {self._at_once()}", file=sys.stderr)
             raise SystemExit(128 + signum)
         self.signum = self.signum or signum
+
+    def _at_once(self):
+        """What a signal that stops at once leaves, in words."""
+        if not self.in_loop:
+            return "before training began"
+        if self.ending is None:
+            return "again: at once, this step not saved"
+        if self.ending == "saving":
+            return ("again: at once, during the final save; --resume continues from the last complete checkpoint "
+                    "(a partial one is walked past)")
+        return (f"again: at once, after the final checkpoint was saved in {self.ending}; the export beside it may be "
+                f"unfinished: --resume finishes it")
+
+    def finish(self, line, master):
+        """At the very end: a signal noted during the final save and export stops the process now
+        that they are done, with its line and exit code (the run is complete)."""
+        if self.signum:
+            self.stop_now(f"it came after the last step; the final save and export finished: {line}", master)
 
     def stop_now(self, line, master):
         """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM."""
@@ -508,6 +650,15 @@ def write_failure(out_dir, err):
             if ckpt else "no checkpoint was saved yet")
     where = f" ({err.filename})" if err.filename else ""
     return f"error: cannot write in {out_dir}: {err.strerror or err}{where}; {kept}"
+
+
+def as_os_error(err, path):
+    """A SafetensorError from writing (its Rust io::Error: "... No space left on device (os error
+    28)", or "Os { code: 28, ... }") as the OSError it wraps, so that write_failure says it in one
+    line; errno EIO when it names none."""
+    code = re.search(r"(?:os error |code: )(\d+)", str(err))
+    number = int(code.group(1)) if code else errno.EIO
+    return OSError(number, os.strerror(number), path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -581,8 +732,10 @@ def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     _remove(tmp)  # (a link there goes, not what it points at)
     try:
         _write_checkpoint(tmp, m, optimizer, scaler, state, unet)
-    except OSError:  # a full disk: the partial copy goes, the last complete checkpoint stays as it is
-        _remove(tmp)
+    except BaseException as err:  # a full disk, a second Ctrl-C: the partial copy goes, the last complete checkpoint stays
+        _remove_tree(tmp)
+        if isinstance(err, SafetensorError):  # (safetensors' own class for an OSError from its writer)
+            raise as_os_error(err, tmp) from err
         raise
     if os.path.lexists(path):  # re-saving the same step: the old copy stays whole until the new one is in place
         os.rename(path, old)
@@ -620,9 +773,10 @@ def _write_checkpoint(tmp, m, optimizer, scaler, state, unet=None):
         rng.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
     _fsync_tree(tmp)
-    # the marker: a folder with a state.json is complete
+    # the marker: a folder with a state.json is complete; it records every other file's sha256
     _write_json(os.path.join(tmp, "state.json"),
-                dict(state, optimizer=optimizer_meta, scaler=scaler.state_dict() if scaler.is_enabled() else None))
+                dict(state, optimizer=optimizer_meta, scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                     **{DIGESTS: folder_digests(tmp)}))
 
 
 def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=None):
@@ -675,7 +829,8 @@ def resume_candidates(args, log=print, fits=None, rejected=None):
             problem, state = inspect_checkpoint(folder)
             if problem in ("does not exist", "is not a folder"):
                 raise SystemExit(f"error: --resume found no checkpoint in '{args.resume}'")
-            problem = problem or (fits and fits(folder, state))
+            # (what does not fit is named first; then every file's bytes against their sha256)
+            problem = problem or (fits and fits(folder, state)) or digest_problem(folder, state)
             if problem:
                 raise SystemExit(f"error: --resume {args.resume}: {problem}")
             yield folder, state
@@ -687,7 +842,7 @@ def resume_candidates(args, log=print, fits=None, rejected=None):
     first = None
     for _, path in folders:
         problem, state = inspect_checkpoint(path)
-        problem = problem or (fits and fits(path, state))
+        problem = problem or (fits and fits(path, state)) or digest_problem(path, state)
         if problem is None:
             yield path, state
             problem = rejected.get(path, "is broken")
@@ -774,6 +929,9 @@ def resume(args, m, optimizer, scaler, master):
         check_resume_settings(args, ckpt, state, log)
         return fit_problem(ckpt, state, m, optimizer)
     for ckpt, state in resume_candidates(args, log, fits, rejected):
+        problem = past_the_end(ckpt, state, args.max_steps)
+        if problem:
+            raise SystemExit(problem)
         _load(args, ckpt, state, m, optimizer, scaler, master)
         if finite_weights(m):
             break
@@ -789,6 +947,12 @@ def resume(args, m, optimizer, scaler, master):
         if later:
             log(f"note: {args.out_dir} also holds later checkpoints ({', '.join(later)}); each stays until "
                 f"this run saves that step")
+    world = dist.get_world_size() if D.active() else 1
+    log(f"resumed from {ckpt} at step {state['step']}" + (f" (written by {state.get('world_size', 1)} process(es), "
+                                                          f"continued by {world})" if world > 1 else ""))
+    if state["step"] == args.max_steps:  # (a run stopped in its final export, say: the export is made again)
+        log(f"note: {ckpt} is at --max_steps {args.max_steps} already: nothing left to train; its weights are "
+            f"exported again")
     return ckpt, state
 
 
@@ -867,14 +1031,39 @@ def fit_problem(ckpt, state, m, optimizer):
         saved = sum(len(g.get("params", ())) for g in state["optimizer"]["param_groups"])
         if saved != len(params):
             return f"its optimizer state is for {saved} parameters, the model trains {len(params)}"
-        for key, (dtype, shape) in _header(os.path.join(ckpt, "optimizer.safetensors")).items():
+        header = _header(os.path.join(ckpt, "optimizer.safetensors"))
+        for key, (dtype, shape) in header.items():
             pid, _, name = key.partition(".")
             if not (pid.isdigit() and int(pid) < len(params)):
                 return f"optimizer.safetensors holds {key}, for no parameter of the model"
             if name in MOMENTS and (dtype, shape) != spec(params[int(pid)]):
                 return f"optimizer.safetensors: {key} is {dtype} {shape}, its parameter {' '.join(map(str, spec(params[int(pid)])))}"
+        return _missing_state(list(header) + list(state["optimizer"].get("scalars", {})), optimizer)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"cannot be read ({hub.first_line(err)})"
+    return None
+
+
+# What AdamW keeps for each parameter it has stepped (torch's; the fused kernel's is the same)
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _missing_state(keys, optimizer):
+    """Why the optimizer state named by KEYS ("PID.name", tensors and scalars) lacks a part that
+    AdamW's step reads (a KeyError at the first step, after the model loaded), or None: every
+    parameter that has state has all of ADAMW_STATE. (A parameter with no state at all is one no
+    step has touched: its gradient was never there. Adafactor keeps other parts for factored and
+    unfactored parameters: not checked here.)"""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return None
+    names = {}
+    for key in keys:
+        pid, _, name = key.partition(".")
+        names.setdefault(pid, set()).add(name)
+    for pid in sorted(names, key=lambda p: int(p) if p.isdigit() else -1):
+        lacking = [n for n in ADAMW_STATE if n not in names[pid]]
+        if lacking:
+            return f"its optimizer state lacks {pid}.{lacking[0]} (parameter {pid} has {', '.join(sorted(names[pid]))})"
     return None
 
 
@@ -966,3 +1155,45 @@ def export(out_dir, final, folder):
             shutil.copy2(os.path.join(target, lora.LORA_FILE), part)
         os.replace(part, root)
     return target
+
+
+# ---------------------------------------------------------------------------------------
+# python -m plumbing.checkpoint DIR: verify a run's checkpoints (or one) without loading anything
+def verify(folder, log=print):
+    """Every checkpoint of FOLDER (a run's folder, or one checkpoint folder) checked as --resume
+    checks it: state.json, every safetensors header against its file's size, and the sha256 of
+    every file recorded at save. One line each; returns how many are broken."""
+    if os.path.isfile(os.path.join(folder, "state.json")):
+        found = [folder]
+    else:
+        found = [path for _, path in checkpoint_folders(folder)]
+    if not found:
+        raise SystemExit(f"error: {folder}: no checkpoint there (neither a checkpoint folder nor a run's folder "
+                         f"holding checkpoint-N folders)")
+    bad = 0
+    for path in found:
+        problem, state = inspect_checkpoint(path, verify=True)
+        if problem:
+            bad += 1
+            log(f"{path}: broken: {problem}")
+        else:
+            log(f"{path}: whole (step {state['step']}" + (f", {len(state[DIGESTS])} files match their sha256)"
+                                                          if state.get(DIGESTS) else
+                                                          "; saved before digests were kept: headers and sizes only)"))
+    return bad
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m plumbing.checkpoint",
+                                description="Verify train.py checkpoints: headers, sizes, and every file's sha256 "
+                                            "against the one recorded at save. Exit code 1 when one is broken.")
+    p.add_argument("folder", help="a run's --out_dir (all its checkpoints) or one checkpoint-N folder")
+    args = p.parse_args(argv)
+    bad = verify(args.folder)
+    if bad:
+        raise SystemExit(f"error: {bad} broken checkpoint(s) in {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

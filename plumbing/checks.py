@@ -103,7 +103,64 @@ def _check_more(p, args):
         except argparse.ArgumentTypeError as err:
             p.error(f"--validation_seeds: {err}")
     problem = files.folder_problem(args.out_dir, "--out_dir")
+    problem = problem or hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))
     problem = problem or (args.validation_prompts is not None and
                           files.text_file_problem(args.validation_prompts, "--validation_prompts"))
     if problem:
         p.error(problem.removeprefix("error: "))
+
+
+# ---------------------------------------------------------------------------------------
+# One flag, one name per command line. argparse keeps the last value of a flag it is given twice;
+# given under two of its names (--lr 1e-5 --learning_rate 1e-3) that is a silent choice between
+# two settings the user wrote. (The same name twice is argparse's own rule, "the later wins", as in
+# a script that appends an override to its base flags.)
+def one_name_each(p, same=()):
+    """From now on, p's parse_args refuses (p.error: one line, exit 2) a flag given under two of
+    its names. same: groups of dests that are one setting (a diffusers flag mapped onto ours, e.g.
+    ("data", "diffusers_dataset_name")): two names among a group's flags are refused too."""
+    given = {}
+    group_of = {dest: group[0] for group in same for dest in group}
+    for action in p._actions:
+        if not action.option_strings or type(action).__name__ == "_HelpAction":
+            continue
+
+        class Noted(type(action)):
+            def __call__(self, parser, namespace, values, option_string=None, _base=type(action)):
+                key = group_of.get(self.dest, self.dest)
+                names = given.setdefault(key, [])
+                other = next((n for n in names if n != option_string), None)
+                if other is not None:
+                    parser.error(f"{other} and {option_string} set one setting ({key}); given both, the later "
+                                 f"would win without a word: pass one of them")
+                names.append(option_string)
+                return _base.__call__(self, parser, namespace, values, option_string)
+        action.__class__ = Noted
+    parse_known_args = p.parse_known_args
+
+    def parse_fresh(*a, **k):  # (every parse starts with nothing seen)
+        given.clear()
+        return parse_known_args(*a, **k)
+    p.parse_known_args = parse_fresh
+    return p
+
+
+def plain_numbers(p, args, positive=(), non_negative=()):
+    """The number checks train.py makes, for the other programs (tools/, bench/): every int flag
+    within int32 (--seed: uint32), every float flag finite, POSITIVE ones at least 1 (ints) or above
+    0 (floats), NON_NEGATIVE ones 0 or more. One line each through p.error (exit 2), before
+    anything loads."""
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or action.type not in (int, float):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        if action.type is float and not math.isfinite(value):
+            p.error(f"{flag} must be a finite number, not {value}")
+        top = 2 ** 32 - 1 if action.dest == "seed" else 2 ** 31 - 1
+        if abs(value) > top:
+            p.error(f"{flag} must be at most {top}, not {value}")
+        if action.dest in positive and not value > 0:
+            p.error(f"{flag} must be {'at least 1' if action.type is int else 'above 0'}, not {value}")
+        if action.dest in non_negative and value < 0:
+            p.error(f"{flag} must be 0 or more, not {value}")

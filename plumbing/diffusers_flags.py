@@ -99,6 +99,14 @@ TABLE = {
     "--use_ema": ("refused", "", "no EMA of the policy is kept"),
 }
 
+# The scripts' flags that set one of this project's settings under another dest: given with that
+# setting's own flag (--data x --dataset_name y), one would silently win (checks.one_name_each
+# refuses it). (--lr_scheduler and --run_validation are left out: the scripts pass them beside
+# --lr_warmup_steps and --validation_prompt.)
+SAME_SETTING = [(TABLE[flag][1], "diffusers_" + flag[2:]) for flag in
+                ("--dataset_name", "--no_hflip", "--center_crop", "--use_8bit_adam", "--validation_prompt",
+                 "--num_validation_images")]
+
 
 def stop(message, prog="train.py"):
     """One line on stderr and exit code 2, as argparse's own last line (without its usage text)."""

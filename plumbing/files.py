@@ -104,6 +104,13 @@ def folder_problem(path, flag):
         return f"error: {flag} is empty: name a folder"
     if "\0" in path:
         return f"error: {flag} {path!r}: a path cannot hold a NUL byte"
+    long_name = name_too_long(path)
+    if long_name:
+        return f"error: {flag} {shown(path)[:80]}...: {long_name}"
+    odd = not_utf8(path)
+    if odd is not None:  # (the folder's name goes into what is written there: args.json, the model card, logs)
+        return (f"error: {flag} {shown(path)}: the name holds byte 0x{odd:02x}, which is not UTF-8 text; the files "
+                f"written there name their folder: choose a name in UTF-8")
     if os.path.exists(path) and not os.path.isdir(path):
         return f"error: {flag} {path} is a file, not a folder"
     parent = os.path.abspath(path)
@@ -115,6 +122,25 @@ def folder_problem(path, flag):
         return (f"error: {flag} {path}: {parent} is not writable" +
                 (" (a read-only file system)" if _read_only(parent) else "") + "; choose another folder")
     return None
+
+
+def name_too_long(path):
+    """Why PATH cannot be made (a name of more bytes than the file system takes, usually 255), or None."""
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > 255:
+            return f"a name in it is {len(os.fsencode(part))} bytes long; file systems take at most 255"
+    return None
+
+
+def not_utf8(path):
+    """The first byte of PATH's name that is not UTF-8 (Python holds it as a lone surrogate,
+    U+DC80..U+DCFF, os.fsdecode's surrogateescape), or None."""
+    return next((ord(c) - 0xDC00 for c in path if "\udc80" <= c <= "\udcff"), None)
+
+
+def shown(path):
+    """PATH as text that can always be printed and written: a byte that is not UTF-8 as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_only(folder):
@@ -160,6 +186,8 @@ def file_to_write_problem(path, flag):
     folder, and its folder exists and is writable."""
     if not path or "\0" in path:
         return f"{flag} {path!r}: not a file name"
+    if name_too_long(path):
+        return f"{flag} {shown(path)[:80]}...: {name_too_long(path)}"
     if os.path.isdir(path):
         return f"{flag} {path} is a folder, not a file"
     parent = os.path.dirname(os.path.abspath(path))
@@ -197,3 +225,39 @@ def link_out_of(path, root):
     target = os.path.realpath(path)
     root = os.path.realpath(root)
     return None if os.path.commonpath([root, target]) == root else target
+
+
+def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=False, resume_flag=None, tolerated=()):
+    """The rule train.py keeps for --out_dir, for every program that writes a folder (sample.py's
+    --out, the tools' --out): it writes only into an empty folder or its own output, never beside
+    or over a user's files. MARKS: names (fnmatch patterns) that make PATH this program's output;
+    owned(): the paths of that output, which --overwrite deletes first (nothing else goes).
+    resuming: the command continues that output (resume_flag: the flag that says so, for the
+    message; None: the program cannot continue one). tolerated: names that are this program's but
+    no earlier output (another process's part of the same build). One error line, or None (PATH
+    may be written)."""
+    import fnmatch
+    import shutil
+    problem = folder_problem(path, flag)
+    if problem or not os.path.isdir(path):
+        return problem
+    names = sorted(os.listdir(path))
+    ours = [n for n in names if any(fnmatch.fnmatch(n, m) for m in marks)]
+    foreign = [n for n in names if n not in ours and not any(fnmatch.fnmatch(n, m) for m in tolerated)]
+    if foreign:
+        return (f"error: {flag} {path} holds files that are not this program's output ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); it writes only into an empty folder or its own output: "
+                f"choose another {flag}")
+    if not ours or resuming:
+        return None
+    if overwrite:
+        doomed = owned()
+        for p in doomed:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            elif os.path.lexists(p):
+                os.remove(p)
+        print(f"--overwrite: deleted the earlier output in {path} ({len(doomed)} files)")
+        return None
+    how = f"continue it with {resume_flag}, or " if resume_flag else ""
+    return f"error: {flag} {path} holds an earlier output ({', '.join(ours[:2])}); {how}pass --overwrite to replace it"

@@ -70,8 +70,52 @@ def unreachable(repo, repo_type="dataset", timeout=4.0):
 
 
 def hub_kwargs():
-    """from_pretrained's keyword arguments for the offline rule."""
-    return dict(local_files_only=offline())
+    """from_pretrained's keyword arguments: the offline rule, and safetensors only (a repo or folder
+    whose weights are pickles is refused by the library instead of unpickled)."""
+    return dict(local_files_only=offline(), use_safetensors=True)
+
+
+# Nothing is read with pickle, anywhere: unpickling runs whatever code the file names (torch's
+# weights_only stops that code with a long traceback, not with an answer). A folder whose weights
+# are pickles is refused in one line that says how to convert them once.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickle_problem(folder, flag, spec=None):
+    """For a local model folder (diffusers' or transformers' layout; a pipeline's subfolders too):
+    one error line when its weights are pickles with no .safetensors beside them, else None."""
+    if not os.path.isdir(folder):
+        return None
+    for sub in ("", "unet", "vae", "text_encoder", "text_encoder_2"):
+        where = os.path.join(folder, sub)
+        try:
+            names = sorted(os.listdir(where)) if os.path.isdir(where) else []
+        except OSError:
+            continue
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and os.path.isfile(os.path.join(where, n))]
+        if pickles and not any(n.endswith(".safetensors") for n in names):
+            src = os.path.join(where, pickles[0])
+            dst = os.path.join(where, SAFE_NAMES.get(pickles[0], os.path.splitext(pickles[0])[0] + ".safetensors"))
+            return (f"error: {flag} {spec or folder}: {src} is a pickle, which this project never reads (unpickling "
+                    f"can run code); convert it once, where you trust its source: python -m tools.to_safetensors "
+                    f"{src} {dst}")
+    return None
+
+
+def pickled_flags_problem(args, flags):
+    """pickle_problem for each of FLAGS (e.g. "--init") whose value in ARGS is a local folder: the
+    flag checks' early look, before anything loads (the loaders look again)."""
+    for flag in flags:
+        value = getattr(args, flag[2:], None)
+        if isinstance(value, str) and os.path.isdir(value):
+            problem = pickle_problem(value, flag)
+            if problem:
+                return problem
+    return None
+
+
+# A pickle's name -> the name its loader looks for in safetensors
+SAFE_NAMES = {"diffusion_pytorch_model.bin": "diffusion_pytorch_model.safetensors", "pytorch_model.bin": "model.safetensors"}
 
 
 # Real components, from the hub or a local diffusers folder
@@ -84,18 +128,22 @@ def _offline_exit(what, source, err):
 def load_real(source, xl, encoders=True):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    problem = pickle_problem(source, "--pretrained")
+    if problem:
+        raise SystemExit(problem)
     kw = hub_kwargs()
+    tok = dict(local_files_only=kw["local_files_only"])  # (a tokenizer or scheduler holds no weights)
     try:
-        parts = dict(scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        parts = dict(scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **tok),
                      unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
                      vae=None, text_encoders=[], tokenizers=[])
         if not encoders:
             return parts
-        parts.update(tokenizers=[CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)],
+        parts.update(tokenizers=[CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **tok)],
                      text_encoders=[CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)],
                      vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw))
         if xl:
-            parts["tokenizers"].append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw))
+            parts["tokenizers"].append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **tok))
             parts["text_encoders"].append(
                 CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw))
     except (OSError, ValueError, EnvironmentError) as err:
@@ -179,9 +227,12 @@ def load_unet(spec, flag="--init"):
         if bad:
             raise SystemExit(f"error: {flag} {spec}: {os.path.join(path, name)} holds {bad[0]} as {bad[1]}, not "
                              f"floating-point weights")
+    problem = pickle_problem(path, flag, spec)
+    if problem:
+        raise SystemExit(problem)
     try:
         with quiet():
-            return UNet2DConditionModel.from_pretrained(path)
+            return UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
     except Exception as err:  # a bad config.json, a .bin that is not a checkpoint, ...
         raise SystemExit(f"error: {flag} {spec}: cannot load the UNet in {path} "
                          f"({type(err).__name__}: {first_line(err)})")
@@ -218,7 +269,8 @@ def _hub_unet(repo, flag):
             break  # the other layout would only wait for the network again
         try:
             with quiet():
-                return UNet2DConditionModel.from_pretrained(repo, subfolder=sub, local_files_only=is_offline)
+                return UNet2DConditionModel.from_pretrained(repo, subfolder=sub, local_files_only=is_offline,
+                                                            use_safetensors=True)  # (never a pickle)
         except Exception as err:  # weights that fail to download or load
             reason = first_line(err)
             break
@@ -238,12 +290,16 @@ def load_clip(name, flag, what, device, processor=None, processor_flag=None, tok
     local folder) and what prepares its inputs, by default from the same place: its processor, or
     with tokenizer_only its CLIPTokenizer -> (model in eval mode on `device`, processor)."""
     from transformers import AutoProcessor, CLIPModel, CLIPTokenizer
+    problem = pickle_problem(name, flag)
+    if problem:
+        raise SystemExit(problem)
     try:
         model = CLIPModel.from_pretrained(name, **hub_kwargs())
     except (OSError, ValueError) as err:
         raise cannot_load(what, name, flag, err)
     try:
-        proc = (CLIPTokenizer if tokenizer_only else AutoProcessor).from_pretrained(processor or name, **hub_kwargs())
+        proc = (CLIPTokenizer if tokenizer_only else AutoProcessor).from_pretrained(processor or name,
+                                                                                   local_files_only=offline())
     except (OSError, ValueError) as err:
         raise cannot_load(f"the processor of {what}", processor or name, processor_flag or flag, err)
     return model.to(device).eval().requires_grad_(False), proc

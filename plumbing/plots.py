@@ -17,6 +17,10 @@ def pyplot():
         raise SystemExit("error: plotting needs matplotlib: pip install matplotlib")
     return plt
 
+def finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
 def plot_curves(runs, out_png, style_points=None):
     """runs {label: run_dir with train.py's metrics.jsonl}; style_points {label: [(step, score)]}.
     Saves a 1500x400 px PNG: loss, implicit accuracy and style score against the step."""
@@ -27,16 +31,20 @@ def plot_curves(runs, out_png, style_points=None):
         if not os.path.isfile(path):
             raise SystemExit(f"error: {run_dir}: no metrics.jsonl (not a train.py output folder?)")
         from plumbing.checkpoint import read_metrics  # (cut or unreadable lines dropped, with a warning)
-        log = [r for r in read_metrics(path, log=lambda line: print(line, file=sys.stderr))
-               if isinstance(r.get("loss"), (int, float))]
+        records = read_metrics(path, log=lambda line: print(line, file=sys.stderr))
+        # a loss that is NaN, Infinity (json reads both) or text is not plotted: counted, and said
+        log = [r for r in records if finite_number(r.get("loss"))]
+        if len(log) < len(records):
+            print(f"warning: {path}: skipped {len(records) - len(log)} of {len(records)} steps whose loss is not a "
+                  f"finite number", file=sys.stderr)
         if not log:
-            raise SystemExit(f"error: {path}: no step with a loss")
+            raise SystemExit(f"error: {path}: no step with a finite loss ({len(records)} steps read); nothing to plot")
         steps, loss = np.array([r["step"] for r in log]), np.array([r["loss"] for r in log])
         # Per-step losses are noisy (one t and ε draw per step): show a 20-step moving average.
         w = min(20, len(loss))
         axes[0].plot(steps, loss, color=colour, alpha=0.2, lw=0.8)
         axes[0].plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, "valid"), color=colour, label=label)
-        acc = [(r["step"], r["implicit_acc"]) for r in log if "implicit_acc" in r]  # none for SFT
+        acc = [(r["step"], r["implicit_acc"]) for r in log if finite_number(r.get("implicit_acc"))]  # none for SFT
         if acc:
             axes[1].plot(*zip(*acc), color=colour, alpha=0.7, label=label)
         if style_points and style_points.get(label):

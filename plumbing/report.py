@@ -85,7 +85,8 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
     lines += ["## Load it", "", "```bash", sample_cmd, "```", ""]
     if hub:  # the stock diffusers pipelines load the result as they are
         lines += ["```python", f"from diffusers import {pipe}, UNet2DConditionModel", load, "```", ""]
-    files.write_atomic(os.path.join(args.out_dir, "README.md"), "\n".join(lines))
+    # (a flag's path whose name is not UTF-8 is shown with \\xNN escapes: the card is UTF-8 text)
+    files.write_atomic(os.path.join(args.out_dir, "README.md"), files.shown("\n".join(lines)))
 
 
 def reward_scores(args, images, prompts, folder, device):

@@ -173,7 +173,7 @@ def load_hps(version, checkpoint, device):
         try:
             from huggingface_hub import hf_hub_download
             with hub.quiet():
-                checkpoint = hf_hub_download(HPS_REPO, HPS_CHECKPOINTS[version], **hub.hub_kwargs())
+                checkpoint = hf_hub_download(HPS_REPO, HPS_CHECKPOINTS[version], local_files_only=hub.offline())
         except Exception as err:  # offline and not cached, no network, no such file
             raise SystemExit(f"error: cannot load HPSv2 {version} from the hub repo {HPS_REPO} "
                              f"({type(err).__name__}: {hub.first_line(err)}); pass {flag}")

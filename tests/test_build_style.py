@@ -73,8 +73,12 @@ def test_build_style_offline_toy_styles_and_errors(tmp_path):
         build_style.build_style("winter", str(src), str(tmp_path / "o2"), editor=str(tmp_path / "missing"), progress=False)
     assert "--editor /path/to/folder" in str(e.value) and "--style toy-winter" in str(e.value)
     with pytest.raises(SystemExit) as e:
-        build_style.main(["--style", "toy-winter", "--src", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+        build_style.main(["--style", "toy-winter", "--src", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o3")])
     assert str(e.value).startswith("error: --src") and "not found" in str(e.value)
+    # its --out keeps train.py's rule: its own output is continued, a folder of other files refused
+    with pytest.raises(SystemExit) as e:
+        build_style.main(["--style", "toy-winter", "--src", str(src), "--out", str(tmp_path)])
+    assert "holds files that are not this program's output" in str(e.value)
 
 
 def test_build_style_from_pickapic_shards_uses_the_preferred_images(tmp_path):

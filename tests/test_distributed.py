@@ -9,10 +9,14 @@ What must hold (README, "Multi-GPU training"):
   * --fsdp trains, and its checkpoints are the single-device ones (diffusers unet/, full
     optimizer state) that from_pretrained and a 1-process --resume read.
 Equalities are to float tolerance, not bitwise: a rank's forward on B rows and one process's on
-2B rows round differently in the last bits (the β/2 = 2500 of E4 amplifies that to ~1e-6 in the
-loss), and AdamW turns gradient noise on near-zero gradients into ~1e-5 of weight after a few
-steps at lr 1e-3.
+2B rows round differently in the last bits, E4's β/2 = 2500 multiplies that into the loss and every
+gradient, and AdamW turns rounding noise on a near-zero gradient into a full step. The tolerances
+below come from that arithmetic (the dtype's eps, the size of the reductions, β/2, lr and the
+steps), not from the error one machine happened to show (issue #35: another x86 CPU exceeded
+bounds that had been set just above this one's).
 """
+import math
+
 import json
 import os
 import shutil
@@ -35,6 +39,13 @@ from plumbing import pickapic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4  # pairs in the global micro-batch of the gradient test
+# fp32 rounding: a relative eps per operation, growing like sqrt(n) over a reduction of n terms; the
+# largest here is E1's mean over C·h·w = 3·16·16 values of the tiny preset (the UNet's convolutions
+# sum fewer: at most channels·3·3). E4 multiplies an error in the denoising errors by β/2 on its way
+# into the loss's argument, and so into the loss and each gradient (a sum of the pairs' gradients
+# weighted by σ of that argument).
+EPS, REDUCTION, BETA_HALF = torch.finfo(torch.float32).eps, 3 * 16 * 16, 5000 / 2
+REL = EPS * BETA_HALF * math.sqrt(REDUCTION)  # 8.3e-3: what two roundings of one computation may differ by
 SPLITS = {"even": [2, 2], "uneven": [3, 1]}  # pairs per rank (uneven: as after skipped images)
 # name: (loss, timesteps, split, global contrast, lora rank)
 CASES = {
@@ -119,7 +130,7 @@ def _ddp_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def assert_close_grads(got, want, rel=1e-4):
+def assert_close_grads(got, want, rel=REL):
     assert got.keys() == want.keys()
     scale = max(g.abs().max().item() for g in want.values())
     assert scale > 0
@@ -145,9 +156,9 @@ def test_ddp_loss_and_gradients(ddp_results, name):
         # computed the global loss from gathered rows, and the gather's backward summed the W
         # ranks' copies, so the average is the global gradient with no rescaling.
         want_loss, want_metrics, want_grads = rows_loss(make_model(case[4]), D.Share([B]), case, embed=embed)
-        assert logged == pytest.approx(want_loss, rel=1e-4)
+        assert logged == pytest.approx(want_loss, rel=REL)
         if case[3]:  # every rank holds the global loss and logs the global batch's figures
-            assert loss == pytest.approx(want_loss, rel=1e-4)
+            assert loss == pytest.approx(want_loss, rel=REL)
             for k in ("implicit_acc", "weight_entropy", "weight_diag", "mse_w", "ref_mse_l"):
                 assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-6)
     else:
@@ -155,7 +166,7 @@ def test_ddp_loss_and_gradients(ddp_results, name):
         runs = [rows_loss(make_model(case[4]), D.Share([2, 2], r), case, embed=embed) for r in (0, 1)]
         want_loss = (runs[0][0] + runs[1][0]) / 2
         want_grads = {k: (runs[0][2][k] + runs[1][2][k]) / 2 for k in runs[0][2]}
-        assert loss == pytest.approx(runs[0][0], rel=1e-4) and logged == pytest.approx(want_loss, rel=1e-4)
+        assert loss == pytest.approx(runs[0][0], rel=REL) and logged == pytest.approx(want_loss, rel=REL)
         # ... which is not the global contrast's loss
         global_loss = rows_loss(make_model(0), D.Share([B]), (*case[:3], True, 0), embed=embed)[0]
         assert abs(want_loss - global_loss) > 1e-2 * global_loss
@@ -221,17 +232,32 @@ def weights(folder):
     return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
-def assert_close_weights(a, b, atol=1e-4):  # lr 1e-3: a tenth of one AdamW step
+def assert_close_weights(a, b, start, lr=1e-3, steps=4):
+    """Two runs of one computation, rounded differently: AdamW's step is lr·m̂/(√v̂ + ε), so the
+    rounding error of a gradient well above rounding (REL) moves its weight by at most REL·lr a
+    step, while a gradient that is itself at rounding level can flip its step's sign: up to 2·lr a
+    step (|m̂/√v̂| <= 1 at AdamW's first steps up to its bias correction, √(1-β2^t)/(1-β1^t) <= 1
+    for the 4 steps here). So: no weight differs by more than 2·lr·steps, and only a few
+    (at most 1%) by more than REL·lr·steps, while a different run (another batch, another t)
+    moves nearly all of them by about lr a step."""
     assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < atol, worst
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    moved = torch.cat([(a[k] - start[k]).abs().flatten() for k in a])
+    assert diff.max().item() <= 2 * lr * steps, diff.max().item()
+    assert (diff > REL * lr * steps).float().mean().item() <= 0.01, (diff > REL * lr * steps).float().mean().item()
+    assert (moved > REL * lr * steps).float().mean().item() > 0.5  # (the runs trained: the bound can fail)
+
+
+def initial():
+    """The tiny preset's starting UNet weights (what both runs trained from)."""
+    return M.load_models("tiny", reference=False).unet.state_dict()
 
 
 def assert_same_log(got, want):
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
         for k in ("loss", "grad_norm", "reward_margin", "implicit_acc", "weight_entropy", "mse_w"):
-            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-4), (g["step"], k)
+            assert g[k] == pytest.approx(w[k], rel=REL, abs=REL), (g["step"], k)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +275,7 @@ def test_two_process_run_equals_the_one_process_run(one_process, tmp_path):
     log = torchrun(*COMMON, "--batch_size", "2", "--max_steps", "4", "--save_every", "2", "--out_dir", str(out))
     assert log.count("done: 4 steps") == 1  # rank 0 alone prints
     assert_same_log(read_metrics(out), read_metrics(one_process))  # one line per step, global means
-    assert_close_weights(weights(out / "unet"), weights(one_process / "unet"))
+    assert_close_weights(weights(out / "unet"), weights(one_process / "unet"), initial())
     state = json.load(open(out / "checkpoint-000004" / "state.json"))
     assert state["world_size"] == 2 and state["epoch"] == 2 and state["items_in_epoch"] == 8
     start = M.load_models("tiny", reference=False).unet.state_dict()
@@ -262,7 +288,7 @@ def test_two_processes_resume_a_one_process_checkpoint(one_process, tmp_path):
     log = torchrun(*COMMON, "--batch_size", "2", "--max_steps", "4", "--out_dir", str(out), "--resume")
     assert "resumed from" in log and "written by 1 process(es), continued by 2" in log
     assert_same_log(read_metrics(out), read_metrics(one_process)[2:])
-    assert_close_weights(weights(out / "unet"), weights(one_process / "unet"))
+    assert_close_weights(weights(out / "unet"), weights(one_process / "unet"), initial())
 
 
 def test_fsdp_resumes_trains_and_saves_single_device_checkpoints(one_process, tmp_path):
@@ -278,14 +304,14 @@ def test_fsdp_resumes_trains_and_saves_single_device_checkpoints(one_process, tm
     assert sorted(os.listdir(out / "checkpoint-000004")) == ["optimizer.safetensors", "rng.safetensors", "state.json",
                                                              "unet"]
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
-    assert_close_weights({k: v for k, v in unet.state_dict().items()}, weights(one_process / "unet"))
+    assert_close_weights({k: v for k, v in unet.state_dict().items()}, weights(one_process / "unet"), initial())
     want = load_file(one_process / "checkpoint-000004" / "optimizer.safetensors")
     got = load_file(out / "checkpoint-000004" / "optimizer.safetensors")
     assert got.keys() == want.keys()
     # which one process resumes: step 3's FSDP checkpoint -> step 4 as the 1-process run ends
     train.main(COMMON + ["--batch_size", "4", "--max_steps", "4", "--out_dir", str(out), "--resume",
                          str(out / "checkpoint-000003")])
-    assert_close_weights(weights(out / "unet"), weights(one_process / "unet"))
+    assert_close_weights(weights(out / "unet"), weights(one_process / "unet"), initial())
 
 
 def test_two_processes_on_pickapic_shards(tmp_path):

@@ -119,7 +119,9 @@ def test_overwrite_will_not_delete_the_init_it_starts_from(finished, tmp_path):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing", None), ("empty", None), ("empty metrics", None), ("other files", None),
+    ("missing", None), ("empty", None), ("empty metrics", None),
+    ("other files", "error: --out_dir {out} holds files that are not a run's (README, checkpoints-old); a run writes "
+                    "only into an empty folder or its own run: choose another --out_dir"),  # (issue #35: the user's)
     ("metrics only", "error: {out} holds a run (metrics.jsonl) with no checkpoint to continue; pass --overwrite "
                      "to start over (its metrics and weights are deleted), or choose another --out_dir"),
     ("a file", "error: --out_dir {out} is a file, not a folder"),

@@ -1,9 +1,14 @@
-"""A small seeded fuzzer: malformed flag values for train.py, sample.py and evaluate.py, and
-malformed files for their loaders, run in this process (main with the model loading replaced by a
-marker, so everything before it runs for real). Every outcome is one of: accepted (the marker is
-reached, or the loader returns), argparse's exit 2, or a SystemExit whose message is one line
-starting with `error:`. Never another exception, never a traceback. Values that no flag accepts
-(nan, inf, a number past 64 bits) must be refused. A failure names the seed and the argv."""
+"""A small seeded fuzzer: malformed flag values for train.py, sample.py, evaluate.py, the tools/
+and bench/ programs, and malformed files for their loaders, run in this process (main with the
+model loading replaced by a marker, so everything before it runs for real). Every outcome is one
+of: accepted (the marker is reached, or the loader returns), argparse's exit 2, or a SystemExit
+whose message is one line starting with `error:`. Never another exception, never a traceback.
+Values that no flag accepts (nan, inf, a number past 64 bits) must be refused, and so must one
+flag given under two of its names. Paths include names with a byte that is not UTF-8, folders
+holding a user's own files (never written into: their bytes are compared after every case) and
+model folders whose weights are pickles (never unpickled: torch.load and pickle's loaders are
+replaced by a marker that fails the case). checkpoint-* state.json values are fuzzed through a
+real --resume. A failure names the seed and the argv."""
 import contextlib
 import io
 import json
@@ -32,7 +37,8 @@ class Loaded(Exception):
 
 def texts(root):
     """Malformed text and path values; files and folders under ROOT (made by `world`)."""
-    return ["", " ", "-", "a" * 300, "../../etc", str(root / "dir"), str(root / "file.txt"), str(root / "missing.txt"),
+    return [os.fsdecode(b"odd\xffname"), str(root / os.fsdecode(b"odd\xff")), str(root / "mine"),
+            str(root / "pickled-unet"), str(root / "pickled-clip"), str(root / "pickled-pipeline"), "", " ", "-", "a" * 300, "../../etc", str(root / "dir"), str(root / "file.txt"), str(root / "missing.txt"),
             str(root / "missing" / "x"), str(root / "file.txt" / "below"), "prompts/", "hf:", "cache:", "toy#x",
             "pickapic:", "a|b", "|", "0-3,3", "3-1", "x/y", str(root / "garbage.json"), str(root / "garbage.jsonl"),
             str(root / "latin1.txt"), str(root / "link-out"), "café", "\t", "hf:a/b#prompt=", "1e999",
@@ -40,6 +46,10 @@ def texts(root):
 
 
 def world(root):
+    os.makedirs(root / "mine")  # a user's own folder: nothing may be written into it
+    (root / "mine" / "README.md").write_text("my notes\n")
+    os.makedirs(root / os.fsdecode(b"odd\xff"))
+    pickled_model_folders(root)
     os.makedirs(root / "dir")
     (root / "file.txt").write_text("a cat\n")
     (root / "garbage.json").write_bytes(b"{\"a\": [1, 2")
@@ -54,12 +64,38 @@ def world(root):
     (root / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
 
 
+def pickled_model_folders(root):
+    """Folders laid out as the loaders expect, whose weights are pickles (a tiny state dict saved
+    with torch.save): a diffusers unet/, a transformers CLIP, a pipeline with unet/ and vae/."""
+    import torch
+    state = {"w": torch.zeros(2)}
+    for folder, name in (("pickled-unet", "diffusion_pytorch_model.bin"), ("pickled-clip", "pytorch_model.bin"),
+                         ("pickled-pipeline/unet", "diffusion_pytorch_model.bin"),
+                         ("pickled-pipeline/vae", "diffusion_pytorch_model.bin")):
+        os.makedirs(root / folder)
+        (root / folder / "config.json").write_text("{}")
+        torch.save(state, root / folder / name)
+
+
+def user_files(root):
+    """{path: bytes} of the files a run must never change: the user's own folder and the inputs."""
+    keep = [root / "mine" / "README.md", root / "file.txt", root / "garbage.json", root / "samples" / "samples.jsonl",
+            root / "pickled-unet" / "diffusion_pytorch_model.bin"]
+    return {str(p): p.read_bytes() for p in keep}
+
+
 def flags_of(parser):
     return [a for a in parser._actions if a.option_strings and a.dest != "help"]
 
 
 def malformed_argv(rng, parser, root, skip=()):
     argv, never = [], False
+    twice = [a for a in flags_of(parser) if a.dest not in skip and len(a.option_strings) > 1]
+    if twice and rng.random() < 0.15:  # one flag under two of its names: refused, whatever the values
+        action = rng.choice(twice)
+        first, second = rng.sample(action.option_strings, 2)
+        value = [] if action.nargs == 0 else ["1"]
+        return [first, *value, second, *value], True
     for action in rng.sample([a for a in flags_of(parser) if a.dest not in skip], rng.randint(1, 3)):
         flag = rng.choice(action.option_strings)
         if action.nargs == 0:
@@ -95,10 +131,31 @@ def outcome(fn, argv):
         return "error"
 
 
+class Unpickled(Exception):
+    """Something asked torch.load or pickle to read a file."""
+
+
+UNPICKLED = []  # what was asked to be unpickled (a loader's broad except may swallow the marker itself)
+
+
+def no_pickles(monkeypatch):
+    import pickle
+    import torch
+    UNPICKLED.clear()
+
+    def refuse(*a, **k):
+        UNPICKLED.append(str(a[:1])[:200])
+        raise Unpickled(f"unpickled: {a[:1]}")
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+
+
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
     """Relative paths land in tmp_path; model loading, the toy scorer and reward models replaced by
-    Loaded; the hub offline."""
+    Loaded; the hub offline; nothing unpickled."""
     world(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (and as the libraries read it at their import:)
@@ -109,42 +166,77 @@ def sandbox(tmp_path, monkeypatch):
 
     def loaded(*a, **k):
         raise Loaded
+    import diffusers
+    import subprocess
+    from plumbing import cache
     for module, name in ((M, "from_args"), (M, "load_models"), (S, "load_for_sampling"), (toy_scorer, "load_toy_scorer"),
-                         (E, "load_reward_models"), (E.toy_scorer, "load_toy_scorer")):
+                         (E, "load_reward_models"), (E.toy_scorer, "load_toy_scorer"), (cache, "write_cache"),
+                         (diffusers.StableDiffusionInstructPix2PixPipeline, "from_pretrained"), (subprocess, "run")):
         monkeypatch.setattr(module, name, loaded)
+    no_pickles(monkeypatch)
     return tmp_path
 
 
-SKIP = {"train": ("device", "report_to", "num_workers", "resume", "init", "pretrained", "embed_model", "recipe"),
-        "sample": ("device", "unet", "lora", "pretrained"), "evaluate": ("device",)}
+SKIP_TRAIN = ("device", "report_to", "num_workers", "resume", "recipe")
+SKIP = {"train": SKIP_TRAIN,
+        "sample": ("device", "lora"), "evaluate": ("device",), "tools.build_cache": ("device",),
+        "tools.hpdv2_to_parquet": (), "tools.build_style": ("device",),
+        "bench.speed": ("device", "grid", "out"), "bench.e2e": ("out",), "bench.profile": SKIP_TRAIN}  # (their --out appends rows to the file named)
+# program: (its main, the flags every case starts from). (tools.to_safetensors reads pickles by
+# design, with weights_only, and takes positional paths; tools.same_runs takes no flags: both
+# have their own tests.)
+PROGRAMS = {
+    "train": (lambda: train.main, ["--max_steps", "1", "--no_progress", "--out_dir", "run"]),
+    "sample": (lambda: S.main, ["--out", "new-samples"]),
+    "evaluate": (lambda: E.main, ["--images", "samples"]),
+    "tools.build_cache": (lambda: __import__("tools.build_cache").build_cache.main, ["--data", "toy", "--out", "cache"]),
+    "tools.hpdv2_to_parquet": (lambda: __import__("tools.hpdv2_to_parquet").hpdv2_to_parquet.main,
+                               ["--json", "garbage.json", "--images", "dir", "--out", "parquet"]),
+    "tools.build_style": (lambda: __import__("tools.build_style").build_style.main,
+                          ["--style", "toy-winter", "--src", "garbage.jsonl", "--out", "style"]),
+    "bench.speed": (lambda: __import__("bench.speed").speed.main, ["--steps", "1", "--warmup", "0"]),
+    "bench.e2e": (lambda: __import__("bench.e2e").e2e.main, ["--dry"]),
+    "bench.profile": (lambda: __import__("bench.profile").profile.main,  # (train.py's flags, and two of its own)
+                      ["--profile_warmup", "0", "--max_steps", "1", "--out_dir", "run"]),
+}
 
 
-@pytest.mark.parametrize("program", ["train", "sample", "evaluate"])
+def parser_of(main, base):
+    """The parser a program builds inside its main: caught at its first parse (of nothing)."""
+    import argparse
+    seen = []
+    real = argparse.ArgumentParser.parse_known_args
+
+    def catch(self, *a, **k):
+        seen.append(self)
+        raise Loaded
+    argparse.ArgumentParser.parse_known_args = catch
+    try:
+        main(list(base))
+    except Loaded:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_known_args = real
+    return seen[0]
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
 def test_malformed_flags_end_in_one_line(sandbox, program):
-    """(Skipped flags: --device, the model sources and --report_to load or import heavy things
-    before their own checks; tests/test_hostile_flags.py has their cases.)"""
-    parser = {"train": train.parser(), "sample": None, "evaluate": None}[program]
-    if parser is None:  # sample.py and evaluate.py build their parser inside parse_args: catch it there
-        import argparse
-        seen = []
-        real = argparse.ArgumentParser.parse_args
-        argparse.ArgumentParser.parse_args = lambda self, *a, **k: (seen.append(self), real(self, [], *a[1:]))[1]
-        try:
-            (S.parse_args if program == "sample" else E.parse_args)([])
-        finally:
-            argparse.ArgumentParser.parse_args = real
-        parser = seen[0]
-    main = {"train": train.main, "sample": S.main, "evaluate": E.main}[program]
-    base = {"train": ["--max_steps", "1", "--no_progress", "--out_dir", "run"], "sample": ["--out", "samples"],
-            "evaluate": ["--images", str(sandbox / "samples")]}[program]
+    """(Skipped flags: --device and --report_to load or import heavy things before their own checks;
+    tests/test_hostile_flags.py has their cases.) After every case the user's files are as they were."""
+    main, base = PROGRAMS[program][0](), PROGRAMS[program][1]
+    parser = train.parser() if program in ("train", "bench.profile") else parser_of(main, base)
+    before = user_files(sandbox)
     counts = {}
-    for seed in range(200):
+    for seed in range(200 if program in ("train", "sample", "evaluate") else 60):
         rng = random.Random(seed)
         argv, never = malformed_argv(rng, parser, sandbox, SKIP[program])
         result = outcome(main, base + argv)
         counts[result] = counts.get(result, 0) + 1
         assert not (never and result == "accepted"), f"seed {seed}: {program} accepted {argv}"
-    assert counts.get("argparse", 0) + counts.get("error", 0) > 20, counts  # the fuzzer does reach the checks
+        assert user_files(sandbox) == before, f"seed {seed}: {program} {argv} changed a user's file"
+        assert not UNPICKLED, f"seed {seed}: {program} {argv} unpickled {UNPICKLED}"
+    assert counts.get("argparse", 0) + counts.get("error", 0) > 10, counts  # the fuzzer does reach the checks
 
 
 def mutations(rng, good):
@@ -196,3 +288,52 @@ def test_malformed_files_end_in_one_line(tmp_path):
             except SystemExit as exit_:
                 assert isinstance(exit_.code, str) and exit_.code.startswith("error: ") and "\n" not in exit_.code, \
                     (name, k, bad[:80], exit_.code)
+
+
+HOSTILE = [2 ** 70, 2 ** 31, -1, 1.5, "x", None, [], {}, True, float("nan"), float("inf"), {"a": -1}, ["x"]]
+
+
+def test_state_json_values_out_of_range_end_in_one_line_or_resume(tmp_path):
+    """A checkpoint's state.json with one value (or one of args', optimizer's, skip_counts') out of
+    its range or of another type: --resume walks past it (one warning line) to the checkpoint
+    before, or ends in one line; never a traceback after "resumed from"."""
+    import shutil
+    run = tmp_path / "run"
+    train.main(["--max_steps", "2", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(run),
+                "--no_progress", "--num_items", "4", "--batch_size", "4"])
+    good = json.loads((run / "checkpoint-000002" / "state.json").read_text())
+    places = [(k,) for k in good] + [("args", k) for k in ("model", "lora_rank", "resolution", "data", "loss")] + \
+        [("optimizer", "param_groups"), ("optimizer", "scalars"), ("skip_counts", "x"), ("sha256", "rng.safetensors")]
+    rng = random.Random(0)
+    for case in range(16):
+        where, value = rng.choice(places), rng.choice(HOSTILE)
+        out = tmp_path / f"case{case}"
+        shutil.copytree(run, out)
+        state = json.loads(json.dumps(good))
+        target = state
+        for key in where[:-1]:
+            target = target.setdefault(key, {}) if isinstance(target.get(key), dict) else target
+        target[where[-1]] = value
+        (out / "checkpoint-000002" / "state.json").write_text(json.dumps(state))
+        result = outcome(train.main, ["--max_steps", "3", "--resume", "--out_dir", str(out), "--no_progress",
+                                      "--num_items", "4", "--batch_size", "4"])
+        assert result in ("accepted", "error"), (where, value, result)
+
+
+def test_pickled_model_folders_are_never_unpickled(tmp_path, monkeypatch):
+    """Every loader of model weights, given each folder whose weights are pickles: one line naming
+    the converter, with torch.load and pickle's loaders replaced by a marker that fails the case."""
+    pickled_model_folders(tmp_path)
+    no_pickles(monkeypatch)
+    from toy import clip as toy_clip
+    loaders = {"hub.load_unet": lambda f: hub.load_unet(f, "--init"),
+               "hub.load_clip": lambda f: hub.load_clip(f, "--clip_model", "CLIP", "cpu"),
+               "hub.load_real": lambda f: hub.load_real(f, False),
+               "model.load_models(init_unet)": lambda f: M.load_models("tiny", init_unet=f, reference=False),
+               "model.load_models(pretrained)": lambda f: M.load_models("sd15", pretrained=f, reference=False),
+               "model.load_embedder": lambda f: M.load_embedder(f),
+               "toy.clip.embedder": lambda f: toy_clip.embedder(f)}
+    for name, load in loaders.items():
+        for folder in ("pickled-unet", "pickled-clip", "pickled-pipeline"):
+            result = outcome(lambda argv: load(str(tmp_path / folder)), [])
+            assert result == "error" and not UNPICKLED, (name, folder, result, UNPICKLED)

@@ -330,7 +330,16 @@ def first_key(path):
 
 
 def break_against_model(ckpt, how):
-    """Break CKPT as HOW, keeping every file whole; returns the reason resume must give."""
+    """Break CKPT as HOW, keeping every file whole; returns the reason resume must give. The
+    sha256 digests in its state.json are made again for the new bytes: these are checkpoints that
+    were saved so (the checks after the bytes'), not files changed since."""
+    reason = _break_against_model(ckpt, how)
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps(dict(state, sha256=C.folder_digests(str(ckpt)))))
+    return reason
+
+
+def _break_against_model(ckpt, how):
     weights = str(ckpt / WEIGHTS)
     name = "unet/diffusion_pytorch_model.safetensors"
     key = first_key(weights)

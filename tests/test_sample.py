@@ -118,10 +118,10 @@ def test_cli_writes_pngs_jsonl_grid_and_compare(tmp_path, capsys):
     tiled = expected.reshape(2, 2, 16, 16, 3).transpose(0, 2, 1, 3, 4).reshape(32, 32, 3)
     assert np.array_equal(grid[::4, ::4], tiled)
 
-    # --compare with the same folder: every (prompt, seed) matches
+    # --compare with the same folder: every (prompt, seed) matches (--resume: its images are kept, as they are)
     capsys.readouterr()
     S.main(["--model", "tiny", "--prompts", f"{P0}|{P1}", "--seeds", "0-1", "--steps", "4", "--out", out,
-            "--compare", out, "--grid_scale", "2"])
+            "--compare", out, "--grid_scale", "2", "--resume"])
     assert "0 missing" in capsys.readouterr().out
     cmp_img = np.asarray(Image.open(os.path.join(out, "compare.png")))
     assert cmp_img.shape == (2 * 16 * 2, 2 * 2 * 16 * 2, 3)  # each cell: base | tuned

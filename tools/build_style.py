@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import model as M
-from plumbing import hub, pickapic
+from plumbing import checks, files, hub, pickapic
 from plumbing.images import decode_image
 from toy import apply_style
 
@@ -75,7 +75,8 @@ def build_style(style, src, out, editor="timbrooks/instruct-pix2pix", limit=None
         from diffusers import StableDiffusionInstructPix2PixPipeline
         try:  # the safety checker would turn flagged edits into black images: bad training data
             pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                editor, torch_dtype=M.DTYPES[mixed_precision], safety_checker=None, requires_safety_checker=False)
+                editor, torch_dtype=M.DTYPES[mixed_precision], safety_checker=None, requires_safety_checker=False,
+                use_safetensors=True)  # (never a pickle)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: cannot load the InstructPix2Pix editor '{editor}' ({hub.first_line(err)}). "
                              f"Download it once and pass --editor /path/to/folder, or use --style toy-{style}")
@@ -139,6 +140,12 @@ def main(argv=None):
     s.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     s.add_argument("--seed", type=int, default=0)
     args = s.parse_args(argv)
+    checks.plain_numbers(s, args, positive=("limit", "resolution", "steps", "batch_size"),
+                         non_negative=("guidance", "image_guidance", "seed"))
+    # train.py's rule for a folder it writes: empty, or its own output, which it continues (resumable)
+    problem = files.output_folder_problem(args.out, "--out", ["pairs.jsonl", "images"], list, resuming=True)
+    if problem:
+        raise SystemExit(problem)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         new = build_style(args.style, args.src, args.out, args.editor, args.limit, args.resolution, args.steps,

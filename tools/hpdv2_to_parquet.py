@@ -25,9 +25,12 @@ into every pair they are in. Counted skips: ties, records that are not a prompt 
 lists, paths that leave --images (never read) and missing image files.
 """
 import argparse
+import fnmatch
 import json
 import os
 import sys
+
+from plumbing import checks, files
 
 
 def numbers(xs):
@@ -130,13 +133,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="HPDv2's train.json / test.json and images -> parquet for --data hf:DIR.")
     p.add_argument("--json", required=True, help="train.json or test.json of ymhao/HPDv2")
     p.add_argument("--images", required=True, help="the split's unpacked image folder (train/ or test/)")
-    p.add_argument("--out", required=True, help="folder for the parquet shards")
+    p.add_argument("--out", required=True, help="folder for the parquet shards: empty (or created), or an earlier "
+                                                "output with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out's earlier shards of --split")
     p.add_argument("--split", default="train", help="shard name prefix (train.py --data_split)")
     p.add_argument("--shard_rows", type=int, default=1000, help="pairs per parquet file")
     p.add_argument("--row_group_rows", type=int, default=100, help="pairs per row group (what hf:DIR reads at once)")
     args = p.parse_args(argv)
+    checks.plain_numbers(p, args)
     if args.shard_rows < 1 or args.row_group_rows < 1:
         raise SystemExit("error: --shard_rows and --row_group_rows must be at least 1")
+    # train.py's rule for a folder it writes: empty, or its own output (old shards beside new ones,
+    # -of-00003 beside -of-00005, would be read as one data set); another split's shards may stay
+    mine = [f"{args.split}-*-of-*.parquet", f".{args.split}-*.parquet.tmp"]
+    owned = lambda: [os.path.join(args.out, n) for n in os.listdir(args.out) if any(fnmatch.fnmatch(n, m) for m in mine)]
+    problem = files.output_folder_problem(args.out, "--out", mine, owned, args.overwrite,
+                                          tolerated=["*-*-of-*.parquet", ".*.parquet.tmp"])
+    if problem:
+        raise SystemExit(problem)
     written, skips = convert(args.json, args.images, args.out, args.split, args.shard_rows, args.row_group_rows)
     print(f"wrote {written} pairs to {args.out}" + (f"; skipped {skips}" if skips else ""), file=sys.stderr)
     if not written:
