@@ -14,7 +14,11 @@ For each arm (objective × E8's t sampling, the factorial's arms) it reports:
   |Δθ| per step      AdamW's update size (its normalisation makes it near lr·sqrt(#params) whatever the gradient)
   grad norm          before clipping (train.py clips at --max_grad_norm 1)
   off-diag loss      the share of the loss from the i ≠ j terms (loss.rpo_loss's offdiag_loss_share)
-  off-diag grad      the share of the logits' gradient weight Σ ω_ij·σ(-logit_ij) on i ≠ j
+  off-diag grad      the share of the logits' gradient weight on i ≠ j (ω_ij·σ(-logit_ij) outside,
+                     ω_ij·σ(-ω_ij·logit_ij) inside)
+  winner/loser imbalance  mean over pairs of |pull on winner i - pull on loser i| / their sum, each
+                     pull a row or column sum of that weight: 0 in DPO, where the pair's shared
+                     prompt, noise and t cancel between the two errors' gradients
   flat tails         the share of the off-diagonal (resp. diagonal) logits with |logit| > 4, where σ' < 0.018
 The run is train.py's loop on one process (the same flags, data order, draws, clipping and AdamW);
 the logits are read by wrapping the objective's function for the duration of the measurement.
@@ -88,13 +92,19 @@ def measure(arm, lr, steps, seed, base):
             logits = -0.5 * args.beta * (gw[:, None] - gl[None, :])
             w = seen["weights"].float()
             off = ~torch.eye(len(gw), dtype=torch.bool)
-            pull = w * torch.sigmoid(-logits)  # |∂L/∂logit_ij|·B for the outside form (and DPO: ω = I)
+            # |∂L/∂logit_ij| up to one factor: ω·σ(-logit) outside (and DPO: ω = I), ω·σ(-ω·logit) inside
+            inside = getattr(args, "rpo_weighting", "outside") == "inside" and args.loss == "rpo"
+            pull = w * torch.sigmoid(-(w * logits if inside else logits))
+            # the pull on winner i's error and on loser i's: equal in DPO, where they cancel what the
+            # pair shares (prompt, noise, t); in RPO a winner and its own loser are pulled unequally
+            on_w, on_l = pull.sum(dim=1), pull.sum(dim=0)
             records.append({
                 "loss": loss.item(), "grad_norm": norm,
                 "cos_prev": None if prev_g is None else torch.nn.functional.cosine_similarity(g, prev_g, dim=0).item(),
                 "update": (after - before).norm().item(),
                 "offdiag_loss_share": metrics.get("offdiag_loss_share", 0.0),
                 "offdiag_grad_share": (pull[off].sum() / pull.sum().clamp_min(1e-30)).item(),
+                "imbalance": ((on_w - on_l).abs() / (on_w + on_l).clamp_min(1e-30)).mean().item(),
                 "tails_off": (logits[off].abs() > 4).float().mean().item(),
                 "tails_diag": (torch.diagonal(logits).abs() > 4).float().mean().item(),
             })
@@ -113,6 +123,7 @@ def summary(arm, records, travel, first):
     along = torch.nn.functional.cosine_similarity(travel, first, dim=0).item()
     return (f"| {arm} | {mean('cos_prev', 1):.3f} | {net / path:.3f} | {net:.4f} | {along:.3f} | {mean('update'):.2e} | "
             f"{mean('grad_norm'):.2f} | {mean('offdiag_loss_share'):.2f} | {mean('offdiag_grad_share'):.2f} | "
+            f"{mean('imbalance'):.2f} | "
             f"{mean('tails_off'):.2f} / {mean('tails_diag'):.2f} |")
 
 
@@ -134,8 +145,8 @@ def main(argv=None):
     lines = [f"lr {args.lr:g} for every arm, {args.steps} steps × 8 pairs, seed {args.seed}, winter toy set, from the "
              f"shipped base; means over the steps", "",
              f"| arm | cos(g_t, g_t-1) | net / path | \\|θ_N - θ_0\\| | cos with {arms[0]}'s θ_N - θ_0 | \\|Δθ\\| per "
-             "step | grad norm | off-diag loss | off-diag grad | flat tails off / diag |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "step | grad norm | off-diag loss | off-diag grad | winner/loser imbalance | flat tails off / diag |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     first = None
     with speed.one_thread():
         for arm in arms:
