@@ -176,7 +176,8 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weigh
         # E7, outside (this project's reading, the default): L = -(1/B) Σ_i Σ_j ω_ij log σ(logit_ij).
         # ω weighs each comparison and leaves its β alone; ω = I gives E3 exactly. 1/B (this
         # project's reading): each row of ω sums to 1, a weighted mean over losers averaged over
-        # winners: DPO's scale (ln 2 at the start; the same gradient size, clipping threshold and lr).
+        # winners: DPO's scale (ln 2 at the start; the same gradient scale and clipping threshold;
+        # not the same progress per unit lr, docs/method.md, "The learning rate").
         # Dividing by the B² contrasted pairs instead, as the LLM RPO's 1/(M·N) does, would give L/B:
         # B times smaller gradients and ω = I not equal to DPO (docs/method.md, E7, says why).
         loss = -(weights * F.logsigmoid(logits)).sum(dim=1).mean()

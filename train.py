@@ -217,7 +217,10 @@ def parser():
                    help="per optimizer step (the paper's recipe: 2.048e-5 for 2048 pairs per step, i.e. 1e-8 per pair)")
     g.add_argument("--recipe", default=None, choices=["paper"],
                    help="sd15/sdxl: the paper's recipe as defaults (2048 pairs/step through accumulation over the "
-                        "processes, lr 1e-8 per pair, warm-up 500/200, 2000 steps, AdamW/Adafactor); flags given win")
+                        "processes, lr 1e-8 per pair, warm-up 500/200, 2000 steps, AdamW/Adafactor); flags given win. "
+                        "1e-8 per pair is Diffusion-DPO's rate: in the toy study RPO (ω outside) needed about 10x DPO's "
+                        "lr for the same style, ω inside about DPO's; sweep RPO from 1x to 10x (docs/method.md, "
+                        "'The learning rate')")
     g.add_argument("--scale_lr", action="store_true",
                    help="read --lr as per pair and multiply it by the pairs per step (batch × accumulation × ranks)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
