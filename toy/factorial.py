@@ -55,8 +55,7 @@ LADDER = F.grid(1e-8, 20)  # 1e-8 .. 5.6e-4: where a grid may grow to
 GRID = {"dpo": LADDER[6:11], "rpo outside": LADDER[9:14], "rpo inside": LADDER[6:11]}  # 3.2e-7.., 1.8e-6..
 SEEDS = {"winter": (0, 1, 2, 3, 4), "sketch": (0, 1, 2)}
 LOW, HIGH = 0.6, 0.8  # the matched styles' range (F.TARGETS' ends): a grid must bracket it
-for name, (flags, fields) in ARMS.items():  # (toy/frontier.py's run_job reads an arm's flags there)
-    F.VARIANTS[name] = (flags, fields, [], [])
+F.OTHER.update(ARMS)  # (toy/frontier.py's run_job and rows read an arm's flags and fields there)
 
 
 def objective(arm):

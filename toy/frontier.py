@@ -96,6 +96,12 @@ COLLAPSE, UNCHANGED = 0.05, (0.1, 0.05)  # content <= 0.05; style within +0.1 an
 
 
 CUSTOM = {}  # --variant: name -> (lrs, seeds); then the study is these alone
+OTHER = {}  # other studies' variants, run with these pieces (toy/factorial.py's arms): name -> (flags, row fields)
+
+
+def spec(variant):
+    """A variant's (train.py flags, fields of its JSON rows): this study's or another's (OTHER)."""
+    return VARIANTS[variant][:2] if variant in VARIANTS else OTHER[variant]
 
 
 def jobs():
@@ -127,7 +133,7 @@ def base_dir(runs, style):
 def command(runs, variant, lr, seed, batch, style, device):
     """A job's train.py command, less --out_dir."""
     return ["--model", "tiny", "--data", "toy", "--style", style, "--batch_size", str(batch), "--max_steps", str(STEPS),
-            *VARIANTS[variant][0], "--embed_model", "toy-clip", "--init", os.path.join(base_dir(runs, style), "unet"),
+            *spec(variant)[0], "--embed_model", "toy-clip", "--init", os.path.join(base_dir(runs, style), "unet"),
             "--lr", str(lr), "--seed", str(seed), "--save_every", str(STEPS), "--keep_checkpoints", "1",
             "--device", device, "--no_progress", "--log_every", str(STEPS)]
 
@@ -236,7 +242,7 @@ def rows(args, job_list=None):
             continue
         s = score(args, {}, os.path.join(found[0], "run", "unet"), seed, style, lookup_only=True)[0]
         if s is not None:
-            fields = {**ROW_DEFAULTS, **VARIANTS[variant][1]}
+            fields = {**ROW_DEFAULTS, **spec(variant)[1]}
             if fields["timesteps"] is None and fields["method"] in L.OBJECTIVES:  # the objective's default (E8)
                 fields["timesteps"] = L.OBJECTIVES[fields["method"]]["timesteps"]
             out.append({"variant": variant, **fields, "batch": batch, "style_name": style,
