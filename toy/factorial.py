@@ -2,7 +2,7 @@
 The factorial toy study: which of RPO's two differences from DPO moves content at matched style?
 
     export OMP_NUM_THREADS=1; python -m toy.factorial & python -m toy.factorial; wait   # two workers share the jobs
-    python -m toy.factorial --collect          # -> results/toy-study/factorial.{json,md,png}
+    python -m toy.factorial --collect          # -> results/toy-study/factorial.{json,md,png}, factorial_grid.png
 
 At their defaults RPO and DPO differ in two ways: RPO weights every winner against every loser
 of the micro-batch by ω (E4-E7), and draws one t per micro-batch where DPO draws one per pair
@@ -240,6 +240,7 @@ def main(argv=None):
     text = analysis(rows)
     open(os.path.join(args.out, "factorial.md"), "w").write(text)
     plot(rows, base, os.path.join(args.out, "factorial.png"))
+    F.matched_grid(args, rows, args.out, variants=tuple(ARMS), name="factorial_grid")  # winter, seed 0, style 0.7
     print(text + f"\n{len(rows)} of {len(jobs)} planned runs; wrote {args.out}/factorial.{{json,md,png}}")
 
 

@@ -394,10 +394,11 @@ def plot(table, out_png, base=None):
     plt.close(fig)
 
 
-def matched_grid(args, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1")):
+def matched_grid(args, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo τ=0.1", "rpo τ=0.5", "rpo τ=1"),
+                 name="grid"):
     """Samples at matched style: per variant the seed-0 run at the first lr whose style reaches
     `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
-    held-out prompts (sampling seed 0) -> grid.png (rows: base, then those runs) and grid.txt."""
+    held-out prompts (sampling seed 0) -> NAME.png (rows: base, then those runs) and NAME.txt."""
     import sample
     from model import tensor_to_uint8
     prompts = toy.toy_prompts("test")
@@ -412,8 +413,8 @@ def matched_grid(args, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo 
     images = [E.sample_unet(unet, prompts, [0], args) for _, unet in rows]
     import torch
     sample.make_grid(tensor_to_uint8(torch.cat(images)), rows=len(rows), cols=len(prompts), scale=4).save(
-        os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "grid.txt"), "w") as f:
+        os.path.join(out_dir, f"{name}.png"))
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
         f.write("rows: " + "; ".join(label for label, _ in rows) + "\ncolumns: " + " | ".join(prompts) + "\n")
 
 
