@@ -188,7 +188,7 @@ def plot(rows, base, out_png):
                 ax.plot([b["style"]], [b["content"]], "k*", ms=9, label="base" if seed == 0 else None)
         for t in F.TARGETS:
             ax.axvline(t, color="grey", lw=0.5, ls=":")
-        ax.set_title(f"{style}: mean over seeds at each lr (solid: one t per micro-batch; dashed: per pair)")
+        ax.set_title(f"{style}: mean over seeds at each lr\n(solid: one t per micro-batch; dashed: one t per pair)")
         ax.set_xlabel("style (share of samples called styled)")
         ax.set_ylabel("content (share showing the prompt)")
         ax.grid(alpha=0.3)
