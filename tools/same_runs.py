@@ -4,6 +4,9 @@ bit-identical before and after a change to the code.
 
     python -m tools.same_runs record before.json     # on the old code
     python -m tools.same_runs check before.json      # on the new code: exit 1 on any difference
+    python -m tools.same_runs check before.json --new_metrics contrast_acc,offdiag_loss_share
+                                                     # a change that adds logged figures: the weights and
+                                                     # every figure the record knew must still be identical
 
 Each run trains 20 steps on a tiny preset (CPU, one thread per process) and is summarised by
 the SHA-256 of every file of its final unet/ or lora/ folder and of its metrics.jsonl with the
@@ -55,7 +58,7 @@ def digest(path):
     return h.hexdigest()
 
 
-def summarise(out):
+def summarise(out, new_metrics=()):
     result = {}
     for folder in ("unet", "lora"):
         d = os.path.join(out, folder)
@@ -66,13 +69,14 @@ def summarise(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     for line in lines:
-        line.pop("pairs_per_s")
+        for key in ("pairs_per_s", *new_metrics):
+            line.pop(key, None)
     result["metrics"] = hashlib.sha256(json.dumps(lines, sort_keys=True).encode()).hexdigest()
     result["final_loss"] = lines[-1]["loss"]
     return result
 
 
-def run_all(work):
+def run_all(work, new_metrics=()):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     cache = os.path.join(work, "cache")
     subprocess.run([sys.executable, "-m", "tools.build_cache", "--model", "tiny-sd", "--data", "toy", "--num_items", "64",
@@ -85,17 +89,20 @@ def run_all(work):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"error: run {name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        results[name] = summarise(out)
+        results[name] = summarise(out, new_metrics)
         print(f"{name}: final loss {results[name]['final_loss']:.6f}", flush=True)
     return results
 
 
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("record", "check"):
+    argv = sys.argv[1:]
+    new = argv[argv.index("--new_metrics") + 1].split(",") if "--new_metrics" in argv[:-1] else []
+    argv = [a for i, a in enumerate(argv) if a != "--new_metrics" and (i == 0 or argv[i - 1] != "--new_metrics")]
+    if len(argv) != 2 or argv[0] not in ("record", "check") or (new and argv[0] != "check"):
         sys.exit(__doc__)
-    mode, path = sys.argv[1:]
+    mode, path = argv
     with tempfile.TemporaryDirectory() as work:
-        results = run_all(work)
+        results = run_all(work, new)
     if mode == "record":
         with open(path, "w") as f:
             json.dump({"machine": speed.machine(), "runs": results}, f, indent=1)
