@@ -71,20 +71,23 @@ def test_the_demo_runs_each_method_at_the_frontiers_first_lr_reaching_style_0_7(
         assert lr == min(r["lr"] for r in rows if r["variant"] == v and r["style"] >= 0.7), v
 
 
-def test_the_committed_demo_table_is_the_frontiers_seed_0_points():
-    """Same base (the shipped one), recipe and sampling seeds: the demo's rows are frontier points."""
+def test_the_committed_demo_table_is_the_factorials_seed_0_points():
+    """Same base (the shipped one), recipe, scorer and sampling seeds: the demo's DPO and RPO rows are
+    the factorial's seed-0 points of their defaults (DPO one t per pair, RPO outside one t per
+    micro-batch) at the demo's lrs, and its base row the factorial's base on seed 0's sampling seeds."""
     import json
     import os
 
     results = os.path.join(os.path.dirname(__file__), "..", "results", "toy-study")
-    frontier = json.load(open(os.path.join(results, "frontier.json")))
+    factorial = json.load(open(os.path.join(results, "factorial.json")))
     demo = json.load(open(os.path.join(results, "demo", "results.json")))
-    base = next(b for b in frontier["base"] if b["style_name"] == "winter" and b["seed"] == 0)
+    base = next(b for b in factorial["base"] if b["style_name"] == "winter" and b["seed"] == 0)
     assert demo["rows"][0]["per_seed"] == [{"style": base["style"], "content": base["content"]}]
-    for row in demo["rows"][1:]:
-        point = next(r for r in frontier["rows"] if (r["variant"], r["lr"], r["seed"], r["batch"], r["style_name"])
-                     == (row["model"], row["lr"], 0, 8, "winter"))
-        assert row["per_seed"] == [{"style": point["style"], "content": point["content"]}], row["model"]
+    for model, arm in (("dpo", "dpo t=pair"), ("rpo τ=0.5", "rpo outside t=batch")):
+        row = next(r for r in demo["rows"] if r["model"] == model)
+        point = next(r for r in factorial["rows"] if (r["variant"], r["lr"], r["seed"], r["style_name"])
+                     == (arm, row["lr"], 0, "winter"))
+        assert row["per_seed"] == [{"style": point["style"], "content": point["content"]}], model
 
 
 def fake_train(seen):
