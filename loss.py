@@ -1,10 +1,9 @@
 """
 The objectives of Diffusion-RPO and its baselines, as pure functions on tensors.
 
-Nothing in this file knows about UNets, VAEs or data: train.py runs the networks and hands
-per-sample denoising errors to these functions. That keeps every equation of docs/method.md
-(E1..E9) in one short file that can be checked by hand, and lets the tests compare each loss
-against hand-computed numbers.
+Nothing here knows about UNets, VAEs or data: train.py runs the networks and hands per-sample
+denoising errors to these functions, so every equation of docs/method.md (E1..E9) sits in one short
+file that the tests check against hand-computed numbers.
 
 The functions, in the order this file defines them (one training step runs E8 before E1, as
 docs/read-along.md does; docs/method.md numbers the equations E1..E9):
@@ -17,10 +16,9 @@ docs/read-along.md does; docs/method.md numbers the equations E1..E9):
   rpo_loss          E4, E7  every winner against every loser in the batch
   sft_loss          E9  plain denoising loss on winners
 
-Conventions: err_w[i], err_l[i] are the policy's denoising errors e_theta on winner i and
-loser i (shape (B,)): train.py runs the networks on the stacked batch [winners; losers] (2B rows)
-and splits the errors with .chunk(2); ref_err_w, ref_err_l the frozen reference's e_ref (no gradient).
-Every loss returns (loss, metrics): a scalar tensor and a dict of floats to log (E9).
+Conventions: err_w[i], err_l[i] are the policy's errors e_theta on winner i and loser i, shape (B,)
+(train.py runs the stacked batch [winners; losers] and splits the errors with .chunk(2)); ref_err_w,
+ref_err_l the frozen reference's e_ref. Every loss returns (loss, metrics to log, E9).
 """
 import inspect
 import math
@@ -191,10 +189,9 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, weights, beta=5000.0, rpo_weigh
         raise ValueError(f"rpo weighting must be 'outside' or 'inside', got {rpo_weighting!r}")
     diag = torch.diagonal(logits).detach()
     metrics = _pair_metrics(err_w, err_l, ref_err_w, ref_err_l, diag)
-    # E9 for the whole contrast (implicit_acc and reward_margin above see the diagonal only, as
-    # diffusers' DPO scripts log them): contrast_acc = Σ_ij ω_ij·[logit_ij > 0] / B, the ω-weighted
-    # share of the B×B contrast that prefers the winner; offdiag_loss_share = the share of the loss
-    # from the terms i ≠ j (0 when ω = I; the rest of the loss is the pairs' own, DPO's terms).
+    # E9 for the whole contrast (implicit_acc, reward_margin: the diagonal only, as diffusers logs them):
+    # contrast_acc = Σ_ij ω_ij·[logit_ij > 0] / B, the ω-weighted share of the B×B contrast preferring the
+    # winner; offdiag_loss_share = the loss's share from the terms i ≠ j (0 when ω = I).
     metrics["contrast_acc"] = ((logits.detach() > 0).to(weights.dtype) * weights).sum(dim=1).mean().item()
     metrics["offdiag_loss_share"] = (1.0 - torch.diagonal(terms).sum() / terms.sum().clamp_min(1e-30)).item()
     metrics["weight_entropy"] = weight_entropy(weights)

@@ -11,9 +11,9 @@ Sample images from the base or a trained UNet, with the stock diffusers samplers
                      --negative_prompt "blurry, low quality" --out out/dpo-release   # a hub UNet (its unet/)
 
 Writes OUT/0000_seed0.png ..., OUT/samples.jsonl (one line per image) and OUT/grid.png
-(rows = prompts, columns = seeds; at most GRID_MAX images). Each batch's images and lines are
-written as the batch ends, under a progress bar; OUT is an empty folder or an earlier output of
-this script, continued with --resume (what is there is kept) or replaced with --overwrite. Image (prompt, seed) starts from the same noise as the stock
+(rows = prompts, columns = seeds; at most GRID_MAX images), each batch's as it ends, under a
+progress bar; OUT is empty or an earlier output, continued with --resume or replaced with
+--overwrite (plumbing/sample_out.py). Image (prompt, seed) starts from the same noise as the stock
 StableDiffusion(XL)Pipeline given generator=torch.Generator("cpu").manual_seed(seed), and
 follows the same sampling loop, so a saved unet/ gives the same image here and there
 (tests/test_sample.py checks this to 1e-4), --negative_prompt included.
@@ -25,8 +25,6 @@ Mistakes (a truncated weights file, a LoRA or UNet of another preset, a prompts 
 UTF-8, an --out that is a file) end in one line `error: ...`, before any sampling.
 """
 import argparse
-import contextlib
-import fnmatch
 import io
 import json
 import os
@@ -40,6 +38,7 @@ from plumbing import files
 from model import tensor_to_uint8
 import model as M
 from plumbing import hub, lora
+from plumbing import sample_out as O
 import toy
 
 SCHEDULERS = ("ddim", "euler", "dpm")
@@ -375,71 +374,7 @@ def load_for_sampling(args):
     return m
 
 
-# The settings an image depends on, as samples.jsonl records them: --resume continues only a
-# folder sampled with the same ones
-RECORDED = ("model", "unet", "lora", "steps", "guidance", "scheduler", "negative_prompt")
 GRID_MAX = 1024  # grid.png and compare.png are made for at most this many images (one picture)
-
-
-def image_name(i, seed):
-    return f"{i:04d}_seed{seed}.png"
-
-
-def read_done(out, items, settings):
-    """--resume: OUT's samples.jsonl -> {(prompt, seed): record} of the images already written
-    (a last line cut short by a kill is dropped; a listed image that is gone is made again).
-    Refused in one line: a folder sampled with other settings, or whose images are named for
-    other prompts or seeds (writing this command's names would replace them)."""
-    index = os.path.join(out, "samples.jsonl")
-    if not os.path.isfile(index):
-        return {}
-    names = {item: image_name(i, item[1]) for i, item in enumerate(items)}
-    done = {}
-    lines = files.read_utf8(index).split("\n")
-    for n, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line) if line.strip() else None
-        except ValueError:
-            if n == len(lines):  # (cut short by a kill)
-                continue
-            raise SystemExit(f"error: --resume: {index}:{n}: not valid JSON")
-        if rec is None:
-            continue
-        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and type(rec.get("seed")) is int):
-            raise SystemExit(f"error: --resume: {index}:{n}: not a sample.py record")
-        changed = next((k for k in RECORDED if rec.get(k) != settings[k]), None)
-        if changed:
-            raise SystemExit(f"error: --resume: {out} was sampled with --{changed} {rec.get(changed)}, this command "
-                             f"with {settings[changed]}; continue it with the same settings, or choose another --out")
-        key = (rec["prompt"], rec["seed"])
-        if names.get(key) != rec.get("file"):
-            raise SystemExit(f"error: --resume: {index}:{n}: {rec.get('file')} is not this command's image of that "
-                             f"prompt and seed (other --prompts or --seeds); resume with the same ones, or choose "
-                             f"another --out")
-        if os.path.isfile(os.path.join(out, rec["file"])):
-            done[key] = rec
-    return done
-
-
-def sample_out_problem(args):
-    """--out: an empty folder or sample.py's own output (samples.jsonl, its images, grid.png,
-    compare.png); an earlier output is continued with --resume or replaced with --overwrite."""
-    if args.resume and args.overwrite:
-        return "error: --overwrite starts over and --resume continues: pass one of them"
-
-    def owned():
-        listed = []
-        if os.path.isfile(os.path.join(args.out, "samples.jsonl")):
-            for line in files.read_utf8(os.path.join(args.out, "samples.jsonl")).splitlines():
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    path = files.path_inside(args.out, json.loads(line)["file"])
-                    listed += [path] if path else []
-        return listed + [os.path.join(args.out, n) for n in os.listdir(args.out) if fnmatch.fnmatch(n, "*_seed*.png")
-                         or n in ("samples.jsonl", "grid.png", "compare.png") or n.endswith(".part.png")]
-    # (evaluate.py's results.json/.png are often written into a sample folder: they may stay)
-    return files.output_folder_problem(args.out, "--out", ("samples.jsonl", "grid.png", "compare.png", "*_seed*.png"),
-                                       owned, args.overwrite, args.resume, "--resume",
-                                       tolerated=("results.json", "results.png"))
 
 
 def write_samples(args, m, prompts, guidance):
@@ -451,7 +386,7 @@ def write_samples(args, m, prompts, guidance):
     items = [(p, s) for p in prompts for s in args.seeds]
     settings = dict(model=args.model, unet=args.unet, lora=args.lora, steps=args.steps, guidance=guidance,
                     scheduler=args.scheduler, negative_prompt=args.negative_prompt)
-    done = read_done(args.out, items, settings) if args.resume else {}
+    done = O.read_done(args.out, items, settings) if args.resume else {}
     todo = [item for item in items if item not in done]
     keep = len(items) <= GRID_MAX
     kept = {}
@@ -468,7 +403,7 @@ def write_samples(args, m, prompts, guidance):
         for chunk, images in generate_batches(m, todo, args.steps, guidance, args.scheduler, args.batch_size,
                                               args.negative_prompt):
             for (prompt, seed), img in zip(chunk, tensor_to_uint8(images)):
-                name = image_name(number[(prompt, seed)], seed)
+                name = O.image_name(number[(prompt, seed)], seed)
                 part = os.path.join(args.out, name[:-4] + ".part.png")
                 Image.fromarray(img).save(part)
                 os.replace(part, os.path.join(args.out, name))
@@ -488,7 +423,7 @@ def write_samples(args, m, prompts, guidance):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)  # before loading models: bad input fails in a second
-    problem = sample_out_problem(args)
+    problem = O.sample_out_problem(args)
     if problem:
         raise SystemExit(problem)
     if args.compare:

@@ -7,12 +7,12 @@ Diffusion-RPO training (and its DPO and SFT baselines) in one plain PyTorch loop
     python train.py --lora_rank 8                    # LoRA: only adapters train; ε_ref = adapters off
     torchrun --standalone --nproc_per_node 8 train.py --model sdxl ... [--fsdp] [--global_contrast]
 
-Reads top to bottom: the method first, micro_batch_loss and model_inputs (one micro-batch from
-pairs to loss, E1..E9 of docs/method.md); then the flags; the set-up pieces; main, whose loop
-calls micro_batch_loss once per micro-batch; the end of a run. Randomness comes from
-generators seeded by (seed, step, micro-batch) and (seed, epoch, index), so a resumed run replays
-an uninterrupted one exactly. Collectives are plumbing/distributed.py's (docs/multi-gpu.md); checkpoints
-plumbing/checkpoint.py's; logs, validation and the model card plumbing/report.py's.
+Reads top to bottom: the method (micro_batch_loss, model_inputs: one micro-batch from pairs to loss,
+E1..E9 of docs/method.md); the flags; the set-up pieces; main, whose loop calls micro_batch_loss once
+per micro-batch. Randomness comes from generators seeded by (seed, step, micro-batch) and (seed,
+epoch, index), so a resumed run replays an uninterrupted one exactly. Collectives are
+plumbing/distributed.py's (docs/multi-gpu.md); checkpoints plumbing/checkpoint.py's; logs,
+validation and the model card plumbing/report.py's.
 """
 import argparse
 import contextlib
@@ -38,13 +38,11 @@ from toy import clip as toy_clip
 
 # ---------------------------------------------------------------------------------------
 # The method, applied to one micro-batch: from a batch of preference pairs to the loss, in the
-# order a step computes it, E8, E1, E2/E3, E5, E6, E4/E7, E9 (DPO ends at E2/E3; RPO goes from E1
-# to E5, its E4 using E2's reward; SFT from E1 to E9; docs/method.md numbers them). The equations are
-# loss.py's pure functions; these two functions run the networks around them, through model.py
-# (encoders, UNet calls, CLIP passes) and plumbing/distributed.py (Share: this process's rows).
-# One pair goes from the batch to the loss through those four files (README, "Read the code with
-# the paper"; tests/test_prose.py traces it). The loop below and bench/speed.py both call
-# micro_batch_loss, so what is benchmarked is what is trained.
+# order a step computes it, E8, E1, E2/E3, E5, E6, E4/E7, E9 (DPO ends at E2/E3; RPO goes on to E5,
+# E6, E4/E7; SFT from E1 to E9). The equations are loss.py's pure functions; these two functions run
+# the networks around them through model.py and plumbing/distributed.py (Share: this process's
+# rows): one pair crosses those four files (tests/test_prose.py traces it). The loop below and
+# bench/speed.py both call micro_batch_loss, so what is benchmarked is what is trained.
 # One step, one GPU: B pairs in, one scalar out (shapes for the tiny preset: latents 3×16×16).
 #   batch    B prompts c_i, winners x^w_i and losers x^l_i (B,3,H,W)          data.collate_pairs
 #   latents  z = s·VAE.encode(x) for [winners; losers]: (2B,C,h,w), rows 0..B-1 the winners and
@@ -217,10 +215,8 @@ def parser():
                    help="per optimizer step (the paper's recipe: 2.048e-5 for 2048 pairs per step, i.e. 1e-8 per pair)")
     g.add_argument("--recipe", default=None, choices=["paper"],
                    help="sd15/sdxl: the paper's recipe as defaults (2048 pairs/step through accumulation over the "
-                        "processes, lr 1e-8 per pair, warm-up 500/200, 2000 steps, AdamW/Adafactor); flags given win. "
-                        "1e-8 per pair is Diffusion-DPO's rate: in the toy study RPO (ω outside) needed about 10x DPO's "
-                        "lr for the same style, ω inside about DPO's; sweep RPO from 1x to 10x (docs/method.md, "
-                        "'The learning rate')")
+                        "processes, lr 1e-8 per pair, warm-up 500/200, 2000 steps, AdamW/Adafactor); flags given win. Its "
+                        "lr is DPO's: RPO (ω outside) needed 5-9x it on the toy (docs/method.md, 'The learning rate')")
     g.add_argument("--scale_lr", action="store_true",
                    help="read --lr as per pair and multiply it by the pairs per step (batch × accumulation × ranks)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
@@ -438,13 +434,6 @@ class Reporter:
             (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
 
 
-def done_line(args, m, step, skips):
-    """The last line of a run: where its result is, and what was skipped (counted)."""
-    return ((f"skipped (counted): {skips}\n" if skips else "") + f"done: {step} steps; " +
-            (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts leave it; also lora/)"
-             if m.lora else f"UNet in {args.out_dir}/unet"))
-
-
 def publish(args, final, folder, step, pairs_per_step, grid, argv, log):
     """Rank 0, at the end: OUT_DIR/unet (or the LoRA) from the final checkpoint, the model card
     beside it, and with --push_to_hub the upload (after everything is saved: a failure loses nothing)."""
@@ -597,7 +586,7 @@ def main(argv=None):
         stop.ending = final
         if master:
             publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
-        log(done_line(args, m, step, all_skips()))
+        log(R.done_line(args, m.lora, step, all_skips()))
         policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
         parallel.teardown(own_group)
         stop.finish(f"step {step} saved in {final} and exported", master)

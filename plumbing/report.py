@@ -173,3 +173,10 @@ def push_to_hub(args, folder, api=None):
         raise SystemExit(f"error: --push_to_hub {repo}: {hub.first_line(err)}; the result is in {args.out_dir} "
                          f"(hf auth login, then hf upload {repo} {args.out_dir})")
     return repo, files
+
+
+def done_line(args, lora, step, skips):
+    """The last line of a run: where its result is, and what was skipped (counted)."""
+    return ((f"skipped (counted): {skips}\n" if skips else "") + f"done: {step} steps; " +
+            (f"LoRA in {args.out_dir} (pytorch_lora_weights.safetensors, as diffusers' scripts leave it; also lora/)"
+             if lora else f"UNet in {args.out_dir}/unet"))

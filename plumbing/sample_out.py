@@ -1,0 +1,78 @@
+"""
+sample.py's output folder: which files it owns (samples.jsonl, its images, grid.png, compare.png),
+when a folder may be written (empty, or sample.py's own with --resume or --overwrite, the rules
+train.py keeps for --out_dir) and what --resume continues (the images samples.jsonl lists, sampled
+with the same settings, prompts and seeds).
+"""
+import contextlib
+import fnmatch
+import json
+import os
+
+from plumbing import files
+
+
+# The settings an image depends on, as samples.jsonl records them: --resume continues only a
+# folder sampled with the same ones
+RECORDED = ("model", "unet", "lora", "steps", "guidance", "scheduler", "negative_prompt")
+
+
+def image_name(i, seed):
+    return f"{i:04d}_seed{seed}.png"
+
+
+def read_done(out, items, settings):
+    """--resume: OUT's samples.jsonl -> {(prompt, seed): record} of the images already written
+    (a last line cut short by a kill is dropped; a listed image that is gone is made again).
+    Refused in one line: a folder sampled with other settings, or whose images are named for
+    other prompts or seeds (writing this command's names would replace them)."""
+    index = os.path.join(out, "samples.jsonl")
+    if not os.path.isfile(index):
+        return {}
+    names = {item: image_name(i, item[1]) for i, item in enumerate(items)}
+    done = {}
+    lines = files.read_utf8(index).split("\n")
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:
+            if n == len(lines):  # (cut short by a kill)
+                continue
+            raise SystemExit(f"error: --resume: {index}:{n}: not valid JSON")
+        if rec is None:
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and type(rec.get("seed")) is int):
+            raise SystemExit(f"error: --resume: {index}:{n}: not a sample.py record")
+        changed = next((k for k in RECORDED if rec.get(k) != settings[k]), None)
+        if changed:
+            raise SystemExit(f"error: --resume: {out} was sampled with --{changed} {rec.get(changed)}, this command "
+                             f"with {settings[changed]}; continue it with the same settings, or choose another --out")
+        key = (rec["prompt"], rec["seed"])
+        if names.get(key) != rec.get("file"):
+            raise SystemExit(f"error: --resume: {index}:{n}: {rec.get('file')} is not this command's image of that "
+                             f"prompt and seed (other --prompts or --seeds); resume with the same ones, or choose "
+                             f"another --out")
+        if os.path.isfile(os.path.join(out, rec["file"])):
+            done[key] = rec
+    return done
+
+
+def sample_out_problem(args):
+    """--out: an empty folder or sample.py's own output (samples.jsonl, its images, grid.png,
+    compare.png); an earlier output is continued with --resume or replaced with --overwrite."""
+    if args.resume and args.overwrite:
+        return "error: --overwrite starts over and --resume continues: pass one of them"
+
+    def owned():
+        listed = []
+        if os.path.isfile(os.path.join(args.out, "samples.jsonl")):
+            for line in files.read_utf8(os.path.join(args.out, "samples.jsonl")).splitlines():
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    path = files.path_inside(args.out, json.loads(line)["file"])
+                    listed += [path] if path else []
+        return listed + [os.path.join(args.out, n) for n in os.listdir(args.out) if fnmatch.fnmatch(n, "*_seed*.png")
+                         or n in ("samples.jsonl", "grid.png", "compare.png") or n.endswith(".part.png")]
+    # (evaluate.py's results.json/.png are often written into a sample folder: they may stay)
+    return files.output_folder_problem(args.out, "--out", ("samples.jsonl", "grid.png", "compare.png", "*_seed*.png"),
+                                       owned, args.overwrite, args.resume, "--resume",
+                                       tolerated=("results.json", "results.png"))
