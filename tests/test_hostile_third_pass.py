@@ -8,7 +8,6 @@ skip, or the right result, with the user's files as they were."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -54,10 +53,7 @@ def finished(tmp_path_factory):
     return out
 
 
-def copy_run(finished, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    return out
+from test_hostile_runs import copy_run  # noqa: E402  (a copy of a finished run, as there)
 
 
 # ---------------------------------------------------------------------------------------

@@ -216,9 +216,10 @@ def main(argv=None):
     scorers, done = {}, 0
     while not args.collect and (args.max_jobs is None or done < args.max_jobs):
         # one job at a time, re-planned after each: seed 0's results decide the other seeds' grids
-        if any(F.run_job(args, scorers, *one) for one in plan(args)):
+        jobs = plan(args)
+        if any(F.run_job(args, scorers, *one) for one in jobs):
             done += 1
-        elif len(F.rows(args, plan(args))) < len(plan(args)):  # the rest is another worker's, now:
+        elif len(F.rows(args, jobs)) < len(jobs):  # the rest is another worker's, now:
             time.sleep(20)  # its results may open more of the plan
         else:
             break
