@@ -2,7 +2,7 @@
 Data for Diffusion-RPO: preference pairs (prompt, winner image, loser image); one entry point,
 build_dataset, maps train.py's --data to a source:
 
-  toy / toy-base    ToyPairs: the Style Alignment task on toy/__init__.py's procedural world (winner =
+  toy / toy-base    ToyPairs: the Style Alignment task on plumbing/images.py's procedural world (winner =
                     the styled render, loser = the plain one); ToyImages: single images for
                     pretraining a toy base model
   PATH.jsonl        ManifestPairs: {"prompt","winner","loser"} or Pick-a-Pic's
@@ -27,13 +27,11 @@ import numpy as np
 import torch
 
 import model as M
-from model import image_to_tensor
 from plumbing import cache, pickapic
-from plumbing.images import ImagePairs, read_image
-from toy import STYLES, apply_style, render_toy, toy_prompts
+from plumbing.images import STYLES, ImagePairs, apply_style, image_to_tensor, read_image, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
-# 1. The toy Style Alignment set (toy/__init__.py draws the images)
+# 1. The toy Style Alignment set (plumbing/images.py draws the images)
 
 class ToyPairs(torch.utils.data.Dataset):
     """Style Alignment pairs: winner = styled render, loser = plain render, same geometry."""

@@ -20,7 +20,7 @@ there (grid.png, compare.png, notes) are ignored; a listed file that is not a re
 the run with one line naming it, before any model loads: a score over fewer images than listed
 would not be the folder's score, and win rates would pair different sets.
 
-Toy part (Style Alignment on toy/__init__.py's procedural set, docs/method.md; metrics toy_style, toy_content,
+Toy part (Style Alignment on plumbing/images.py's procedural set, docs/method.md; metrics toy_style, toy_content,
 ...): a small CNN trained on procedural renders says, per image, whether the style shows (style
 score) and whether the prompt's shape, colour and background are still there (content score).
 It is trained once per (style, resolution, seed), cached, and refuses to score anything unless
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import image_to_tensor
+from plumbing.images import image_to_tensor
 from plumbing import files, hub, plots, rewards
-import toy
-from toy import scorer as toy_scorer
+from plumbing import toy_scorer
+from plumbing.images import STYLES
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reward models for real images
@@ -432,7 +432,7 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=int, default=32, help="images per model call")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t = p.add_argument_group("toy scorer (procedural toy set)")
-    t.add_argument("--style", default="winter", choices=list(toy.STYLES), help="the toy style the scorer detects")
+    t.add_argument("--style", default="winter", choices=list(STYLES), help="the toy style the scorer detects")
     t.add_argument("--resolution", type=int, default=16, help="toy scorer input size")
     t.add_argument("--scorer_cache", default=None,
                    help="default: .cache/toy_scorer_{style}_{resolution}.safetensors in the repository")

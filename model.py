@@ -33,13 +33,11 @@ import os
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 
 import loss as L
-from plumbing import hub, lora, random_weights, speed, tiny
+from plumbing import hub, lora, parallel, random_weights, speed, tiny, toy_clip
 
 diffusers_logging.set_verbosity_error()  # silences a dtype-cast notice on every .to()
 
@@ -194,22 +192,6 @@ def reference_unet(m):
 
 
 # ---------------------------------------------------------------------------------------
-# Pixels: images are float32 (3,H,W) in [-1, 1], the range the SD VAE (and the pixel-space
-# tiny preset) expects; data.py converts every source's images with image_to_tensor.
-def image_to_tensor(img):
-    """PIL image or uint8 HxWx3 array -> float32 (3,H,W) tensor in [-1, 1]."""
-    arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.uint8)
-    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-
-
-def tensor_to_uint8(t):
-    """Inverse of image_to_tensor: (3,H,W) -> uint8 HxWx3, or (B,3,H,W) -> uint8 BxHxWx3.
-    Clamps first because model samples overshoot [-1, 1] slightly."""
-    t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return t.movedim(-3, -1).numpy()
-
-
-# ---------------------------------------------------------------------------------------
 # Conditioning, latents, and the noise prediction
 @torch.no_grad()
 def encode_prompts(m, prompts, original_sizes=None, crop_top_left=None, repeat=1, drop=None):
@@ -316,7 +298,7 @@ def predict_noise(unet, noisy_latents, t, cond):
 # The CLIP model behind the RPO weights (E5)
 def default_embed_model(model_name, pretrained=None):
     """E5's CLIP when --embed_model is not given. Tiny presets: "toy-clip", the tiny CLIP trained
-    on the toy world (toy/clip.py; trained once on first use, then cached), so that ω (E6) sees each
+    on the toy world (plumbing/toy_clip.py: shipped with the code), so that ω (E6) sees each
     pair's content and style; RPO_DIFFUSION_TOY_E5=tiny picks the random tiny CLIP instead (the
     test suite's: no training, and no figure that depends on one). sd15/sdxl: CLIP ViT-L/14, or
     its shapes with random weights for --pretrained random."""
@@ -329,10 +311,13 @@ def default_embed_model(model_name, pretrained=None):
 
 def load_embedder(name="tiny", device="cpu"):
     """CLIP in the joint text-image space, for f(c, x) (E5). `name`: a hub id or local folder
-    (default for real presets: openai/clip-vit-large-patch14), or "tiny" for a built-in
-    random CLIP that keeps the tiny presets offline. Returns (model, tokenizer). (For "toy-clip",
-    the tiny CLIP trained on the toy world, ask toy.clip.embedder.)"""
-    if name == "tiny":
+    (default for real presets: openai/clip-vit-large-patch14), "toy-clip" (the tiny CLIP trained on
+    the toy world, plumbing/toy_clip.py), or "tiny" for a built-in random CLIP that keeps the tiny
+    presets offline. Returns (model, tokenizer)."""
+    if name == "toy-clip":
+        model, tokenizer = toy_clip.load() or sys.exit("error: toy-clip's weights are neither shipped "
+                                                       "(results/toy-study/toy-clip) nor cached: python -m toy.clip")
+    elif name == "tiny":
         model, tokenizer = tiny.tiny_clip()
     elif name == "random":  # benchmarks: CLIP ViT-L/14's shapes, random weights
         model, tokenizer = random_weights.random_embedder(device)
@@ -438,7 +423,7 @@ def from_args(args, device, dataset, resolution):
         m.vae_scale, m.empty = dataset.index["vae_scale"], dataset.empty  # s of the VAE that made the cache
     if m.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"error: unsupported scheduler prediction_type {m.scheduler.config.prediction_type!r}")
-    from plumbing import parallel  # (only train.py's set-up wraps the policy)
+
     return m, parallel.wrap_policy(m.unet, args.fsdp, device)
 
 

@@ -34,12 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from plumbing import files
-from model import tensor_to_uint8
 import model as M
-from plumbing import hub, lora
+from plumbing import files, hub, lora
 from plumbing import sample_out as O
-import toy
+from plumbing.images import tensor_to_uint8, toy_prompts
 
 SCHEDULERS = ("ddim", "euler", "dpm")
 MAX_SEED, MAX_SEEDS = 2 ** 32 - 1, 10_000  # a seed is a uint32; a list longer than this is a typo
@@ -113,7 +111,7 @@ def _json_prompts(text, spec):
 def read_prompts(spec):
     """Where prompts come from:
       builtin                      BUILTIN_PROMPTS (a dozen varied real-image prompts)
-      toy-test / toy-train / toy-all   the procedural toy set's prompts (toy/__init__.py)
+      toy-test / toy-train / toy-all   the procedural toy set's prompts (plumbing/images.py)
       FILE.json                    HPSv2 benchmark: a list of strings, or a dict of lists
       FILE (.tsv or any file whose first line is a tab-separated header with a Prompt column)
                                    PartiPrompts: the Prompt column
@@ -124,7 +122,7 @@ def read_prompts(spec):
     if spec == "builtin":
         prompts = list(BUILTIN_PROMPTS)
     elif spec in ("toy-test", "toy-train", "toy-all"):
-        prompts = toy.toy_prompts(spec[4:])
+        prompts = toy_prompts(spec[4:])
     elif files.text_file_problem(spec, "prompts file"):  # meant as a file: sampling its name would be a silent mistake
         raise SystemExit(f"error: {files.text_file_problem(spec, 'prompts file')}")
     elif os.path.isfile(spec):

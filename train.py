@@ -32,8 +32,7 @@ from plumbing import checkpoint as C
 from plumbing import distributed as D
 from plumbing import checks, diffusers_flags, parallel, pickapic, speed
 from plumbing import report as R
-import toy
-from toy import clip as toy_clip
+from plumbing.images import STYLES
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ def parser():
                    help="hf:DIR: rows are shuffled across this many row groups at a time (memory: that many + 1)")
     g.add_argument("--shuffle_buffer", type=int, default=1000, help="hf:HUB_ID: the datasets shuffle buffer (rows)")
     g.add_argument("--resolution", type=int, default=None, help="default: the preset's")
-    g.add_argument("--style", default="winter", choices=list(toy.STYLES), help="toy set: the preferred style")
+    g.add_argument("--style", default="winter", choices=list(STYLES), help="toy set: the preferred style")
     g.add_argument("--style_fraction", type=float, default=1 / 3, help="toy-base: share of styled images")
     g.add_argument("--num_items", type=int, default=8192, help="toy sets: items per epoch")
     g.add_argument("--caption_dropout", type=float, default=0.0,
@@ -470,7 +469,7 @@ def main(argv=None):
 
         m, policy = M.from_args(args, device, dataset, resolution)
         cached = args.data.startswith("cache:")  # (a cache holds E5's features: no CLIP needed)
-        embedder = toy_clip.embedder(args.embed_model, device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None
+        embedder = M.load_embedder(args.embed_model, device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None
         autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
         # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are

@@ -31,7 +31,7 @@ import loss as L
 import model as M
 from plumbing import checks, files, random_weights, speed
 import train
-import toy
+from plumbing.images import render_toy, toy_prompts
 from plumbing import hub
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -305,11 +305,11 @@ def fake_pairs(n, size=512):
     import numpy as np
     from PIL import Image
 
-    rng, prompts = np.random.default_rng(0), toy.toy_prompts("all")
+    rng, prompts = np.random.default_rng(0), toy_prompts("all")
     for i in range(n):
         prompt, jpegs = prompts[i % len(prompts)], []
         for _ in range(2):
-            img = np.kron(toy.render_toy(prompt, size // 8, rng), np.ones((8, 8, 1), dtype=np.uint8))
+            img = np.kron(render_toy(prompt, size // 8, rng), np.ones((8, 8, 1), dtype=np.uint8))
             img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=90)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 import model as M
-from toy import clip as toy_clip
 from plumbing import hub
 
 CACHE_FORMAT = "rpo-diffusion-cache/1"
@@ -43,7 +42,7 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     m.unet = None  # only the frozen encoders are needed here
     m.resolution = resolution
     embed_model = embed_model or M.default_embed_model(model, pretrained)
-    clip, clip_tok = toy_clip.embedder(embed_model, device)
+    clip, clip_tok = M.load_embedder(embed_model, device)
     store = CACHE_DTYPES[dtype]
     os.makedirs(out, exist_ok=True)
     lo, hi = part * len(dataset) // parts, (part + 1) * len(dataset) // parts

@@ -12,7 +12,7 @@ import os
 import torch
 
 from plumbing import files
-from toy import scorer as toy_scorer
+from plumbing import toy_scorer
 import loss as L
 import model as M
 from plumbing import checkpoint as C
@@ -95,7 +95,7 @@ def reward_scores(args, images, prompts, folder, device):
     folder) -> {"val_<metric>": mean}. The reward models load once per process."""
     import shlex
     import evaluate
-    from model import tensor_to_uint8
+    from plumbing.images import tensor_to_uint8
     from PIL import Image
     metrics = args.validation_metric.split(",")
     key = (args.validation_metric, args.validation_reward_flags, str(device))
@@ -119,7 +119,7 @@ def validate(args, m, step, reporter, master):
     Returns (the grid's path, scores): with --validation_metric toy, the toy scorer's mean style
     and content rates of these images (evaluate.py), for metrics.jsonl as curves."""
     import sample
-    from model import tensor_to_uint8
+    from plumbing.images import tensor_to_uint8
     if not (master or args.fsdp):
         return None, {}
     guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from toy import BACKGROUNDS, COLOURS, SHAPES
+from plumbing.images import BACKGROUNDS, COLOURS, SHAPES
 
 
 TINY_SEED = 0  # the tiny presets' frozen parts must be identical in every process
@@ -17,7 +17,7 @@ TINY_SEED = 0  # the tiny presets' frozen parts must be identical in every proce
 # Tiny components, built in code
 def tiny_tokenizer(max_length=16):
     """A real CLIPTokenizer (byte-level BPE) with a small vocabulary: every byte, plus
-    whole-word tokens for the toy set's words (toy/__init__.py), so toy prompts are ~10 tokens and
+    whole-word tokens for the toy set's words (plumbing/images.py), so toy prompts are ~10 tokens and
     any other text still tokenizes, character by character."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode

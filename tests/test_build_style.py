@@ -10,7 +10,7 @@ from PIL import Image
 import data
 from tools import build_style
 from plumbing import tiny
-import toy
+from plumbing.images import apply_style
 
 
 def sources(folder, n=5):
@@ -67,7 +67,7 @@ def test_build_style_offline_toy_styles_and_errors(tmp_path):
     assert build_style.build_style("toy-sketch", str(src), str(tmp_path / "o"), resolution=16, progress=False) == 2
     rec = json.loads(open(tmp_path / "o" / "pairs.jsonl").readline())
     source = np.asarray(Image.open(tmp_path / "o" / rec["loser"]))
-    expect = toy.apply_style(source, "sketch", np.random.default_rng([0, 0]))
+    expect = apply_style(source, "sketch", np.random.default_rng([0, 0]))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / rec["winner"])), expect)
     with pytest.raises(SystemExit) as e:
         build_style.build_style("winter", str(src), str(tmp_path / "o2"), editor=str(tmp_path / "missing"), progress=False)

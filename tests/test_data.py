@@ -1,4 +1,4 @@
-"""Tests for data.py, plumbing/images.py and toy/__init__.py: pair alignment (same crop/flip), manifest skipping,
+"""Tests for data.py, plumbing/images.py (the toy world too): pair alignment (same crop/flip), manifest skipping,
 toy determinism."""
 import json
 import os
@@ -12,8 +12,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import ManifestPairs, ToyImages, ToyPairs, build_dataset  # noqa: E402
 from data import collate_pairs  # noqa: E402
-from model import image_to_tensor, tensor_to_uint8  # noqa: E402
-from toy import BACKGROUNDS, COLOURS, SHAPES, apply_style, render_toy, toy_prompts  # noqa: E402
+from plumbing.images import image_to_tensor, tensor_to_uint8  # noqa: E402
+from plumbing.images import BACKGROUNDS, COLOURS, SHAPES, apply_style, render_toy, toy_prompts  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model import image_to_tensor
-import toy
+from plumbing.images import image_to_tensor
+from plumbing.images import apply_style, render_toy, toy_prompts
 import evaluate as E
 
 
 from plumbing import plots
-from toy import scorer as toy_scorer
+from plumbing import toy_scorer
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
     """Train once per test session into a fresh cache (~10 s on one CPU core)."""
@@ -28,8 +28,8 @@ def renders(prompts, per_prompt, styled, seed):
     imgs, out_prompts = [], []
     for p in prompts:
         for _ in range(per_prompt):
-            img = toy.render_toy(p, 16, rng)
-            imgs.append(toy.apply_style(img, "winter", rng) if styled else img)
+            img = render_toy(p, 16, rng)
+            imgs.append(apply_style(img, "winter", rng) if styled else img)
             out_prompts.append(p)
     return np.stack(imgs), out_prompts
 
@@ -38,7 +38,7 @@ def test_scorer_is_accurate_on_heldout_renders_and_unseen_prompts(scorer):
     net, acc, _ = scorer
     assert set(acc) == {"style", "shape", "colour", "background"}
     assert all(v >= 0.95 for v in acc.values()), acc
-    test_prompts = toy.toy_prompts("test")  # combinations the diffusion model never trained on
+    test_prompts = toy_prompts("test")  # combinations the diffusion model never trained on
     plain, prompts = renders(test_prompts, 20, styled=False, seed=123)
     styled, _ = renders(test_prompts, 20, styled=True, seed=456)
     s_plain, s_styled = toy_scorer.score_toy(net, plain, prompts), toy_scorer.score_toy(net, styled, prompts)
@@ -96,12 +96,12 @@ def test_summarize_and_markdown_table():
 def write_sample_folder(folder, styled_flags, seeds):
     """Fake sample.py output: renders of test prompts, styled where styled_flags says."""
     os.makedirs(folder, exist_ok=True)
-    rng, prompts = np.random.default_rng(7), toy.toy_prompts("test")
+    rng, prompts = np.random.default_rng(7), toy_prompts("test")
     with open(os.path.join(folder, "samples.jsonl"), "w") as f:
         for i, (styled, seed) in enumerate(zip(styled_flags, seeds)):
             prompt = prompts[i % len(prompts)]
-            img = toy.render_toy(prompt, 32, rng)  # 32 px: evaluate must box-resize it to 16
-            img = toy.apply_style(img, "winter", rng) if styled else img
+            img = render_toy(prompt, 32, rng)  # 32 px: evaluate must box-resize it to 16
+            img = apply_style(img, "winter", rng) if styled else img
             Image.fromarray(img).save(os.path.join(folder, f"{i:03d}.png"))
             f.write(json.dumps({"prompt": prompt, "seed": seed, "file": f"{i:03d}.png", "model": "fake"}) + "\n")
 

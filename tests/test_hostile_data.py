@@ -19,7 +19,7 @@ from tools import build_cache
 from plumbing import images  # noqa: E402
 import train  # noqa: E402
 from data import ManifestPairs  # noqa: E402
-from model import image_to_tensor  # noqa: E402
+from plumbing.images import image_to_tensor  # noqa: E402
 from plumbing import tiny  # noqa: E402
 from plumbing.images import decode_image, read_image  # noqa: E402
 

@@ -24,7 +24,7 @@ import sample as S
 import train
 from plumbing import checkpoint as C
 from plumbing import files, hub
-from toy import scorer as toy_scorer
+from plumbing import toy_scorer
 
 NEVER_VALID = {"nan", "inf", "-inf", "1e999", str(2 ** 64)}  # for number flags
 FLOATS = ["nan", "inf", "-inf", "1e999", "-1", "0", "1e-320", "abc", "", "1,5", "0x10", "--", "-0.0", "3"]
@@ -325,14 +325,12 @@ def test_pickled_model_folders_are_never_unpickled(tmp_path, monkeypatch):
     the converter, with torch.load and pickle's loaders replaced by a marker that fails the case."""
     pickled_model_folders(tmp_path)
     no_pickles(monkeypatch)
-    from toy import clip as toy_clip
     loaders = {"hub.load_unet": lambda f: hub.load_unet(f, "--init"),
                "hub.load_clip": lambda f: hub.load_clip(f, "--clip_model", "CLIP", "cpu"),
                "hub.load_real": lambda f: hub.load_real(f, False),
                "model.load_models(init_unet)": lambda f: M.load_models("tiny", init_unet=f, reference=False),
                "model.load_models(pretrained)": lambda f: M.load_models("sd15", pretrained=f, reference=False),
-               "model.load_embedder": lambda f: M.load_embedder(f),
-               "toy.clip.embedder": lambda f: toy_clip.embedder(f)}
+               "model.load_embedder": lambda f: M.load_embedder(f)}
     for name, load in loaders.items():
         for folder in ("pickled-unet", "pickled-clip", "pickled-pipeline"):
             result = outcome(lambda argv: load(str(tmp_path / folder)), [])

@@ -124,7 +124,7 @@ def test_every_module_attribute_named_exists():
     assert not missing, "named but missing:\n" + "\n".join(sorted(set(missing)))
 
 
-@pytest.mark.parametrize("bad", ["method.py", "toy_clip.py", "model.apply_checkpointing", "plumbing/nothing.py:f"])
+@pytest.mark.parametrize("bad", ["method.py", "toy_world.py", "model.apply_checkpointing", "plumbing/nothing.py:f"])
 def test_the_checks_can_fail(bad, monkeypatch):
     """A stale name in a page makes the checks above fail."""
     real = list(texts())

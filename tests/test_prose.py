@@ -22,7 +22,7 @@ import data
 import loss as L
 import model as M
 import train
-import toy.clip
+from plumbing import toy_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
@@ -173,7 +173,7 @@ def test_the_readme_figures_for_python_train_py(monkeypatch):
     assert (args.loss, args.model, args.max_steps, args.batch_size * args.grad_accum) == (
         "rpo", "tiny", int(m.group(1)), int(m.group(2)))
     assert args.embed_model == "toy-clip" and "shipped toy-clip" in text
-    assert toy.clip.source() == toy.clip.SHIPPED  # (the shipped one is today's recipe's)
+    assert toy_clip.source() == toy_clip.SHIPPED  # (the shipped one is today's recipe's)
 
 
 def test_the_readme_time_for_python_train_py_is_the_measured_one():

@@ -10,8 +10,8 @@ from PIL import Image
 
 import model as M
 from plumbing import lora
-from model import tensor_to_uint8
-import toy
+from plumbing.images import tensor_to_uint8
+from plumbing.images import toy_prompts
 import sample as S
 
 P0, P1 = "a red circle on a black background", "a blue square on a white background"
@@ -151,7 +151,7 @@ def test_prompt_and_seed_parsing(tmp_path):
     f.write_text(f"{P0}\n\n  {P1}  \n{P0}\n")
     assert S.read_prompts(str(f)) == [P0, P1]  # blank lines skipped, stripped, duplicates dropped
     assert S.read_prompts(f"{P0} | {P1}|") == [P0, P1]
-    assert S.read_prompts("toy-test") == toy.toy_prompts("test") and len(S.read_prompts("toy-all")) == 72
+    assert S.read_prompts("toy-test") == toy_prompts("test") and len(S.read_prompts("toy-all")) == 72
     assert S.parse_seeds("0-3") == [0, 1, 2, 3] and S.parse_seeds("0,5,7") == [0, 5, 7] and S.parse_seeds("2") == [2]
 
 

@@ -1,8 +1,9 @@
 import torch
 
 import model as M
+from plumbing import toy_clip
 from toy import clip as T
-from toy import toy_prompts
+from plumbing.images import toy_prompts
 
 SHORT = dict(T.RECIPE, steps=40, warmup=5)  # ~4 s on one CPU thread
 
@@ -10,9 +11,9 @@ SHORT = dict(T.RECIPE, steps=40, warmup=5)  # ~4 s on one CPU thread
 def test_toy_clip_caches_by_recipe_and_learns(tmp_path, monkeypatch):
     monkeypatch.setenv("RPO_DIFFUSION_CACHE", str(tmp_path))
     clip, tok = T.load(SHORT, verbose=False)
-    folder = T.cache_dir(SHORT)
-    assert folder.startswith(str(tmp_path)) and folder.endswith(T.recipe_key(SHORT))
-    assert T.cache_dir(dict(SHORT, steps=41)) != folder  # another recipe, another folder
+    folder = toy_clip.cache_dir(SHORT)
+    assert folder.startswith(str(tmp_path)) and folder.endswith(toy_clip.recipe_key(SHORT))
+    assert toy_clip.cache_dir(dict(SHORT, steps=41)) != folder  # another recipe, another folder
 
     # Training is deterministic: a second run from scratch gives the cached weights bit for bit
     fresh = T.train(SHORT, log_every=0)[0].state_dict()
@@ -24,9 +25,9 @@ def test_toy_clip_caches_by_recipe_and_learns(tmp_path, monkeypatch):
     a, b = clip.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # T.embedder("toy-clip"), what train.py and the cache ask for, is that model (RECIPE patched)
-    monkeypatch.setattr(T, "RECIPE", SHORT)
-    emb, _ = T.embedder("toy-clip")
+    # M.load_embedder("toy-clip"), what train.py and the cache ask for, is that model (RECIPE patched)
+    monkeypatch.setattr(toy_clip, "RECIPE", SHORT)
+    emb, _ = M.load_embedder("toy-clip")
     assert torch.equal(emb.visual_projection.weight, clip.visual_projection.weight)
     assert not torch.equal(emb.visual_projection.weight, M.load_embedder("tiny")[0].visual_projection.weight)
 
@@ -50,7 +51,8 @@ def test_tiny_presets_default_to_toy_clip_and_tau_moves_the_logged_entropy(tmp_p
     # and at a low τ the weights concentrate far more than the random CLIP's, whose features of
     # toy samples lie close together.
     monkeypatch.setenv("RPO_DIFFUSION_CACHE", str(tmp_path))
-    monkeypatch.setattr(T, "RECIPE", SHORT)
+    monkeypatch.setattr(toy_clip, "RECIPE", SHORT)
+    T.load(SHORT, verbose=False)  # (trained into the cache, where load_embedder("toy-clip") reads it)
     entropy = {}
     for embed_model in ("toy-clip", "tiny"):
         for tau in (0.05, 1.0):

@@ -17,10 +17,10 @@ import data
 import model as M
 from plumbing import checks, files, hub, pickapic
 from plumbing.images import decode_image
-from toy import apply_style
+from plumbing.images import apply_style
 
 
-STYLE_EDITS = {  # InstructPix2Pix instructions; "toy-*" are toy/__init__.py's procedural edits (offline)
+STYLE_EDITS = {  # InstructPix2Pix instructions; "toy-*" are plumbing/images.py's procedural edits (offline)
     "vangogh": "make it a Van Gogh painting",
     "sketch": "turn it into a pencil sketch",
     "winter": "make it winter",

@@ -5,19 +5,15 @@ tiny CLIP maps every toy sample to nearly the same point: ω is uniform whatever
 
 Training: CLIP's symmetric InfoNCE over (caption, render) pairs. Each step holds every training
 prompt (toy_prompts("train"), 60) once, so no caption repeats within a batch; each render is
-plain, winter or sketch (toy.apply_style) with the caption unchanged, so style is image-only
+plain, winter or sketch (plumbing.images.apply_style) with the caption unchanged, so style is image-only
 information. Seeded and deterministic (one CPU thread; the data stream is numpy's, keyed by
-(seed, step)); the weights are cached as safetensors in a folder named by a hash of the recipe:
-
-    $RPO_DIFFUSION_CACHE (default ~/.cache/rpo-diffusion)/toy-clip-<hash>/model.safetensors
-
-embedder("toy-clip") (train.py --embed_model toy-clip) calls load(): trains on first use, then loads in under a
-second. `python -m toy.clip [--out results/toy_clip.txt]` trains (or loads) and reports
+(seed, step)). Where the weights of a recipe are read from (shipped, or a cache folder named by a
+hash of the recipe) is plumbing/toy_clip.py's; load() here trains into that folder when neither
+holds them. `python -m toy.clip [--out results/toy_clip.txt]` trains (or loads) and reports
 held-out text->image retrieval, a linear style probe on the image features, and E6's weight
 entropy on toy pairs with the random vs the trained CLIP.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -27,30 +23,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import loss as L
 import model as M
-from plumbing import speed, tiny
-from model import image_to_tensor
-from toy import STYLES, apply_style, render_toy, toy_prompts
+from plumbing import speed, tiny, toy_clip
+from plumbing.images import STYLES, apply_style, image_to_tensor, render_toy, toy_prompts
+from plumbing.toy_clip import RECIPE, recipe_key, source
 
-RECIPE = dict(version=1, seed=0, steps=600, lr=2e-3, weight_decay=0.1, warmup=30, resolution=16,
-              styles=list(STYLES), style_fraction=0.5)  # style_fraction: share of styled renders
 # Independent numpy streams: training (seed, 0, step); evaluation (seed, 1|2|3, ...).
 TRAIN_STREAM, RETRIEVAL_STREAM, PROBE_STREAM = 0, 1, 2
-
-
-def cache_root():
-    return os.environ.get("RPO_DIFFUSION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rpo-diffusion")
-
-
-def recipe_key(recipe):
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_dir(recipe=None, root=None):
-    recipe = recipe or RECIPE
-    return os.path.join(root or cache_root(), f"toy-clip-{recipe_key(recipe)}")
 
 
 def renders(prompts, resolution, rng, style=None, styles=(), style_fraction=0.0):
@@ -113,37 +95,16 @@ def train(recipe=None, log_every=100):
     return clip.eval().requires_grad_(False), tok, time.time() - t0, loss.item()
 
 
-# The toy CLIP every committed toy result used, shipped with the code as the toy base is: every
-# machine then computes E5/E6 with the same network (one trained anew elsewhere rounds otherwise).
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "toy-study", "toy-clip")
-
-
-def source(recipe=None, root=None, shipped=SHIPPED):
-    """The folder toy-clip for `recipe` is read from: the shipped one where its recipe is this one,
-    else its cache folder (which load() fills on first use)."""
+def load(recipe=None, root=None, verbose=True, shipped=toy_clip.SHIPPED):
+    """The trained toy CLIP for `recipe` (default RECIPE): plumbing.toy_clip's (shipped or cached),
+    else trained now and cached in its folder (written atomically: concurrent processes never read
+    a partial file)."""
     recipe = recipe or RECIPE
-    meta = os.path.join(shipped or "", "recipe.json")
-    if shipped and os.path.isfile(meta) and os.path.isfile(os.path.join(shipped, "model.safetensors")) \
-            and json.load(open(meta)).get("recipe") == recipe:
-        return shipped
-    return cache_dir(recipe, root)
-
-
-def load(recipe=None, root=None, verbose=True, shipped=SHIPPED):
-    """The trained toy CLIP for `recipe` (default RECIPE): the shipped one where it was trained by
-    this recipe, else from its cache folder, else trained now and cached there (written
-    atomically: concurrent processes never read a partial file)."""
-    from safetensors.torch import load_file, save_file
-    recipe = recipe or RECIPE
-    folder = source(recipe, root, shipped)
+    found = toy_clip.load(recipe, root, shipped)
+    if found is not None:
+        return found
+    folder = toy_clip.source(recipe, root, shipped)
     weights, meta_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "recipe.json")
-    if os.path.isfile(weights) and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("recipe") == recipe:
-            clip, tok = tiny.tiny_clip()
-            clip.load_state_dict(load_file(weights))  # (silently: the notice was printed when it was trained)
-            return clip.eval().requires_grad_(False), tok
     clip, tok, seconds, final = train(recipe, log_every=100 if verbose else 0)
     os.makedirs(folder, exist_ok=True)
     suffix = f".tmp-{os.getpid()}"
@@ -297,12 +258,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def embedder(name, device="cpu"):
-    """model.load_embedder, and "toy-clip": the tiny CLIP trained on the toy world (trained on
-    first use, then loaded from its cache). train.py and tools/build_cache.py ask here."""
-    if name != "toy-clip":
-        return M.load_embedder(name, device)
-    clip, tok = load()
-    return clip.to(device).eval().requires_grad_(False), tok

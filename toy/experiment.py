@@ -10,7 +10,7 @@ show the prompt (content).
 toy/frontier.py runs the main study, the style-content frontier, from the same base.
 
 The data: prompts "a {colour} {shape} on a {background} background" (72 of them; 12 held out
-for evaluation, toy.toy_prompts). Preferred image = the "winter" version of a render,
+for evaluation, toy_prompts). Preferred image = the "winter" version of a render,
 dispreferred = the plain render, same prompt — the paper's Style Alignment set, built
 procedurally. The base model is pretrained (plain denoising, --loss sft) on single images of
 which a third carry the style with unchanged captions, so the preference pairs lie within the
@@ -45,13 +45,13 @@ import torch
 
 import evaluate
 from plumbing import plots
-from toy import scorer as toy_scorer
+from plumbing import toy_scorer
 import model as M
 from plumbing import speed, tiny
 import sample
 import train
-import toy
-from model import tensor_to_uint8
+from plumbing.images import toy_prompts
+from plumbing.images import tensor_to_uint8
 
 # The base model's pretraining recipe (cached under RUNS/base; a change retrains it).
 BASE_ARGS = ["--model", "tiny", "--loss", "sft", "--data", "toy-base", "--style", "winter", "--style_fraction", "0.3333",
@@ -146,7 +146,8 @@ def parse_args(argv=None):
 @functools.lru_cache(maxsize=None)
 def code_id(root=None):
     """sha256 (12 hex digits) of the code that trains and samples a run, as Python reads it: the
-    syntax trees of the six files, plumbing/ and the toy world and its CLIP, docstrings dropped
+    syntax trees of the six files, plumbing/ (the toy world, its CLIP and scorer among it) and toy-clip's
+    training (toy/clip.py), docstrings dropped
     (comments are not in a syntax tree). A comment or docstring edit keeps every run and score;
     any other edit retrains and rescores all of them, even one that changes nothing a run
     computes (a move of code is shown to change nothing by tools.same_runs, not here). The trees
@@ -154,7 +155,7 @@ def code_id(root=None):
     (Cached for the process: a study is made by the code it started with.)"""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "plumbing", "*.py"))
-                   + [os.path.join(root, "toy", "__init__.py"), os.path.join(root, "toy", "clip.py")])
+                   + [os.path.join(root, "toy", "clip.py")])
     h = hashlib.sha256()
     for path in files:
         tree = ast.parse(open(path, "rb").read())
@@ -269,7 +270,7 @@ def frozen_fingerprint():
     for name, tensor in sorted(parts["text_encoders"][0].state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().contiguous().numpy().tobytes())
-    ids = parts["tokenizers"][0](toy.toy_prompts("all") + [""], padding="max_length", truncation=True)["input_ids"]
+    ids = parts["tokenizers"][0](toy_prompts("all") + [""], padding="max_length", truncation=True)["input_ids"]
     h.update(json.dumps(ids).encode())
     return h.hexdigest()
 
@@ -383,7 +384,7 @@ def main(argv=None):
     scorer, accuracy = toy_scorer.load_toy_scorer("winter", 16)  # (its default cache, which train.py's validation shares)
     scorer_id = toy_scorer.identity("winter", 16)
     variants = {**VARIANTS, **args.custom}
-    prompts = toy.toy_prompts("test")
+    prompts = toy_prompts("test")
     args.sample_seeds = args.sample_seeds or study.get("sample_seeds", 4)
     sample_seeds = lambda seed: sampling_seeds(seed, args.sample_seeds)
     base = base_id(base_dir)

@@ -39,7 +39,7 @@ import numpy as np
 from plumbing import plots
 from toy import experiment as E
 from toy import frontier as F
-import toy
+from plumbing.images import toy_prompts
 
 # The arms: name -> (train.py flags, fields of its JSON rows)
 OBJECTIVES = {"dpo": (["--loss", "dpo"], dict(method="dpo")),
@@ -231,7 +231,7 @@ def main(argv=None):
     jobs = plan(args)
     rows, base = F.rows(args, jobs), F.bases(args, which)
     os.makedirs(args.out, exist_ok=True)
-    json.dump({"steps": F.STEPS, "sample_seeds": F.SAMPLE_SEEDS, "held_out_prompts": len(toy.toy_prompts("test")),
+    json.dump({"steps": F.STEPS, "sample_seeds": F.SAMPLE_SEEDS, "held_out_prompts": len(toy_prompts("test")),
                "base_recipe": E.BASE_ARGS, "embed_model": "toy-clip", "code": E.code_id(), "arms": list(ARMS),
                "commands": {arm: ["python", "train.py", *F.command(args.runs, arm, 0.0, 0, 8, "winter", args.device)]
                             for arm in ARMS},

@@ -37,10 +37,10 @@ import time
 import numpy as np
 
 from plumbing import plots
-from toy import scorer as toy_scorer
+from plumbing import toy_scorer
 from toy import experiment as E
 import loss as L
-import toy
+from plumbing.images import toy_prompts
 import train
 
 STEPS, SAMPLE_SEEDS = 150, 8
@@ -181,7 +181,7 @@ def claim(path):
 
 
 def scorer(args, scorers, style):
-    """The style's toy scorer (the shipped one where it fits: toy/scorer.py)."""
+    """The style's toy scorer (the shipped one where it fits: plumbing/toy_scorer.py)."""
     if style not in scorers:
         scorers[style] = toy_scorer.load_toy_scorer(style, 16, cache=os.path.join(args.runs, f"toy_scorer_{style}.safetensors"))[0]
     return scorers[style]
@@ -191,7 +191,7 @@ def score(args, scorers, unet, seed, style, lookup_only=False):
     """A UNet's score on the held-out prompts × this seed's sampling seeds, from the score store
     keyed by its weights' bytes (experiment.scored) -> (score or None, reused)."""
     net = None if lookup_only else scorer(args, scorers, style)
-    return E.scored(args.runs, unet, toy.toy_prompts("test"), E.sampling_seeds(seed, SAMPLE_SEEDS), args, net,
+    return E.scored(args.runs, unet, toy_prompts("test"), E.sampling_seeds(seed, SAMPLE_SEEDS), args, net,
                     toy_scorer.identity(style, 16), lookup_only=lookup_only)
 
 
@@ -400,8 +400,8 @@ def matched_grid(args, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo 
     `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
     held-out prompts (sampling seed 0) -> NAME.png (rows: base, then those runs) and NAME.txt."""
     import sample
-    from model import tensor_to_uint8
-    prompts = toy.toy_prompts("test")
+    from plumbing.images import tensor_to_uint8
+    prompts = toy_prompts("test")
     rows = [("base", os.path.join(base_dir(args.runs, "winter"), "unet"))]
     for v in variants:
         cands = [r for r in table if r["variant"] == v and r["seed"] == 0 and r["batch"] == 8
@@ -456,7 +456,7 @@ def main(argv=None):
         score_base(args, scorers, seed, style)
     table, base = rows(args), bases(args)
     os.makedirs(args.out, exist_ok=True)
-    json.dump({"steps": STEPS, "sample_seeds": SAMPLE_SEEDS, "held_out_prompts": len(toy.toy_prompts("test")),
+    json.dump({"steps": STEPS, "sample_seeds": SAMPLE_SEEDS, "held_out_prompts": len(toy_prompts("test")),
                "base_recipe": E.BASE_ARGS, "embed_model": "toy-clip", "rows": table,
                "base": [{"style_name": st, "seed": sd, **sc} for (st, sd), sc in base.items()]},
               open(os.path.join(args.out, "frontier.json"), "w"), indent=1)

@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from plumbing import speed
-import toy
+from plumbing.images import BACKGROUNDS, COLOURS, PROMPT_RE, SHAPES, STYLES, apply_style, render_toy, toy_prompts  # (PROMPT_RE: prompts parsed as render_toy does)
 
-
-PROMPT_RE = toy.PROMPT_RE  # parse prompts exactly as render_toy does
 
 HEADS = {"style": 1, "shape": 3, "colour": 6, "background": 4}  # logits per head, in this order
 
@@ -42,9 +40,9 @@ THRESHOLD = 0.95
 def toy_labels(prompt):
     """'a red circle on a gray background' -> (shape, colour, background) indices."""
     m = PROMPT_RE.match(prompt)
-    if not m or m[1] not in toy.COLOURS or m[2] not in toy.SHAPES or m[3] not in toy.BACKGROUNDS:
+    if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[3] not in BACKGROUNDS:
         raise ValueError(f"toy scorer: not a toy prompt: {prompt!r}")
-    return toy.SHAPES.index(m[2]), list(toy.COLOURS).index(m[1]), list(toy.BACKGROUNDS).index(m[3])
+    return SHAPES.index(m[2]), list(COLOURS).index(m[1]), list(BACKGROUNDS).index(m[3])
 
 def toy_scorer_net():
     # ~48k params. Two stride-2 convs take 16x16 to 4x4 with a receptive field covering the
@@ -63,12 +61,12 @@ def toy_logits(net, x):
 
 def toy_renders(n, style, resolution, seed):
     """n renders of random prompts from all 72, styled with p=0.5 -> (x [-1,1], labels dict)."""
-    rng, prompts = np.random.default_rng(seed), toy.toy_prompts("all")
+    rng, prompts = np.random.default_rng(seed), toy_prompts("all")
     imgs, labels = [], {k: [] for k in HEADS}
     for _ in range(n):
         prompt = prompts[rng.integers(len(prompts))]
-        img, styled = toy.render_toy(prompt, resolution, rng), rng.random() < 0.5
-        imgs.append(toy.apply_style(img, style, rng) if styled else img)
+        img, styled = render_toy(prompt, resolution, rng), rng.random() < 0.5
+        imgs.append(apply_style(img, style, rng) if styled else img)
         for k, v in zip(("style", "shape", "colour", "background"), (int(styled), *toy_labels(prompt))):
             labels[k].append(v)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -147,8 +145,8 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0, shipped=SHIPPED):
     """The toy scorer: the shipped one where its recipe (config) is this one, else loaded from
     `cache`, else trained now and cached; gated on held-out accuracy -> (net, accuracy)."""
-    if style not in toy.STYLES:
-        raise SystemExit(f"error: unknown style {style!r}; expected one of {toy.STYLES}")
+    if style not in STYLES:
+        raise SystemExit(f"error: unknown style {style!r}; expected one of {STYLES}")
     cache = cache or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
                                   f"toy_scorer_{style}_{resolution}.safetensors")
     config = dict(version=VERSION, style=style, resolution=resolution, seed=seed, **TRAIN)
