@@ -35,10 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from plumbing.images import image_to_tensor
-from plumbing import files, hub, plots, rewards
-from plumbing import toy_scorer
-from plumbing.images import STYLES
+from plumbing import files, hub, parallel, plots, rewards, toy_scorer
+from plumbing.images import STYLES, image_to_tensor
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reward models for real images
@@ -345,7 +343,7 @@ def evaluate_rewards(args, metrics):
             keys = [(r["prompt"], r["seed"]) for r in recs]
             if len(set(keys)) < len(keys):
                 raise SystemExit(f"error: {d}: a (prompt, seed) appears twice in samples.jsonl: ambiguous pairs")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(parallel.pick_device(args.device))
     style_text = args.style_text or STYLE_TEXTS[args.style_name]
     models = load_reward_models(metrics, args, device)
     runs = []
@@ -506,8 +504,6 @@ def main(argv=None):
         if args.baseline:
             raise SystemExit("error: --baseline (win rates) is for reward-model metrics; list toy folders in --images")
         return evaluate_toy(args, metrics)
-    if args.bootstrap < 1 or args.batch_size < 1:
-        raise SystemExit("error: --bootstrap and --batch_size must be at least 1")
     if "style" in metrics and "clip" not in metrics:
         metrics.append("clip")  # style without content would reward forgetting the prompt
     return evaluate_rewards(args, metrics)

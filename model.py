@@ -38,6 +38,7 @@ from diffusers.utils import logging as diffusers_logging
 
 import loss as L
 from plumbing import hub, lora, parallel, random_weights, speed, tiny, toy_clip
+from plumbing.images import clip_output, clip_pixels
 
 diffusers_logging.set_verbosity_error()  # silences a dtype-cast notice on every .to()
 
@@ -49,19 +50,6 @@ PRESETS = {
     "tiny-sd": dict(pretrained=None, xl=False, resolution=32, vae=True, multiple=4),
     "tiny-xl": dict(pretrained=None, xl=True, resolution=32, vae=True, multiple=4),
 }
-
-
-def device_exists(name):
-    """Whether torch can place tensors on `name` here (cpu, cuda, cuda:N, mps, ...)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
-    return device.type == "cpu"
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -116,12 +104,7 @@ def load_models(model="tiny", pretrained=None, init_unet=None, device="cpu", mix
     if lora_dir:  # a saved LoRA merged into the weights: from here on it *is* the starting UNet
         lora.fuse_lora(parts["unet"], lora_dir)
 
-    unet = parts["unet"].to(device).float().train()
-    try:  # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels)
-        from diffusers.models.attention_processor import AttnProcessor2_0
-        unet.set_attn_processor(AttnProcessor2_0())
-    except ImportError:
-        pass
+    unet = parts["unet"].to(device).float().train()  # (attention: diffusers' default, PyTorch's fused SDPA)
     ref_unet, lora_layers = None, []
     if lora_rank > 0:
         # LoRA: policy = frozen UNet + adapter, reference = the same UNet, adapter off (docs/method.md:
@@ -328,27 +311,6 @@ def load_embedder(name="tiny", device="cpu"):
 
 # ---------------------------------------------------------------------------------------
 # E5's CLIP passes (the combination itself is loss.combine_features)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_output(out):
-    # transformers < 5 returns the projected features; 5.x wraps them in .pooler_output
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-def clip_pixels(clip, images):
-    """(N,3,H,W) images in [-1, 1] -> CLIP's pixel_values: resized to its input size (bicubic,
-    batched, no PIL) and normalised as OpenAI CLIP's processor does, on the model's device."""
-    device = next(clip.parameters()).device
-    size = clip.config.vision_config.image_size
-    x = (images.to(device, torch.float32) + 1) / 2
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(clip.dtype)
-
-
 @torch.no_grad()
 def clip_features(clip, tokenizer, prompts, images):
     """The two halves of E5 before they are combined: L2-normalised CLIP text features of the

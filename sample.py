@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import model as M
-from plumbing import files, hub, lora
+from plumbing import files, hub, lora, parallel
 from plumbing import sample_out as O
 from plumbing.images import tensor_to_uint8, toy_prompts
 
@@ -150,17 +150,11 @@ def read_prompts(spec):
 # --unet loads with plumbing.hub.load_unet, the loader of train.py's --init.
 def install_unet(m, unet, spec):
     """Put a loaded UNet in place of the preset's, prepared as load_models prepares its own (fp32 on
-    the device, fused attention), after checking that it fits the preset's text and latents: a
+    the device), after checking that it fits the preset's text and latents: a
     UNet of another preset would otherwise fail deep inside the first step, or worse, run."""
     hub.fitting_unet(unet, m.unet, f"--unet {spec}", m.name)
     m.unet = None  # let the preset's UNet go before this one moves to the GPU: not two there at once
-    unet = unet.to(m.device).float().train()
-    try:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-        unet.set_attn_processor(AttnProcessor2_0())
-    except ImportError:
-        pass
-    m.unet = unet
+    m.unet = unet.to(m.device).float().train()
 
 
 def make_scheduler(name, m):
@@ -353,7 +347,7 @@ def load_for_sampling(args):
     if args.lora:
         lora.check_lora(args.lora)
     unet = hub.load_unet(args.unet, "--unet") if args.unet else None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = parallel.pick_device(args.device)
     m = M.load_models(args.model, args.pretrained, device=device, mixed_precision=args.mixed_precision,
                       reference=False)
     if args.lora:

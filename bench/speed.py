@@ -29,10 +29,9 @@ import torch
 
 import loss as L
 import model as M
-from plumbing import checks, files, random_weights, speed
 import train
+from plumbing import checks, files, hub, parallel, random_weights, speed
 from plumbing.images import render_toy, toy_prompts
-from plumbing import hub
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 COMPILED_SDPA = None  # the attention backend of the graphs Dynamo holds (run: reset when it changes)
@@ -463,7 +462,7 @@ def run_grid(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = parallel.pick_device(args.device)
     if args.data:
         return bench_data(args, device)
     if device.startswith("cuda"):

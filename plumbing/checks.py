@@ -13,7 +13,7 @@ import torch
 
 import loss as L
 import model as M
-from plumbing import files, hub, speed
+from plumbing import files, hub, parallel, speed
 
 
 def check_train_flags(p, args):
@@ -37,7 +37,7 @@ def check_train_flags(p, args):
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
         p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
                 f"{args.model} (what its VAE and UNet down-sample by), not {args.resolution}")
-    if args.device not in ("auto", "cpu") and not M.device_exists(args.device):
+    if args.device not in ("auto", "cpu") and not parallel.device_exists(args.device):
         p.error(f"--device {args.device}: no such device here (auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available()
                                                                                else "; no GPU is visible") + ")")
     if args.lora_rank < 0:

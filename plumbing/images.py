@@ -128,6 +128,29 @@ def tensor_to_uint8(t):
 
 
 # ---------------------------------------------------------------------------------------
+# CLIP's input and output, as E5's CLIP (model.clip_features) and the reward models (plumbing/rewards.py) use them
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_output(out):
+    # transformers < 5 returns the projected features; 5.x wraps them in .pooler_output
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def clip_pixels(clip, images):
+    """(N,3,H,W) images in [-1, 1] -> CLIP's pixel_values: resized to its input size (bicubic,
+    batched, no PIL) and normalised as OpenAI CLIP's processor does, on the model's device."""
+    device = next(clip.parameters()).device
+    size = clip.config.vision_config.image_size
+    x = (images.to(device, torch.float32) + 1) / 2
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(clip.dtype)
+
+
+# ---------------------------------------------------------------------------------------
 # Image pairs from files
 class ImagePairs(torch.utils.data.Dataset):
     """What every source of real image pairs shares: resize, one crop and one flip for both

@@ -3,7 +3,8 @@ Data parallelism set up: one process per device under torchrun (setup, teardown)
 replicated with DDP or, with --fsdp, its weights, gradients and AdamW state sharded with FSDP2
 (wrap_policy, shard_unet), and the full single-device state gathered for checkpoints and scattered
 back on resume, so that a checkpoint written with FSDP resumes without it and the other way round
-(docs/multi-gpu.md). The collectives of a training step are distributed.py's.
+(docs/multi-gpu.md). Also the device rules every program shares (pick_device, device_exists). The
+collectives of a training step are distributed.py's.
 """
 import os
 
@@ -13,13 +14,30 @@ import torch.distributed as dist
 from plumbing.distributed import active
 
 
+def pick_device(flag):
+    """--device: "auto" is the GPU where one is visible, else the CPU; any other value as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
+
+
+def device_exists(name):
+    """Whether torch can place tensors on `name` here (cpu, cuda, cuda:N, mps, ...)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
+
+
 def setup(device_flag):
     """-> (rank, world, device, own_group). One device per rank: cuda:LOCAL_RANK with NCCL, or
     the CPU with gloo (no GPU, or --device cpu). own_group: this call made the process group (a
     caller, e.g. a test, may have made it already), so teardown() should end it."""
     if int(os.environ.get("RANK", "-1")) == -1:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device_flag == "auto" else device_flag
-        return 0, 1, device, False
+        return 0, 1, pick_device(device_flag), False
     gpu = torch.cuda.is_available() and device_flag != "cpu"
     own_group = not dist.is_initialized()
     if own_group:

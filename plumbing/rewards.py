@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import model as M
 from plumbing import files, hub
+from plumbing.images import CLIP_MEAN, CLIP_STD, clip_output
 
 
 HPS_REPO = "xswu/HPSv2"  # the hub repo of the HPSv2 checkpoints (a model repo)
@@ -70,7 +70,7 @@ def clip_image_features(model, processor, paths, batch_size=32, desc="images"):
     for i in _batches(len(paths), batch_size, desc):
         images = [files.open_rgb(p) for p in paths[i:i + batch_size]]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, model.dtype)
-        out = M.clip_output(model.get_image_features(pixel_values=pixels))
+        out = clip_output(model.get_image_features(pixel_values=pixels))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
     return torch.cat(feats)
 
@@ -84,7 +84,7 @@ def clip_text_features(model, processor, texts, batch_size=32):
     for i in range(0, len(texts), batch_size):
         tok = processor(text=list(texts[i:i + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        out = M.clip_output(model.get_text_features(input_ids=tok["input_ids"].to(device),
+        out = clip_output(model.get_text_features(input_ids=tok["input_ids"].to(device),
                                                      attention_mask=tok["attention_mask"].to(device)))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
     return torch.cat(feats)
@@ -211,7 +211,7 @@ def hps_pixels(image, size):
     # HPSv2 pads only when it resized (an image whose longer side is already `size` would not
     # stack in a batch); here every image ends square
     x = F.pad(x, ((size - w) // 2, size - w - (size - w) // 2, (size - h) // 2, size - h - (size - h) // 2))
-    mean, std = torch.tensor(M.CLIP_MEAN).view(3, 1, 1), torch.tensor(M.CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
 
 

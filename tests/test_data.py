@@ -316,7 +316,8 @@ def test_image_tensor_roundtrip():
 
 def test_clip_embeddings_follow_E5():
     import model as M
-    from model import CLIP_MEAN, CLIP_STD, clip_embeddings
+    from model import clip_embeddings
+    from plumbing.images import CLIP_MEAN, CLIP_STD
     clip, tok = M.load_embedder("tiny")
     prompts = ["a red circle on a black background", "a blue square on a white background"]
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -24,13 +24,12 @@ import torch
 from PIL import Image
 
 import evaluate as E
-import model as M
-from plumbing import rewards
+from plumbing import images, rewards
 from tests.test_rewards import PROMPTS, random_images, write_folder
 from tools import to_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN, STD = np.array(M.CLIP_MEAN, dtype=np.float32), np.array(M.CLIP_STD, dtype=np.float32)
+MEAN, STD = np.array(images.CLIP_MEAN, dtype=np.float32), np.array(images.CLIP_STD, dtype=np.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +94,7 @@ def torchvision_pixels(im, size):
         h, w = round(h * scale), round(w * scale)
         x = TF.resize(x, [h, w], TF.InterpolationMode.BICUBIC, antialias=True)
     x = TF.pad(x, [(size - w) // 2, (size - h) // 2, size - w - (size - w) // 2, size - h - (size - h) // 2], fill=0)
-    return TF.normalize(x, M.CLIP_MEAN, M.CLIP_STD)
+    return TF.normalize(x, images.CLIP_MEAN, images.CLIP_STD)
 
 
 def importable(name):

@@ -19,8 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import evaluate as E
-from plumbing import rewards
-import model as M
+from plumbing import images, rewards
 from plumbing import hub
 from plumbing import tiny as tiny_parts
 import sample as S
@@ -119,7 +118,7 @@ def manual_pixels(path):
     nw, nh = (SIZE, int(SIZE * h / w)) if w <= h else (int(SIZE * w / h), SIZE)
     x = np.asarray(im.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255
     top, left = (nh - SIZE) // 2, (nw - SIZE) // 2
-    x = (x[top:top + SIZE, left:left + SIZE] - np.float32(M.CLIP_MEAN)) / np.float32(M.CLIP_STD)
+    x = (x[top:top + SIZE, left:left + SIZE] - np.float32(images.CLIP_MEAN)) / np.float32(images.CLIP_STD)
     return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
 
 

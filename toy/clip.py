@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 import loss as L
 import model as M
 from plumbing import speed, tiny, toy_clip
-from plumbing.images import STYLES, apply_style, image_to_tensor, render_toy, toy_prompts
+from plumbing.images import STYLES, apply_style, clip_output, clip_pixels, image_to_tensor, render_toy, toy_prompts
 from plumbing.toy_clip import RECIPE, recipe_key, source
 
 # Independent numpy streams: training (seed, 0, step); evaluation (seed, 1|2|3, ...).
@@ -78,8 +78,8 @@ def train(recipe=None, log_every=100):
             rng = np.random.default_rng([recipe["seed"], TRAIN_STREAM, step])
             images, _ = renders(prompts, recipe["resolution"], rng, styles=recipe["styles"],
                                 style_fraction=recipe["style_fraction"])
-            text = F.normalize(M.clip_output(clip.get_text_features(input_ids=ids)), dim=-1)
-            image = F.normalize(M.clip_output(clip.get_image_features(pixel_values=M.clip_pixels(clip, images))), dim=-1)
+            text = F.normalize(clip_output(clip.get_text_features(input_ids=ids)), dim=-1)
+            image = F.normalize(clip_output(clip.get_image_features(pixel_values=clip_pixels(clip, images))), dim=-1)
             logits = clip.logit_scale.exp() * text @ image.T
             loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
             opt.zero_grad(set_to_none=True)
