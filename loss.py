@@ -115,12 +115,10 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta=5000.0):
 # ---------------------------------------------------------------------------------------
 # E5, E6: multi-modal weights
 def combine_features(text, image, mode="mean", rows=None):
-    """E5: f(c, x) = normalize(normalize(text) + normalize(image)) ("mean"), or normalize of one
-    of them ("text" / "image"). The inner normalize() of E5 is not here: `text` and `image` come
-    from model.clip_features (or a cache it filled, plumbing/cache.py), which L2-normalises each
-    half; this function adds them and normalises the sum. Given raw, unnormalised CLIP features
-    it would weight the halves by their norms. text (B, D) is repeated to `rows` (default:
-    image's k·B rows; [winners; losers]: k = 2)."""
+    """E5: f(c, x) = normalize(normalize(text) + normalize(image)) ("mean"), or normalize of one of them
+    ("text" / "image"): the outer normalize. The inner ones are model.clip_features' (or a cache's it
+    filled); raw CLIP halves would be weighted by their norms. text (B, D) is repeated to `rows`
+    (default: image's k·B rows; [winners; losers]: k = 2). train.embed calls it."""
     if mode not in ("mean", "text", "image"):
         raise ValueError(f"embed mode must be 'mean', 'text' or 'image', got {mode!r}")
     rows = rows or len(image)
@@ -218,6 +216,7 @@ def sft_loss(err_w):
 #   weights  True: fn takes E6's ω (B_w × B_l), computed from E5's embeddings
 #   log      its diagnostics, shown on the log line (all metrics go to metrics.jsonl)
 #   timesteps  E8's default for it: "batch" (one t per micro-batch) or "pair"
+#   sample_t optional: E8's draw of t, sample_timesteps' signature (default sample_timesteps: t uniform)
 OBJECTIVES = {
     "rpo": dict(fn=rpo_loss, pairs=True, weights=True, log=("contrast_acc", "offdiag_loss_share", "weight_diag",
                                                              "weight_entropy"), timesteps="batch",
@@ -227,14 +226,15 @@ OBJECTIVES = {
     "sft": dict(fn=sft_loss, pairs=False, weights=False, log=(), timesteps="pair",
                 about="supervised fine-tuning: the denoising loss on winners alone (E9)"),
 }
-# name -> type, default, choices (None: a positive finite number, or any text), losses (the
-# objectives that read it, as a keyword of fn or in train.micro_batch_loss: a tuple of names, or
-# "all", "pairs" (every objective on pairs), "weights" (every one that takes ω)), help. Each is a
-# flag --name of train.py.
+# name -> type (bool: a --name/--no-name switch), default, losses (the objectives that read it, as
+# a keyword of fn or in train.micro_batch_loss: a tuple of names, or "all", "pairs" (every objective
+# on pairs), "weights" (every one that takes ω)), help; optional: choices (None: any), positive=True
+# (above 0) or range=(low, high) (inclusive), checked only for the --loss that reads it (a number
+# must be finite whatever it is). Each is a flag --name of train.py.
 SETTINGS = {
-    "beta": dict(type=float, default=5000.0, choices=None, losses="pairs",
+    "beta": dict(type=float, default=5000.0, losses="pairs", positive=True,
                  help="E3/E4: logit = -(beta/2)·Δ, the official Diffusion-DPO convention"),
-    "tau": dict(type=float, default=0.5, choices=None, losses="weights", help="E6: softmax temperature of ω"),
+    "tau": dict(type=float, default=0.5, losses="weights", positive=True, help="E6: softmax temperature of ω"),
     "rpo_weighting": dict(type=str, default="outside", choices=("outside", "inside"), losses=("rpo",),
                           help="E7: ω outside the log-sigmoid (this project's reading) or inside (the LLM RPO code's)"),
     "embed": dict(type=str, default="mean", choices=("mean", "text", "image"), losses="weights",
@@ -249,13 +249,6 @@ def settings_of(name):
     o = OBJECTIVES[name]
     group = {"all": True, "pairs": o["pairs"], "weights": o["weights"]}
     return [k for k, s in SETTINGS.items() if group.get(s["losses"], False) or name in s["losses"]]
-
-
-def readers(setting):
-    """Which objectives read a setting, in words (--help, docs/flags.md)."""
-    losses = SETTINGS[setting]["losses"]
-    return {"all": "every objective", "pairs": "every objective on pairs", "weights": "every objective with ω"}.get(
-        losses, losses) if isinstance(losses, str) else ", ".join(losses)
 
 
 def loss_kwargs(name, values):

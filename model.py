@@ -329,7 +329,6 @@ def clip_features(clip, tokenizer, prompts, images):
     return text, image
 
 
-
 @torch.no_grad()
 def clip_embeddings(clip, tokenizer, prompts, images, mode="mean"):
     """f(c, x) for each sample, L2-normalised, float32 (k·B, D) (E5; loss.combine_features).
@@ -338,7 +337,6 @@ def clip_embeddings(clip, tokenizer, prompts, images, mode="mean"):
     text, image = clip_features(clip, tokenizer, None if mode == "image" else prompts,
                                 None if mode == "text" else images)
     return L.combine_features(text, image, mode, rows=len(images))
-
 
 
 @torch.no_grad()

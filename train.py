@@ -66,7 +66,7 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     args     train.py's flags (loss, timesteps, beta, tau, rpo_weighting, embed, caption_dropout).
     share    this process's rows of the global micro-batch (distributed.Share; default: all of it).
     policy   the module that runs ε_θ: m.unet, or its DDP/FSDP wrapper under torchrun.
-    embedder (CLIP, tokenizer) for E5 from raw images."""
+    embedder what embed(args, device=...) loads for E5 from raw images: (CLIP, tokenizer)."""
     objective = L.OBJECTIVES[args.loss]  # its function and what it needs (loss.py)
     pairs = objective["pairs"]  # False (SFT): winners alone, no reference
     share = share or D.Share([len(batch["prompt"])])
@@ -78,8 +78,8 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     with torch.no_grad():
         # E8: one t per micro-batch (RPO) or per pair (DPO), and ε; winner i and loser i share
         # both (.repeat(2)), so their errors differ by the images, not by the noise.
-        T = m.scheduler.config.num_train_timesteps
-        t = share.keep(L.sample_timesteps(share.total, T, args.timesteps, generator)).to(latents.device)
+        T, sample_t = m.scheduler.config.num_train_timesteps, objective.get("sample_t", L.sample_timesteps)
+        t = share.keep(sample_t(share.total, T, args.timesteps, generator)).to(latents.device)
         noise = share.keep(L.sample_noise((share.total, *latents.shape[1:]), generator)).to(latents.device)
         if pairs:
             t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)
@@ -103,7 +103,7 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     # E5: f(c, x) for every winner and loser; E6: ω_ij = softmax over losers j of -(1 - cos)/τ.
     # With --global_contrast, everyone() gathers every rank's rows first, so that the matrix
     # spans the global micro-batch (4 scalars and 2 embeddings a pair cross ranks, never images).
-    emb = L.combine_features(*features, args.embed, rows=len(latents))
+    emb = embed(args, halves=features, rows=len(latents))
     emb_w, emb_l = share.everyone(*emb.chunk(2))
     weights = L.rpo_weights(emb_w, emb_l, args.tau)
     err_w, err_l, ref_w, ref_l = share.everyone(err_w, err_l, ref_w, ref_l)
@@ -135,12 +135,19 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
         torch.randn((rows, *shape), generator=generator, dtype=dtype), pairs))
     # c: dropped captions get the unconditional input that guidance uses at sampling time
     cond = M.encode_prompts(m, batch["prompt"], sizes, crops, repeat=k, drop=drop)
-    features = None
-    if L.OBJECTIVES[args.loss]["weights"]:  # E5's halves, one CLIP pass for [winners; losers], each prompt once: the
-        # pair's own prompt, dropped or not (dropout conditions the UNet, never the weights ω)
-        features = M.clip_features(*embedder, None if args.embed == "image" else batch["prompt"],
-                                   None if args.embed == "text" else images)
-    return latents, cond, features
+    return latents, cond, embed(args, embedder, batch["prompt"], images) if L.OBJECTIVES[args.loss]["weights"] else None
+
+
+def embed(args, embedder=None, prompts=None, images=None, halves=None, rows=None, device=None):
+    """E5, what f(c, x) is, in this one function, which an idea that embeds otherwise replaces (docs/fork.md):
+      embed(args, device=d)                   main: the model it runs, (CLIP, tokenizer) of --embed_model
+      embed(args, embedder, prompts, images)  model_inputs: its halves, text (B, D) and image (2B, D) features
+      embed(args, halves=h, rows=2B)          micro_batch_loss: f(c, x) of every winner and loser (2B, D)"""
+    if device is not None:
+        return M.load_embedder(args.embed_model, device)
+    if halves is None:  # one CLIP pass, each prompt once: the pair's own, dropped or not (dropout conditions the UNet)
+        return M.clip_features(*embedder, None if args.embed == "image" else prompts, None if args.embed == "text" else images)
+    return L.combine_features(*halves, args.embed, rows=rows)  # E5: normalize(text + image), or one of them
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,18 +200,17 @@ def parser():
     g.add_argument("--random_flip", action="store_true", help="random horizontal flip (same for winner and loser)")
     g.add_argument("--num_workers", type=speed.workers_flag, default="auto",
                    help="DataLoader worker processes that decode and crop; auto: a few on a GPU, 0 on the CPU")
-    g.add_argument("--embed_model", default=None,
-                   help="CLIP for E5 (default: toy-clip, trained on the toy world, for tiny presets; 'tiny': a random "
-                        "tiny CLIP; else openai/clip-vit-large-patch14)")
+    g.add_argument("--embed_model", default=None, help="CLIP for E5 (default: toy-clip, trained on the toy world, for "
+                   "tiny presets; 'tiny': a random tiny CLIP; else openai/clip-vit-large-patch14)")
     g = p.add_argument_group("objective (loss.OBJECTIVES, loss.SETTINGS)")
-    g.add_argument("--loss", default="rpo", choices=list(L.OBJECTIVES),
-                   help="; ".join(f"{k}: {o['about']}" for k, o in L.OBJECTIVES.items()))
-    for name, s in L.SETTINGS.items():
-        g.add_argument(f"--{name}", type=s["type"], default=s["default"], choices=s["choices"],
-                       help=f"{s['help']} (read by: {L.readers(name)})")
-    g.add_argument("--global_contrast", action="store_true",
-                   help="under torchrun, rpo: contrast every winner with every loser of the *global* micro-batch "
-                        "(B·W × B·W, E4-E7) instead of each rank's own B × B")
+    g.add_argument("--loss", default="rpo", choices=list(L.OBJECTIVES), help="; ".join(
+        f"{k}: {o['about']} (reads {', '.join(L.settings_of(k))})" for k, o in L.OBJECTIVES.items()))
+    for name, s in L.SETTINGS.items():  # type=bool: a --name/--no-name switch
+        kind = dict(action=argparse.BooleanOptionalAction) if s["type"] is bool else dict(type=s["type"], choices=s.get("choices"))
+        readers = ", ".join(k for k in L.OBJECTIVES if name in L.settings_of(k))
+        g.add_argument(f"--{name}", default=s["default"], help=f"{s['help']} (read by --loss {readers})", **kind)
+    g.add_argument("--global_contrast", action="store_true", help="under torchrun, rpo: contrast every winner with "
+                   "every loser of the *global* micro-batch (B·W × B·W, E4-E7) instead of each rank's own B × B")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", "--train_batch_size", type=int, default=8,
                    help="pairs per device per micro-batch (RPO contrasts B×B; under torchrun the global "
@@ -246,8 +252,7 @@ def output_flags(p):
                    help="start over in an --out_dir that holds a run: its checkpoint-* folders, metrics.jsonl and "
                         "unet/ (lora/) are deleted first (without it, such a run is refused)")
     g.add_argument("--allow_changed_resume", action="store_true",
-                   help="--resume even with another --resolution, --data or objective (--loss, --beta, --tau, "
-                        "--rpo_weighting, --timesteps, --embed) than the checkpoint's")
+                   help="--resume even with another --resolution, --data or objective (--loss, a setting it reads)")
     g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
@@ -330,7 +335,9 @@ def describe(args, m, params, world, dataset):
           f"{args.batch_size}×{args.grad_accum}×{world}") if world > 1 else f"{m.device}, {args.batch_size}×{args.grad_accum}"
     size = "(streamed)" if hasattr(dataset, "stream") else f"({len(dataset)} items)"
     pairs = args.batch_size * args.grad_accum * world
-    return (f"training {args.loss} on {args.model} ({what}) on {on} = {pairs} pairs/step, data {args.data} {size}\n"
+    values = {k: getattr(args, k) for k in L.settings_of(args.loss)}  # the settings it reads, and only those
+    read = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    return (f"training {args.loss} ({read}) on {args.model} ({what}) on {on} = {pairs} pairs/step, data {args.data} {size}\n"
             f"lr {args.lr:g} per step = {args.lr / pairs:.3g} per pair (the paper's recipe: {RECIPE_LR_PER_PAIR:g} per "
             f"pair, 2.048e-5 for 2048 pairs/step)")
 
@@ -469,7 +476,7 @@ def main(argv=None):
 
         m, policy = M.from_args(args, device, dataset, resolution)
         cached = args.data.startswith("cache:")  # (a cache holds E5's features: no CLIP needed)
-        embedder = M.load_embedder(args.embed_model, device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None
+        embedder = embed(args, device=device) if L.OBJECTIVES[args.loss]["weights"] and not cached else None  # E5's CLIP
         autocast = torch.autocast(device_type=m.device.type, dtype=m.dtype, enabled=args.mixed_precision != "no")
 
         # Optimizer (DDP's replicas are m.unet's tensors; FSDP's are shards, so AdamW's moments are

@@ -24,10 +24,15 @@ def check_train_flags(p, args):
     for name in ("warmup_steps", "save_every", "seed", "log_every", "validation_every"):  # (--num_workers: its type)
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more, not {getattr(args, name)}")
-    numbers = [k for k, s in L.SETTINGS.items() if s["type"] in (int, float) and s["choices"] is None]
-    for name in (*numbers, "lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
+    for name in ("lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
         if not 0 < getattr(args, name) < float("inf"):
             p.error(f"--{name} must be a positive finite number, not {getattr(args, name)}")
+    for name in L.settings_of(args.loss):  # the settings --loss reads, each in the range its entry declares
+        s, value = L.SETTINGS[name], getattr(args, name)  # (any float flag, read or not, is finite: _check_more)
+        if s.get("positive") and not 0 < value < float("inf"):
+            p.error(f"--{name} must be a positive finite number, not {value}")
+        if "range" in s and not s["range"][0] <= value <= s["range"][1]:
+            p.error(f"--{name} must be between {s['range'][0]} and {s['range'][1]}, not {value}")
     for name in ("caption_dropout", "style_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")

@@ -55,7 +55,7 @@ def measure(arm, lr, steps, seed, base):
     speed.device_defaults(args, device, real=False)
     dataset, resolution = data.from_args(args, 1)
     m, _ = M.from_args(args, device, dataset, resolution)
-    embedder = M.load_embedder(args.embed_model) if L.OBJECTIVES[args.loss]["weights"] else None
+    embedder = train.embed(args, device=device) if L.OBJECTIVES[args.loss]["weights"] else None  # E5's model
     params = [p for p in m.unet.parameters() if p.requires_grad]
     optimizer = M.make_optimizer(args.optimizer, params, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
                                  args.weight_decay)
