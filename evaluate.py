@@ -27,8 +27,10 @@ It is trained once per (style, resolution, seed), cached, and refuses to score a
 its held-out accuracy is >= 0.95: a weak scorer would make every table below meaningless.
 """
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -465,6 +467,19 @@ def check_flags(p, args):
     problem = hub.pickled_flags_problem(args, ("--pickscore_model", "--clip_model", "--aesthetic_clip"))
     if problem:  # (a CLIP folder whose weights are a pickle: never unpickled)
         p.error(problem.removeprefix("error: "))
+
+
+def reward_flags_problem(metrics, flags):
+    """train.py --validation_metric METRICS --validation_reward_flags FLAGS: what is wrong, in one
+    line, or None (the reward models load at the first validation)."""
+    unknown = [m for m in metrics.split(",") if m not in REWARD_METRICS]
+    if unknown:
+        return f"--validation_metric: unknown {','.join(unknown)}; choose toy or a comma list of {','.join(REWARD_METRICS)}"
+    try:
+        with contextlib.redirect_stderr(open(os.devnull, "w")):  # (its usage text: ours says it in one line)
+            parse_args(["--images", "-", *shlex.split(flags)])
+    except (SystemExit, ValueError):
+        return f"--validation_reward_flags {flags!r}: not evaluate.py reward-model flags"
 
 
 def read_style_points(path):

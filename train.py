@@ -26,8 +26,10 @@ import time
 import torch
 
 import data
+import evaluate
 import loss as L
 import model as M
+import sample
 from plumbing import checkpoint as C
 from plumbing import distributed as D
 from plumbing import checks, diffusers_flags, parallel, pickapic, speed
@@ -308,14 +310,36 @@ def parse_args(argv=None):
         args.data = "toy" if M.PRESETS[args.model]["pretrained"] is None else pickapic.DEFAULT_DATA
     if args.embed_model is None:
         args.embed_model = M.default_embed_model(args.model, args.pretrained)
-    checks.check_train_flags(p, args)  # every value in its range, every path usable: one line each, exit 2
+    check_flags(p, args)  # every value in its range, every path usable: one line each, exit 2
+    return args
+
+
+def check_flags(p, args):
+    """parse_args' checks: the objective's settings in the ranges loss.SETTINGS declares (only those
+    --loss reads), --resolution a multiple of the preset's, plumbing/checks.py's (what needs nothing
+    of the six), the validation flags (sample.py's seeds and prompts, evaluate.py's reward flags)."""
+    for name in L.settings_of(args.loss):  # (any float flag, read or not, is finite: checks.py)
+        s, value = L.SETTINGS[name], getattr(args, name)
+        if s.get("positive") and not 0 < value < float("inf"):
+            p.error(f"--{name} must be a positive finite number, not {value}")
+        if "range" in s and not s["range"][0] <= value <= s["range"][1]:
+            p.error(f"--{name} must be between {s['range'][0]} and {s['range'][1]}, not {value}")
+    multiple = M.PRESETS[args.model]["multiple"]  # (what its VAE and UNet down-sample by)
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % multiple):
+        p.error(f"--resolution must be a positive multiple of {multiple} for --model {args.model} (what its VAE and "
+                f"UNet down-sample by), not {args.resolution}")
+    checks.check_train_flags(p, args)  # the numbers and paths that need nothing of the six
+    if args.validation_metric not in ("none", "toy") and (problem := evaluate.reward_flags_problem(
+            args.validation_metric, args.validation_reward_flags)):
+        p.error(problem)
     if args.validation_prompts is not None:
-        import sample  # (sampling is only needed here)
         if args.data.startswith("cache:"):
             p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
+        try:
+            args.validation_seeds = sample.parse_seeds(args.validation_seeds)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"--validation_seeds: {err}")
         args.validation_prompts = sample.read_prompts(args.validation_prompts)
-        args.validation_seeds = sample.parse_seeds(args.validation_seeds)
-    return args
 
 
 def learning_rate(args, step):

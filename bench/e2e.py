@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from bench import speed
 from plumbing import checks, files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +124,6 @@ def main(argv=None):
             f.write(json.dumps(row) + "\n")
         return row
 
-    from bench import speed
     t0 = time.time()
     manifest = speed.fake_manifest(os.path.join(tmp, "pairs"), s["pairs"], s["image_size"])
     print(f"# {s['pairs']} JPEG pairs of {s['image_size']}² in {time.time() - t0:.1f} s: {manifest}", flush=True)

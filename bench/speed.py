@@ -30,6 +30,7 @@ import torch
 import loss as L
 import model as M
 import train
+from tools import build_cache
 from plumbing import checks, files, hub, parallel, random_weights, speed
 from plumbing.images import render_toy, toy_prompts
 
@@ -359,7 +360,6 @@ def bench_data(args, device):
     import statistics
     import tempfile
 
-    from tools import build_cache
     if os.environ.get("BENCH_TMP"):
         os.makedirs(os.environ["BENCH_TMP"], exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-data-", dir=os.environ.get("BENCH_TMP"))

@@ -1,23 +1,19 @@
 """
-train.py's flags checked before anything heavy loads (models, data): every number finite and in its
-range, every choice one that exists, the folders a run writes creatable and writable, validation's
-prompts and seeds readable. One line each, through argparse (exit code 2).
+Flags checked before anything heavy loads (models, data), one line each through argparse (exit code 2):
+train.py's numbers in their ranges, every choice one that exists, the folders a run writes creatable
+and writable, a validation prompts file readable (check_train_flags; what needs the model presets,
+the objectives, the sampler or the reward models train.py checks itself, in check_flags); a flag
+given under two names (one_name_each); the other programs' numbers (plain_numbers).
 """
-import argparse
-import contextlib
 import math
-import os
-import shlex
 
 import torch
 
-import loss as L
-import model as M
 from plumbing import files, hub, parallel, speed
 
 
 def check_train_flags(p, args):
-    """parse_args' checks, in one place (p: the parser, whose error() makes the one line)."""
+    """train.py's flags that need nothing of the six (p: the parser, whose error() makes the one line)."""
     for name in ("batch_size", "grad_accum", "max_steps", "keep_checkpoints", "max_bad_steps", "num_train_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -27,21 +23,12 @@ def check_train_flags(p, args):
     for name in ("lr", "max_grad_norm"):  # (nan fails every comparison: refused too)
         if not 0 < getattr(args, name) < float("inf"):
             p.error(f"--{name} must be a positive finite number, not {getattr(args, name)}")
-    for name in L.settings_of(args.loss):  # the settings --loss reads, each in the range its entry declares
-        s, value = L.SETTINGS[name], getattr(args, name)  # (any float flag, read or not, is finite: _check_more)
-        if s.get("positive") and not 0 < value < float("inf"):
-            p.error(f"--{name} must be a positive finite number, not {value}")
-        if "range" in s and not s["range"][0] <= value <= s["range"][1]:
-            p.error(f"--{name} must be between {s['range'][0]} and {s['range'][1]}, not {value}")
     for name in ("caption_dropout", "style_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name} is a probability: between 0 and 1, not {getattr(args, name)}")
     if args.gradient_checkpointing != "auto" and not speed.checkpointing_ok(args.gradient_checkpointing):
         p.error(f"--gradient_checkpointing {args.gradient_checkpointing}: choose {', '.join(speed.CHECKPOINTING)} or "
                 f"transformer:F with 0 < F <= 1")
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % M.PRESETS[args.model]["multiple"]):
-        p.error(f"--resolution must be a positive multiple of {M.PRESETS[args.model]['multiple']} for --model "
-                f"{args.model} (what its VAE and UNet down-sample by), not {args.resolution}")
     if args.device not in ("auto", "cpu") and not parallel.device_exists(args.device):
         p.error(f"--device {args.device}: no such device here (auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available()
                                                                                else "; no GPU is visible") + ")")
@@ -56,21 +43,9 @@ def check_train_flags(p, args):
     if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    if args.validation_metric != "none":
-        if args.validation_prompts is None:
-            p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
-                    f"(e.g. toy-test, builtin)")
-        if args.validation_metric != "toy":
-            import evaluate  # (its reward metrics; the models load at the first validation)
-            unknown = [m for m in args.validation_metric.split(",") if m not in evaluate.REWARD_METRICS]
-            if unknown:
-                p.error(f"--validation_metric: unknown {','.join(unknown)}; choose toy or a comma list of "
-                        f"{','.join(evaluate.REWARD_METRICS)}")
-            try:
-                with contextlib.redirect_stderr(open(os.devnull, "w")):  # (its usage text: ours says it in one line)
-                    evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
-            except (SystemExit, ValueError):
-                p.error(f"--validation_reward_flags {args.validation_reward_flags!r}: not evaluate.py reward-model flags")
+    if args.validation_metric != "none" and args.validation_prompts is None:
+        p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
+                f"(e.g. toy-test, builtin)")
     _check_more(p, args)
 
 
@@ -101,12 +76,6 @@ def _check_more(p, args):
         p.error(f"--validation_inference_steps must be at most 1000, not {args.validation_inference_steps}")
     if args.validation_guidance is not None and not 0 <= args.validation_guidance <= 100:
         p.error(f"--validation_guidance must be between 0 and 100, not {args.validation_guidance}")
-    if args.validation_prompts is not None:
-        try:
-            import sample
-            sample.parse_seeds(args.validation_seeds)
-        except argparse.ArgumentTypeError as err:
-            p.error(f"--validation_seeds: {err}")
     problem = files.folder_problem(args.out_dir, "--out_dir")
     problem = problem or hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))
     problem = problem or (args.validation_prompts is not None and

@@ -40,7 +40,8 @@ from plumbing import plots
 from plumbing import toy_scorer
 from toy import experiment as E
 import loss as L
-from plumbing.images import toy_prompts
+from plumbing.images import tensor_to_uint8, toy_prompts
+import sample
 import train
 
 STEPS, SAMPLE_SEEDS = 150, 8
@@ -399,8 +400,6 @@ def matched_grid(args, table, out_dir, target=0.7, variants=("sft", "dpo", "rpo 
     """Samples at matched style: per variant the seed-0 run at the first lr whose style reaches
     `target` (where the lr path crosses it, as in the matched-style comparison), on the 12
     held-out prompts (sampling seed 0) -> NAME.png (rows: base, then those runs) and NAME.txt."""
-    import sample
-    from plumbing.images import tensor_to_uint8
     prompts = toy_prompts("test")
     rows = [("base", os.path.join(base_dir(args.runs, "winter"), "unet"))]
     for v in variants:
