@@ -12,6 +12,7 @@ new checkpoint under one of those three names; --resume checks each candidate (s
 safetensors header against its file's size, the rng file) and walks back past broken ones. A
 checkpoint holds full, single-device state whatever wrote it (FSDP's shards are gathered first:
 distributed.fsdp_full_state), so it resumes on any number of ranks, with or without --fsdp.
+
 A checkpoint is checked against the model before it is used (its step against its name; its
 tensors' names, shapes and dtypes; finite weights), and weights that are not finite are never
 saved.
@@ -313,8 +314,8 @@ def prune_checkpoints(parent, step, keep):
 
 def as_os_error(err, path):
     """A SafetensorError from writing (its Rust io::Error: "... No space left on device (os error
-    28)", or "Os { code: 28, ... }") as the OSError it wraps, so that run_dir.write_failure says it in one
-    line; errno EIO when it names none."""
+    28)", or "Os { code: 28, ... }") as the OSError it wraps, so that run_dir.write_failure says it
+    in one line; errno EIO when it names none."""
     code = re.search(r"(?:os error |code: )(\d+)", str(err))
     number = int(code.group(1)) if code else errno.EIO
     return OSError(number, os.strerror(number), path)
