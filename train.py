@@ -11,8 +11,8 @@ Reads top to bottom: the method (micro_batch_loss, model_inputs: one micro-batch
 E1..E9 of docs/method.md); the flags; the set-up pieces; main, whose loop calls micro_batch_loss once
 per micro-batch. Randomness comes from generators seeded by (seed, step, micro-batch) and (seed,
 epoch, index), so a resumed run replays an uninterrupted one exactly. Collectives are
-plumbing/distributed.py's (docs/multi-gpu.md); checkpoints plumbing/checkpoint.py's; logs,
-validation and the model card plumbing/report.py's.
+plumbing/distributed.py's (docs/multi-gpu.md); checkpoints plumbing/checkpoint.py's; the out_dir's
+lock, Ctrl-C and a full disk plumbing/run_dir.py's; logs, validation, the card plumbing/report.py's.
 """
 import argparse
 import contextlib
@@ -32,7 +32,7 @@ import model as M
 import sample
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import checks, diffusers_flags, parallel, pickapic, speed
+from plumbing import checks, diffusers_flags, parallel, pickapic, run_dir, speed
 from plumbing import report as R
 from plumbing.images import STYLES
 
@@ -402,7 +402,7 @@ class Reporter:
         self.args, self.master, self.tracker, self.bar = args, master, None, None
         if not master:
             return
-        self.metrics = C.open_metrics(args.out_dir, step, args.resume)
+        self.metrics = R.open_metrics(args.out_dir, step, args.resume)
         if not args.no_progress:
             from tqdm import tqdm
             self.bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
@@ -480,14 +480,14 @@ def main(argv=None):
     end of a step (a checkpoint saved); a full disk while writing ends in one line."""
     argv_ = list(sys.argv[1:] if argv is None else argv)  # (the model card quotes the command)
     args = parse_args(argv)
-    with C.guarded_run(args.out_dir) as stop:
+    with run_dir.guarded_run(args.out_dir) as stop:
         rank, world, device, own_group = parallel.setup(args.device)  # torchrun: one process per device
         master = rank == 0  # logs and writes files; every rank computes
         log = print if master else (lambda *a, **k: None)
         if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
             raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
-        C.lock_out_dir(args.out_dir, master)  # one run writes an out_dir at a time (released when main ends)
-        C.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
+        run_dir.lock_out_dir(args.out_dir, master)  # one run writes an out_dir at a time (released when main ends)
+        run_dir.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
         torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
         pairs_per_step = args.batch_size * args.grad_accum * world
         if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
@@ -513,7 +513,7 @@ def main(argv=None):
         if master:
             os.makedirs(args.out_dir, exist_ok=True)
         if args.resume:
-            ckpt, state = C.resume(args, m, optimizer, scaler, master)
+            ckpt, state = C.resume(args, m, optimizer, scaler, master, L.settings_of(args.loss), M.PRESETS[args.model]["resolution"])
             step, epoch, items_in_epoch = state["step"], state["epoch"], state["items_in_epoch"]
             skip_counts = state.get("skip_counts", skip_counts)
         log(describe(args, m, params, world, dataset))
@@ -543,7 +543,7 @@ def main(argv=None):
             # Ctrl-C or SIGTERM (any rank's): the last finished step saved, then exit 130/143
             if not D.all_ranks(stop.signum is None, m.device):
                 reporter.close()
-                stop.stop_now(C.save_on_stop(args, step, start, save), master)
+                stop.stop_now(run_dir.save_on_stop(args, step, start, save), master)
             t0 = time.time()
             lr = learning_rate(args, step)
             for group in optimizer.param_groups:

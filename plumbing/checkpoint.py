@@ -1,10 +1,9 @@
 """
-Checkpoints and outputs of train.py: safetensors and JSON only, never pickle.
+Checkpoints of train.py, and its final weights: safetensors and JSON only, never pickle.
 
     OUT_DIR/checkpoint-000200/   unet/ (diffusers layout) or lora/ (diffusers LoRA format),
                                  optimizer.safetensors, rng.safetensors, state.json
     OUT_DIR/unet/ or lora/       the final weights, for sample.py and the stock pipelines
-    OUT_DIR/metrics.jsonl        one line per optimizer step
 
 A checkpoint is complete when its state.json is there: it is written last, after every other
 file is on disk (fsync). A save writes PATH.tmp, renames an existing PATH to PATH.old, PATH.tmp
@@ -14,42 +13,37 @@ safetensors header against its file's size, the rng file) and walks back past br
 checkpoint holds full, single-device state whatever wrote it (FSDP's shards are gathered first:
 distributed.fsdp_full_state), so it resumes on any number of ranks, with or without --fsdp.
 
-One run writes an OUT_DIR at a time: it holds OUT_DIR/.lock (an flock, released by the kernel when
-the process ends however it ends) for its whole life, and nothing it writes there follows a
-symbolic link out of the folder. A checkpoint is checked against the model before it is used
-(its step against its name; its tensors' names, shapes and dtypes; finite weights), and weights
-that are not finite are never saved.
+A checkpoint is checked against the model before it is used (its step against its name; its
+tensors' names, shapes and dtypes; finite weights), and weights that are not finite are never
+saved.
+
+The rest of the run folder's rules are plumbing/run_dir.py's (the lock that lets one run write an
+OUT_DIR at a time, the checks that a fresh run never writes into another run, Ctrl-C and a full
+disk); its log, metrics.jsonl, is plumbing/report.py's. What this file needs from the model and
+the objective (the preset's resolution, the settings the objective reads) train.py passes in.
 """
 import errno
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
-import sys
-import time
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import loss as L
 from plumbing import distributed as D
-from plumbing import files, parallel
-import model as M
-from plumbing import hub, lora
+from plumbing import files, hub, lora, parallel
 
 # What must match for a run to continue a checkpoint: the reference is the same starting UNet,
 # and the weights have the same shape.
 RESUME_KEYS = ("model", "init", "lora_rank")
 LORA_KEYS = ("lora_alpha", "lora_targets")
 # What a continued run should not change silently (--allow_changed_resume lets it): the images it
-# trains on and the objective, with every setting it reads (loss.SETTINGS).
+# trains on and the objective, with every setting it reads (loss.settings_of: train.py passes them).
 CHANGED_KEYS = ("resolution", "data", "loss")
 STATE_KEYS = ("step", "epoch", "items_in_epoch", "args", "optimizer")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
@@ -85,7 +79,7 @@ def load_unet_weights(folder, device):
 
 # ---------------------------------------------------------------------------------------
 # Is a checkpoint whole? Headers and sizes only: cheap, whatever the model's size.
-def _read_json(path):
+def read_json(path):
     """(value, None) or (None, why not)."""
     if not os.path.isfile(path):
         return None, "is missing"
@@ -138,7 +132,7 @@ def inspect_checkpoint(folder, verify=False):
         return "does not exist" if not os.path.exists(folder) else "is not a folder", None
     if not os.path.exists(os.path.join(folder, "state.json")):
         return "has no state.json (its save did not finish)", None
-    state, why = _read_json(os.path.join(folder, "state.json"))
+    state, why = read_json(os.path.join(folder, "state.json"))
     if why:
         return f"state.json {why}", None
     if not isinstance(state, dict):
@@ -156,12 +150,12 @@ def inspect_checkpoint(folder, verify=False):
     if state["args"].get("lora_rank"):
         needed.insert(0, os.path.join("lora", lora.LORA_FILE))
     else:
-        config, why = _read_json(os.path.join(folder, "unet", "config.json"))
+        config, why = read_json(os.path.join(folder, "unet", "config.json"))
         if why:
             return f"unet/config.json {why}", None
         shards = sorted(os.path.relpath(f, folder) for f in
                         glob.glob(os.path.join(folder, "unet", "diffusion_pytorch_model*.safetensors")))
-        index, why = _read_json(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors.index.json"))
+        index, why = read_json(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors.index.json"))
         if index is not None:  # a sharded save: every shard it names
             try:
                 shards = sorted({os.path.join("unet", f) for f in index["weight_map"].values()})
@@ -247,116 +241,7 @@ def latest_checkpoint(out_dir, log=None):
     return None, None
 
 
-# ---------------------------------------------------------------------------------------
-# A fresh run into a folder that holds one
-def run_files(out_dir):
-    """What OUT_DIR holds of a run: [names], the newest checkpoint first."""
-    found = [os.path.basename(p) for _, p in checkpoint_folders(out_dir)]
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.isdir(metrics) or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
-        found.append("metrics.jsonl")  # (an empty one: a run that stopped before its first step)
-    found += [name for name in ("unet", "lora", "validation", "logs") if os.path.isdir(os.path.join(out_dir, name))]
-    if os.path.isfile(os.path.join(out_dir, lora.LORA_FILE)):  # (a LoRA run's copy for load_lora_weights(OUT_DIR))
-        found.append(lora.LORA_FILE)
-    if os.path.isfile(os.path.join(out_dir, "args.json")):  # plumbing/report.py's: the flags, and the model card beside them
-        found += ["args.json"] + (["README.md"] if os.path.isfile(os.path.join(out_dir, "README.md")) else [])
-    return found
-
-
-def _inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
-
-
-def _sync_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _agree(problem, master):
-    """Rank 0's verdict (a one-line error or None) made every rank's: all stop or none."""
-    if D.active() and not D.all_ranks(problem is None, _sync_device()):
-        raise SystemExit(problem or 1)  # (other ranks: rank 0 prints the line)
-    if problem:
-        raise SystemExit(problem)
-
-
-def check_out_dir(args, master):
-    """Before a run: a fresh one (no --resume) must not write into an OUT_DIR that holds another
-    run's checkpoints or log (its keep-N clean-up, its metrics.jsonl, its final export would mix
-    with or destroy them). With --overwrite, that run's checkpoint-* folders, metrics.jsonl,
-    unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else). Nothing
-    the run writes may be a symbolic link out of OUT_DIR, nor a file where it writes a folder (or
-    the reverse). Rank 0 decides and deletes; every rank calls it."""
-    again = False
-    if args.resume == "latest" and not getattr(args, "overwrite", False) and not checkpoint_folders(args.out_dir):
-        # as diffusers' scripts: nothing to resume yet, a new run starts. When the folder holds
-        # this command's own run, killed before its first checkpoint, that run starts over (a
-        # scheduler that reruns the command with --resume must not fail forever).
-        again = bool(run_files(args.out_dir)) and own_partial_run(args)
-        if master:
-            print(f"--resume latest: no checkpoint in {args.out_dir} yet; " + (
-                "its files are this command's own run, stopped before its first checkpoint: starting it again"
-                if again else "starting a new run"))
-        args.resume = None
-    problem = None
-    if master:
-        try:
-            problem = _check_out_dir(args, again)
-        except OSError as err:
-            problem = f"error: cannot clear --out_dir {args.out_dir}: {err.strerror}: {err.filename}"
-    _agree(problem, master)
-
-
-def _check_out_dir(args, again=False):
-    out = args.out_dir
-    return (files.folder_problem(out, "--out_dir") or _links_problem(out) or _foreign_problem(args)
-            or _run_problem(args, again) or _kinds_problem(args))
-
-
-def _foreign_problem(args):
-    """A run writes only into an empty folder or its own run: a folder that holds something and no
-    run (the user's own README.md, say, which the model card would replace) is refused."""
-    if run_files(args.out_dir):
-        return None  # (a run: _run_problem's rules)
-    try:
-        names = sorted(os.listdir(args.out_dir))
-    except OSError:
-        return None  # (no folder yet)
-    foreign = [n for n in names if not _runs_name(n) or n == "README.md"]  # (a run's card comes with its args.json)
-    if not foreign:
-        return None
-    return (f"error: --out_dir {args.out_dir} holds files that are not a run's ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); a run writes only into an empty folder or its own run: choose "
-            f"another --out_dir")
-
-
-# The settings a run resolves after its folder is checked (speed.device_defaults: "auto"; --scale_lr's lr)
-RESOLVED_LATER = ("mixed_precision", "optimizer", "sdpa_backend", "compile", "gradient_checkpointing", "num_workers")
-
-
-def own_partial_run(args):
-    """Whether OUT_DIR's args.json (a run with no checkpoint: killed before its first) is this
-    command's: every setting it records that this command also sets is the same, but where the
-    run writes and how it reports (QUIET_KEYS), and settings resolved later from "auto"."""
-    saved, _ = _read_json(os.path.join(args.out_dir, "args.json"))
-    if not isinstance(saved, dict):
-        return False
-    now = json.loads(json.dumps(vars(args), default=str))
-    skip = set(QUIET_KEYS) | {k for k in RESOLVED_LATER if now.get(k) == "auto"} | ({"lr"} if now.get("scale_lr") else set()) \
-        | ({"max_steps"} if now.get("max_steps") is None else set())  # (--num_train_epochs: resolved with the data)
-    return all(now[k] == v for k, v in saved.items() if k in now and k not in skip)
-
-
-# What a run writes at the top of OUT_DIR (and leftovers: NAME.tmp, NAME.part, NAME.old), and of which kind
-RUN_ENTRIES = {"args.json": "file", "README.md": "file", "metrics.jsonl": "file", "unet": "folder", "lora": "folder",
-               "logs": "folder", "wandb": "folder", "validation": "folder"}
-
-
-def _runs_name(name):
-    return bool(CHECKPOINT_NAME.match(name)) or name == LOCK_NAME or any(
-        name == e or name.startswith(e + ".") for e in RUN_ENTRIES)
-
-
+# A checkpoint past the run's end (run_dir.check_out_dir asks before anything loads, resume after)
 def past_the_end(ckpt, state, max_steps):
     """A --resume whose checkpoint is past --max_steps would train nothing and rewrite the run's
     args.json and export with the smaller number: one line instead."""
@@ -364,301 +249,6 @@ def past_the_end(ckpt, state, max_steps):
         return None
     return (f"error: --resume: checkpoint {ckpt} is at step {state['step']}, past --max_steps {max_steps}: nothing "
             f"to train; the run is left as it is (pass --max_steps above {state['step']} to continue it)")
-
-
-def _links_problem(out):
-    """A symbolic link among the names the run writes that leads out of OUT_DIR: writing it would
-    change a file elsewhere (a link inside the folder is harmless)."""
-    try:
-        names = sorted(os.listdir(out))
-    except OSError:
-        return None  # (no folder yet: nothing in it)
-    for name in filter(_runs_name, names):
-        target = files.link_out_of(os.path.join(out, name), out)
-        if target:
-            return (f"error: {os.path.join(out, name)} is a symbolic link to {target}, outside --out_dir; a run "
-                    f"writes only inside its folder: remove the link")
-    return None
-
-
-def _kinds_problem(args):
-    """A file where the run writes a folder (or the reverse): it would fail after the models load."""
-    needed = dict(RUN_ENTRIES)
-    for name, tracker in (("logs", "tensorboard"), ("wandb", "wandb")):
-        if getattr(args, "report_to", None) != tracker:
-            needed.pop(name)
-    if not getattr(args, "validation_prompts", None):
-        needed.pop("validation")
-    for name, kind in needed.items():
-        path = os.path.join(args.out_dir, name)
-        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
-            return (f"error: {path} is a {'folder' if kind == 'file' else 'file'}; the run writes its {name} "
-                    f"{kind} there: move it away")
-    return None
-
-
-def _run_problem(args, again=False):
-    out, overwrite = args.out_dir, getattr(args, "overwrite", False) or again
-    if args.resume:
-        if overwrite:
-            return "error: --overwrite starts over and --resume continues: pass one of them"
-        if args.resume == "latest" and getattr(args, "max_steps", None) is not None:
-            ckpt, state = latest_checkpoint(out)  # (headers only: cheap, before anything loads)
-            return past_the_end(ckpt, state, args.max_steps)
-        return None
-    found = run_files(out)
-    if not found:
-        return None
-    if not overwrite:
-        checkpoints = [f for f in found if f.startswith("checkpoint-")]
-        shown = ", ".join(checkpoints[:1] + [f for f in found if not f.startswith("checkpoint-")][:1])
-        if checkpoints:
-            return (f"error: {out} holds a run ({shown}); continue it with --resume, or pass --overwrite to start "
-                    f"over (its checkpoints and metrics are deleted)")
-        return (f"error: {out} holds a run ({', '.join(found)}) with no checkpoint to continue; pass --overwrite "
-                f"to start over (its metrics and weights are deleted), or choose another --out_dir")
-    doomed = [os.path.join(out, f) for f in found]
-    for flag in ("init", "pretrained", "data", "embed_model"):
-        value = getattr(args, flag, None)
-        if isinstance(value, str):
-            path = value.split(":", 1)[1] if value.startswith(("cache:", "pickapic:")) else value
-            hit = next((d for d in doomed if os.path.exists(path) and _inside(path, d)), None)
-            if hit:
-                return (f"error: --{flag} {value} lies in {hit}, which --overwrite would delete; "
-                        f"move it out first or choose another --out_dir")
-    # the log, the exported weights, then the checkpoints (a kill midway: the next --overwrite ends it)
-    for path in sorted(doomed, key=lambda p: (not p.endswith("metrics.jsonl"), "checkpoint-" in p)):
-        _remove(path)
-    print(f"{'--resume' if again else '--overwrite'}: deleted the run in {out} ({', '.join(found)})")
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# One run writes an OUT_DIR at a time
-LOCK_NAME = ".lock"
-_held = {}  # OUT_DIR's real path -> (descriptor of its .lock, the lock's path, whether the run made OUT_DIR)
-NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-
-
-def lock_out_dir(out_dir, master=True):
-    """Make OUT_DIR (if need be) and hold OUT_DIR/.lock until unlock_out_dir or the end of the
-    process: a second run, or a --resume of a running one, stops at once with one line naming the
-    holder. The lock is an flock, so a run killed by any means leaves no lock behind (its .lock
-    file stays, naming it, and the next run takes it over). Where the file system has no flock,
-    the holder's pid is checked instead (on the same host). Under torchrun rank 0 takes it."""
-    problem = None
-    if master:
-        try:
-            problem = _lock(out_dir)
-        except OSError as err:
-            problem = f"error: cannot lock --out_dir {out_dir}: {err.strerror}"
-    _agree(problem, master)
-
-
-def _holder_words(path):
-    """The holder's record in the lock file, as words (it may be writing it: a few tries)."""
-    for _ in range(20):
-        info, _ = _read_json(path)
-        if isinstance(info, dict):
-            return info, f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
-        time.sleep(0.05)
-    return None, "a run that has not written who it is"
-
-
-def _in_use(out_dir, words, note=""):
-    return (f"error: --out_dir {out_dir} is in use by another run ({words}){note}; one run writes a folder at a "
-            f"time: wait for it to end, or choose another --out_dir")
-
-
-def _lock(out_dir):
-    key = os.path.realpath(out_dir)
-    if key in _held:
-        return _in_use(out_dir, f"pid {os.getpid()}, this process")
-    made = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, LOCK_NAME)
-    while True:
-        if files.link_out_of(path, out_dir) or os.path.isdir(path):
-            return f"error: {path} is not the lock file a run keeps there (a link or a folder): remove it"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        try:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return _in_use(out_dir, _holder_words(path)[1])
-        except (OSError, ImportError) as err:  # no flock here (some network file systems, Windows)
-            if isinstance(err, OSError) and err.errno not in NO_FLOCK:
-                os.close(fd)
-                raise
-            info, words = _holder_words(path) if os.path.getsize(path) else (None, "")
-            if isinstance(info, dict) and info.get("pid") != os.getpid():
-                if info.get("host") != socket.gethostname():
-                    return _in_use(out_dir, words, f"; if that run is gone, delete {path}")
-                if _alive(info.get("pid")):
-                    return _in_use(out_dir, words)
-        # The holder may have released (deleted) the file between our open and our flock: the
-        # lock is ours only if the file at the path is the one we locked.
-        try:
-            here = os.stat(path, follow_symlinks=False)
-            mine = os.fstat(fd)
-            same = (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev)
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    record = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  command=" ".join(sys.argv))
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(record).encode())
-    os.fsync(fd)
-    _held[key] = (fd, path, made)
-    return None
-
-
-def _alive(pid):
-    if type(pid) is not int or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def unlock_out_dir(out_dir):
-    """Let OUT_DIR go: its .lock is deleted (while still held, so no one can take the old file)
-    and, when this run made OUT_DIR and left nothing in it, the folder too."""
-    held = _held.pop(os.path.realpath(out_dir), None)
-    if held is None:
-        return
-    fd, path, made = held
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-    os.close(fd)
-    if made:
-        try:
-            os.rmdir(out_dir)  # (only when empty)
-        except OSError:
-            pass
-
-
-# ---------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM: stop at the end of the step, with a checkpoint
-@contextlib.contextmanager
-def guarded_run(out_dir):
-    """train.main's run: SIGINT/SIGTERM handled (Stop), a full disk while writing turned into one
-    line (write_failure), OUT_DIR's lock released at the end whatever happens."""
-    with Stop() as stop:
-        try:
-            yield stop
-        except OSError as err:
-            line = write_failure(out_dir, err)
-            if line is None:
-                raise
-            raise SystemExit(line)
-        finally:
-            unlock_out_dir(out_dir)
-
-
-class Stop:
-    """SIGINT and SIGTERM handlers for a run. Before the loop (models loading, data scanning) a
-    signal stops at once; in the loop it is noted, and the loop stops after the step it is in,
-    saves a checkpoint and exits (stop_now). The same signal again stops at once: a checkpoint
-    being written at that moment is left for the next resume to walk back from. After the loop
-    (`ending`: "saving" the final checkpoint, then its path while the export runs) a signal is
-    noted too: the save and export finish, and `finish` says so and exits with its code."""
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self):
-        self.signum, self.in_loop, self.previous, self.ending = None, False, {}, None
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():  # (handlers can be set there only)
-            for name in self.SIGNALS:
-                if hasattr(signal, name):
-                    self.previous[name] = signal.signal(getattr(signal, name), self.handler)
-        return self
-
-    def __exit__(self, *exc):
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-    def handler(self, signum, frame):
-        # (another signal after the first is not "again": torchrun answers Ctrl-C by sending its
-        # workers SIGTERM, and they should still finish the step and save)
-        if self.signum == signum or not self.in_loop:
-            if os.environ.get("RANK", "0") == "0":  # (under torchrun rank 0 says it)
-                print(f"stopped by {signal.Signals(signum).name} {self._at_once()}", file=sys.stderr)
-            raise SystemExit(128 + signum)
-        self.signum = self.signum or signum
-
-    def _at_once(self):
-        """What a signal that stops at once leaves, in words."""
-        if not self.in_loop:
-            return "before training began"
-        if self.ending is None:
-            return "again: at once, this step not saved"
-        if self.ending == "saving":
-            return ("again: at once, during the final save; --resume continues from the last complete checkpoint "
-                    "(a partial one is walked past)")
-        return (f"again: at once, after the final checkpoint was saved in {self.ending}; the export beside it may be "
-                f"unfinished: --resume finishes it")
-
-    def finish(self, line, master):
-        """At the very end: a signal noted during the final save and export stops the process now
-        that they are done, with its line and exit code (the run is complete)."""
-        if self.signum:
-            self.stop_now(f"it came after the last step; the final save and export finished: {line}", master)
-
-    def stop_now(self, line, master):
-        """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM."""
-        signum = self.signum or signal.SIGTERM
-        if master:
-            print(f"stopped by {signal.Signals(signum).name}: {line}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
-
-
-def save_on_stop(args, step, start, save):
-    """The checkpoint of a run stopped by a signal at STEP (START: where this process began): saved
-    unless no step finished since START or --save_every saved this step already -> the stop line."""
-    path = os.path.join(args.out_dir, f"checkpoint-{step:06d}")
-    if step == start:
-        return f"no step finished since {'the start' if not step else f'step {step}'}; nothing new to save"
-    if not (args.save_every and step % args.save_every == 0):
-        save(path, keep=args.keep_checkpoints)
-    return f"step {step} saved in {path}; continue with --resume"
-
-
-# A disk that fills, a file system that turns read-only: the run's files stay as the last
-# complete save left them, and the run ends in one line.
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
-
-
-def write_failure(out_dir, err):
-    """One line for an OSError from writing the run's files, or None when it is not one of those."""
-    if not isinstance(err, OSError) or err.errno not in WRITE_ERRORS:
-        return None
-    ckpt, state = latest_checkpoint(out_dir)
-    kept = (f"the last complete checkpoint, {ckpt} (step {state['step']}), is intact: free space, then --resume"
-            if ckpt else "no checkpoint was saved yet")
-    where = f" ({err.filename})" if err.filename else ""
-    return f"error: cannot write in {out_dir}: {err.strerror or err}{where}; {kept}"
-
-
-def as_os_error(err, path):
-    """A SafetensorError from writing (its Rust io::Error: "... No space left on device (os error
-    28)", or "Os { code: 28, ... }") as the OSError it wraps, so that write_failure says it in one
-    line; errno EIO when it names none."""
-    code = re.search(r"(?:os error |code: )(\d+)", str(err))
-    number = int(code.group(1)) if code else errno.EIO
-    return OSError(number, os.strerror(number), path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -689,7 +279,8 @@ def _write_json(path, value):
     _fsync(os.path.dirname(path) or ".", directory=True)
 
 
-def _remove(path):
+def remove(path):
+    """Delete a file or a folder; a symbolic link in its place goes, never what it points at."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -704,10 +295,10 @@ def _settle(path):
     if checkpoint_problem(path) is not None:
         best = next((c for c in (tmp, old) if os.path.isdir(c) and checkpoint_problem(c) is None), None)
         if best is not None:
-            _remove(path)
+            remove(path)
             os.rename(best, path)
             _fsync(os.path.dirname(path) or ".", directory=True)
-    _remove(old)
+    remove(old)
 
 
 def prune_checkpoints(parent, step, keep):
@@ -721,6 +312,15 @@ def prune_checkpoints(parent, step, keep):
             _remove_tree(path)
 
 
+def as_os_error(err, path):
+    """A SafetensorError from writing (its Rust io::Error: "... No space left on device (os error
+    28)", or "Os { code: 28, ... }") as the OSError it wraps, so that run_dir.write_failure says it
+    in one line; errno EIO when it names none."""
+    code = re.search(r"(?:os error |code: )(\d+)", str(err))
+    number = int(code.group(1)) if code else errno.EIO
+    return OSError(number, os.strerror(number), path)
+
+
 def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     """Write everything into PATH.tmp (state.json last, after the rest is on disk), then swap it
     in: PATH -> PATH.old, PATH.tmp -> PATH, delete PATH.old. `unet` (default m.unet) and
@@ -729,7 +329,7 @@ def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
     path = os.path.normpath(path)
     tmp, old, parent = path + ".tmp", path + ".old", os.path.dirname(path) or "."
     _settle(path)
-    _remove(tmp)  # (a link there goes, not what it points at)
+    remove(tmp)  # (a link there goes, not what it points at)
     try:
         _write_checkpoint(tmp, m, optimizer, scaler, state, unet)
     except BaseException as err:  # a full disk, a second Ctrl-C: the partial copy goes, the last complete checkpoint stays
@@ -751,7 +351,7 @@ def save_checkpoint(path, m, optimizer, scaler, state, keep=None, unet=None):
 def _remove_tree(path):
     """Delete a folder, or a link in its place (never what the link points at); errors ignored."""
     try:
-        _remove(path)
+        remove(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -800,7 +400,7 @@ def finite_weights(m):
     """Whether every trainable weight is finite, on every rank (FSDP: each checks its shards)."""
     ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
              for p in m.unet.parameters() if p.requires_grad)
-    return D.all_ranks(ok, _sync_device()) if D.active() else ok
+    return D.all_ranks(ok, D.sync_device()) if D.active() else ok
 
 
 # ---------------------------------------------------------------------------------------
@@ -853,10 +453,6 @@ def resume_candidates(args, log=print, fits=None, rejected=None):
                      f"broken (the newest, {folders[0][1]}, {first})")
 
 
-def _resolution(a):
-    return a.get("resolution") or M.PRESETS.get(a.get("model"), {}).get("resolution")
-
-
 def _data_place(spec, cwd):
     """--data as a place: a path that exists, made absolute (relative to CWD, the folder the run
     started in), or None (toy, a hub id, a path that is gone)."""
@@ -878,9 +474,12 @@ def _changed_data(was, new, saved_cwd):
     return None if was == new else (was, new)
 
 
-def check_resume_settings(args, ckpt, state, log=print):
+def check_resume_settings(args, ckpt, state, reads, preset_resolution, log=print):
     """A checkpoint continues only the run that wrote it: the same model, reference and adapter
-    shape (always), and unless --allow_changed_resume the same data, resolution and objective."""
+    shape (always), and unless --allow_changed_resume the same data, resolution and objective.
+    reads: the settings the command's objective reads (loss.settings_of), the only ones of the
+    objective compared (one it does not read may change); preset_resolution: the model preset's,
+    what a --resolution left unset means (the model is the checkpoint's: checked first)."""
     saved = state["args"]
     for key in RESUME_KEYS + (LORA_KEYS if args.lora_rank else ()):
         if saved.get(key) != getattr(args, key):
@@ -892,13 +491,11 @@ def check_resume_settings(args, ckpt, state, log=print):
         raise SystemExit(f"error: checkpoint {ckpt} was trained with --optimizer {saved['optimizer']}, not "
                          f"{args.optimizer}: its state is another optimizer's")
     now = vars(args)
-    read = L.settings_of(now.get("loss")) if now.get("loss") in L.OBJECTIVES else list(L.SETTINGS)
-    relevant = {k: k in read for k in L.SETTINGS}  # (a setting the objective does not read may change)
-    for key in CHANGED_KEYS + tuple(L.SETTINGS):
-        if key not in saved or not relevant.get(key, True):  # (a checkpoint from before the key existed)
+    for key in CHANGED_KEYS + tuple(reads):
+        if key not in saved:  # (a checkpoint from before the key existed)
             continue
         if key == "resolution":
-            was, new = _resolution(saved), _resolution(now)
+            was, new = saved[key] or preset_resolution, now.get(key) or preset_resolution
         else:
             was, new = saved[key], now.get(key)
         if key == "data":
@@ -914,19 +511,20 @@ def check_resume_settings(args, ckpt, state, log=print):
         log(f"note: continuing checkpoint {ckpt} (trained with --{key} {was}) with --{key} {new}")
 
 
-def resume(args, m, optimizer, scaler, master):
+def resume(args, m, optimizer, scaler, master, reads, preset_resolution):
     """Load --resume's checkpoint (OUT_DIR's newest complete one that fits this model and holds
     finite weights, or the folder given) into the model, the optimizer and the scaler. The
     command's optimizer settings (lr, betas, eps, weight decay, ...) replace the checkpoint's, and
     one line names each setting that differs from the checkpoint's run. Returns (checkpoint path,
     its state.json). Every rank reads it (on multi-node runs OUT_DIR must be a shared file system);
-    with --fsdp rank 0 alone reads the full tensors into host memory and every rank receives its shard."""
+    with --fsdp rank 0 alone reads the full tensors into host memory and every rank receives its shard.
+    reads, preset_resolution: check_resume_settings's (what the objective reads; the preset's resolution)."""
     log = print if master else (lambda *a, **k: None)
     command = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     rejected = {}
 
     def fits(ckpt, state):  # the settings first: another model or objective is refused, not walked past
-        check_resume_settings(args, ckpt, state, log)
+        check_resume_settings(args, ckpt, state, reads, preset_resolution, log)
         return fit_problem(ckpt, state, m, optimizer)
     for ckpt, state in resume_candidates(args, log, fits, rejected):
         problem = past_the_end(ckpt, state, args.max_steps)
@@ -985,11 +583,12 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's and Adafactor's (when not factore
 
 
 def _header(path):
-    """A safetensors file's {name: (dtype, shape)} (its header only)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return {k: (v["dtype"], list(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    """A safetensors file's {name: (dtype, shape)}, read from its header by safe_open (no tensor
+    is read), in the header's own order (offset_keys; keys() is sorted, and older safetensors have
+    only keys()): the first misfit named is the file's first."""
+    with safe_open(path, framework="pt") as f:
+        names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
+        return {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in names}
 
 
 def _tensor_misfit(name, have, want):
@@ -1039,7 +638,7 @@ def fit_problem(ckpt, state, m, optimizer):
             if name in MOMENTS and (dtype, shape) != spec(params[int(pid)]):
                 return f"optimizer.safetensors: {key} is {dtype} {shape}, its parameter {' '.join(map(str, spec(params[int(pid)])))}"
         return _missing_state(list(header) + list(state["optimizer"].get("scalars", {})), optimizer)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
         return f"cannot be read ({hub.first_line(err)})"
     return None
 
@@ -1083,55 +682,13 @@ def changed_settings(saved, now):
 
 
 # ---------------------------------------------------------------------------------------
-# The log and the final weights
-def read_metrics(path, log=print):
-    """The records of a metrics.jsonl; a last line cut short by a kill and unreadable lines are
-    dropped, with a warning line each kind."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = raw.split(b"\n")
-    cut = lines.pop() if lines else b""  # after the last newline: b"" unless the last write was cut short
-    records, bad = [], []
-    for number, line in enumerate(lines + ([cut] if cut.strip() else []), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-            if not (isinstance(record, dict) and type(record.get("step")) is int):
-                raise ValueError
-        except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-            if number > len(lines):
-                log(f"warning: {path}: its last line is cut short (a run killed mid-write); dropped")
-            else:
-                bad.append(number)
-            continue
-        records.append(record)
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        log(f"warning: {path}: dropped {len(bad)} unreadable line(s) (line {shown})")
-    return records
-
-
-def open_metrics(out_dir, step, resumed):
-    """OUT_DIR/metrics.jsonl for appending, one line per step, never two: a resumed run replays
-    the steps after its checkpoint, so their old lines go (and any a kill cut short or that is
-    not a record); a fresh run starts a fresh log. The kept lines are swapped in by a rename."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.isdir(path):
-        raise SystemExit(f"error: {path} is a folder; the run's log goes there")
-    kept = []
-    if resumed and os.path.exists(path):
-        kept = [r for r in read_metrics(path) if r["step"] <= step]
-    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return open(path, "a")
-
-
+# The final weights
 def export(out_dir, final, folder):
     """OUT_DIR/unet (or lora) from the final checkpoint, hard-linked to save disk (copied where
     links fail), swapped in by renames: a stock diffusers UNet folder / LoRA folder. A LoRA is also
     OUT_DIR/pytorch_lora_weights.safetensors, as diffusers' training scripts leave it."""
     target, tmp, old = (os.path.join(out_dir, folder + suffix) for suffix in ("", ".tmp", ".old"))
-    _remove(tmp)  # (a link goes, not what it points at)
+    remove(tmp)  # (a link goes, not what it points at)
     os.makedirs(tmp)
     for name in os.listdir(os.path.join(final, folder)):
         src = os.path.join(final, folder, name)

@@ -70,6 +70,12 @@ def all_ranks(flag, device):
     return bool(t.item())
 
 
+def sync_device():
+    """Where all_ranks runs outside the loop (no model at hand: the run folder's checks, the
+    finite-weights check before a save): this rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def latest_epoch(epoch, device):
     """The largest epoch of any rank (streamed data: ranks' stream epochs can differ by a batch)."""
     if not active():

@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from plumbing.report import read_metrics  # (cut or unreadable lines dropped, with a warning)
+
 
 def pyplot():
     try:
@@ -30,7 +32,6 @@ def plot_curves(runs, out_png, style_points=None):
         path, colour = os.path.join(run_dir, "metrics.jsonl"), f"C{i}"
         if not os.path.isfile(path):
             raise SystemExit(f"error: {run_dir}: no metrics.jsonl (not a train.py output folder?)")
-        from plumbing.checkpoint import read_metrics  # (cut or unreadable lines dropped, with a warning)
         records = read_metrics(path, log=lambda line: print(line, file=sys.stderr))
         # a loss that is NaN, Infinity (json reads both) or text is not plotted: counted, and said
         log = [r for r in records if finite_number(r.get("loss"))]

@@ -10,12 +10,12 @@ import json
 import os
 
 import torch
+from huggingface_hub import ModelCardData
 
 from plumbing import files
 from plumbing import toy_scorer
 import loss as L
 import model as M
-from plumbing import checkpoint as C
 from plumbing import hub
 
 
@@ -24,6 +24,53 @@ def write_args(args):
     files.write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))  # (never through a link)
 
 
+# ---------------------------------------------------------------------------------------
+# OUT_DIR/metrics.jsonl: the run's log, one JSON line per optimizer step (train.py's Reporter
+# writes the lines; plots.py and the model card read them back)
+def read_metrics(path, log=print):
+    """The records of a metrics.jsonl; a last line cut short by a kill and unreadable lines are
+    dropped, with a warning line each kind."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    cut = lines.pop() if lines else b""  # after the last newline: b"" unless the last write was cut short
+    records, bad = [], []
+    for number, line in enumerate(lines + ([cut] if cut.strip() else []), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not (isinstance(record, dict) and type(record.get("step")) is int):
+                raise ValueError
+        except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            if number > len(lines):
+                log(f"warning: {path}: its last line is cut short (a run killed mid-write); dropped")
+            else:
+                bad.append(number)
+            continue
+        records.append(record)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        log(f"warning: {path}: dropped {len(bad)} unreadable line(s) (line {shown})")
+    return records
+
+
+def open_metrics(out_dir, step, resumed):
+    """OUT_DIR/metrics.jsonl for appending, one line per step, never two: a resumed run replays
+    the steps after its checkpoint, so their old lines go (and any a kill cut short or that is
+    not a record); a fresh run starts a fresh log. The kept lines are swapped in by a rename."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder; the run's log goes there")
+    kept = []
+    if resumed and os.path.exists(path):
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return open(path, "a")
+
+
+# ---------------------------------------------------------------------------------------
+# The model card, OUT_DIR/README.md
 # The base models' licenses: a fine-tune keeps its base's (the tiny presets are this project's, MIT).
 LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 
@@ -37,11 +84,15 @@ def front_matter(args, folder):
             method, "rpo-diffusion"] + (["lora"] if folder == "lora" else [])
     spec = args.data.split("#")[0]
     dataset = spec.split(":", 1)[1] if spec.startswith(("hf:", "pickapic:")) else None
-    lines = ["---"] + ([f"base_model: {hub}"] if hub else []) + [f"license: {license_}", "library_name: diffusers",
-                                                                  "tags:"] + [f"- {t}" for t in tags]
-    if dataset and not os.path.exists(dataset):  # a hub id, not a local folder
-        lines += ["datasets:", f"- {dataset}"]
-    return lines + ["---", ""]
+    dataset = dataset if dataset and not os.path.exists(dataset) else None  # a hub id, not a local folder
+    # huggingface_hub writes the YAML (quoted where a value needs it), in this order; a path that is
+    # not UTF-8 as \xNN first, as the card shows it. (ModelCard itself is not used: its text puts
+    # the keys in its own order, and its save writes in place, where the card is written whole or
+    # not at all, never through a link: files.write_atomic.)
+    data = ModelCardData(base_model=files.shown(hub) if hub else None, license=license_, library_name="diffusers",
+                         tags=tags, datasets=[files.shown(dataset)] if dataset else None)
+    order = ["base_model", "license", "library_name", "tags", "datasets"]
+    return ["---"] + data.to_yaml(original_order=order).splitlines() + ["---", ""]
 
 
 def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
@@ -75,7 +126,7 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
              "Every flag of the run: `args.json`; one line of figures per step: `metrics.jsonl`.", ""]
     if command:
         lines += ["Trained with:", "", "```bash", command, "```", ""]
-    records = C.read_metrics(os.path.join(args.out_dir, "metrics.jsonl"), log=lambda line: None)  # (warned at open)
+    records = read_metrics(os.path.join(args.out_dir, "metrics.jsonl"), log=lambda line: None)  # (warned at open)
     figures = {k: v for k, v in (records[-1] if records else {}).items() if isinstance(v, (int, float))
                and k not in ("step", "epoch", "lr", "pairs_per_s")}
     if figures:

@@ -1,7 +1,7 @@
-"""A hostile tester's cases for checkpoints, resuming and the output folder (plumbing/checkpoint.py):
-a fresh run into a finished run's folder, checkpoints broken in every way a kill or a bad copy
-breaks them, kills at random moments around a checkpoint's replacement, and a resume with other
-settings. Each ends in the exact outcome asserted: a one-line error, or a run that falls back to
+"""A hostile tester's cases for checkpoints, resuming and the output folder (plumbing/checkpoint.py,
+plumbing/run_dir.py): a fresh run into a finished run's folder, checkpoints broken in every way a
+kill or a bad copy breaks them, kills at random moments around a checkpoint's replacement, and a
+resume with other settings. Each ends in the exact outcome asserted: a one-line error, or a run that falls back to
 the newest complete checkpoint and ends with the weights of an uninterrupted run."""
 import argparse
 import functools
@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import loss as L
 from plumbing import checkpoint as C
+from plumbing import report, run_dir
 import model as M
 import train
 
@@ -80,6 +82,11 @@ def exit_message(fn, *a):
     assert isinstance(err.value.code, str) and "\n" not in err.value.code
     return err.value.code
 
+def check_resume_settings(args, ckpt, state, log=print):
+    """checkpoint.check_resume_settings as train.py calls it: with the settings the objective reads
+    and the preset's resolution."""
+    return C.check_resume_settings(args, ckpt, state, L.settings_of(args.loss), M.PRESETS[args.model]["resolution"], log)
+
 
 # ---------------------------------------------------------------------------------------
 # 1. A fresh run into a folder that holds a run
@@ -89,7 +96,7 @@ def test_fresh_run_into_a_finished_run_is_refused_and_nothing_changes(finished, 
     out = copy_run(finished, tmp_path)
     before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
     metrics = (out / "metrics.jsonl").read_bytes()
-    assert exit_message(C.check_out_dir, run_args(out), True) == (
+    assert exit_message(run_dir.check_out_dir, run_args(out), True) == (
         f"error: {out} holds a run (checkpoint-000003, metrics.jsonl); continue it with --resume, or pass "
         f"--overwrite to start over (its checkpoints and metrics are deleted)")
     assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
@@ -101,7 +108,7 @@ def test_overwrite_deletes_that_run_and_nothing_else(finished, tmp_path, capsys)
     os.makedirs(out / "checkpoint-000004.tmp")  # an interrupted save's leftover is the run's too
     os.makedirs(out / "samples")
     (out / "notes.txt").write_text("mine")
-    C.check_out_dir(run_args(out, overwrite=True), True)
+    run_dir.check_out_dir(run_args(out, overwrite=True), True)
     assert sorted(os.listdir(out)) == ["notes.txt", "samples"]
     assert capsys.readouterr().out.splitlines() == [
         f"--overwrite: deleted the run in {out} (checkpoint-000004.tmp, checkpoint-000003, checkpoint-000002, "
@@ -111,7 +118,7 @@ def test_overwrite_deletes_that_run_and_nothing_else(finished, tmp_path, capsys)
 def test_overwrite_will_not_delete_the_init_it_starts_from(finished, tmp_path):
     out = copy_run(finished, tmp_path)
     init = str(out / "unet")
-    assert exit_message(C.check_out_dir, run_args(out, overwrite=True, init=init), True) == (
+    assert exit_message(run_dir.check_out_dir, run_args(out, overwrite=True, init=init), True) == (
         f"error: --init {init} lies in {out / 'unet'}, which --overwrite would delete; move it out first or "
         f"choose another --out_dir")
     assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "checkpoint-000002",
@@ -143,15 +150,15 @@ def test_out_dir_cases(tmp_path, case, expected):
         out.write_text("x")
     args = run_args(out, overwrite=case == "resume and overwrite", resume="latest" if "resume" in case else None)
     if expected is None:
-        C.check_out_dir(args, True)
+        run_dir.check_out_dir(args, True)
     else:
-        assert exit_message(C.check_out_dir, args, True) == expected.format(out=out)
+        assert exit_message(run_dir.check_out_dir, args, True) == expected.format(out=out)
 
 
 def test_args_without_the_new_flags_are_refused_like_without_overwrite(finished, tmp_path):
     out = copy_run(finished, tmp_path)
     args = train.parse_args(["--out_dir", str(out), *FAST])  # what train.py passes today
-    assert exit_message(C.check_out_dir, args, True).startswith(f"error: {out} holds a run (checkpoint-000003")
+    assert exit_message(run_dir.check_out_dir, args, True).startswith(f"error: {out} holds a run (checkpoint-000003")
 
 
 @needs_wiring
@@ -305,7 +312,7 @@ def test_metrics_with_a_truncated_last_line_and_garbage_lines(tmp_path, capsys):
     lines = [json.dumps({"step": s, "loss": 0.5}) for s in range(1, 6)]
     text = "\n".join(lines[:2] + ["garbage", "[1, 2]", "\xff\xfe"] + lines[2:4]) + "\n" + lines[4][:9]
     (tmp_path / "metrics.jsonl").write_bytes(text.encode("latin-1"))
-    with C.open_metrics(str(tmp_path), 4, True) as f:
+    with report.open_metrics(str(tmp_path), 4, True) as f:
         f.write(json.dumps({"step": 5, "loss": 0.25}) + "\n")
     assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
         {"step": s, "loss": 0.5} for s in range(1, 5)] + [{"step": 5, "loss": 0.25}]
@@ -495,10 +502,10 @@ def test_resume_refuses_changed_settings(finished, flags, named, capsys):
     ckpt = str(finished / "checkpoint-000003")
     state = json.load(open(os.path.join(ckpt, "state.json")))
     args = train.parse_args(["--out_dir", str(finished), *FAST, *flags])
-    assert exit_message(C.check_resume_settings, args, ckpt, state) == (
+    assert exit_message(check_resume_settings, args, ckpt, state) == (
         f"error: checkpoint {ckpt} was trained with {named} (pass --allow_changed_resume to continue anyway)")
     args.allow_changed_resume = True
-    C.check_resume_settings(args, ckpt, state)
+    check_resume_settings(args, ckpt, state)
     was, new = named.split(", not ")
     assert f"note: continuing checkpoint {ckpt} (trained with {was}) with {was.split()[0]} {new}" in \
         capsys.readouterr().out.splitlines()
@@ -516,21 +523,21 @@ def test_resume_with_another_resolution_end_to_end(finished, tmp_path):
 def test_the_same_settings_spelled_differently_are_not_a_change(finished, tmp_path):
     ckpt = str(finished / "checkpoint-000003")
     state = json.load(open(os.path.join(ckpt, "state.json")))
-    C.check_resume_settings(train.parse_args(["--resolution", "16", *FAST]), ckpt, state)  # the preset's own
+    check_resume_settings(train.parse_args(["--resolution", "16", *FAST]), ckpt, state)  # the preset's own
     dpo = dict(state, args=dict(state["args"], loss="dpo", timesteps="pair", tau=0.5, embed="mean"))
-    C.check_resume_settings(train.parse_args(["--loss", "dpo", "--tau", "0.1", "--embed", "text", *FAST]), ckpt,
+    check_resume_settings(train.parse_args(["--loss", "dpo", "--tau", "0.1", "--embed", "text", *FAST]), ckpt,
                             dpo)  # DPO has no tau and no embedding: nothing changed
     # a manifest named relative to the folder the run started in, resumed by its absolute path
     (tmp_path / "pairs.jsonl").write_text("")
     saved = dict(state, cwd=str(tmp_path), args=dict(state["args"], data="pairs.jsonl"))
-    C.check_resume_settings(train.parse_args(["--data", str(tmp_path / "pairs.jsonl"), *FAST]), ckpt, saved)
+    check_resume_settings(train.parse_args(["--data", str(tmp_path / "pairs.jsonl"), *FAST]), ckpt, saved)
     # ...while the same relative name from another folder is another file
     os.makedirs(tmp_path / "b")
     (tmp_path / "b" / "pairs.jsonl").write_text("")
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path / "b")
-        msg = exit_message(C.check_resume_settings, train.parse_args(["--data", "pairs.jsonl", *FAST]), ckpt, saved)
+        msg = exit_message(check_resume_settings, train.parse_args(["--data", "pairs.jsonl", *FAST]), ckpt, saved)
     finally:
         os.chdir(cwd)
     assert msg == (f"error: checkpoint {ckpt} was trained with --data {tmp_path / 'pairs.jsonl'}, not "
@@ -542,7 +549,7 @@ def test_model_and_init_stay_refused_even_when_changes_are_allowed(finished, tmp
     state = json.load(open(os.path.join(ckpt, "state.json")))
     args = train.parse_args(["--init", str(finished / "unet"), *FAST])
     args.allow_changed_resume = True
-    assert exit_message(C.check_resume_settings, args, ckpt, state) == (
+    assert exit_message(check_resume_settings, args, ckpt, state) == (
         f"error: checkpoint {ckpt} was trained with --init None, not {finished / 'unet'}")
 
 
@@ -562,4 +569,4 @@ def test_a_namespace_without_allow_flag_is_the_default(finished):
     args = argparse.Namespace(**vars(train.parse_args(["--beta", "1", *FAST])))
     ckpt = str(finished / "checkpoint-000003")
     state = json.load(open(os.path.join(ckpt, "state.json")))
-    assert "allow_changed_resume" in exit_message(C.check_resume_settings, args, ckpt, state)
+    assert "allow_changed_resume" in exit_message(check_resume_settings, args, ckpt, state)

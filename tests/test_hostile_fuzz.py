@@ -23,8 +23,7 @@ import model as M
 import sample as S
 import train
 from plumbing import checkpoint as C
-from plumbing import files, hub
-from plumbing import toy_scorer
+from plumbing import files, hub, report, toy_scorer
 
 NEVER_VALID = {"nan", "inf", "-inf", "1e999", str(2 ** 64)}  # for number flags
 FLOATS = ["nan", "inf", "-inf", "1e999", "-1", "0", "1e-320", "abc", "", "1,5", "0x10", "--", "-0.0", "3"]
@@ -269,7 +268,7 @@ def test_malformed_files_end_in_one_line(tmp_path):
         "samples/samples.jsonl": (b'{"prompt": "a", "seed": 0, "file": "0000_seed0.png"}\n',
                                   lambda p: files.read_index(str(folder))),
         "run/metrics.jsonl": (b'{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n',
-                              lambda p: C.read_metrics(str(p), log=lambda line: None)),
+                              lambda p: report.read_metrics(str(p), log=lambda line: None)),
         "checkpoint-000001/state.json": (json.dumps({"step": 1, "epoch": 0, "items_in_epoch": 0, "args": {},
                                                      "optimizer": {"param_groups": []}}).encode(),
                                          lambda p: C.inspect_checkpoint(str(p.parent))),

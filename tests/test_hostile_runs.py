@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import loss as L
 import model as M
 import train
 from plumbing import checkpoint as C
-from plumbing import files, hub, pickapic, speed
+from plumbing import files, hub, pickapic, report, run_dir, speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--no_progress", "--num_items", "4", "--batch_size", "4"]
@@ -37,7 +38,7 @@ def finished(tmp_path_factory):
     return out
 
 
-from test_hostile_checkpoint import read_steps, same_weights  # noqa: E402  (the same checks as there)
+from test_hostile_checkpoint import check_resume_settings, read_steps, same_weights  # noqa: E402  (as there)
 
 
 def copy_run(finished, tmp_path):
@@ -75,8 +76,8 @@ def nothing_heavy(monkeypatch):
 LOCKER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from plumbing import checkpoint as C
-C.lock_out_dir(sys.argv[1])
+from plumbing import run_dir
+run_dir.lock_out_dir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -166,25 +167,25 @@ def test_without_flock_the_holders_pid_decides(tmp_path, monkeypatch):
     try:
         record = dict(pid=sleeper.pid, host=socket.gethostname(), started="2025-01-01 00:00:00")
         (out / ".lock").write_text(json.dumps(record))
-        assert one_line(C.lock_out_dir, str(out)) == (
+        assert one_line(run_dir.lock_out_dir, str(out)) == (
             f"error: --out_dir {out} is in use by another run (pid {sleeper.pid} on {socket.gethostname()}, started "
             f"2025-01-01 00:00:00); one run writes a folder at a time: wait for it to end, or choose another --out_dir")
         (out / ".lock").write_text(json.dumps(dict(record, host="elsewhere")))
-        assert f"; if that run is gone, delete {out / '.lock'};" in one_line(C.lock_out_dir, str(out))
+        assert f"; if that run is gone, delete {out / '.lock'};" in one_line(run_dir.lock_out_dir, str(out))
     finally:
         sleeper.kill()
         sleeper.wait()
     (out / ".lock").write_text(json.dumps(record))  # its holder is dead now
-    C.lock_out_dir(str(out))
+    run_dir.lock_out_dir(str(out))
     try:
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     finally:
-        C.unlock_out_dir(str(out))
+        run_dir.unlock_out_dir(str(out))
     assert os.listdir(out) == []
 
 
 def test_only_rank_0_takes_the_lock(tmp_path):
-    C.lock_out_dir(str(tmp_path / "run"), master=False)
+    run_dir.lock_out_dir(str(tmp_path / "run"), master=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -283,7 +284,8 @@ def test_resume_applies_the_commands_optimizer_settings(finished, tmp_path, caps
         m = M.load_models("tiny", reference=False)
         optimizer = optimizer_for(args, m)
         capsys.readouterr()
-        C.resume(args, m, optimizer, torch.amp.GradScaler("cpu", enabled=False), True)
+        C.resume(args, m, optimizer, torch.amp.GradScaler("cpu", enabled=False), True, L.settings_of(args.loss),
+                 M.PRESETS[args.model]["resolution"])
         group = optimizer.param_groups[0]
         assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (
             new["lr"], new["weight_decay"], (new["adam_beta1"], new["adam_beta2"]), new["adam_eps"]), trial
@@ -312,7 +314,7 @@ def test_resume_with_another_optimizer_is_refused(finished):
     ckpt = str(finished / "checkpoint-000003")
     state = json.load(open(os.path.join(ckpt, "state.json")))
     args = train.parse_args(["--optimizer", "adafactor", *FAST])
-    assert one_line(C.check_resume_settings, args, ckpt, state) == (
+    assert one_line(check_resume_settings, args, ckpt, state) == (
         f"error: checkpoint {ckpt} was trained with --optimizer adamw, not adafactor: its state is another optimizer's")
 
 
@@ -508,7 +510,7 @@ def test_a_signal_on_a_saved_step_saves_nothing_twice(tmp_path, monkeypatch, cap
 
 
 def test_a_second_signal_stops_at_once():
-    stop = C.Stop()
+    stop = run_dir.Stop()
     stop.in_loop = True
     stop.handler(signal.SIGINT, None)
     stop.handler(signal.SIGTERM, None)  # (torchrun's answer to Ctrl-C, to its workers: not "again")
@@ -558,7 +560,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_is_one_line(tmp_path, monkeyp
         assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000001"]
         assert C.checkpoint_problem(str(out / "checkpoint-000001")) is None
     elif where == "metrics line":
-        real_open = C.open_metrics
+        real_open = report.open_metrics
 
         class Full:
             def __init__(self, f):
@@ -569,7 +571,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_is_one_line(tmp_path, monkeyp
 
             def __getattr__(self, name):
                 return getattr(self.f, name)
-        monkeypatch.setattr(C, "open_metrics", lambda *a: Full(real_open(*a)))
+        monkeypatch.setattr(report, "open_metrics", lambda *a: Full(real_open(*a)))
         assert one_line(train.main, ["--max_steps", "3", "--out_dir", str(out), *FAST]) == (
             f"error: cannot write in {out}: No space left on device; no checkpoint was saved yet")
     else:
