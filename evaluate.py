@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from plumbing import files, hub, parallel, plots, rewards, toy_scorer
-from plumbing.images import STYLES, image_to_tensor
+from plumbing.images import STYLES, image_to_tensor, tensor_to_uint8
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reward models for real images
@@ -175,6 +175,32 @@ def score_rewards(models, paths, prompts, metrics, style_text=STYLE_TEXTS["vango
 # ----------------------------------------------------------------------------------------------
 # 2. Tables. Toy metrics: per model, mean ± std over seeds of each seed's mean over its images.
 #    Reward metrics: per folder, mean ± std over images, and win rates over (prompt, seed) pairs.
+
+
+def validation_scores(args, images, prompts, resolution, folder, device):
+    """train.py --validation_metric: the mean scores of validation images (float (N,3,R,R) in [-1, 1])
+    -> {"val_<metric>": mean}: toy, the toy scorer's style and content rates; else reward models,
+    scored from PNGs saved in `folder`, as a sample folder is scored. Scorers load once per process
+    and configuration."""
+    metrics, key = args.validation_metric.split(","), (args.validation_metric, args.validation_reward_flags,
+                                                       args.style, resolution, str(device))
+    if getattr(validation_scores, "key", None) != key:
+        if metrics == ["toy"]:
+            with torch.enable_grad():  # (training the scorer needs autograd; validation runs without)
+                validation_scores.scorer = toy_scorer.load_toy_scorer(args.style, resolution)[0]
+        else:
+            flags = parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
+            validation_scores.scorer = load_reward_models(metrics, flags, device)
+        validation_scores.key = key
+    if metrics == ["toy"]:
+        toy = toy_scorer.score_toy(validation_scores.scorer, images, prompts)
+        return {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{i:03d}.png") for i in range(len(prompts))]
+    for image, path in zip(tensor_to_uint8(images), paths):
+        Image.fromarray(image).save(path)
+    scores = score_rewards(validation_scores.scorer, paths, prompts, metrics, batch_size=args.batch_size)
+    return {f"val_{k}": v.float().mean().item() for k, v in scores.items()}
 
 
 def summarize(values_per_seed):

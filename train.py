@@ -12,11 +12,12 @@ E1..E9 of docs/method.md); the flags; the set-up pieces; main, whose loop calls 
 per micro-batch. Randomness comes from generators seeded by (seed, step, micro-batch) and (seed,
 epoch, index), so a resumed run replays an uninterrupted one exactly. Collectives are
 plumbing/distributed.py's (docs/multi-gpu.md); checkpoints plumbing/checkpoint.py's; the out_dir's
-lock, Ctrl-C and a full disk plumbing/run_dir.py's; logs, validation, the card plumbing/report.py's.
+lock, Ctrl-C and a full disk plumbing/run_dir.py's; metrics.jsonl and the card plumbing/report.py's;
+validation (validate) sample.py's sampler and evaluate.py's scorers.
 """
 import argparse
-import contextlib
 import json
+import contextlib
 import math
 import os
 import shlex
@@ -34,7 +35,7 @@ from plumbing import checkpoint as C
 from plumbing import distributed as D
 from plumbing import checks, diffusers_flags, parallel, pickapic, run_dir, speed
 from plumbing import report as R
-from plumbing.images import STYLES
+from plumbing.images import STYLES, tensor_to_uint8
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,11 +465,45 @@ class Reporter:
             (self.tracker.close if self.args.report_to == "tensorboard" else self.tracker.finish)()
 
 
+@torch.no_grad()
+def validate(args, m, step, reporter, master):
+    """Sample the validation prompts × seeds with the current policy (sample.py's sampler, the
+    same images sample.py would make from a checkpoint) into OUT_DIR/validation/step-N.png.
+    Every rank runs it under FSDP (the sharded UNet's forward is a collective), rank 0 else.
+    Returns (the grid's path, scores): with --validation_metric, the mean scores of these images
+    (evaluate.validation_scores: the toy scorer's style and content rates, or reward models), for
+    metrics.jsonl as curves."""
+    if not (master or args.fsdp):
+        return None, {}
+    guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
+    training = m.unet.training
+    m.unet.eval()
+    images = sample.generate(m, args.validation_prompts, args.validation_seeds, args.validation_inference_steps, guidance,
+                             batch_size=args.batch_size)
+    m.unet.train(training)
+    if not master:
+        return None, {}
+    prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
+    name = os.path.join("validation", f"step-{step:06d}.png")  # (reward models score PNGs saved in step-N/)
+    scores = {} if args.validation_metric == "none" else evaluate.validation_scores(
+        args, images, prompts, m.resolution, os.path.join(args.out_dir, name[:-len(".png")]), m.device)
+    scale = max(1, 128 // m.resolution)  # tiny presets' 16-32 px images, enlarged to be seen
+    grid = sample.make_grid(tensor_to_uint8(images), len(args.validation_prompts), len(args.validation_seeds), scale)
+    os.makedirs(os.path.join(args.out_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.out_dir, name))
+    reporter.image(step, "grid", grid)
+    return name, scores
+
+
 def publish(args, final, folder, step, pairs_per_step, grid, argv, log):
     """Rank 0, at the end: OUT_DIR/unet (or the LoRA) from the final checkpoint, the model card
     beside it, and with --push_to_hub the upload (after everything is saved: a failure loses nothing)."""
     C.export(args.out_dir, final, folder)
-    R.model_card(args, step, pairs_per_step, folder, grid, command=shlex.join(["python", "train.py", *argv]))
+    objective = f"`--loss {args.loss}`: {L.OBJECTIVES[args.loss]['about']}" + "".join(  # and the settings it reads
+        f"; {k} = {getattr(args, k):g}" if isinstance(getattr(args, k), float) else f"; {k} = {getattr(args, k)}"
+        for k in L.settings_of(args.loss))
+    R.model_card(args, M.PRESETS[args.model], objective, step, pairs_per_step, folder, grid,
+                 command=shlex.join(["python", "train.py", *argv]))
     if args.push_to_hub:
         repo, files = R.push_to_hub(args, folder)
         log(f"pushed {len(files)} files to the hub: {repo}")
@@ -601,7 +636,7 @@ def main(argv=None):
             if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
                 record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
             if args.validation_prompts and (step == args.max_steps or due(args.validation_every, step)):
-                grid, scores = R.validate(args, m, step, reporter, master)
+                grid, scores = validate(args, m, step, reporter, master)
                 record.update(scores)
             reporter.step(record)
             if due(args.save_every, step) and step < args.max_steps:

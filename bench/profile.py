@@ -97,10 +97,10 @@ def patches(parts):
         while True:
             yield wait(batches)
 
-    report = train.Reporter.step
+    reporter_step_ = train.Reporter.step
 
     def reporter_step(self, record):
-        report(self, record)
+        reporter_step_(self, record)
         parts.step_done()
 
     return [(M, "encode_images", parts.timed("vae_encode", M.encode_images)),

@@ -1,22 +1,18 @@
 """
-What a training run reports, on rank 0: OUT_DIR/metrics.jsonl (one line per optimizer step), a
-progress bar or, with --no_progress, a line every --log_every steps, the scalars and validation
-grids in TensorBoard or Weights & Biases (--report_to), and at the end OUT_DIR/README.md, a model
-card that says how the weights were made and how to load them. The validation grids themselves
-(fixed prompts and seeds, sample.py's sampler) are written under OUT_DIR/validation/.
+What a training run reports besides its per-step lines: OUT_DIR/metrics.jsonl opened (resumed runs
+continue it) and read back (open_metrics, read_metrics), OUT_DIR/args.json, and at the end
+OUT_DIR/README.md, a model card that says how the weights were made and how to load them
+(model_card, front_matter), the upload (push_to_hub) and the last line (done_line). The per-step
+lines, the progress bar and the trackers are train.Reporter's (in train.py: it runs every step);
+the validation grids are train.validate's (sample.py's sampler, evaluate.py's scorers).
 """
 import fnmatch
 import json
 import os
 
-import torch
 from huggingface_hub import ModelCardData
 
-from plumbing import files
-from plumbing import toy_scorer
-import loss as L
-import model as M
-from plumbing import hub
+from plumbing import files, hub
 
 
 def write_args(args):
@@ -75,12 +71,13 @@ def open_metrics(out_dir, step, resumed):
 LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 
 
-def front_matter(args, folder):
-    """The model card's YAML header, what the hub reads: base model, license, tags, library, data."""
-    hub = args.pretrained or M.PRESETS[args.model]["pretrained"]
+def front_matter(args, preset, folder):
+    """The model card's YAML header, what the hub reads: base model, license, tags, library, data.
+    preset: model.PRESETS' entry of --model."""
+    hub = args.pretrained or preset["pretrained"]
     license_ = ("other" if args.pretrained else LICENSES.get(args.model)) if hub else "mit"
     method = {"rpo": "diffusion-rpo", "dpo": "diffusion-dpo", "sft": "sft"}.get(args.loss, args.loss)
-    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if M.PRESETS[args.model]["xl"] else "stable-diffusion",
+    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if preset["xl"] else "stable-diffusion",
             method, "rpo-diffusion"] + (["lora"] if folder == "lora" else [])
     spec = args.data.split("#")[0]
     dataset = spec.split(":", 1)[1] if spec.startswith(("hf:", "pickapic:")) else None
@@ -95,16 +92,14 @@ def front_matter(args, folder):
     return ["---"] + data.to_yaml(original_order=order).splitlines() + ["---", ""]
 
 
-def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
-    """OUT_DIR/README.md: YAML front matter for the hub; base model, data, objective and its
-    settings, pairs per step, steps, the training command, the last step's figures, the last
-    validation grid, and how to load the result in diffusers."""
-    hub = args.pretrained or M.PRESETS[args.model]["pretrained"]
+def model_card(args, preset, objective, step, pairs_per_step, folder, grid=None, command=None):
+    """OUT_DIR/README.md: YAML front matter for the hub; base model, data, the objective and its
+    settings (`objective`, in words), pairs per step, steps, the training command, the last step's
+    figures, the last validation grid, and how to load the result in diffusers. preset: model.PRESETS'
+    entry of --model."""
+    hub = args.pretrained or preset["pretrained"]
     base = hub or f"the built-in `{args.model}` preset"
-    shown = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    objective = f"`--loss {args.loss}`: " + L.OBJECTIVES[args.loss]["about"] + "".join(
-        f"; {k} = {shown(getattr(args, k))}" for k in L.settings_of(args.loss))  # (its settings: loss.SETTINGS)
-    pipe = "StableDiffusionXLPipeline" if M.PRESETS[args.model]["xl"] else "StableDiffusionPipeline"
+    pipe = "StableDiffusionXLPipeline" if preset["xl"] else "StableDiffusionPipeline"
     weights = os.path.join(args.out_dir, folder)
     if folder == "lora":  # (OUT_DIR holds pytorch_lora_weights.safetensors, as diffusers' scripts leave it)
         load = f"pipe = {pipe}.from_pretrained(\"{hub}\")\npipe.load_lora_weights(\"{args.out_dir}\")"
@@ -114,7 +109,7 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
     sample_cmd = (f"python sample.py --model {args.model}" + (f" --pretrained {hub}" if args.pretrained else "")
                   + f" --{'lora' if folder == 'lora' else 'unet'} {args.out_dir if folder == 'lora' else weights} --prompts "
                   + ("builtin" if hub else "toy-test") + " --seeds 0-3 --out samples")
-    lines = front_matter(args, folder) + ["# " + os.path.basename(os.path.normpath(args.out_dir)), "",
+    lines = front_matter(args, preset, folder) + ["# " + os.path.basename(os.path.normpath(args.out_dir)), "",
              f"A {'LoRA (rank ' + str(args.lora_rank) + ')' if folder == 'lora' else 'UNet'} fine-tuned from "
              f"{base} with rpo-diffusion.", "",
              "| | |", "|---|---|",
@@ -122,7 +117,7 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
              f"| pairs per optimizer step | {pairs_per_step} ({args.batch_size} per micro-batch × {args.grad_accum} "
              f"accumulation × {pairs_per_step // (args.batch_size * args.grad_accum)} processes) |",
              f"| optimizer steps | {step} (lr {args.lr:g}, warm-up {args.warmup_steps}, {args.optimizer}) |",
-             f"| resolution | {args.resolution or M.PRESETS[args.model]['resolution']} |", "",
+             f"| resolution | {args.resolution or preset['resolution']} |", "",
              "Every flag of the run: `args.json`; one line of figures per step: `metrics.jsonl`.", ""]
     if command:
         lines += ["Trained with:", "", "```bash", command, "```", ""]
@@ -138,67 +133,6 @@ def model_card(args, step, pairs_per_step, folder, grid=None, command=None):
         lines += ["```python", f"from diffusers import {pipe}, UNet2DConditionModel", load, "```", ""]
     # (a flag's path whose name is not UTF-8 is shown with \\xNN escapes: the card is UTF-8 text)
     files.write_atomic(os.path.join(args.out_dir, "README.md"), files.shown("\n".join(lines)))
-
-
-def reward_scores(args, images, prompts, folder, device):
-    """evaluate.py's reward metrics (--validation_metric pickscore,hps,...) of the validation
-    images, saved one PNG each in `folder` (scored from the files, as evaluate.py scores a sample
-    folder) -> {"val_<metric>": mean}. The reward models load once per process."""
-    import shlex
-    import evaluate
-    from plumbing.images import tensor_to_uint8
-    from PIL import Image
-    metrics = args.validation_metric.split(",")
-    key = (args.validation_metric, args.validation_reward_flags, str(device))
-    if getattr(reward_scores, "key", None) != key:  # loaded once per process and configuration
-        flags = evaluate.parse_args(["--images", "-", *shlex.split(args.validation_reward_flags)])
-        reward_scores.models, reward_scores.key = evaluate.load_reward_models(metrics, flags, device), key
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i, (image, prompt) in enumerate(zip(tensor_to_uint8(images), prompts)):
-        paths.append(os.path.join(folder, f"{i:03d}.png"))
-        Image.fromarray(image).save(paths[-1])
-    scores = evaluate.score_rewards(reward_scores.models, paths, prompts, metrics, batch_size=args.batch_size)
-    return {f"val_{k}": v.float().mean().item() for k, v in scores.items()}
-
-
-@torch.no_grad()
-def validate(args, m, step, reporter, master):
-    """Sample the validation prompts × seeds with the current policy (sample.py's sampler, the
-    same images sample.py would make from a checkpoint) into OUT_DIR/validation/step-N.png.
-    Every rank runs it under FSDP (the sharded UNet's forward is a collective), rank 0 else.
-    Returns (the grid's path, scores): with --validation_metric toy, the toy scorer's mean style
-    and content rates of these images (evaluate.py), for metrics.jsonl as curves."""
-    import sample
-    from plumbing.images import tensor_to_uint8
-    if not (master or args.fsdp):
-        return None, {}
-    guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
-    training = m.unet.training
-    m.unet.eval()
-    images = sample.generate(m, args.validation_prompts, args.validation_seeds, args.validation_inference_steps, guidance,
-                             batch_size=args.batch_size)
-    m.unet.train(training)
-    if not master:
-        return None, {}
-    scores = {}
-    prompts = [p for p in args.validation_prompts for _ in args.validation_seeds]  # generate's order
-    if args.validation_metric == "toy":
-        if getattr(validate, "scorer_key", None) != (args.style, m.resolution):  # once per process and style
-            with torch.enable_grad():  # (its training needs autograd; validate itself runs without)
-                validate.scorer = toy_scorer.load_toy_scorer(args.style, m.resolution)[0]
-            validate.scorer_key = (args.style, m.resolution)
-        toy = toy_scorer.score_toy(validate.scorer, images, prompts)
-        scores = {"val_toy_style": toy["style"].mean().item(), "val_toy_content": toy["content"].mean().item()}
-    elif args.validation_metric != "none":  # reward models for real images, as evaluate.py scores sample folders
-        scores = reward_scores(args, images, prompts, os.path.join(args.out_dir, "validation", f"step-{step:06d}"), m.device)
-    scale = max(1, 128 // m.resolution)  # tiny presets' 16-32 px images, enlarged to be seen
-    grid = sample.make_grid(tensor_to_uint8(images), len(args.validation_prompts), len(args.validation_seeds), scale)
-    name = os.path.join("validation", f"step-{step:06d}.png")
-    os.makedirs(os.path.join(args.out_dir, "validation"), exist_ok=True)
-    grid.save(os.path.join(args.out_dir, name))
-    reporter.image(step, "grid", grid)
-    return name, scores
 
 
 def push_to_hub(args, folder, api=None):
