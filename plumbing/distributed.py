@@ -62,7 +62,7 @@ def world_counts(n, device):
 
 def all_ranks(flag, device):
     """True when `flag` holds on every rank (all_reduce MIN): decisions that change which
-    collectives run next (skip a step, stop) must be the same on all ranks."""
+    collectives run next (skip a step, stop, read on for a full batch) must be the same on all ranks."""
     if not active():
         return bool(flag)
     t = torch.tensor([float(flag)], device=device)

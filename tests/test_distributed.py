@@ -316,7 +316,8 @@ def test_fsdp_resumes_trains_and_saves_single_device_checkpoints(one_process, tm
 
 def test_two_processes_on_pickapic_shards(tmp_path):
     """pickapic:DIR under torchrun: ranks read disjoint row groups, end every epoch at the same
-    batch (else a collective would hang), and the skip counts are summed over ranks."""
+    batch (else a collective would hang), read past the corrupt pair in step (a rank's batch
+    never runs short), and the skip counts are summed over ranks."""
     pytest.importorskip("pyarrow")
     from test_pickapic import write_shards
     write_shards(tmp_path / "pp")
@@ -326,7 +327,7 @@ def test_two_processes_on_pickapic_shards(tmp_path):
     torchrun("--data", f"pickapic:{tmp_path / 'pp'}", "--batch_size", "1", "--max_steps", str(2 * per_epoch + 1),
              "--resolution", "16", "--shuffle_window", "1", "--out_dir", str(out), "--no_progress", "--device", "cpu")
     records = read_metrics(out)
-    epochs = [r["epoch"] for r in records]  # (a step whose pair was the corrupt one is skipped: steps ≠ batches)
+    epochs = [r["epoch"] for r in records]  # (an epoch that deals the corrupt pair has a micro-batch fewer)
     assert epochs == sorted(epochs) and epochs[-1] >= 2 and len(records) == 2 * per_epoch + 1
     assert {k: records[-1]["skipped"][k] for k in ("tie", "missing_field", "missing_column")} == \
         {"tie": 2, "missing_field": 2, "missing_column": 2}  # index-level: counted once, not per rank
