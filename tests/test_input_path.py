@@ -194,7 +194,7 @@ def test_winners_and_losers_meet_each_encoder_once(tmp_path):
     batch = data.collate_pairs([data.ToyPairs(num_items=8, resolution=32)[i] for i in range(B)])
     args = train.parse_args(["--model", "tiny-xl", "--loss", "rpo"])
     try:
-        train.micro_batch_loss(m, batch, torch.Generator().manual_seed(0), args, D.Share([B]), embedder=embedder)
+        train.micro_batch_loss(m, batch, torch.Generator().manual_seed(0), args, D.Share(B), embedder=embedder)
     finally:
         for h in handles:
             h.remove()
