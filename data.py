@@ -18,6 +18,7 @@ an item can be reproduced on its own and resuming needs no saved RNG state. Data
 lives in tools/: `python -m tools.build_cache` (cache:DIR) and `python -m tools.build_style`
 (Style Alignment pairs from real images).
 """
+import itertools
 import json
 import math
 import sys
@@ -28,6 +29,7 @@ import torch
 
 import model as M
 from plumbing import cache, pickapic
+from plumbing import distributed as D
 from plumbing.images import STYLES, ImagePairs, apply_style, image_to_tensor, read_image, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
@@ -121,10 +123,10 @@ class ManifestPairs(ImagePairs):
     """Pairs listed in a JSONL file. Bad lines (unreadable JSON, bytes that are not UTF-8,
     missing fields or image files, ties, prompts that are not valid text) are skipped and
     counted at construction, one warning per reason. An image refused while loading (corrupt,
-    too large, extreme aspect ratio: plumbing.images.read_image) becomes a skip marker that
-    collate_pairs drops, so one bad file never kills a long run; each such image is named in
-    one warning, the first time it is met (per process: each DataLoader worker keeps its own
-    record, so a worker may name a file another one already named)."""
+    too large, extreme aspect ratio: plumbing.images.read_image) makes a skip marker, which
+    stream_batches reads past to the next readable pair: one bad file never kills a long run nor
+    shrinks a batch. Each such image is named in one warning, the first time it is met (per
+    process: each DataLoader worker keeps its own record, so one may name a file another named)."""
 
     def __init__(self, path, resolution=512, seed=0, random_crop=False, random_flip=False):
         self.path = Path(path)
@@ -287,7 +289,7 @@ def collate_pairs(items):
     batch = dict.fromkeys(("winner", "loser", "original_size_w", "original_size_l",
                            "crop_top_left", "index"))  # all None until filled below
     batch.update(prompt=[it["prompt"] for it in kept], skipped=skipped)
-    if not kept:  # the training loop checks batch["winner"] is None and moves on
+    if not kept:  # (markers only: cache.write_cache collates every item it reads, and moves on)
         return batch
     if "winner" in kept[0]:  # (CachedPairs items carry cache_* tensors instead of images)
         batch["winner"] = torch.stack([it["winner"] for it in kept])
@@ -306,67 +308,72 @@ def collate_pairs(items):
 
 
 def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_workers=0, device=None):
-    """(epoch, item, batch) forever, from position (epoch, items consumed in the epoch).
+    """(epoch, item, batch) forever, from position (epoch, items read in the epoch). Every batch
+    holds batch_size pairs: a skip marker (an unreadable image; hub: a tie, ...) is read past, its
+    reason put in batch["skipped"] and counted in `item`; an epoch's end too short for a batch is
+    dropped (a hub stream's batches run on across epochs).
     Map-style data: a per-epoch permutation seeded by (seed, epoch); a global micro-batch is
     batch_size × world consecutive items of it, and rank r takes items [r·B, (r+1)·B) of each:
-    the ranks' union is what one process with batch_size B·W takes, and the position resumes
-    exactly on any number of ranks. pickapic:DIR deals whole row groups to ranks instead
-    (dataset.epoch_batches): exact on the same number of ranks, approximate on another.
-    pickapic:HUB_ID is read in stream order; `item` then counts rows read, over all ranks.
+    the ranks' union is what one process with batch_size B·W takes. One process reads the items
+    one by one. Under torchrun, while any rank is short of pairs, every rank reads its part of
+    the next B·W items too (distributed.all_ranks), leaving unused what it does not need, so the
+    position is the same on every rank. It resumes exactly on the same number of ranks (without
+    skips, on any number with the same B·W). pickapic:DIR deals whole row groups to ranks instead
+    (dataset.epoch_batches): approximate on another number of ranks. pickapic:HUB_ID is read in
+    stream order; `item` then counts rows read, over all ranks.
     num_workers > 0: DataLoader worker processes read the items, started once for the whole run;
-    each index carries its epoch (EpochItems), so the batches are the main process's, crops
-    and flips included. device: a CUDA device gets batches from pinned memory, their images (or
-    cached tensors) already on it (to_device); None or the CPU: batches as collated."""
-    cuda = device is not None and torch.device(device).type == "cuda"
-    if hasattr(dataset, "stream"):
-        rows, kept, skipped = item // world, [], []
-        for new_epoch, it in dataset.stream(epoch, rank, world, rows):
-            rows = 1 if new_epoch != epoch else rows + 1
-            epoch = new_epoch
+    each index carries its epoch (EpochItems), so the items are the main process's, crops and
+    flips included. device: a CUDA device gets each pair from pinned memory, moved as it comes
+    (to_device), the batch stacked there; None or the CPU: batches as collated."""
+    cuda, streamed = device is not None and torch.device(device).type == "cuda", hasattr(dataset, "stream")
+    if streamed:  # (an item's index is its row in this rank's stream of the epoch)
+        items = ((e, (it["index"] + 1) * world, it) for e, it in dataset.stream(epoch, rank, world, item // world))
+    else:
+        plan = lambda: _epoch_items(dataset, batch_size, seed, epoch, item, rank, world)
+        # One DataLoader for the whole run, item by item (collate_fn: dict copies the item as it is): its workers (if
+        # any) live from the first batch to the last, prefetching across epoch ends. It and the loop below walk one plan.
+        keys = ((e, i) for e, _, i in plan())
+        loader = torch.utils.data.DataLoader(EpochItems(dataset), sampler=keys, batch_size=None, collate_fn=dict,
+                                             num_workers=num_workers, pin_memory=cuda,
+                                             generator=torch.Generator().manual_seed(seed),
+                                             prefetch_factor=2 * batch_size if num_workers else None)
+        items = ((e, after, it) for (e, after, _), it in zip(plan(), loader))
+    kept, skipped, dry = [], [], 0
+    for (e, after), block in itertools.groupby(items, key=lambda x: x[:2]):  # one item, or a rank's B (torchrun)
+        if e != epoch and not streamed:  # an epoch's end too short for a batch: dropped
+            kept, dry = [], dry + 1
+            if dry > 1:  # (on every rank at once)
+                raise SystemExit(f"error: --data gave fewer than {batch_size} readable pairs in a whole epoch "
+                                 f"({len(skipped)} items read past; the warnings above name the files)")
+        epoch = e
+        for _, _, it in block:
             if "skip" in it:
                 skipped.append(it["skip"])
-                continue
-            kept.append(it)
-            if len(kept) == batch_size:
-                batch = collate_pairs(kept)
-                batch["skipped"] = skipped
-                yield epoch, rows * world, to_device(batch, device) if cuda else batch
-                kept, skipped = [], []
-    plan = lambda: _epoch_batches(dataset, batch_size, seed, epoch, item, rank, world)
-    # One DataLoader for the whole run: its workers (if any) live from the first batch to the last,
-    # prefetching across epoch ends. Its sampler and the loop below walk the same plan.
-    loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=_Keys(plan), collate_fn=collate_pairs,
-                                         num_workers=num_workers, pin_memory=cuda,
-                                         generator=torch.Generator().manual_seed(seed))
-    for (epoch, item, _), batch in zip(plan(), loader):
-        yield epoch, item, to_device(batch, device) if cuda else batch
+            elif len(kept) < batch_size:
+                kept.append(to_device(it, device) if cuda else it)
+        if D.all_ranks(len(kept) == batch_size, device) if world > 1 and not streamed else len(kept) == batch_size:
+            yield D.latest_epoch(e, device) if streamed else e, after, dict(collate_pairs(kept), skipped=skipped)
+            kept, skipped, dry = [], [], 0
 
 
-def _epoch_batches(dataset, batch_size, seed, epoch, item, rank, world):
-    """(epoch, items consumed after this batch, this rank's item indices) forever: stream_batches' plan."""
+def _epoch_items(dataset, batch_size, seed, epoch, item, rank, world):
+    """(epoch, position after it, index) of each item this rank reads, forever: stream_batches'
+    plan. One process: the epoch's order, item by item. Several: rank r's B items of each global
+    micro-batch, each with the position after that micro-batch."""
     global_batch = batch_size * world
     while True:
         if hasattr(dataset, "epoch_batches"):
-            batches = dataset.epoch_batches(epoch, rank, world, batch_size)[item // global_batch:]
+            batches = dataset.epoch_batches(epoch, rank, world, batch_size)
+            order, batches = [i for b in batches for i in b], batches[item // global_batch:]
         else:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
             starts = range(item, len(order) - global_batch + 1, global_batch)
             batches = [order[s + rank * batch_size:s + (rank + 1) * batch_size] for s in starts]
-        for indices in batches:
-            item += global_batch
-            yield epoch, item, indices
+        step = 1 if world == 1 else global_batch
+        for k, indices in enumerate(((i,) for i in order[item:]) if world == 1 else batches, 1):
+            for i in indices:
+                yield epoch, item + k * step, i
         epoch, item = epoch + 1, 0
-
-
-class _Keys:
-    """The DataLoader's batch sampler: each batch of the plan as [(epoch, index), ...]."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def __iter__(self):
-        for epoch, _, indices in self.plan():
-            yield [(epoch, i) for i in indices]
 
 
 class EpochItems(torch.utils.data.Dataset):

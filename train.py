@@ -72,7 +72,7 @@ def micro_batch_loss(m, batch, generator, args, share=None, policy=None, embedde
     embedder what embed(args, device=...) loads for E5 from raw images: (CLIP, tokenizer)."""
     objective = L.OBJECTIVES[args.loss]  # its function and what it needs (loss.py)
     pairs = objective["pairs"]  # False (SFT): winners alone, no reference
-    share = share or D.Share([len(batch["prompt"])])
+    share = share or D.Share(len(batch["prompt"]))
     autocast = autocast or contextlib.nullcontext()
     # The data as the networks see it (model.py): latents z = s·VAE.encode(x) for [winners;
     # losers], the text conditioning c (a dropped caption: the unconditional input), and E5's
@@ -367,21 +367,16 @@ def describe(args, m, params, world, dataset):
             f"pair, 2.048e-5 for 2048 pairs/step)")
 
 
-def clip_gradients(params, optimizer, scaler, max_norm, synced):
-    """Unscale (fp16) and clip the accumulated gradients; returns their global norm before
-    clipping. synced=False: DDP's last micro-batch was skipped, so its all-reduce never ran."""
-    if not synced:
-        D.average_grads(params)
+def clip_gradients(params, optimizer, scaler, max_norm):
+    """Unscale (fp16) and clip the accumulated gradients; returns their global norm before clipping."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
 
 
 def stop_message(bad_steps, step, cause, out_dir):
-    hint = ("the data gave no usable pairs (see the skip counts)" if cause == "no usable pairs" else
-            "try a lower --lr or --beta, and check the data")
     return (f"error: {bad_steps} bad steps in a row at step {step} (last: {cause}); weights before them saved in "
-            f"{out_dir}/checkpoint-{step:06d}; {hint}")
+            f"{out_dir}/checkpoint-{step:06d}; try a lower --lr or --beta, and check the data")
 
 
 def due(every, step):
@@ -529,7 +524,6 @@ def main(argv=None):
             args.lr *= pairs_per_step
         speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
         dataset, resolution = data.from_args(args, world)
-        streamed = hasattr(dataset, "stream")  # the hub: read in stream order, endlessly
         skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
         new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
@@ -570,7 +564,8 @@ def main(argv=None):
         # -----------------------------------------------------------------------------------
         # The loop: grad_accum micro-batches, one optimizer step.
         stream = data.stream_batches(dataset, args.batch_size, args.seed, epoch, items_in_epoch, rank, world,
-                                     args.num_workers, device=m.device)
+                                     args.num_workers, device=m.device)  # batch_size pairs each, on every rank
+        share = D.Share(args.batch_size, rank, world, global_contrast=args.global_contrast and world > 1)
         reporter = Reporter(args, step, master)
         bad_steps, last_epoch, grid, start = 0, epoch, None, step
         stop.in_loop = True
@@ -583,39 +578,32 @@ def main(argv=None):
             lr = learning_rate(args, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums, n_pairs, n_micro, finite, synced = {}, 0, 0, True, True
+            sums, finite = {}, True
             for micro in range(args.grad_accum):
-                epoch, items_in_epoch, batch = next(stream)
-                count_skips(new_skips, batch["skipped"])  # found while reading: corrupt images (hub: ties, ...)
-                epoch = D.latest_epoch(epoch, m.device) if streamed else epoch
-                counts = D.world_counts(len(batch["prompt"]), m.device)
-                if min(counts) == 0:  # (every rank alike: a rank with no pairs cannot join DDP's backward)
-                    continue
+                epoch, items_in_epoch, batch = next(stream)  # (the same position on every rank)
+                count_skips(new_skips, batch["skipped"])  # read past: unreadable images (hub: ties, ...)
                 generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009 + micro)
                 # DDP all-reduces gradients in the last micro-batch's backward only (no_sync before);
                 # FSDP reduce-scatters every micro-batch (docs/multi-gpu.md).
                 accumulate = world > 1 and not args.fsdp and micro < args.grad_accum - 1
                 with policy.no_sync() if accumulate else contextlib.nullcontext():
-                    share = D.Share(counts, rank, global_contrast=args.global_contrast and world > 1)
                     loss, metrics = micro_batch_loss(m, batch, generator, args, share, policy, embedder, autocast)
                     finite = D.all_ranks(torch.isfinite(loss).item(), m.device)
                     if finite or world > 1:  # DDP/FSDP: every forward needs its backward (the reducer waits)
                         scaler.scale(loss / args.grad_accum).backward()
-                synced = not accumulate
                 if not finite:
                     break
                 for k, v in dict(metrics, loss=loss.item()).items():
                     sums[k] = sums.get(k, 0.0) + v
-                n_pairs, n_micro = n_pairs + len(batch["prompt"]), n_micro + 1
             epoch_done = epoch != last_epoch
             if epoch_done:  # (a collective under DDP: every rank sees the same epoch here)
                 skips = all_skips()
                 log(f"epoch {last_epoch} done; skipped so far: {skips or 'nothing'}")
             last_epoch = epoch
-            grad_norm = clip_gradients(params, optimizer, scaler, args.max_grad_norm, synced) if finite and n_pairs else None
+            grad_norm = clip_gradients(params, optimizer, scaler, args.max_grad_norm) if finite else None
             # A bad step changes no weight: a non-finite loss or gradient (fp16's scaler skips its own
-            # inf steps), or no usable pairs. Too many in a row stop the run, weights kept.
-            cause = ("non-finite loss" if not finite else "no usable pairs" if not n_pairs else
+            # inf steps). Too many in a row stop the run, weights kept.
+            cause = ("non-finite loss" if not finite else
                      "non-finite gradient" if not scaler.is_enabled() and not math.isfinite(grad_norm) else None)
             if cause:
                 optimizer.zero_grad(set_to_none=True)
@@ -630,9 +618,8 @@ def main(argv=None):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            sums, n_pairs = D.mean_over_ranks(sums, n_pairs, m.device)
-            record = {k: v / n_micro for k, v in sums.items()}
-            record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=n_pairs / (time.time() - t0), epoch=epoch)
+            record = {k: v / args.grad_accum for k, v in D.mean_over_ranks(sums, m.device).items()}
+            record.update(step=step, lr=lr, grad_norm=grad_norm, pairs_per_s=pairs_per_step / (time.time() - t0), epoch=epoch)
             if epoch_done or step == args.max_steps:  # skip counts at each epoch's end and at the last step
                 record["skipped"] = skips if epoch_done and step < args.max_steps else all_skips()
             if args.validation_prompts and (step == args.max_steps or due(args.validation_every, step)):

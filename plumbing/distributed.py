@@ -5,7 +5,9 @@ parallel.py). docs/multi-gpu.md explains the design; in short:
 
 - One process per device (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE); without torchrun every
   function here is a no-op and train.py is one plain process.
-- Each rank holds a disjoint slice of every *global* micro-batch of batch_size × world pairs.
+- Each rank holds a disjoint slice of every *global* micro-batch of batch_size × world pairs,
+  exactly batch_size on every rank: data.stream_batches reads past unreadable pairs on all ranks
+  in step (all_ranks), so every rank keeps one data position.
   Every random draw of a micro-batch (caption dropout, the VAE's sample, t and ε) is made for the
   whole global micro-batch from the shared generator and sliced (Share.keep), so N ranks with
   --batch_size B compute exactly what one process with --batch_size N·B computes.
@@ -24,17 +26,18 @@ def active():
 
 
 class Share:
-    """This process's pairs [offset, offset + n) of a global micro-batch of `total` pairs; one
-    process: offset 0, n = total. counts: every rank's number of pairs (world_counts).
+    """This process's pairs [offset, offset + n) of a global micro-batch of total = n × world pairs
+    (data.stream_batches gives every rank exactly n = --batch_size pairs); one process: offset 0,
+    n = total.
 
     keep(x): x was drawn for the whole global micro-batch, (total, ...) rows, or with pairs=True
       [all winners; all losers] (2·total, ...) rows: this process's rows of it, in the same layout.
     everyone(*xs): with --global_contrast, the per-pair tensors of every rank concatenated in
       rank order (gather_rows, with autograd); otherwise xs unchanged."""
 
-    def __init__(self, counts, rank=0, global_contrast=False):
-        self.counts, self.global_contrast = counts, global_contrast
-        self.offset, self.n, self.total = sum(counts[:rank]), counts[rank], sum(counts)
+    def __init__(self, n, rank=0, world=1, global_contrast=False):
+        self.n, self.global_contrast = n, global_contrast
+        self.offset, self.total = rank * n, world * n
 
     def keep(self, x, pairs=False):
         mine = slice(self.offset, self.offset + self.n)
@@ -45,24 +48,12 @@ class Share:
     def everyone(self, *xs):
         if not self.global_contrast:
             return xs
-        return gather_rows(torch.stack(xs, dim=1), self.counts).unbind(1)
-
-
-def world_counts(n, device):
-    """Every rank's number of usable pairs in this micro-batch (one all_gather of an int); [n]
-    for one process. Ranks can differ when corrupt images were skipped; a rank with 0 makes
-    every rank skip the micro-batch, since DDP's backward is a collective all ranks must join."""
-    if not active():
-        return [n]
-    mine = torch.tensor([n], device=device)
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return [int(c) for c in every]
+        return gather_rows(torch.stack(xs, dim=1)).unbind(1)
 
 
 def all_ranks(flag, device):
     """True when `flag` holds on every rank (all_reduce MIN): decisions that change which
-    collectives run next (skip a step, stop) must be the same on all ranks."""
+    collectives run next (skip a step, stop, read on for a full batch) must be the same on all ranks."""
     if not active():
         return bool(flag)
     t = torch.tensor([float(flag)], device=device)
@@ -85,21 +76,15 @@ def latest_epoch(epoch, device):
     return int(e.item())
 
 
-def gather_rows(x, counts):
-    """Rows x (n_r, ...) of every rank r, concatenated in rank order: (Σ_r n_r, ...), the rows
-    one process would hold for the concatenated batch. Autograd-aware: backward hands each rank
-    the gradient of its *own* rows, summed over the ranks' graphs (a reduce-scatter). Every rank
-    computes the same global loss L from the gathered rows, so rank r's parameter gradient is
-    W · ∂L/∂(rank r's rows) · ∂rows/∂θ, and DDP's/FSDP's average over W ranks is exactly ∂L/∂θ.
-    Rows are zero-padded to max(counts) for the collective (equal shapes) and the padding dropped."""
+def gather_rows(x):
+    """Rows x (n, ...) of every rank, concatenated in rank order: (W·n, ...), the rows one process
+    would hold for the concatenated batch (every rank holds n: data.stream_batches' batches are
+    full). Autograd-aware: backward hands each rank the gradient of its *own* rows, summed over the
+    ranks' graphs (a reduce-scatter). Every rank computes the same global loss L from the gathered
+    rows, so rank r's parameter gradient is W · ∂L/∂(rank r's rows) · ∂rows/∂θ, and DDP's/FSDP's
+    average over W ranks is exactly ∂L/∂θ."""
     import torch.distributed._functional_collectives as fc
-    n = max(counts)
-    if x.shape[0] < n:
-        x = torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
-    every = fc.wait_tensor(fc.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))  # (W·n, ...)
-    if all(c == n for c in counts):
-        return every
-    return torch.cat([every[r * n:r * n + c] for r, c in enumerate(counts)])
+    return fc.wait_tensor(fc.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))
 
 
 def sum_counts(counts):
@@ -115,20 +100,11 @@ def sum_counts(counts):
     return total
 
 
-def mean_over_ranks(sums, n_pairs, device):
+def mean_over_ranks(sums, device):
     """The log's figures as global means: every rank's sums, summed (one all_reduce a step)."""
     if not active():
-        return sums, n_pairs
+        return sums
     keys, world = list(sums), dist.get_world_size()  # the same key order on every rank: the same code ran
-    v = torch.tensor([sums[k] for k in keys] + [n_pairs], dtype=torch.float64, device=device)
+    v = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(v)
-    return {k: x / world for k, x in zip(keys, v.tolist())}, int(v[-1].item())
-
-
-def average_grads(params):
-    """The all-reduce DDP would have made, for a step whose last micro-batch was skipped."""
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
-
+    return {k: x / world for k, x in zip(keys, v.tolist())}

@@ -214,7 +214,8 @@ class ParquetPairs(_PreferencePairs):
     groups. Every rank knows every rank's pair count from the index, so all stop the epoch at
     the same batch (a pair left over on the larger ranks waits for a later epoch): DDP's
     collectives never wait on a rank that ran out. A corrupt image shows up only when decoded:
-    a skip marker, dropped by collate_pairs and counted by train.py, as for manifests."""
+    a skip marker, read past by data.stream_batches (the next readable pair takes its place) and
+    counted by train.py, as for manifests."""
 
     def __init__(self, folder, resolution=512, seed=0, random_crop=False, random_flip=False, split="train",
                  window=4, schema=None):

@@ -56,8 +56,8 @@ def test_cached_batch_gives_the_raw_batch_loss(tmp_path):
     # Caption dropout draws from the generator like everything else: the same draw (seed 5)
     # drops the same prompts in both batches.
     g = lambda: torch.Generator().manual_seed(5)
-    z_raw, c_raw, f_raw = train.model_inputs(m, raw, g(), args, D.Share([4]), M.load_embedder("tiny"))
-    z, c, features = train.model_inputs(m, cached, g(), args, D.Share([4]))
+    z_raw, c_raw, f_raw = train.model_inputs(m, raw, g(), args, D.Share(4), M.load_embedder("tiny"))
+    z, c, features = train.model_inputs(m, cached, g(), args, D.Share(4))
     dropped = torch.rand(4, generator=g()) < 0.5
     assert 0 < dropped.sum() < 4  # some prompts dropped, some kept
     e_raw, e = L.combine_features(*f_raw), L.combine_features(*features)

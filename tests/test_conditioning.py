@@ -30,7 +30,7 @@ def toy_batch(n=4):
 def weights(m, batch, dropout, seed=3):
     args = train.parse_args(["--loss", "rpo", "--caption_dropout", str(dropout), "--embed", "mean"])
     _, cond, features = train.model_inputs(m, batch, torch.Generator().manual_seed(seed), args,
-                                           D.Share([len(batch["prompt"])]), M.load_embedder("tiny"))
+                                           D.Share(len(batch["prompt"])), M.load_embedder("tiny"))
     emb_w, emb_l = L.combine_features(*features, "mean", rows=2 * len(batch["prompt"])).chunk(2)
     return L.rpo_weights(emb_w, emb_l, 0.5), cond
 
@@ -71,7 +71,7 @@ def test_dropped_captions_get_sampling_unconditional_input_raw_and_cached(tmp_pa
     raw = data.collate_pairs([data.ManifestPairs(pairs, 32)[i] for i in range(4)])
     cached = data.collate_pairs([cached_ds[i] for i in range(4)])
     args = train.parse_args(["--model", name, "--loss", "rpo", "--caption_dropout", "1.0"])
-    share, g = D.Share([4]), lambda: torch.Generator().manual_seed(0)
+    share, g = D.Share(4), lambda: torch.Generator().manual_seed(0)
     _, c_raw, f_raw = train.model_inputs(m, raw, g(), args, share, M.load_embedder("tiny"))
     _, c_cached, f_cached = train.model_inputs(m, cached, g(), args, share)
     uncond = M.encode_prompts(m, [""], drop=torch.tensor([True]))  # sample.py's rule

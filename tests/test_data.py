@@ -1,8 +1,11 @@
 """Tests for data.py, plumbing/images.py (the toy world too): pair alignment (same crop/flip), manifest skipping,
 toy determinism."""
+import copy
+import itertools
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import ManifestPairs, ToyImages, ToyPairs, build_dataset  # noqa: E402
-from data import collate_pairs  # noqa: E402
+import data  # noqa: E402
+from data import collate_pairs, stream_batches  # noqa: E402
 from plumbing.images import image_to_tensor, tensor_to_uint8  # noqa: E402
 from plumbing.images import BACKGROUNDS, COLOURS, SHAPES, apply_style, render_toy, toy_prompts  # noqa: E402
 
@@ -211,6 +215,86 @@ def test_corrupt_image_is_skip_marker_and_collate_drops_it(tmp_path):
     empty = collate_pairs([marker])
     assert empty["winner"] is None and empty["loser"] is None
     assert empty["prompt"] == [] and empty["skipped"] == [marker["skip"]]
+
+
+def unreadable_manifest(tmp_path, n, bad):
+    """n pairs with prompts p0..p{n-1}; the pairs in `bad` have a loser that is not an image."""
+    save(tmp_path / "ok.png", solid(8, 8, (200, 100, 0)))
+    (tmp_path / "x.png").write_bytes(b"this is not a png at all")
+    return ManifestPairs(write_manifest(tmp_path / "m.jsonl", [
+        {"prompt": f"p{i}", "winner": "ok.png", "loser": "x.png" if i in bad else "ok.png"} for i in range(n)]), 8)
+
+
+def prompts_of(batches):
+    return [(e, item, b["prompt"], b["skipped"]) for e, item, b in batches]
+
+
+def test_unreadable_pairs_are_read_past_batches_stay_full_and_resume_exactly(tmp_path, capsys):
+    """One process: every batch holds batch_size pairs, the next readable ones in the epoch's order;
+    the pairs read past are counted in "skipped" and in the position, and a run resumed at any
+    position reads on exactly as the uninterrupted one did."""
+    ds = unreadable_manifest(tmp_path, 10, bad={2, 3, 7})
+    got = list(itertools.islice(stream_batches(ds, 3, 0, 0, 0), 8))
+    # 7 readable pairs an epoch: 2 batches of 3, the 7th dropped with the epoch's end
+    assert all(len(b["prompt"]) == len(b["index"]) == 3 and b["winner"].shape[0] == 3 for _, _, b in got)
+    assert [e for e, _, _ in got] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for e in range(4):
+        used = [p for ep, _, b in got if ep == e for p in b["prompt"]]
+        assert len(set(used)) == 6 and not {"p2", "p3", "p7"} & set(used)
+    for (e0, i0, _), (e1, i1, b) in zip(got, got[1:]):
+        if e1 == e0:  # the position counts every item read: the 3 pairs and those read past
+            assert i1 - i0 == 3 + len(b["skipped"])
+    skips = [r for _, _, b in got[:6] for r in b["skipped"]]  # epochs 0-2, read whole by got[6]
+    assert skips == [] or set(skips) == {f"corrupt image: {tmp_path / 'x.png'}"}
+    assert len([r for _, _, b in got[:7] for r in b["skipped"]]) >= 3 * 2
+    assert sum(len(b["skipped"]) for _, _, b in got) <= 4 * 3
+    for k, (e, item, _) in enumerate(got[:-1]):
+        assert prompts_of(itertools.islice(stream_batches(ds, 3, 0, e, item), 8 - k - 1)) == prompts_of(got[k + 1:])
+    capsys.readouterr()
+    # nothing that could fill a batch: one line, not an endless loop
+    for n, bad in ((4, {0, 1, 2, 3}), (4, {0, 1, 3})):
+        with pytest.raises(SystemExit, match="fewer than 2 readable pairs in a whole epoch"):
+            next(stream_batches(unreadable_manifest(tmp_path, n, bad), 2, 0, 0, 0))
+
+
+def test_two_ranks_read_past_unreadable_pairs_together(tmp_path, monkeypatch):
+    """Under torchrun (here 2 ranks as threads; distributed.all_ranks, an all_reduce MIN, made of a
+    barrier): each rank's batches are full, every rank ends each micro-batch at one position (a
+    global micro-batch's end), no pair is used twice in an epoch, and a position resumes exactly."""
+    ds = unreadable_manifest(tmp_path, 16, bad={1, 5, 6, 11})
+    barrier, flags = threading.Barrier(2), {}
+
+    def all_ranks(flag, device):
+        flags[threading.get_ident()] = bool(flag)
+        barrier.wait()
+        every = all(flags.values())
+        barrier.wait()
+        return every
+
+    monkeypatch.setattr(data.D, "all_ranks", all_ranks)
+
+    def both(epoch, item, n):
+        out = {}
+        run = lambda r: out.__setitem__(r, list(itertools.islice(
+            stream_batches(copy.copy(ds), 2, 0, epoch, item, r, 2), n)))
+        threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return out[0], out[1]
+
+    r0, r1 = both(0, 0, 8)
+    assert [(e, i) for e, i, _ in r0] == [(e, i) for e, i, _ in r1]  # one position on every rank
+    assert all(i % 4 == 0 and len(b["prompt"]) == 2 for e, i, b in r0 + r1)
+    steps = [i1 - i0 for (e0, i0, _), (e1, i1, _) in zip(r0, r0[1:]) if e0 == e1]
+    assert 4 in steps and any(s > 4 for s in steps)  # some micro-batches read into the next one
+    for e in {e for e, _, _ in r0}:
+        used = [p for e_, _, b in r0 + r1 if e_ == e for p in b["prompt"]]
+        assert len(used) == len(set(used)) and not {"p1", "p5", "p6", "p11"} & set(used)
+    e, item, _ = r0[2]
+    again = both(e, item, 5)
+    assert prompts_of(again[0]) == prompts_of(r0[3:]) and prompts_of(again[1]) == prompts_of(r1[3:])
 
 
 # ---------------------------------------------------------------------------- toy set

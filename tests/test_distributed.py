@@ -46,14 +46,14 @@ B = 4  # pairs in the global micro-batch of the gradient test
 # weighted by σ of that argument).
 EPS, REDUCTION, BETA_HALF = torch.finfo(torch.float32).eps, 3 * 16 * 16, 5000 / 2
 REL = EPS * BETA_HALF * math.sqrt(REDUCTION)  # 8.3e-3: what two roundings of one computation may differ by
-SPLITS = {"even": [2, 2], "uneven": [3, 1]}  # pairs per rank (uneven: as after skipped images)
-# name: (loss, timesteps, split, global contrast, lora rank)
+# name: (loss, timesteps, global contrast, lora rank); each of 2 ranks holds B/2 pairs (data.stream_batches'
+# batches are full on every rank)
 CASES = {
-    "rpo-global": ("rpo", "batch", "even", True, 0),
-    "rpo-global-uneven-pair-t": ("rpo", "pair", "uneven", True, 0),
-    "rpo-local": ("rpo", "batch", "even", False, 0),
-    "dpo": ("dpo", "pair", "even", False, 0),
-    "rpo-global-lora": ("rpo", "batch", "even", True, 4),
+    "rpo-global": ("rpo", "batch", True, 0),
+    "rpo-global-pair-t": ("rpo", "pair", True, 0),
+    "rpo-local": ("rpo", "batch", False, 0),
+    "dpo": ("dpo", "pair", False, 0),
+    "rpo-global-lora": ("rpo", "batch", True, 4),
 }
 
 
@@ -86,7 +86,7 @@ def rows_loss(m, share, case, policy=None, embed=None):
     """train.micro_batch_loss on this process's rows (a distributed.Share) of the global batch;
     backward; returns (loss, metrics, gradients). With share.global_contrast every rank's rows
     are gathered for E4-E7, else the rows' own B×B matrix is used."""
-    loss_name, timesteps, _, _, _ = case
+    loss_name, timesteps, _, _ = case
     winner, loser, prompts = global_batch()
     mine = slice(share.offset, share.offset + share.n)
     p, images = prompts[mine], torch.cat([winner[mine], loser[mine]])  # tiny is pixel space: latents = images
@@ -116,11 +116,10 @@ def _ddp_worker(rank, world, port, out):
     embed = M.load_embedder("tiny")
     results = {}
     for name, case in CASES.items():
-        counts = SPLITS[case[2]]
-        m = make_model(case[4])
+        m = make_model(case[3])
         policy = torch.nn.parallel.DistributedDataParallel(m.unet, find_unused_parameters=False,
                                                            gradient_as_bucket_view=True)
-        loss, metrics, grads = rows_loss(m, D.Share(counts, rank, case[3]), case, policy, embed)
+        loss, metrics, grads = rows_loss(m, D.Share(B // world, rank, world, case[2]), case, policy, embed)
         logged = torch.tensor([loss])  # what train.py logs: the mean over ranks
         dist.all_reduce(logged)
         results[name] = (loss, logged.item() / world, metrics, grads)
@@ -150,25 +149,25 @@ def test_ddp_loss_and_gradients(ddp_results, name):
     case = CASES[name]
     loss, logged, metrics, grads = ddp_results[name]
     embed = M.load_embedder("tiny")
-    if case[3] or case[0] == "dpo":
+    if case[2] or case[0] == "dpo":
         # --global_contrast (and DPO, whose loss is a mean over pairs): the one-process run on
         # the concatenated batch. DDP averages the ranks' gradients; with the flag each rank
         # computed the global loss from gathered rows, and the gather's backward summed the W
         # ranks' copies, so the average is the global gradient with no rescaling.
-        want_loss, want_metrics, want_grads = rows_loss(make_model(case[4]), D.Share([B]), case, embed=embed)
+        want_loss, want_metrics, want_grads = rows_loss(make_model(case[3]), D.Share(B), case, embed=embed)
         assert logged == pytest.approx(want_loss, rel=REL)
-        if case[3]:  # every rank holds the global loss and logs the global batch's figures
+        if case[2]:  # every rank holds the global loss and logs the global batch's figures
             assert loss == pytest.approx(want_loss, rel=REL)
             for k in ("implicit_acc", "weight_entropy", "weight_diag", "mse_w", "ref_mse_l"):
                 assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-6)
     else:
         # local contrast: each rank's own B×B matrix; DDP gives the mean of the two local runs.
-        runs = [rows_loss(make_model(case[4]), D.Share([2, 2], r), case, embed=embed) for r in (0, 1)]
+        runs = [rows_loss(make_model(case[3]), D.Share(2, r, 2), case, embed=embed) for r in (0, 1)]
         want_loss = (runs[0][0] + runs[1][0]) / 2
         want_grads = {k: (runs[0][2][k] + runs[1][2][k]) / 2 for k in runs[0][2]}
         assert loss == pytest.approx(runs[0][0], rel=REL) and logged == pytest.approx(want_loss, rel=REL)
         # ... which is not the global contrast's loss
-        global_loss = rows_loss(make_model(0), D.Share([B]), (*case[:3], True, 0), embed=embed)[0]
+        global_loss = rows_loss(make_model(0), D.Share(B), (*case[:2], True, 0), embed=embed)[0]
         assert abs(want_loss - global_loss) > 1e-2 * global_loss
     assert_close_grads(grads, want_grads)
     assert 0.01 < loss < 50  # neither saturated nor trivially ln 2
@@ -192,10 +191,10 @@ def test_vae_posterior_sample_of_a_rank_is_its_slice_of_the_global_draw():
         return train.model_inputs(m, batch, torch.Generator().manual_seed(7), args, share)[0]
 
     # one process: exactly diffusers' VAE sample (unchanged randomness)
-    assert torch.equal(latents([0, 1, 2], D.Share([3])), full)
-    # rank 1 of 2 with 1 + 2 pairs: its winners and losers, rows [1, 2, 4, 5] of the global draw
-    part = latents([1, 2], D.Share([1, 2], rank=1))
-    torch.testing.assert_close(part, full[[1, 2, 4, 5]], rtol=1e-5, atol=1e-5)
+    assert torch.equal(latents([0, 1, 2], D.Share(3)), full)
+    # rank 1 of 3 with 1 pair each: its winner and loser, rows [1, 4] of the global draw
+    part = latents([1], D.Share(1, rank=1, world=3))
+    torch.testing.assert_close(part, full[[1, 4]], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,7 +315,8 @@ def test_fsdp_resumes_trains_and_saves_single_device_checkpoints(one_process, tm
 
 def test_two_processes_on_pickapic_shards(tmp_path):
     """pickapic:DIR under torchrun: ranks read disjoint row groups, end every epoch at the same
-    batch (else a collective would hang), and the skip counts are summed over ranks."""
+    batch (else a collective would hang), read past the corrupt pair in step (a rank's batch
+    never runs short), and the skip counts are summed over ranks."""
     pytest.importorskip("pyarrow")
     from test_pickapic import write_shards
     write_shards(tmp_path / "pp")
@@ -326,7 +326,7 @@ def test_two_processes_on_pickapic_shards(tmp_path):
     torchrun("--data", f"pickapic:{tmp_path / 'pp'}", "--batch_size", "1", "--max_steps", str(2 * per_epoch + 1),
              "--resolution", "16", "--shuffle_window", "1", "--out_dir", str(out), "--no_progress", "--device", "cpu")
     records = read_metrics(out)
-    epochs = [r["epoch"] for r in records]  # (a step whose pair was the corrupt one is skipped: steps ≠ batches)
+    epochs = [r["epoch"] for r in records]  # (an epoch that deals the corrupt pair has a micro-batch fewer)
     assert epochs == sorted(epochs) and epochs[-1] >= 2 and len(records) == 2 * per_epoch + 1
     assert {k: records[-1]["skipped"][k] for k in ("tie", "missing_field", "missing_column")} == \
         {"tie": 2, "missing_field": 2, "missing_column": 2}  # index-level: counted once, not per rank

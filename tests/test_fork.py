@@ -51,7 +51,7 @@ def test_top1_with_text_embeddings_is_dpo(topk):
     losses = {}
     for name, extra in (("rpo_topk", ["--topk", "1"]), ("dpo", [])):
         args = train.parse_args(["--loss", name, "--embed", "text", "--timesteps", "batch", *extra])
-        loss, _ = train.micro_batch_loss(m, batch, torch.Generator().manual_seed(0), args, D.Share([4]),
+        loss, _ = train.micro_batch_loss(m, batch, torch.Generator().manual_seed(0), args, D.Share(4),
                                          embedder=M.load_embedder("tiny"))
         losses[name] = loss.item()
     assert abs(losses["dpo"] - L.LN2) > 1e-3

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import cache  # noqa: E402
@@ -262,6 +263,48 @@ def test_train_survives_a_hostile_manifest(tmp_path, capsys):
     assert skipped["corrupt image"] >= 1 and skipped["extreme aspect ratio"] >= 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count(f"{tmp_path / 'x.png'}: corrupt image") == 1
+
+
+def test_unreadable_pairs_leave_batches_full_and_resumes_exact(tmp_path, monkeypatch):
+    """train.py on a manifest with 3 unreadable pairs in 10: every micro-batch holds --batch_size
+    pairs, the pairs read past are counted, and a run resumed from a checkpoint whose position
+    counts pairs read past ends bit for bit as the uninterrupted run: weights, optimizer state,
+    every logged figure and skip count."""
+    write_images(tmp_path)
+    for i in range(7):
+        Image.new("RGB", (8, 8), (30 * i, 90, 200 - 20 * i)).save(tmp_path / f"g{i}.png")
+    bad = {2: "x.png", 5: "y.png", 8: "strip.png"}
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(
+        {"prompt": f"pair {i}", "winner": "ok.png", "loser": bad.get(i, f"g{i % 7}.png")}) + "\n" for i in range(10)))
+    sizes, stream = [], data.stream_batches
+
+    def counted(*args, **kwargs):
+        for e, item, batch in stream(*args, **kwargs):
+            sizes.append(len(batch["prompt"]))
+            yield e, item, batch
+
+    monkeypatch.setattr(data, "stream_batches", counted)
+    common = ["--data", str(tmp_path / "m.jsonl"), "--batch_size", "2", "--grad_accum", "2", "--resolution", "8",
+              "--lr", "1e-3", "--max_steps", "5", "--no_progress", "--random_flip"]
+    train.main(common + ["--out_dir", str(tmp_path / "straight"), "--save_every", "1", "--keep_checkpoints", "5"])
+    assert sizes == [2] * 10  # 7 readable pairs an epoch: 3 batches (the 7th dropped at the end), never fewer pairs
+    log = lambda out: [{k: v for k, v in json.loads(line).items() if k != "pairs_per_s"}
+                       for line in open(tmp_path / out / "metrics.jsonl")]
+    straight = log("straight")
+    # each epoch meets its 3 unreadable pairs (2 corrupt images, 1 strip): epochs 0-2 read whole, the
+    # 4th's first batch (its 2 pairs) met none
+    assert straight[-1]["skipped"] == {"corrupt image": 2 * 3, "extreme aspect ratio": 3}
+    positions = {k: json.load(open(tmp_path / "straight" / f"checkpoint-00000{k}" / "state.json"))["items_in_epoch"]
+                 for k in (2, 3)}
+    assert any(p % 2 for p in positions.values()), positions  # a position that counts a pair read past
+    for k in (2, 3):
+        out = tmp_path / f"from-{k}"
+        shutil.copytree(tmp_path / "straight" / f"checkpoint-00000{k}", out / f"checkpoint-00000{k}")
+        train.main(common + ["--out_dir", str(out), "--resume"])
+        assert log(f"from-{k}") == straight[k:]
+        for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.safetensors"):
+            a, b = (load_file(tmp_path / d / "checkpoint-000005" / name) for d in ("straight", f"from-{k}"))
+            assert a.keys() == b.keys() and all(torch.equal(a[t], b[t]) for t in a), (k, name)
 
 
 # ---------------------------------------------------------------------------- 4. damaged caches

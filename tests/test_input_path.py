@@ -101,7 +101,8 @@ def test_workers_give_the_main_process_batches(tmp_path):
 
 
 def test_batches_for_a_gpu_are_pinned_and_moved(monkeypatch):
-    """device cuda: the DataLoader pins, and each batch goes through to_device; the CPU: neither."""
+    """device cuda: the DataLoader pins, and each pair goes through to_device as it comes (the batch
+    is stacked on the device); the CPU: neither."""
     made, moved = [], []
     real_loader = torch.utils.data.DataLoader
 
@@ -113,10 +114,10 @@ def test_batches_for_a_gpu_are_pinned_and_moved(monkeypatch):
     monkeypatch.setattr(data, "to_device", lambda batch, device: moved.append(device) or batch)
     ds = data.ToyPairs(num_items=8, resolution=16)
     next(data.stream_batches(ds, 2, 0, 0, 0, device=torch.device("cuda")))
-    assert made[-1]["pin_memory"] is True and moved == [torch.device("cuda")]
+    assert made[-1]["pin_memory"] is True and moved == [torch.device("cuda")] * 2  # the batch's 2 pairs
     next(data.stream_batches(ds, 2, 0, 0, 0, device=torch.device("cpu")))
     next(data.stream_batches(ds, 2, 0, 0, 0))
-    assert [k["pin_memory"] for k in made] == [True, False, False] and len(moved) == 1
+    assert [k["pin_memory"] for k in made] == [True, False, False] and len(moved) == 2
 
 
 def test_to_device_moves_images_and_cached_tensors_only():
@@ -193,7 +194,7 @@ def test_winners_and_losers_meet_each_encoder_once(tmp_path):
     batch = data.collate_pairs([data.ToyPairs(num_items=8, resolution=32)[i] for i in range(B)])
     args = train.parse_args(["--model", "tiny-xl", "--loss", "rpo"])
     try:
-        train.micro_batch_loss(m, batch, torch.Generator().manual_seed(0), args, D.Share([B]), embedder=embedder)
+        train.micro_batch_loss(m, batch, torch.Generator().manual_seed(0), args, D.Share(B), embedder=embedder)
     finally:
         for h in handles:
             h.remove()
