@@ -248,6 +248,7 @@ def build_dataset(spec, resolution, seed=0, split="train", style="winter", style
     if spec.startswith("cache:"):
         if random_crop:
             raise ValueError("--data cache:DIR holds centre crops only; drop --random_crop (or train from raw images)")
+        pretrained = pretrained or M.PRESETS.get(model, {}).get("pretrained")  # (the identity a cache was built for)
         return cache.CachedPairs(spec[len("cache:"):], model, pretrained, resolution, seed, random_flip, embed_model)
     raise ValueError(f"unknown data spec {spec!r}; expected toy, toy-base, a .jsonl manifest, hf:DIR, hf:HUB_ID "
                      f"(or pickapic:DIR|HUB_ID) or cache:DIR")
@@ -289,7 +290,7 @@ def collate_pairs(items):
     batch = dict.fromkeys(("winner", "loser", "original_size_w", "original_size_l",
                            "crop_top_left", "index"))  # all None until filled below
     batch.update(prompt=[it["prompt"] for it in kept], skipped=skipped)
-    if not kept:  # (markers only: cache.write_cache collates every item it reads, and moves on)
+    if not kept:  # (markers only: tools/build_cache.write_cache collates every item it reads, and moves on)
         return batch
     if "winner" in kept[0]:  # (CachedPairs items carry cache_* tensors instead of images)
         batch["winner"] = torch.stack([it["winner"] for it in kept])

@@ -478,20 +478,11 @@ def check_flags(p, args):
                             ("scorer_seed", 0, 2 ** 32 - 1), ("resolution", 8, 512)):
         if not low <= getattr(args, name) <= high:
             p.error(f"--{name} must be from {low} to {high}, not {getattr(args, name)}")
-    if args.out is not None:
-        problem = files.file_to_write_problem(args.out, "--out")
-        if problem:
-            p.error(problem)
-    if args.scorer_cache is not None:
-        problem = files.file_to_write_problem(args.scorer_cache, "--scorer_cache")
-        if problem:
-            p.error(problem)
-    if args.style_points is not None:
-        problem = files.text_file_problem(args.style_points, "--style_points", always=True)
-        if problem:
-            p.error(problem)
-    problem = hub.pickled_flags_problem(args, ("--pickscore_model", "--clip_model", "--aesthetic_clip"))
-    if problem:  # (a CLIP folder whose weights are a pickle: never unpickled)
+    problem = (args.out is not None and files.file_to_write_problem(args.out, "--out")) or \
+        (args.scorer_cache is not None and files.file_to_write_problem(args.scorer_cache, "--scorer_cache")) or \
+        (args.style_points is not None and files.text_file_problem(args.style_points, "--style_points", always=True)) or \
+        hub.pickled_flags_problem(args, ("--pickscore_model", "--clip_model", "--aesthetic_clip"))  # (never unpickled)
+    if problem:
         p.error(problem.removeprefix("error: "))
 
 

@@ -402,20 +402,7 @@ class Reporter:
         if not args.no_progress:
             from tqdm import tqdm
             self.bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True)
-        if args.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("error: --report_to tensorboard needs the tensorboard package (pip install tensorboard)")
-            self.tracker = SummaryWriter(os.path.join(args.out_dir, args.logging_dir),
-                                         purge_step=step + 1 if args.resume else None)
-        elif args.report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("error: --report_to wandb needs the wandb package (pip install wandb)")
-            self.tracker = wandb.init(project=args.tracker_name, dir=args.out_dir, config=vars(args),
-                                      name=os.path.basename(os.path.normpath(args.out_dir)), resume="allow")
+        self.tracker = R.open_tracker(args, step)  # --report_to: TensorBoard, W&B or None
 
     def step(self, record):
         """One optimizer step's figures (a dict with "step")."""
@@ -441,14 +428,8 @@ class Reporter:
 
     def image(self, step, name, grid):
         """A validation grid (PIL image), already saved under OUT_DIR/validation/."""
-        if not self.master:
-            return
-        if self.args.report_to == "tensorboard":
-            import numpy as np
-            self.tracker.add_image(f"validation/{name}", np.asarray(grid), step, dataformats="HWC")
-        elif self.args.report_to == "wandb":
-            import wandb
-            self.tracker.log({f"validation/{name}": wandb.Image(grid)}, step=step)
+        if self.master and self.tracker is not None:
+            R.tracker_image(self.args, self.tracker, step, name, grid)
 
     def close(self):
         if not self.master:

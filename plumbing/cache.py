@@ -1,6 +1,6 @@
 """
 Cached latents and embeddings ("offline data sampling"): everything frozen that training
-computes from a pair, computed once by `python -m tools.build_cache` (write_cache), and read back by
+computes from a pair, computed once by `python -m tools.build_cache` (its write_cache), and read back by
 CachedPairs for train.py --data cache:DIR.
 
 The cache holds the VAE posterior of winner and loser (mean and std, so z = s·(μ + σ·n) is still
@@ -16,116 +16,11 @@ import os
 import numpy as np
 import torch
 
-import model as M
 from plumbing import hub
 
 CACHE_FORMAT = "rpo-diffusion-cache/1"
 PER_PROMPT = ("text_hidden", "text_pooled", "clip_text")  # stored once per distinct prompt of a shard
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _cache_identity(model, pretrained):
-    return {"model": model, "pretrained": pretrained or M.PRESETS[model]["pretrained"]}
-
-
-@torch.no_grad()
-def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None, flip=False, batch_size=16,
-                device="cpu", mixed_precision="no", embed_model=None, dtype="fp16", shard_size=1024,
-                num_workers=0, progress=True, part=0, parts=1, collate=None):
-    """One pass over a pair data set (in index order, centre crops; tools/build_cache.py makes it
-    from a --data spec) -> safetensors shards and OUT/index.json. Returns the index dict.
-    part/parts: this process caches the part-th of `parts` equal, contiguous index ranges and
-    writes index-PPP-of-NNN.json instead; CachedPairs joins the parts in order, so N processes
-    (one per GPU: torchrun) build the cache one would."""
-    from safetensors.torch import save_file
-    m = M.load_models(model, pretrained, device=device, mixed_precision=mixed_precision, reference=False)
-    m.unet = None  # only the frozen encoders are needed here
-    m.resolution = resolution
-    embed_model = embed_model or M.default_embed_model(model, pretrained)
-    clip, clip_tok = M.load_embedder(embed_model, device)
-    store = CACHE_DTYPES[dtype]
-    os.makedirs(out, exist_ok=True)
-    lo, hi = part * len(dataset) // parts, (part + 1) * len(dataset) // parts
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
-                                         collate_fn=collate, num_workers=num_workers)
-    # index-level skips (ties, ...) belong to the whole data set: counted by part 0 only
-    shards, buf, skips, n_pairs = [], {}, dict(getattr(dataset, "skip_counts", {})) if part == 0 else {}, 0
-
-    def write_shard():
-        # Per-prompt tensors (text states, E5 text features) once per distinct prompt in the
-        # shard, and a prompt_row per pair: Pick-a-Pic has ~15 pairs per caption, often adjacent.
-        nonlocal buf
-        prompts = buf["prompt"]
-        distinct = list(dict.fromkeys(prompts))
-        first = torch.tensor([prompts.index(p) for p in distinct])
-        row = {p: j for j, p in enumerate(distinct)}
-        tensors = {k: torch.cat(v)[first] if k in PER_PROMPT else torch.cat(v) for k, v in buf.items() if k != "prompt"}
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        tensors["prompt_row"] = torch.tensor([row[p] for p in prompts])
-        name = f"shard-{len(shards):05d}.safetensors" if parts == 1 else f"shard-{part:03d}-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(out, name + ".tmp"), metadata={"prompts": json.dumps(distinct)})
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))  # atomic: whole shards only
-        shards.append({"file": name, "num_pairs": len(buf["prompt"])})
-        buf = {}
-
-    def latent_parts(images):
-        if m.vae is None:  # pixel space: the "latent" is the image itself, no posterior noise
-            return {"latent": images.to(store)}
-        post = m.vae.encode(images.to(m.device, m.vae.dtype)).latent_dist
-        return {"latent": post.mean.to(store).cpu(), "latent_std": post.std.to(store).cpu()}
-
-    from tqdm import tqdm
-    for batch in tqdm(loader, desc=f"caching {data_spec}", disable=not progress):
-        for reason in batch["skipped"]:
-            kind = reason.split(":")[0]
-            skips[kind] = skips.get(kind, 0) + 1
-        if not batch["prompt"]:
-            continue
-        B = len(batch["prompt"])
-        rows = {"prompt": list(batch["prompt"])}
-        views = {"": torch.cat([batch["winner"], batch["loser"]])}
-        if flip:
-            views["_flip"] = views[""].flip(-1)  # = the mirrored crop, what random_flip would train on
-        for suffix, images in views.items():
-            for name, z in latent_parts(images).items():
-                rows[f"{name}_w{suffix}"], rows[f"{name}_l{suffix}"] = z.chunk(2)
-            _, image_feat = M.clip_features(clip, clip_tok, None, images)
-            rows[f"clip_image_w{suffix}"], rows[f"clip_image_l{suffix}"] = image_feat.cpu().chunk(2)
-        hidden, pooled = M.encode_text(m, batch["prompt"])
-        rows["text_hidden"] = hidden.to(store).cpu()
-        if pooled is not None:
-            rows["text_pooled"] = pooled.to(store).cpu()
-        rows["clip_text"] = M.clip_features(clip, clip_tok, batch["prompt"], None)[0].cpu()
-        for key in ("original_size_w", "original_size_l", "crop_top_left"):
-            rows[key] = batch[key]
-        for k, v in rows.items():  # tensors: one per batch, concatenated per shard; prompts: one list
-            if k == "prompt":
-                buf.setdefault(k, []).extend(v)
-            else:
-                buf.setdefault(k, []).append(v)
-        n_pairs += B
-        if len(buf["prompt"]) >= shard_size:
-            write_shard()
-    if buf:
-        write_shard()
-    if not n_pairs:
-        raise ValueError(f"cache: --data {data_spec} gave no usable pairs (skipped: {skips})")
-    # Caption dropout (classifier-free guidance) trains on the empty prompt: its states, once.
-    hidden, pooled = M.encode_text(m, [""])
-    empty = {"text_hidden": hidden.to(store).cpu(), "clip_text": M.clip_features(clip, clip_tok, [""], None)[0].cpu()}
-    if pooled is not None:
-        empty["text_pooled"] = pooled.to(store).cpu()
-    save_file(empty, os.path.join(out, f"empty.safetensors.tmp{part}"))  # (every part writes the same file)
-    os.replace(os.path.join(out, f"empty.safetensors.tmp{part}"), os.path.join(out, "empty.safetensors"))
-    index = dict(format=CACHE_FORMAT, **_cache_identity(model, pretrained), xl=m.xl, resolution=resolution,
-                 vae_scale=m.vae_scale, latents="image" if m.vae is None else "posterior (mean, std)",
-                 embed_model=embed_model, dtype=dtype, flip=flip, data=data_spec, num_pairs=n_pairs,
-                 skip_counts=skips, shards=shards)
-    name = "index.json" if parts == 1 else f"index-{part:03d}-of-{parts:03d}.json"
-    with open(os.path.join(out, name + ".tmp"), "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    return index
 
 
 # What CachedPairs and train.py read from an index, and its JSON type.
@@ -226,7 +121,7 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __init__(self, folder, model, pretrained=None, resolution=None, seed=0, random_flip=False, embed_model=None):
         self.index = index = read_cache_index(folder)
-        want, have = _cache_identity(model, pretrained), {k: index[k] for k in ("model", "pretrained")}
+        want, have = {"model": model, "pretrained": pretrained}, {k: index[k] for k in ("model", "pretrained")}
         if want != have:
             name = lambda d: f"--model {d['model']}" + (f" --pretrained {d['pretrained']}" if d["pretrained"] else "")
             raise ValueError(f"cache {folder} was built for {name(have)}, not {name(want)}; rebuild it with "

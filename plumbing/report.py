@@ -1,10 +1,11 @@
 """
 What a training run reports besides its per-step lines: OUT_DIR/metrics.jsonl opened (resumed runs
-continue it) and read back (open_metrics, read_metrics), OUT_DIR/args.json, and at the end
-OUT_DIR/README.md, a model card that says how the weights were made and how to load them
-(model_card, front_matter), the upload (push_to_hub) and the last line (done_line). The per-step
-lines, the progress bar and the trackers are train.Reporter's (in train.py: it runs every step);
-the validation grids are train.validate's (sample.py's sampler, evaluate.py's scorers).
+continue it) and read back (open_metrics, read_metrics), OUT_DIR/args.json, the tracker of
+--report_to (open_tracker, tracker_image), and at the end OUT_DIR/README.md, a model card that says
+how the weights were made and how to load them (model_card, front_matter), the upload (push_to_hub)
+and the last line (done_line). The per-step lines and the progress bar are train.Reporter's (in
+train.py: it runs every step); the validation grids train.validate's (sample.py's sampler,
+evaluate.py's scorers).
 """
 import fnmatch
 import json
@@ -69,6 +70,35 @@ def open_metrics(out_dir, step, resumed):
 # The model card, OUT_DIR/README.md
 # The base models' licenses: a fine-tune keeps its base's (the tiny presets are this project's, MIT).
 LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
+
+
+def open_tracker(args, step):
+    """--report_to's tracker for train.Reporter: a TensorBoard writer (events under
+    OUT_DIR/--logging_dir) or a Weights & Biases run, or None; a missing package is one line."""
+    if args.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+        return SummaryWriter(os.path.join(args.out_dir, args.logging_dir), purge_step=step + 1 if args.resume else None)
+    if args.report_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --report_to wandb needs the wandb package (pip install wandb)")
+        return wandb.init(project=args.tracker_name, dir=args.out_dir, config=vars(args),
+                          name=os.path.basename(os.path.normpath(args.out_dir)), resume="allow")
+    return None
+
+
+def tracker_image(args, tracker, step, name, grid):
+    """A validation grid (PIL image) to --report_to's tracker."""
+    if args.report_to == "tensorboard":
+        import numpy as np
+        tracker.add_image(f"validation/{name}", np.asarray(grid), step, dataformats="HWC")
+    elif args.report_to == "wandb":
+        import wandb
+        tracker.log({f"validation/{name}": wandb.Image(grid)}, step=step)
 
 
 def front_matter(args, preset, folder):

@@ -167,9 +167,9 @@ def sandbox(tmp_path, monkeypatch):
         raise Loaded
     import diffusers
     import subprocess
-    from plumbing import cache
+    from tools import build_cache
     for module, name in ((M, "from_args"), (M, "load_models"), (S, "load_for_sampling"), (toy_scorer, "load_toy_scorer"),
-                         (E, "load_reward_models"), (E.toy_scorer, "load_toy_scorer"), (cache, "write_cache"),
+                         (E, "load_reward_models"), (E.toy_scorer, "load_toy_scorer"), (build_cache, "write_cache"),
                          (diffusers.StableDiffusionInstructPix2PixPipeline, "from_pretrained"), (subprocess, "run")):
         monkeypatch.setattr(module, name, loaded)
     no_pickles(monkeypatch)
