@@ -243,17 +243,17 @@ def text_conditioning(m, hidden, pooled=None, original_sizes=None, crop_top_left
 
 
 @torch.no_grad()
-def encode_images(m, images, generator=None, draw=None):
+def encode_images(m, images, generator=None, share=None, rows=None, pairs=True):
     """Images in [-1, 1] (B,3,H,W) -> latents z = s·(μ + σ·n), a sample of the VAE's posterior
     (docs/method.md, Setting), fp32. Pixel-space presets: z = x. n is diffusers' own draw from
-    `generator`, or draw(shape, dtype) -> n (training: the global micro-batch's draw, this
-    process's rows, train.model_inputs)."""
+    `generator`, or with `share` (training, train.model_inputs) drawn for all `rows` of the global
+    micro-batch and this process's rows kept, as cached_inputs draws it."""
     if m.vae is None:
         return images.to(m.device, torch.float32)
     post = m.vae.encode(images.to(m.device, m.vae.dtype)).latent_dist
-    if draw is None:
+    if share is None:
         return (post.sample(generator=generator) * m.vae_scale).float()
-    n = draw(post.mean.shape[1:], post.mean.dtype)
+    n = share.keep(torch.randn((rows, *post.mean.shape[1:]), generator=generator, dtype=post.mean.dtype), pairs)
     return ((post.mean + post.std * n.to(m.device)) * m.vae_scale).float()
 
 

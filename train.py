@@ -127,15 +127,13 @@ def model_inputs(m, batch, generator, args, share, embedder=None):
     drop = torch.zeros(share.n, dtype=torch.bool)
     if args.caption_dropout > 0:  # classifier-free guidance needs ε_θ(z_t, t, "") too
         drop = share.keep(torch.rand(share.total, generator=generator)) < args.caption_dropout
-    both = (lambda w, l: torch.cat([w, l])) if pairs else (lambda w, l: w)
-    sizes = both(batch["original_size_w"], batch["original_size_l"])
+    sizes = torch.cat([batch["original_size_w"], batch["original_size_l"]]) if pairs else batch["original_size_w"]
     crops = batch["crop_top_left"].repeat(k, 1)
     if "cache_latent_w" in batch:  # --data cache:DIR: the encoders' outputs, stored
         return M.cached_inputs(m, batch, drop, sizes, crops, generator, share, rows, pairs)
-    images = both(batch["winner"], batch["loser"])
+    images = torch.cat([batch["winner"], batch["loser"]]) if pairs else batch["winner"]
     # z = s·(μ + σ·n), n drawn for all `rows` of the global micro-batch, this process's kept
-    latents = M.encode_images(m, images, draw=lambda shape, dtype: share.keep(
-        torch.randn((rows, *shape), generator=generator, dtype=dtype), pairs))
+    latents = M.encode_images(m, images, generator, share, rows, pairs)
     # c: dropped captions get the unconditional input that guidance uses at sampling time
     cond = M.encode_prompts(m, batch["prompt"], sizes, crops, repeat=k, drop=drop)
     return latents, cond, embed(args, embedder, batch["prompt"], images) if L.OBJECTIVES[args.loss]["weights"] else None
