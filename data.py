@@ -30,7 +30,8 @@ import torch
 import model as M
 from plumbing import cache, pickapic
 from plumbing import distributed as D
-from plumbing.images import STYLES, ImagePairs, apply_style, image_to_tensor, read_image, render_toy, toy_prompts
+from plumbing.image_files import ImagePairs, read_image
+from plumbing.images import STYLES, apply_style, image_to_tensor, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
 # 1. The toy Style Alignment set (plumbing/images.py draws the images)
@@ -123,7 +124,7 @@ class ManifestPairs(ImagePairs):
     """Pairs listed in a JSONL file. Bad lines (unreadable JSON, bytes that are not UTF-8,
     missing fields or image files, ties, prompts that are not valid text) are skipped and
     counted at construction, one warning per reason. An image refused while loading (corrupt,
-    too large, extreme aspect ratio: plumbing.images.read_image) makes a skip marker, which
+    too large, extreme aspect ratio: plumbing.image_files.read_image) makes a skip marker, which
     stream_batches reads past to the next readable pair: one bad file never kills a long run nor
     shrinks a batch. Each such image is named in one warning, the first time it is met (per
     process: each DataLoader worker keeps its own record, so one may name a file another named)."""
@@ -379,7 +380,7 @@ def _epoch_items(dataset, batch_size, seed, epoch, item, rank, world):
 
 class EpochItems(torch.utils.data.Dataset):
     """dataset[i] as read in a given epoch: key (epoch, i). Crops and flips are drawn from
-    (seed, epoch, index) (plumbing/images.py ImagePairs, plumbing/cache.py CachedPairs), and a
+    (seed, epoch, index) (plumbing/image_files.py ImagePairs, plumbing/cache.py CachedPairs), and a
     DataLoader worker holds its own copy of the dataset, made when it starts: the epoch has to
     travel with the index, or a worker would crop every epoch as the one it started in."""
 

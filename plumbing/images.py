@@ -1,8 +1,8 @@
 """
-Images in, tensors out, for every source of preference pairs: the toy world drawn in code, the
-pixel convention every image follows, decoding of image files, and one resize/crop/flip shared by
-the two images of a pair (with SDXL's size and crop conditioning). Images are float32 (3,R,R) in
-[-1, 1], the range the SD VAE expects.
+Images as the project computes with them: the toy world drawn in code, the pixel convention every
+image follows (float32 (3,R,R) in [-1, 1], the range the SD VAE expects: image_to_tensor,
+tensor_to_uint8), and CLIP's input and output (clip_pixels, clip_output). Image files and pairs
+of them are plumbing/image_files.py's.
 
 The toy world: prompts "a {colour} {shape} on a {background} background", a procedural renderer,
 and two procedural styles (winter, sketch) that stand in for InstructPix2Pix edits. Everything is
@@ -11,10 +11,7 @@ drawn with numpy from a seed: no files, no downloads. data.py builds the toy dat
 pretraining a toy base model), plumbing/tiny.py gives its tiny tokenizer one token per toy word, and
 plumbing/toy_scorer.py learns to read colour, shape and style.
 """
-import io
 import re
-import struct
-import warnings
 
 import numpy as np
 import torch
@@ -148,144 +145,3 @@ def clip_pixels(clip, images):
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     return ((x - mean) / std).to(clip.dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Image pairs from files
-class ImagePairs(torch.utils.data.Dataset):
-    """What every source of real image pairs shares: resize, one crop and one flip for both
-    images of a pair, and the SDXL size/crop conditioning. Subclasses find (prompt, winner,
-    loser) and call self.pair_item."""
-
-    def __init__(self, resolution=512, seed=0, random_crop=False, random_flip=False):
-        self.resolution, self.seed = resolution, seed
-        self.random_crop, self.random_flip = random_crop, random_flip
-        # Crop/flip randomness is keyed on the epoch, so each epoch sees new crops. A DataLoader
-        # worker holds its own copy of the dataset, so data.stream_batches sends the epoch with
-        # every index (data.EpochItems sets it here, in whichever process reads the item).
-        self.epoch = 0
-        self.skip_counts = {}  # reason -> count, for pairs dropped before training sees them
-
-    def pair_item(self, prompt, win, los, i):
-        """Two PIL images (decoded) -> the training item: both resized so the shorter side of
-        the winner is `resolution`, cropped by one window, flipped by one decision."""
-        R = self.resolution
-        # Resize so the shorter side is exactly R. The loser goes to the winner's resized size
-        # even if its own aspect differs, so one crop window fits both.
-        w0, h0 = win.size
-        scale = R / min(w0, h0)
-        size = (R, max(R, round(h0 * scale))) if w0 <= h0 else (max(R, round(w0 * scale)), R)
-        # (h, w) before any resize; read_image records it when it shrank a big image on decode
-        (ow, oh), (lw, lh) = win.info.get("original_size", win.size), los.info.get("original_size", los.size)
-        original_w, original_l = (oh, ow), (lh, lw)
-        win = win if win.size == size else win.resize(size, Image.BICUBIC)
-        los = los if los.size == size else los.resize(size, Image.BICUBIC)
-        # One crop corner and one flip decision for BOTH images: a pair cropped differently
-        # would differ in content as well as in quality, and the loss would learn the crop.
-        # Draw all three numbers always, so the flip decision doesn't depend on random_crop.
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        W, H = size
-        top, left, flip = rng.integers(0, H - R + 1), rng.integers(0, W - R + 1), rng.random() < 0.5
-        if not self.random_crop:
-            top, left = (H - R) // 2, (W - R) // 2  # centre (floor: biased to top-left by <1 px)
-        box = (int(left), int(top), int(left) + R, int(top) + R)
-        out = []
-        for im in (win, los):
-            im = im.crop(box)
-            if self.random_flip and flip:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            out.append(image_to_tensor(im))
-        # crop_top_left is the crop window in the resized, unflipped image (SDXL add_time_ids);
-        # the original sizes are (height, width) before any resize, as SDXL conditions on them.
-        return {"prompt": prompt, "winner": out[0], "loser": out[1], "original_size_w": original_w,
-                "original_size_l": original_l, "crop_top_left": (int(top), int(left)), "index": i}
-
-
-MAX_PIXELS = 40_000_000  # pixels decoded per image (~120 MB as RGB); larger ones are refused
-MAX_ASPECT = 20  # longer side / shorter side: a 1x3000 strip resized to 512 wide is 768 MP
-_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F")  # modes box-reduced as they are
-# What Pillow raises on broken or hostile files besides OSError (its plugins are not uniform).
-_BROKEN = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError)
-
-
-def read_image(source, resolution=None):
-    """A path or encoded bytes -> (RGB PIL image, None), or (None, (kind, detail)) when the
-    image is refused: kind is "corrupt image", "image too large" or "extreme aspect ratio"
-    (the skip reason to count), detail a short text for the warning.
-
-    Budget, checked on the header before any pixel is decoded: an aspect ratio over
-    MAX_ASPECT:1 is refused; so is an image over MAX_PIXELS (Pillow's decompression-bomb
-    guard stays on above that). With `resolution` R (the training size) big images are shrunk
-    cheaply: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Image.draft: a low-pass in the DCT,
-    counted against the budget at that scale) to a shorter side in [R, 2R) where the scales
-    allow; anything else is box-reduced by an integer factor (Image.reduce) to a shorter side
-    in [2R, 4R), leaving at least 2x to the bicubic resize so the box filter does not alias
-    (Image.thumbnail's reducing_gap=2). Images under 2R are decoded untouched.
-    The image's size before any shrinking is in .info["original_size"] (w, h), for SDXL's
-    size conditioning. Pixel modes: see _to_rgb."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our budget is lower
-            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-                return _decode(im, resolution)
-    except Image.DecompressionBombError as err:
-        return None, ("image too large", str(err).split(" could be")[0].rstrip(","))
-    except _BROKEN as err:
-        return None, ("corrupt image", (str(err).splitlines() or [type(err).__name__])[0][:160])
-
-
-def decode_image(source, resolution=None):
-    """A path or JPEG/PNG/... bytes -> 8-bit RGB PIL image, or None when it is refused
-    (corrupt, too large, extreme aspect ratio: read_image says which)."""
-    return read_image(source, resolution)[0]
-
-
-def _decode(im, resolution):
-    """An opened (header-only) image -> read_image's answer."""
-    w, h = im.size
-    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-        return None, ("extreme aspect ratio", f"{w}x{h}, more than {MAX_ASPECT}:1")
-    if resolution:
-        im.draft(None, (resolution, resolution))  # JPEG only (others ignore it); changes im.size
-    if im.size[0] * im.size[1] > MAX_PIXELS:
-        return None, ("image too large", f"{w}x{h} = {w * h / 1e6:.1f} MP, over the "
-                                         f"{MAX_PIXELS / 1e6:g} MP budget")
-    factor = min(im.size) // (2 * resolution) if resolution else 1
-    if factor > 1:
-        # Box-averaging is meaningful for these modes only (not palette indices, not a
-        # transparent colour key); Image.reduce refuses 1, P and I;16 anyway.
-        if im.mode not in _REDUCIBLE or "transparency" in im.info:
-            im = _to_rgb(im)
-        im = im.reduce(factor)  # (RGBA/LA: Pillow premultiplies alpha for this)
-    out = _to_rgb(im)
-    out.info["original_size"] = (w, h)
-    return out, None
-
-
-def _to_rgb(im):
-    """Any PIL mode -> a new 8-bit RGB image (forces the decode). Each mode by its real range:
-      I;16*  16-bit (PNG, TIFF): value / 257
-      I      32-bit ints (TIFF; 16-bit PNGs on old Pillow): max <= 255 -> taken as 8-bit values;
-             max <= 65535 -> 16-bit, / 257; larger -> scaled so the image's own max is 255
-      F      floats: max <= 1 -> [0, 1] (x 255), else [0, 255]; NaN -> 0
-      (all rounded, clipped to [0, 255], grey -> RGB)
-      RGBA, LA, PA, and P/L/RGB with a transparent colour: alpha composited on white,
-             round(c·a + 255·(1 - a)) with a = alpha / 255 (a transparent pixel is white, not
-             whatever colour it hides)
-      1, L, P, CMYK, YCbCr, ... (no transparency): Pillow's convert("RGB")."""
-    mode = im.mode
-    if mode.startswith("I") or mode == "F":
-        a = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0)
-        top = float(a.max()) if a.size else 0.0
-        if mode == "F":
-            scale = 255.0 if top <= 1 else 1.0
-        elif mode.startswith("I;16"):
-            scale = 1 / 257  # 65535 -> 255 exactly
-        else:
-            scale = 1.0 if top <= 255 else 1 / 257 if top <= 65535 else 255 / top
-        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
-

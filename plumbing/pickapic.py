@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from plumbing.images import ImagePairs, read_image
+from plumbing.image_files import ImagePairs, read_image
 from plumbing import hub
 
 # train.py's data for sd15/sdxl when --data is not given: Apache-2.0, 7,459 community-voted pairs of

@@ -17,12 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import cache  # noqa: E402
 import data  # noqa: E402
 from tools import build_cache
-from plumbing import images  # noqa: E402
+from plumbing import image_files  # noqa: E402
 import train  # noqa: E402
 from data import ManifestPairs  # noqa: E402
 from plumbing.images import image_to_tensor  # noqa: E402
 from plumbing import tiny  # noqa: E402
-from plumbing.images import decode_image, read_image  # noqa: E402
+from plumbing.image_files import decode_image, read_image  # noqa: E402
 
 
 def reopen(tmp_path, name, img, mode):
@@ -161,7 +161,7 @@ def test_big_png_box_reduced_first(tmp_path):
 
 
 def test_pixel_budget_counts_decoded_pixels(tmp_path, monkeypatch):
-    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
+    monkeypatch.setattr(image_files, "MAX_PIXELS", 10_000)
     Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
     assert read_image(tmp_path / "big.png", 16) == (None, ("image too large",
                                                            "200x100 = 0.0 MP, over the 0.01 MP budget"))

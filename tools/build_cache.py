@@ -17,7 +17,7 @@ import torch
 import data
 import model as M
 from plumbing import cache, checks, files, hub, pickapic
-from plumbing.images import ImagePairs
+from plumbing.image_files import ImagePairs
 
 
 def build_cache(model, data_spec, out, pretrained=None, resolution=None, split="train", seed=0, num_items=8192,

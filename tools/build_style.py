@@ -16,7 +16,7 @@ from PIL import Image
 import data
 import model as M
 from plumbing import checks, files, hub, pickapic
-from plumbing.images import decode_image
+from plumbing.image_files import decode_image
 from plumbing.images import apply_style
 
 
