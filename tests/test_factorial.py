@@ -5,13 +5,16 @@ from toy import factorial as X
 from toy import frontier as F
 
 
-def test_seed_0_grows_its_grid_until_it_brackets_the_matched_styles():
+def test_a_seed_grows_its_grid_until_it_brackets_the_matched_styles():
     grid = X.GRID["dpo"]  # 3.2e-7 .. 3.2e-6
-    assert X.seed0_lrs({}, "dpo t=pair") == grid  # nothing run yet: the starting grid
+    assert X.grown({}, grid) == grid  # nothing run yet: the starting grid
     styles = dict(zip(grid, (0.65, 0.7, 0.75, 0.78, 0.79)))  # already styled at its lowest, not at its highest
-    assert X.seed0_lrs(styles, "dpo t=pair") == [1.8e-7] + grid + [5.6e-6]
+    assert X.grown(styles, grid) == [1.8e-7] + grid + [5.6e-6]
     styles.update({1.8e-7: 0.5, 5.6e-6: 0.9})
-    assert X.seed0_lrs(styles, "dpo t=pair") == [1.8e-7] + grid + [5.6e-6]  # bracketed: no more
+    assert X.grown(styles, grid) == [1.8e-7] + grid + [5.6e-6]  # bracketed: no more
+    # another seed starts from seed 0's points and grows its own way: a slower seed upward
+    start = grid[1:4]
+    assert X.grown(dict(zip(start, (0.4, 0.55, 0.7))), start) == start + [grid[4]]
 
 
 def test_other_seeds_run_seed_0s_points_across_the_transition():

@@ -62,10 +62,10 @@ def objective(arm):
     return arm.split(" t=")[0]
 
 
-def seed0_lrs(styles, arm):
-    """Seed 0's lrs for an arm: its GRID, grown one LADDER point at a time at an end whose run shows
-    the transition is beyond it. styles: {lr: style} of seed 0's finished runs."""
-    lrs = list(GRID[objective(arm)])
+def grown(styles, lrs):
+    """A seed's lrs: `lrs`, grown one LADDER point at a time at an end whose run shows the transition
+    is beyond it, until the seed's styles bracket LOW..HIGH. styles: {lr: style} of its finished runs."""
+    lrs = list(lrs)
     while lrs[0] in styles and styles[lrs[0]] >= LOW and LADDER.index(lrs[0]) > 0:
         lrs.insert(0, LADDER[LADDER.index(lrs[0]) - 1])
     while lrs[-1] in styles and styles[lrs[-1]] <= HIGH and LADDER.index(lrs[-1]) < len(LADDER) - 1:
@@ -87,12 +87,18 @@ def other_lrs(styles, lrs):
 
 
 def plan(args):
-    """The study's jobs (arm, lr, seed, 8, style) in priority order, from what has run so far."""
+    """The study's jobs (arm, lr, seed, 8, style) in priority order, from what has run so far: seed 0's
+    grid around each arm's transition; each other seed starts from seed 0's points across LOW..HIGH
+    and grows its own grid where its transition lies elsewhere (a seed that learns the style slower
+    or faster than seed 0 would otherwise never cross the matched styles)."""
+    def styles_of(style, arm, seed):
+        return {r["lr"]: r["style"] for r in F.rows(args, [(arm, lr, seed, 8, style) for lr in LADDER])}
+
     def seed0(style):
         out = {}
         for arm in ARMS:
-            styles = {r["lr"]: r["style"] for r in F.rows(args, [(arm, lr, 0, 8, style) for lr in LADDER])}
-            out[arm] = seed0_lrs(styles, arm), styles
+            styles = styles_of(style, arm, 0)
+            out[arm] = grown(styles, GRID[objective(arm)]), styles
         return out
     winter, sketch = seed0("winter"), seed0("sketch")
     jobs = []
@@ -101,7 +107,8 @@ def plan(args):
         for seed in seeds:
             for arm in ARMS:
                 lrs, styles = first[arm]
-                jobs.extend((arm, lr, seed, 8, style) for lr in (lrs if seed == 0 else other_lrs(styles, lrs) or []))
+                start = lrs if seed == 0 else other_lrs(styles, lrs)
+                jobs.extend((arm, lr, seed, 8, style) for lr in (grown(styles_of(style, arm, seed), start) if start else []))
     add("winter", (0,), winter)
     add("winter", (1, 2), winter)
     add("sketch", (0,), sketch)
