@@ -222,7 +222,7 @@ def parser():
     g.add_argument("--recipe", default=None, choices=["paper"],
                    help="sd15/sdxl: the paper's recipe as defaults (2048 pairs/step through accumulation over the "
                         "processes, lr 1e-8 per pair, warm-up 500/200, 2000 steps, AdamW/Adafactor); flags given win. Its "
-                        "lr is DPO's: RPO (ω outside) needed 5-9x it on the toy (docs/method.md, 'The learning rate')")
+                        "lr is DPO's: RPO (ω outside) needed 3-6x it on the toy (docs/method.md, 'The learning rate')")
     g.add_argument("--scale_lr", action="store_true",
                    help="read --lr as per pair and multiply it by the pairs per step (batch × accumulation × ranks)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then constant (Diffusion-DPO recipe)")
