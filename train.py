@@ -16,8 +16,8 @@ lock, Ctrl-C and a full disk plumbing/run_dir.py's; metrics.jsonl and the card p
 validation (validate) sample.py's sampler and evaluate.py's scorers.
 """
 import argparse
-import json
 import contextlib
+import json
 import math
 import os
 import shlex
@@ -358,11 +358,15 @@ def describe(args, m, params, world, dataset):
           f"{args.batch_size}×{args.grad_accum}×{world}") if world > 1 else f"{m.device}, {args.batch_size}×{args.grad_accum}"
     size = "(streamed)" if hasattr(dataset, "stream") else f"({len(dataset)} items)"
     pairs = args.batch_size * args.grad_accum * world
-    values = {k: getattr(args, k) for k in L.settings_of(args.loss)}  # the settings it reads, and only those
-    read = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    read = ", ".join(f"{k} {v}" for k, v in settings_shown(args).items())  # the settings it reads, and only those
     return (f"training {args.loss} ({read}) on {args.model} ({what}) on {on} = {pairs} pairs/step, data {args.data} {size}\n"
             f"lr {args.lr:g} per step = {args.lr / pairs:.3g} per pair (the paper's recipe: {RECIPE_LR_PER_PAIR:g} per "
             f"pair, 2.048e-5 for 2048 pairs/step)")
+
+
+def settings_shown(args):
+    """The settings --loss reads, and only those, with their values as the start line and the card show them."""
+    return {k: f"{v:g}" if isinstance(v := getattr(args, k), float) else str(v) for k in L.settings_of(args.loss)}
 
 
 def clip_gradients(params, optimizer, scaler, max_norm):
@@ -473,9 +477,8 @@ def publish(args, final, folder, step, pairs_per_step, grid, argv, log):
     """Rank 0, at the end: OUT_DIR/unet (or the LoRA) from the final checkpoint, the model card
     beside it, and with --push_to_hub the upload (after everything is saved: a failure loses nothing)."""
     C.export(args.out_dir, final, folder)
-    objective = f"`--loss {args.loss}`: {L.OBJECTIVES[args.loss]['about']}" + "".join(  # and the settings it reads
-        f"; {k} = {getattr(args, k):g}" if isinstance(getattr(args, k), float) else f"; {k} = {getattr(args, k)}"
-        for k in L.settings_of(args.loss))
+    objective = f"`--loss {args.loss}`: {L.OBJECTIVES[args.loss]['about']}" + "".join(
+        f"; {k} = {v}" for k, v in settings_shown(args).items())  # and the settings it reads
     R.model_card(args, M.PRESETS[args.model], objective, step, pairs_per_step, folder, grid,
                  command=shlex.join(["python", "train.py", *argv]))
     if args.push_to_hub:
