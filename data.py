@@ -213,7 +213,7 @@ class ManifestPairs(ImagePairs):
             if bad and path not in self.warned:
                 self.warned.add(path)
                 print(f"warning: {path}: {bad[0]} ({bad[1]}); pairs using it are skipped", file=sys.stderr)
-        if wbad or lbad:  # "kind: path", counted by kind (train.count_skips)
+        if wbad or lbad:  # "kind: path", counted by kind (count_skips)
             return {"skip": f"{(wbad or lbad)[0]}: {wpath if wbad else lpath}", "index": i}
         return self.pair_item(prompt, win, los, i)
 
@@ -281,6 +281,13 @@ def from_args(args, world):
         raise SystemExit(f"error: --data {args.data} has {len(dataset)} pairs, fewer than --batch_size {args.batch_size}"
                          + (f" × {world} ranks" if world > 1 else ""))
     return dataset, (dataset.resolution if cached else resolution)
+
+
+def count_skips(counts, reasons):
+    """Add a batch's skip reasons to `counts`, by kind: "corrupt image: PATH" -> "corrupt image"."""
+    for reason in reasons:
+        kind = reason.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
 
 
 def collate_pairs(items):

@@ -385,12 +385,6 @@ def due(every, step):
     return bool(every) and step % every == 0
 
 
-def count_skips(counts, reasons):
-    for reason in reasons:  # "corrupt image: PATH" -> "corrupt image"
-        kind = reason.split(":")[0]
-        counts[kind] = counts.get(kind, 0) + 1
-
-
 class Reporter:
     """What a run reports, on rank 0: OUT_DIR/metrics.jsonl (one line per optimizer step), a tqdm
     bar or, with --no_progress, a line every --log_every steps, and the scalars and validation grids
@@ -563,7 +557,7 @@ def main(argv=None):
             sums, finite = {}, True
             for micro in range(args.grad_accum):
                 epoch, items_in_epoch, batch = next(stream)  # (the same position on every rank)
-                count_skips(new_skips, batch["skipped"])  # read past: unreadable images (hub: ties, ...)
+                data.count_skips(new_skips, batch["skipped"])  # read past: unreadable images (hub: ties, ...)
                 generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1009 + micro)
                 # DDP all-reduces gradients in the last micro-batch's backward only (no_sync before);
                 # FSDP reduce-scatters every micro-batch (docs/multi-gpu.md).

@@ -79,9 +79,7 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
 
     from tqdm import tqdm
     for batch in tqdm(loader, desc=f"caching {data_spec}", disable=not progress):
-        for reason in batch["skipped"]:
-            kind = reason.split(":")[0]
-            skips[kind] = skips.get(kind, 0) + 1
+        data.count_skips(skips, batch["skipped"])
         if not batch["prompt"]:
             continue
         B = len(batch["prompt"])
