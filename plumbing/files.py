@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import tempfile
 
 from PIL import Image
 
@@ -33,12 +34,17 @@ def read_utf8(path):
         raise SystemExit(f"error: {path}: cannot be read ({err.strerror})")
     raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         column = err.start - raw.rfind(b"\n", 0, err.start)
         raise SystemExit(f"error: {path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
                          f"save the file as UTF-8")
+    if "\0" in text:  # valid UTF-8, but no text holds a NUL: UTF-16 without its BOM (every other byte 0), or binary
+        at = text.index("\0")
+        raise SystemExit(f"error: {path}:{text.count(chr(10), 0, at) + 1}: a NUL byte, which no text holds (UTF-16, "
+                         f"or not a text file?); save the file as UTF-8")
+    return text
 
 def path_inside(folder, name):
     """FOLDER/NAME if its real path (symlinks resolved) lies inside FOLDER's, else None: a
@@ -121,6 +127,11 @@ def folder_problem(path, flag):
     if not os.access(parent, os.W_OK | os.X_OK):
         return (f"error: {flag} {path}: {parent} is not writable" +
                 (" (a read-only file system)" if _read_only(parent) else "") + "; choose another folder")
+    if parent != os.path.abspath(path):  # (os.access says yes to root almost anywhere, /proc and /sys too: try)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+        except OSError as err:
+            return f"error: {flag} {path}: no folder can be made in {parent} ({err.strerror}); choose another folder"
     return None
 
 
@@ -227,15 +238,18 @@ def link_out_of(path, root):
     return None if os.path.commonpath([root, target]) == root else target
 
 
-def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=False, resume_flag=None, tolerated=()):
+def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=False, resume_flag=None, tolerated=(),
+                          delete=True):
     """The rule train.py keeps for --out_dir, for every program that writes a folder (sample.py's
     --out, the tools' --out): it writes only into an empty folder or its own output, never beside
     or over a user's files. MARKS: names (fnmatch patterns) that make PATH this program's output;
     owned(): the paths of that output, which --overwrite deletes first (nothing else goes).
     resuming: the command continues that output (resume_flag: the flag that says so, for the
     message; None: the program cannot continue one). tolerated: names that are this program's but
-    no earlier output (another process's part of the same build). One error line, or None (PATH
-    may be written)."""
+    no earlier output (another process's part of the same build). delete=False: --overwrite is
+    allowed but deletes nothing yet; the program calls again with delete=True once its other
+    inputs have loaded, so a mistake in them never costs the earlier output. One error line, or
+    None (PATH may be written)."""
     import fnmatch
     import shutil
     problem = folder_problem(path, flag)
@@ -249,6 +263,8 @@ def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=Fa
                 f"{', ...' if len(foreign) > 3 else ''}); it writes only into an empty folder or its own output: "
                 f"choose another {flag}")
     if not ours or resuming:
+        return None
+    if overwrite and not delete:
         return None
     if overwrite:
         doomed = owned()
