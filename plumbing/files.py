@@ -69,11 +69,12 @@ def url_cache_path(url, cache_dir):
 def read_index(folder):
     """A sample.py output folder's samples.jsonl -> records (dicts with prompt, seed, file and
     path = the image's path). Every listed file must lie inside the folder and be an image (its
-    header is read here, so a bad folder fails before any model loads)."""
+    header is read here, so a bad folder fails before any model loads), each (prompt, seed) and
+    each file listed once (twice would count one image twice, and pair it twice for win rates)."""
     index = os.path.join(folder, "samples.jsonl")
     if not os.path.isfile(index):
         raise SystemExit(f"error: {folder}: no samples.jsonl (not a sample.py output folder?)")
-    records = []
+    records, seen = [], {}
     for n, line in enumerate(io.StringIO(read_utf8(index), newline=None), 1):
         if not line.strip():
             continue
@@ -92,6 +93,9 @@ def read_index(folder):
                              f"evaluate.py reads only files inside the folder it is given")
         if not os.path.isfile(rec["path"]):
             raise SystemExit(f"error: {index}:{n}: image file {rec['path']} is missing")
+        for key, what in (((rec["prompt"], rec["seed"]), "its (prompt, seed)"), (rec["path"], "its file")):
+            if seen.setdefault(key, n) != n:
+                raise SystemExit(f"error: {index}:{n}: {what} is listed on line {seen[key]} too: one image counted twice")
         try:
             Image.open(rec["path"]).close()  # the header only: cheap, and catches a non-image
         except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -207,6 +211,43 @@ def file_to_write_problem(path, flag):
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{flag} {path}: {parent} is not writable"
     return None
+
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")  # what evaluate.py --curves writes (matplotlib picks by the name)
+
+
+def earlier_result(path):
+    """Whether the file PATH is an earlier result of evaluate.py, which a new one may replace: its
+    JSON (an object with "runs") or a figure matplotlib drew (which names itself in the file)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    if b"matplotlib" in raw[:1 << 16].lower() or b"matplotlib" in raw[-(1 << 16):].lower():
+        return True
+    try:
+        return isinstance(json.loads(raw), dict) and "runs" in json.loads(raw)
+    except ValueError:
+        return False
+
+
+def results_problem(out, figure=False, chart=False):
+    """evaluate.py's --out (OUT: the one it writes): one error line, or None. A --curves figure
+    (figure) is named for a format matplotlib writes; reward metrics' bar chart (chart: OUT with
+    .png) must not be OUT itself; and a file already there that is not an earlier result of
+    evaluate.py is the user's: never replaced."""
+    problem = file_to_write_problem(out, "--out")
+    if not problem and figure and not out.lower().endswith(FIGURE_SUFFIXES):
+        problem = f"--out {out}: a figure is written as {', '.join(FIGURE_SUFFIXES)}: name it so"
+    chart = os.path.splitext(out)[0] + ".png" if chart and not figure else None
+    if not problem and chart == out:
+        problem = f"--out {out}: the bar chart is written to the same name with .png: name the results .json"
+    for path in (out, chart):
+        if not problem and path and os.path.lexists(path) and not earlier_result(path):
+            problem = (f"--out {out}" + (f": its bar chart {path}" if path != out else "") +
+                       " exists and is not an earlier result of evaluate.py: choose another name")
+    return problem and "error: " + problem
 
 
 def write_atomic(path, text):

@@ -94,7 +94,7 @@ def compare_problem(args):
     if not args.compare:
         return None
     if args.overwrite and os.path.realpath(args.compare) == os.path.realpath(args.out):
-        return f"error: --compare {args.compare} is --out, whose images --overwrite deletes: compare with another folder"
+        return f"error: --compare {args.compare} is --out, whose images --overwrite deletes: compare another folder"
     if not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
         return f"error: --compare {args.compare}: no samples.jsonl there"
     files.read_index(args.compare)  # (a damaged folder ends in its own line)

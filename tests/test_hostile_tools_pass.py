@@ -23,7 +23,7 @@ FAST = ["--model", "tiny", "--steps", "2", "--seeds", "0", "--prompts", "a red c
 
 
 def folder_bytes(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_compare_naming_the_out_that_overwrite_empties_is_refused(tmp_path, earl
     """It was emptied at the checks, then refused as having no samples.jsonl: the images were lost."""
     before = folder_bytes(earlier)
     line = main_error(S.main, [*FAST, "--out", earlier, "--overwrite", "--compare", f"{earlier}/"])
-    assert line == f"error: --compare {earlier}/ is --out, whose images --overwrite deletes: compare with another folder"
+    assert line == f"error: --compare {earlier}/ is --out, whose images --overwrite deletes: compare another folder"
     assert folder_bytes(earlier) == before
 
 
@@ -97,3 +97,105 @@ def test_a_write_error_that_is_not_a_full_disk_is_not_called_one():
     assert "free space" in sample_out.write_failed("out", OSError(28, "No space left on device"))
     line = sample_out.write_failed("out", PermissionError(13, "Permission denied", "out/samples.jsonl"))
     assert line == "error: cannot write in out: Permission denied (out/samples.jsonl)"
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate.py: what --out would replace, and folders that list one image twice
+
+
+@pytest.fixture
+def toy_folder(tmp_path):
+    S.main([*FAST[:6], "--prompts", "toy-test", "--out", str(tmp_path / "toy")])
+    return tmp_path / "toy"
+
+
+@pytest.mark.parametrize("name", ["samples.jsonl", "0000_seed0.png", "../notes.md", "../notes.json"])
+def test_evaluate_never_replaces_a_users_file_with_its_results(tmp_path, toy_folder, name):
+    """--out toy/samples.jsonl replaced the index it had just read; notes.md, an image: the same."""
+    (tmp_path / "notes.md").write_text("my notes\n")
+    (tmp_path / "notes.json").write_text('{"mine": 1}\n')
+    before, notes = folder_bytes(toy_folder), folder_bytes(tmp_path)
+    out = os.path.normpath(toy_folder / name)
+    line = main_error(E.main, ["--images", toy_folder, "--metrics", "toy_style", "--out", out])
+    assert line == f"error: --out {out} exists and is not an earlier result of evaluate.py: choose another name"
+    assert folder_bytes(toy_folder) == before and folder_bytes(tmp_path) == notes
+
+
+def test_evaluate_replaces_its_own_earlier_results_with_the_same_bytes(tmp_path, toy_folder):
+    argv = ["--images", str(toy_folder), "--metrics", "toy_style,toy_content", "--out", str(tmp_path / "r.json")]
+    E.main(argv)
+    first = (tmp_path / "r.json").read_bytes()
+    E.main(argv)
+    assert (tmp_path / "r.json").read_bytes() == first and not (tmp_path / "r.json.part").exists()
+
+
+def test_the_bar_chart_of_reward_metrics_never_replaces_a_users_file(tmp_path, toy_folder):
+    """--out toy/0000_seed0.json: its bar chart, .json -> .png, replaced the sample image 0000_seed0.png;
+    --out r.png: the chart replaced the results."""
+    before = folder_bytes(toy_folder)
+    line = main_error(E.main, ["--images", toy_folder, "--metrics", "clip", "--out", toy_folder / "0000_seed0.json"])
+    assert line == (f"error: --out {toy_folder / '0000_seed0.json'}: its bar chart {toy_folder / '0000_seed0.png'} "
+                    f"exists and is not an earlier result of evaluate.py: choose another name")
+    line = main_error(E.main, ["--images", toy_folder, "--metrics", "clip", "--out", tmp_path / "r.png"])
+    assert line == f"error: --out {tmp_path / 'r.png'}: the bar chart is written to the same name with .png: name the results .json"
+    assert folder_bytes(toy_folder) == before
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A train.py folder's metrics.jsonl (what --curves reads)."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - s / 100, "implicit_acc": 0.5})
+                                               + "\n" for s in range(1, 6)))
+    return run
+
+
+@pytest.mark.parametrize("name", ["curves.json", "curves.txt", "curves"])
+def test_curves_to_a_name_matplotlib_cannot_write_is_one_line(tmp_path, run_dir, name):
+    """.json, .txt: matplotlib's ValueError as a traceback; no suffix: it wrote curves.png and said curves."""
+    line = main_error(E.main, ["--curves", f"a={run_dir}", "--out", tmp_path / name])
+    assert line == f"error: --out {tmp_path / name}: a figure is written as .png, .pdf, .svg: name it so"
+    assert os.listdir(tmp_path) == []
+
+
+def test_curves_replace_their_own_figure_but_not_a_users(tmp_path, run_dir, toy_folder):
+    for _ in range(2):
+        E.main(["--curves", f"a={run_dir}", "--out", str(tmp_path / "c.pdf")])
+    before = folder_bytes(toy_folder)
+    line = main_error(E.main, ["--curves", f"a={run_dir}", "--out", toy_folder / "0000_seed0.png"])
+    assert "exists and is not an earlier result of evaluate.py" in line and folder_bytes(toy_folder) == before
+
+
+@pytest.mark.parametrize("curves", [["a=RUN", "a=RUN"], ["=RUN"]])
+def test_curves_labels_twice_or_empty_are_refused(run_dir, curves, tmp_path):
+    line = main_error(E.main, ["--curves", *[c.replace("RUN", str(run_dir)) for c in curves], "--out", tmp_path / "c.png"])
+    assert line == "error: --curves takes LABEL=RUN_DIR pairs, each with a label of its own"
+
+
+@pytest.mark.parametrize("points", ['{"a": [[1, NaN]]}', '{"a": [[1, true]]}', '{"a": [[Infinity, 0.5]]}'])
+def test_style_points_that_are_not_finite_numbers_are_refused(tmp_path, run_dir, points):
+    (tmp_path / "p.json").write_text(points)
+    line = main_error(E.main, ["--curves", f"a={run_dir}", "--style_points", tmp_path / "p.json", "--out", tmp_path / "c.png"])
+    assert line == f"error: --style_points {tmp_path / 'p.json'}: expected JSON {{label: [[step, style], ...]}}"
+
+
+def test_empty_labels_are_refused(toy_folder, tmp_path):
+    line = main_error(E.main, ["--images", toy_folder, toy_folder, "--labels", "a,", "--metrics", "toy_style",
+                               "--out", tmp_path / "r.json"])
+    assert line == "error: labels must differ and be non-empty, got 'a,'"
+
+
+@pytest.mark.parametrize("change", ["record", "file"])
+def test_a_folder_listing_one_image_twice_is_refused(toy_folder, change):
+    """A (prompt, seed) listed twice, or two records naming one file: the toy metrics counted that
+    image twice (a wrong mean, no word)."""
+    index = toy_folder / "samples.jsonl"
+    records = [json.loads(line) for line in index.read_text().splitlines()]
+    if change == "record":
+        records[1] = records[0]
+    else:
+        records[1]["file"] = records[0]["file"]
+    index.write_text("".join(json.dumps(r) + "\n" for r in records))
+    line = main_error(E.main, ["--images", toy_folder, "--metrics", "toy_style", "--out", toy_folder / "r.json"])
+    what = "its (prompt, seed)" if change == "record" else "its file"
+    assert line == f"error: {index}:2: {what} is listed on line 1 too: one image counted twice"
