@@ -199,3 +199,52 @@ def test_a_folder_listing_one_image_twice_is_refused(toy_folder, change):
     line = main_error(E.main, ["--images", toy_folder, "--metrics", "toy_style", "--out", toy_folder / "r.json"])
     what = "its (prompt, seed)" if change == "record" else "its file"
     assert line == f"error: {index}:2: {what} is listed on line 1 too: one image counted twice"
+
+
+# ---------------------------------------------------------------------------------------
+# The toy scorer's --scorer_cache
+
+
+@pytest.fixture
+def cache_pair(tmp_path):
+    """A copy of the shipped winter scorer as a --scorer_cache for --scorer_seed 1 (its record says seed 1)."""
+    from plumbing import toy_scorer
+    src = os.path.join(toy_scorer.SHIPPED, "toy_scorer_winter_16")
+    shutil.copy(src + ".safetensors", tmp_path / "sc.safetensors")
+    meta = json.load(open(src + ".json"))
+    meta["config"]["seed"] = 1
+    (tmp_path / "sc.json").write_text(json.dumps(meta))
+    return tmp_path / "sc.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["record cut short", "record a list", "weights garbage", "weights of another net",
+                                    "a user's file"])
+def test_a_scorer_cache_that_is_not_one_is_one_line_and_kept(tmp_path, toy_folder, cache_pair, damage, monkeypatch):
+    """Each was a traceback (JSONDecodeError, AttributeError, SafetensorError, RuntimeError); a
+    user's notes.md named as the cache, with no record beside it, was trained over and replaced."""
+    from plumbing import toy_scorer
+    monkeypatch.setattr(toy_scorer, "train_toy_scorer", lambda *a: pytest.fail("trained over the named cache"))
+    meta = tmp_path / "sc.json"
+    if damage == "record cut short":
+        meta.write_text('{"config": ')
+    elif damage == "record a list":
+        meta.write_text("[1]")
+    elif damage == "weights garbage":
+        cache_pair.write_bytes(b"garbage")
+    elif damage == "weights of another net":
+        save_file({"w": torch.zeros(2)}, str(cache_pair))
+    else:
+        cache_pair = tmp_path / "notes.md"
+        cache_pair.write_text("my notes\n")
+    before = folder_bytes(tmp_path)
+    line = main_error(E.main, ["--images", toy_folder, "--metrics", "toy_style", "--scorer_seed", "1",
+                               "--scorer_cache", cache_pair, "--out", tmp_path / "r.json"])
+    assert line.startswith(f"error: --scorer_cache {cache_pair}: ")
+    assert ("not a toy scorer cache" in line) == damage.startswith(("record", "a user")), line
+    assert folder_bytes(tmp_path) == before
+
+
+def test_an_intact_scorer_cache_still_loads(tmp_path, toy_folder, cache_pair, capsys):
+    E.main(["--images", str(toy_folder), "--metrics", "toy_style", "--scorer_seed", "1",
+            "--scorer_cache", str(cache_pair), "--out", str(tmp_path / "r.json")])
+    assert f"loaded {cache_pair}" in capsys.readouterr().err
