@@ -5,6 +5,7 @@ evaluate.py --out would replace, sample folders that list one image twice, a toy
 is not one, tools.to_safetensors' output, tools.same_runs' record, tools.build_cache's input and
 --overwrite, tools.hpdv2_to_parquet's --overwrite. Each ends in one line `error: ...` (no
 traceback) or the right result, with the user's files as they were."""
+import contextlib
 import json
 import os
 import shutil
@@ -248,3 +249,78 @@ def test_an_intact_scorer_cache_still_loads(tmp_path, toy_folder, cache_pair, ca
     E.main(["--images", str(toy_folder), "--metrics", "toy_style", "--scorer_seed", "1",
             "--scorer_cache", str(cache_pair), "--out", str(tmp_path / "r.json")])
     assert f"loaded {cache_pair}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# tools.to_safetensors: the output is checked before the checkpoint is read
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(2, 3)}}, tmp_path / "ckpt.pt")
+    return tmp_path / "ckpt.pt"
+
+
+@pytest.mark.parametrize("dst, message", [
+    ("nodir/x.safetensors", "dst {d}: no folder {tmp}/nodir"),  # these three were SafetensorError tracebacks
+    ("d.safetensors", "dst {d} is a folder, not a file"),
+    ("mine.safetensors", "dst {d} exists; pass --overwrite to replace it"),  # this one was replaced
+])
+def test_to_safetensors_output_problems_are_one_line_before_reading(tmp_path, checkpoint, dst, message, monkeypatch):
+    from tools import to_safetensors
+    os.makedirs(tmp_path / "d.safetensors")
+    save_file({"mine": torch.ones(1)}, str(tmp_path / "mine.safetensors"))
+    before = folder_bytes(tmp_path)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("read the checkpoint before checking the output"))
+    line = main_error(to_safetensors.main, [checkpoint, tmp_path / dst])
+    assert line == "error: " + message.format(d=tmp_path / dst, tmp=tmp_path)
+    assert folder_bytes(tmp_path) == before
+
+
+def test_to_safetensors_overwrite_replaces(tmp_path, checkpoint):
+    from safetensors.torch import load_file
+    from tools import to_safetensors
+    save_file({"mine": torch.ones(1)}, str(tmp_path / "out.safetensors"))
+    to_safetensors.main([str(checkpoint), str(tmp_path / "out.safetensors"), "--overwrite"])
+    assert list(load_file(str(tmp_path / "out.safetensors"))) == ["w"]
+
+
+# ---------------------------------------------------------------------------------------
+# tools.same_runs: the record is read (or its place checked) before minutes of training
+
+
+@pytest.mark.parametrize("mode, content, message", [
+    ("check", None, "error: {p}: cannot be read as a record (FileNotFoundError: No such file or directory)"),
+    ("check", "not json", "error: {p}: cannot be read as a record (JSONDecodeError: Expecting value: line 1 column 1 (char 0))"),
+    ("check", "[1]", "error: {p}: not a record of python -m tools.same_runs record"),
+    ("check", '{"machine": "m", "runs": []}', "error: {p}: not a record of python -m tools.same_runs record"),
+    ("record", "my notes\n", "error: record {p} exists and is not an earlier record: choose another name"),
+    ("record", "folder", "error: record {p} is a folder, not a file"),
+    ("verify", "", "error: usage: python -m tools.same_runs record FILE | check FILE [--new_metrics A,B] (--help says more)"),
+])
+def test_same_runs_refuses_a_record_before_running(tmp_path, monkeypatch, mode, content, message):
+    """check: the record was opened after the nine runs (minutes), a missing or garbled one then a
+    traceback; record: a user's file was replaced, a folder a traceback after the runs."""
+    from tools import same_runs
+    monkeypatch.setattr(same_runs, "run_all", lambda *a: pytest.fail("ran before checking the record"))
+    path = tmp_path / "rec.json"
+    if content == "folder":
+        os.makedirs(path)
+    elif content is not None:
+        path.write_text(content)
+    monkeypatch.setattr("sys.argv", ["same_runs", mode, str(path)])
+    with pytest.raises(SystemExit) as err:
+        same_runs.main()
+    assert err.value.code == message.format(p=path)
+    assert content in (None, "folder") or path.read_text() == content
+
+
+def test_same_runs_records_over_an_earlier_record_and_checks_it(tmp_path, monkeypatch, capsys):
+    from tools import same_runs
+    monkeypatch.setattr(same_runs, "run_all", lambda *a: {"tiny-dpo": {"metrics": "abc", "final_loss": 0.5}})
+    path = tmp_path / "rec.json"
+    for mode in ("record", "record", "check"):
+        monkeypatch.setattr("sys.argv", ["same_runs", mode, str(path)])
+        with pytest.raises(SystemExit) if mode == "check" else contextlib.nullcontext():
+            same_runs.main()
+    assert "identical" in capsys.readouterr().out
