@@ -324,3 +324,88 @@ def test_same_runs_records_over_an_earlier_record_and_checks_it(tmp_path, monkey
         with pytest.raises(SystemExit) if mode == "check" else contextlib.nullcontext():
             same_runs.main()
     assert "identical" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------
+# tools.build_cache: its input, and --overwrite with another input wrong
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    from tools import build_cache
+    build_cache.main(["--model", "tiny", "--data", "toy", "--num_items", "8", "--batch_size", "8",
+                      "--out", str(tmp_path / "cache")])
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("bad", [["--data", "{tmp}/nothere.jsonl"], ["--embed_model", "{tmp}/nothere"],
+                                 ["--data", "cache:{cache}"]])
+def test_build_cache_overwrite_keeps_the_earlier_cache_when_another_input_is_wrong(tmp_path, cache_dir, bad):
+    """--overwrite deleted the cache at the flag checks, then the manifest or the CLIP failed to
+    load; --data cache:OUT read the cache it had just deleted."""
+    from tools import build_cache
+    before = folder_bytes(cache_dir)
+    bad = [bad[0], bad[1].format(tmp=tmp_path, cache=cache_dir)]
+    argv = ["--model", "tiny", "--data", "toy", "--num_items", "8", *bad, "--out", cache_dir, "--overwrite"]
+    line = main_error(build_cache.main, argv)
+    assert line.startswith("error: ") and (str(tmp_path / "nothere") in line or "is a cache already" in line)
+    assert folder_bytes(cache_dir) == before
+
+
+def test_build_cache_refuses_a_cache_as_its_data_and_a_resolution_train_would_refuse(tmp_path, cache_dir):
+    """--data cache:DIR said 'built for --model tiny, not --model None'; --resolution 7 made a cache of
+    0-pixel latents that train.py --resolution 7 refuses."""
+    from tools import build_cache
+    line = main_error(build_cache.main, ["--model", "tiny", "--data", f"cache:{cache_dir}", "--out", tmp_path / "c2"])
+    assert line == (f"error: --data cache:{cache_dir} is a cache already; build one from pairs: toy, a .jsonl "
+                    f"manifest or pickapic:DIR")
+    line = main_error(build_cache.main, ["--model", "tiny", "--data", "toy", "--resolution", "7", "--out", tmp_path / "c3"])
+    assert line == "error: --resolution must be a multiple of 2 for --model tiny, not 7"
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
+
+
+def test_build_cache_overwrite_still_replaces(cache_dir):
+    from tools import build_cache
+    build_cache.main(["--model", "tiny", "--data", "toy", "--num_items", "4", "--out", str(cache_dir), "--overwrite"])
+    assert json.loads((cache_dir / "index.json").read_text())["num_pairs"] == 4
+
+
+# ---------------------------------------------------------------------------------------
+# tools.hpdv2_to_parquet --overwrite: the earlier shards go only once the new ones are whole
+
+
+@pytest.fixture
+def hpd(tmp_path):
+    from PIL import Image
+    from tools import hpdv2_to_parquet as H
+    os.makedirs(tmp_path / "train")
+    for r in range(3):
+        for side in (0, 1):
+            Image.new("RGB", (8, 8), (80 * r, 200 * side, 0)).save(tmp_path / "train" / f"{r}-{side}.png")
+    records = [{"human_preference": [1, 0], "prompt": f"p{r}", "file_path": [f"{r}-0.png", f"{r}-1.png"]} for r in range(3)]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    H.main(["--json", str(tmp_path / "train.json"), "--images", str(tmp_path / "train"), "--out", str(tmp_path / "pq"),
+            "--shard_rows", "1"])
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad", ["json", "images", "no pairs"])
+def test_hpdv2_overwrite_keeps_the_earlier_shards_when_the_input_is_wrong(hpd, bad):
+    """--overwrite deleted the shards at the flag checks; then an unreadable --json, a missing
+    --images or records without a readable pair left nothing."""
+    from tools import hpdv2_to_parquet as H
+    before = folder_bytes(hpd / "pq")
+    if bad == "no pairs":
+        (hpd / "bad.json").write_text(json.dumps([{"human_preference": [1, 0], "prompt": "x", "file_path": ["no.png", "pe.png"]}]))
+    else:
+        (hpd / "bad.json").write_text("[{" if bad == "json" else "[]")
+    images = hpd / ("nothere" if bad == "images" else "train")
+    line = main_error(H.main, ["--json", hpd / "bad.json", "--images", images, "--out", hpd / "pq", "--overwrite"])
+    assert line.startswith("error: ")
+    assert folder_bytes(hpd / "pq") == before
+
+
+def test_hpdv2_overwrite_replaces_every_earlier_shard(hpd):
+    from tools import hpdv2_to_parquet as H
+    H.main(["--json", str(hpd / "train.json"), "--images", str(hpd / "train"), "--out", str(hpd / "pq"), "--overwrite"])
+    assert sorted(os.listdir(hpd / "pq")) == ["train-00000-of-00001.parquet"]

@@ -70,8 +70,10 @@ def inside(folder, rel):
     return path if os.path.commonpath([root, path]) == root and path != root else None
 
 
-def convert(json_path, images, out, split="train", shard_rows=1000, row_group_rows=100):
-    """Write OUT/{split}-NNNNN-of-MMMMM.parquet; returns (pairs written, {skip reason: count})."""
+def convert(json_path, images, out, split="train", shard_rows=1000, row_group_rows=100, earlier=None):
+    """Write OUT/{split}-NNNNN-of-MMMMM.parquet; returns (pairs written, {skip reason: count}).
+    earlier(): the paths of an earlier output (--overwrite), deleted only once the new shards are
+    whole, just before they take their names: a mistake in the input never costs the old ones."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -124,6 +126,9 @@ def convert(json_path, images, out, split="train", shard_rows=1000, row_group_ro
                 if len(rows) >= shard_rows:
                     flush()
     flush()
+    for path in earlier() if earlier and shards else []:
+        if path not in shards:
+            os.remove(path)
     for k, tmp in enumerate(shards):  # the hub's names, which hf:DIR reads by split
         os.replace(tmp, os.path.join(out, f"{split}-{k:05d}-of-{len(shards):05d}.parquet"))
     return written, skips
@@ -148,10 +153,11 @@ def main(argv=None):
     mine = [f"{args.split}-*-of-*.parquet", f".{args.split}-*.parquet.tmp"]
     owned = lambda: [os.path.join(args.out, n) for n in os.listdir(args.out) if any(fnmatch.fnmatch(n, m) for m in mine)]
     problem = files.output_folder_problem(args.out, "--out", mine, owned, args.overwrite,
-                                          tolerated=["*-*-of-*.parquet", ".*.parquet.tmp"])
+                                          tolerated=["*-*-of-*.parquet", ".*.parquet.tmp"], delete=False)
     if problem:
         raise SystemExit(problem)
-    written, skips = convert(args.json, args.images, args.out, args.split, args.shard_rows, args.row_group_rows)
+    written, skips = convert(args.json, args.images, args.out, args.split, args.shard_rows, args.row_group_rows,
+                             earlier=owned if args.overwrite else None)
     print(f"wrote {written} pairs to {args.out}" + (f"; skipped {skips}" if skips else ""), file=sys.stderr)
     if not written:
         raise SystemExit(f"error: no pairs written from {args.json} (skipped: {skips or 'nothing to read'})")
