@@ -409,3 +409,61 @@ def test_hpdv2_overwrite_replaces_every_earlier_shard(hpd):
     from tools import hpdv2_to_parquet as H
     H.main(["--json", str(hpd / "train.json"), "--images", str(hpd / "train"), "--out", str(hpd / "pq"), "--overwrite"])
     assert sorted(os.listdir(hpd / "pq")) == ["train-00000-of-00001.parquet"]
+
+
+# ---------------------------------------------------------------------------------------
+# toy.experiment, toy.frontier, toy.factorial: flags checked before any base, run or scorer
+
+
+def toy_runner_line(module, argv, capsys):
+    """The one line (argparse's, exit 2) that the toy runner MODULE's parse_args ends ARGV in."""
+    import importlib
+    with pytest.raises(SystemExit) as err:
+        importlib.import_module(f"toy.{module}").parse_args([str(a) for a in argv])
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert "Traceback" not in text
+    return text.strip().splitlines()[-1].split(": error: ", 1)[1]
+
+
+@pytest.mark.parametrize("module", ["experiment", "frontier", "factorial"])
+@pytest.mark.parametrize("argv, message", [
+    (["--sample_steps", "0"], "--sample_steps must be at least 1, not 0"),  # a ZeroDivisionError after the base
+    (["--guidance", "nan"], "--guidance must be a finite number, not nan"),  # frontier: NaN images, no word
+    (["--guidance=-1"], "--guidance must be 0 or more, not -1.0"),
+    (["--base_steps", "0"], "--base_steps must be at least 1, not 0"),  # named train.py's --max_steps
+    (["--runs", "{tmp}/notes.md"], "--runs {tmp}/notes.md is a file, not a folder"),  # NotADirectoryError
+    (["--out", "{tmp}/notes.md"], "--out {tmp}/notes.md is a file, not a folder"),  # FileExistsError
+])
+def test_toy_runner_flags_are_one_line(tmp_path, capsys, module, argv, message):
+    (tmp_path / "notes.md").write_text("my notes\n")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert toy_runner_line(module, argv, capsys) == message.format(tmp=tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--align_steps", "0"], "--align_steps must be at least 1, not 0"),  # ran the study's 150 steps
+    (["--sample_seeds", "0"], "--sample_seeds must be at least 1, not 0"),
+    (["--curve_every", "0"], "--curve_every must be at least 1, not 0"),
+    (["--variants", "dpo,nope"], "--variants: nope not in the demo study's (sft, dpo, rpo τ=0.5)"),  # ran none
+    (["--variant", "a=--loss 'dpo"], "--variant a: \"--loss 'dpo\" cannot be split into flags (No closing quotation)"),
+    (["--variant", "a=--loss dpo", "--variant", "a=--loss sft"], "--variant a is given twice: name each variant once"),
+    (["--variant", "a=--loss dpo --learning_rate 1e-5"],  # --lrs' value replaced it without a word
+     "--variant a: --learning_rate is the study's to set (--lrs, --seeds, --device, --runs): leave it out"),
+    (["--variant", "a=--out_dir=elsewhere"],
+     "--variant a: --out_dir=elsewhere is the study's to set (--lrs, --seeds, --device, --runs): leave it out"),
+])
+def test_toy_experiment_flags_are_one_line(capsys, argv, message):
+    assert toy_runner_line("experiment", argv, capsys) == message
+
+
+def test_toy_factorial_max_jobs_below_one_is_refused(capsys):
+    assert toy_runner_line("factorial", ["--max_jobs=-1"], capsys) == "--max_jobs must be at least 1, not -1"
+
+
+def test_toy_runner_flags_that_were_fine_still_are():
+    from toy import experiment, factorial, frontier
+    args = experiment.parse_args(["--variant", "t1=--loss rpo --tau 0.1 --batch_size 4", "--lrs", "1e-6,1e-5"])
+    assert args.custom == {"t1": ["--loss", "rpo", "--tau", "0.1", "--batch_size", "4"]} and args.study == "custom"
+    assert experiment.parse_args(["--study", "full", "--variants", "dpo,sft"]).variants == "dpo,sft"
+    assert frontier.parse_args(["--collect"]).collect and factorial.parse_args(["--max_jobs", "2"]).max_jobs == 2
