@@ -467,3 +467,46 @@ def test_toy_runner_flags_that_were_fine_still_are():
     assert args.custom == {"t1": ["--loss", "rpo", "--tau", "0.1", "--batch_size", "4"]} and args.study == "custom"
     assert experiment.parse_args(["--study", "full", "--variants", "dpo,sft"]).variants == "dpo,sft"
     assert frontier.parse_args(["--collect"]).collect and factorial.parse_args(["--max_jobs", "2"]).max_jobs == 2
+
+
+# ---------------------------------------------------------------------------------------
+# tools.build_style: a rerun continues only an output made the same way
+
+
+@pytest.fixture
+def style_out(tmp_path):
+    from PIL import Image
+    from tools import build_style
+    for i in range(2):
+        Image.new("RGB", (16, 16), (120 * i, 30, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "winner": f"{i}.png", "loser": f"{1 - i}.png"})
+                                                + "\n" for i in range(2)))
+    build_style.main(["--style", "toy-winter", "--src", str(tmp_path / "src.jsonl"), "--out", str(tmp_path / "o"),
+                      "--resolution", "16"])
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--style", "toy-sketch"], "--style toy-winter, this command has --style toy-sketch"),
+    (["--src", "{tmp}/other.jsonl"], "--src {tmp}/src.jsonl, this command has --src {tmp}/other.jsonl"),
+    (["--resolution", "32"], "--resolution 16, this command has --resolution 32"),
+])
+def test_build_style_rerun_with_other_settings_is_refused(style_out, change, message):
+    """It said 'wrote 0 new pairs': the sources done in the other style counted as done (another
+    --src: its sources, by index, skipped), so the folder held pairs of a style not asked for."""
+    from tools import build_style
+    shutil.copy(style_out / "src.jsonl", style_out / "other.jsonl")
+    flags = {"--style": "toy-winter", "--src": str(style_out / "src.jsonl"), "--resolution": "16"}
+    flags[change[0]] = change[1].format(tmp=style_out)
+    before = folder_bytes(style_out / "o")
+    line = main_error(build_style.main, [x for kv in flags.items() for x in kv] + ["--out", style_out / "o"])
+    assert line == (f"error: --out {style_out / 'o'} was built with {message.format(tmp=style_out)}: choose another "
+                    f"--out (its pairs would be skipped or mixed)")
+    assert folder_bytes(style_out / "o") == before
+
+
+def test_build_style_rerun_with_the_same_settings_continues(style_out, capsys):
+    from tools import build_style
+    build_style.main(["--style", "toy-winter", "--src", str(style_out / "src.jsonl"), "--out", str(style_out / "o"),
+                      "--resolution", "16", "--steps", "3"])  # (--steps: the editor's, no toy pair's)
+    assert "wrote 0 new pairs" in capsys.readouterr().out
