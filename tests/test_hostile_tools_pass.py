@@ -510,3 +510,23 @@ def test_build_style_rerun_with_the_same_settings_continues(style_out, capsys):
     build_style.main(["--style", "toy-winter", "--src", str(style_out / "src.jsonl"), "--out", str(style_out / "o"),
                       "--resolution", "16", "--steps", "3"])  # (--steps: the editor's, no toy pair's)
     assert "wrote 0 new pairs" in capsys.readouterr().out
+
+
+def test_hpdv2_a_preference_that_is_not_a_finite_number_is_a_counted_skip(hpd):
+    """[NaN, 0] compared false both ways: written as 'the second preferred', without a word."""
+    from tools import hpdv2_to_parquet as H
+    records = [{"human_preference": [float("nan"), 0], "prompt": "nan", "file_path": ["0-0.png", "0-1.png"]},
+               {"rank": [1, float("inf")], "prompt": "inf", "file_path": ["1-0.png", "1-1.png"]},
+               {"human_preference": [1, 0], "prompt": "ok", "file_path": ["2-0.png", "2-1.png"]}]
+    (hpd / "nan.json").write_text(json.dumps(records))  # (json writes NaN and Infinity, and reads them back)
+    assert H.convert(str(hpd / "nan.json"), str(hpd / "train"), str(hpd / "pq2")) == (1, {"not a record": 2})
+
+
+@pytest.mark.parametrize("split", ["", "../x", "a/b", ".hidden", "tr*"])
+def test_hpdv2_split_that_is_not_a_name_is_one_line(hpd, split):
+    """'../x' was a traceback (pyarrow's FileNotFoundError); '' wrote '-00000-of-00001.parquet'."""
+    from tools import hpdv2_to_parquet as H
+    line = main_error(H.main, ["--json", hpd / "train.json", "--images", hpd / "train", "--out", hpd / "pq3",
+                               "--split", split])
+    assert line == f"error: --split {split!r}: a name for the shards (train, test), not a path or pattern"
+    assert not (hpd / "pq3").exists()

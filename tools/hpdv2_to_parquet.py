@@ -27,6 +27,7 @@ lists, paths that leave --images (never read) and missing image files.
 import argparse
 import fnmatch
 import json
+import math
 import os
 import sys
 
@@ -34,7 +35,10 @@ from plumbing import checks, files
 
 
 def numbers(xs):
-    return isinstance(xs, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    """A list of finite numbers (json reads NaN and Infinity: a NaN compared with anything is a
+    preference for the second image, without a word)."""
+    return isinstance(xs, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                        for x in xs)
 
 
 def pairs_of(record):
@@ -148,6 +152,8 @@ def main(argv=None):
     checks.plain_numbers(p, args)
     if args.shard_rows < 1 or args.row_group_rows < 1:
         raise SystemExit("error: --shard_rows and --row_group_rows must be at least 1")
+    if not args.split or args.split.startswith(".") or any(c in args.split for c in "/\\*?[\0"):
+        raise SystemExit(f"error: --split {args.split!r}: a name for the shards (train, test), not a path or pattern")
     # train.py's rule for a folder it writes: empty, or its own output (old shards beside new ones,
     # -of-00003 beside -of-00005, would be read as one data set); another split's shards may stay
     mine = [f"{args.split}-*-of-*.parquet", f".{args.split}-*.parquet.tmp"]
