@@ -125,6 +125,8 @@ def folder_problem(path, flag):
         return f"error: {flag} {path} is a file, not a folder"
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
+        if os.path.lexists(parent):  # (a link to nothing, or a loop of links: no folder can be made there)
+            return f"error: {flag} {path}: {parent} is a symbolic link that leads nowhere; remove it or choose another folder"
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"error: {flag} {path}: {parent} is a file, not a folder"

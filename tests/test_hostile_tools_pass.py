@@ -530,3 +530,24 @@ def test_hpdv2_split_that_is_not_a_name_is_one_line(hpd, split):
                                "--split", split])
     assert line == f"error: --split {split!r}: a name for the shards (train, test), not a path or pattern"
     assert not (hpd / "pq3").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# An --out that is a symbolic link leading nowhere
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop", "below a dangling link"])
+def test_an_out_that_is_a_link_to_nothing_is_one_line_before_loading(tmp_path, kind):
+    """os.makedirs fails on it: build_cache's FileExistsError traceback after the encoders loaded;
+    sample.py's 'cannot write ... File exists' after the models."""
+    from tools import build_cache
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop2", tmp_path / "loop")
+    os.symlink(tmp_path / "loop", tmp_path / "loop2")
+    out, link = {"dangling": ("dangling", "dangling"), "loop": ("loop", "loop"),
+                 "below a dangling link": ("dangling/sub", "dangling")}[kind]
+    message = (f"error: --out {tmp_path / out}: {tmp_path / link} is a symbolic link that leads nowhere; remove it or "
+               f"choose another folder")
+    assert main_error(S.main, [*FAST, "--out", tmp_path / out]) == message
+    assert main_error(build_cache.main, ["--data", "toy", "--out", tmp_path / out]) == message
+    assert not os.path.exists(tmp_path / "gone")
