@@ -342,8 +342,8 @@ def folder_labels(args):
         labels = [os.path.basename(os.path.normpath(d)) for d in folders]
         if len(set(labels)) < len(labels):
             labels = [os.path.normpath(d) for d in folders]
-    if len(set(labels)) < len(labels):
-        raise SystemExit(f"error: labels must differ, got {','.join(labels)}")
+    if len(set(labels)) < len(labels) or not all(label.strip() for label in labels):
+        raise SystemExit(f"error: labels must differ and be non-empty, got {','.join(labels)!r}")
     return folders, labels
 
 
@@ -356,9 +356,8 @@ def evaluate_toy(args, metrics):
     rows = [{"model": r["label"], "images": r["n_images"],
              **{m: (r["metrics"][m]["mean"], r["metrics"][m]["std"]) for m in metrics}} for r in runs]
     print(markdown_table(rows, ["model", "images", *metrics]), end="")
-    out = args.out or "results.json"
-    with open(out, "w") as f:
-        json.dump({"style": args.style, "scorer_accuracy": acc, "runs": runs}, f, indent=1)
+    files.write_atomic(args.out or "results.json",
+                       json.dumps({"style": args.style, "scorer_accuracy": acc, "runs": runs}, indent=1))
     return runs
 
 
@@ -366,11 +365,6 @@ def evaluate_rewards(args, metrics):
     """--images (and --baseline) scored by reward models: table on stdout, results.json, bar chart."""
     folders, labels = folder_labels(args)
     records = [files.read_index(d) for d in folders]  # bad folders fail before any model loads
-    if args.baseline:
-        for d, recs in zip(folders, records):
-            keys = [(r["prompt"], r["seed"]) for r in recs]
-            if len(set(keys)) < len(keys):
-                raise SystemExit(f"error: {d}: a (prompt, seed) appears twice in samples.jsonl: ambiguous pairs")
     device = torch.device(parallel.pick_device(args.device))
     style_text = args.style_text or STYLE_TEXTS[args.style_name]
     models = load_reward_models(metrics, args, device)
@@ -396,12 +390,11 @@ def evaluate_rewards(args, metrics):
             "aesthetic": f"{args.aesthetic_clip or args.clip_model} + {args.aesthetic_head}",
             "hps": f"HPSv2 {args.hps_version} {args.hps_checkpoint or 'xswu/HPSv2'}",
             "imagereward": args.imagereward_model}
-    with open(out, "w") as f:
-        json.dump({"metrics": metrics, "models": {m: used[m] for m in metrics}, "style_text": style_text,
-                   "neutral_text": args.neutral_text, "baseline": labels[-1] if args.baseline else None,
-                   "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95},
-                   "std": "over images, ddof=1", "win_rates": win_rates, "unmatched": unmatched, "runs": runs},
-                  f, indent=1)
+    files.write_atomic(out, json.dumps({
+        "metrics": metrics, "models": {m: used[m] for m in metrics}, "style_text": style_text,
+        "neutral_text": args.neutral_text, "baseline": labels[-1] if args.baseline else None,
+        "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95},
+        "std": "over images, ddof=1", "win_rates": win_rates, "unmatched": unmatched, "runs": runs}, indent=1))
     png = os.path.splitext(out)[0] + ".png"
     try:
         plots.plot_scores(runs, metrics, png, win_rates)
@@ -504,7 +497,7 @@ def read_style_points(path):
     try:
         points = json.loads(files.read_utf8(path))
         if isinstance(points, dict) and all(isinstance(v, list) and all(
-                isinstance(x, list) and len(x) == 2 and all(isinstance(n, (int, float)) for n in x) for x in v)
+                isinstance(x, list) and len(x) == 2 and all(plots.finite_number(n) for n in x) for x in v)
                 for v in points.values()):
             return points
     except ValueError:
@@ -514,10 +507,14 @@ def read_style_points(path):
 
 def main(argv=None):
     args = parse_args(argv)
+    problem = files.results_problem(args.out or ("curves.png" if args.curves else "results.json"), bool(args.curves),
+                                    any(m.strip() in REWARD_METRICS for m in args.metrics.split(",")))
+    if problem:  # (before anything is read: a user's file is never replaced, a figure's format is known)
+        raise SystemExit(problem)
     if args.curves:
-        runs = dict(c.split("=", 1) for c in args.curves if "=" in c)
+        runs = dict(c.split("=", 1) for c in args.curves if "=" in c and c.split("=")[0].strip())
         if len(runs) != len(args.curves):
-            raise SystemExit("error: --curves takes LABEL=RUN_DIR pairs")
+            raise SystemExit("error: --curves takes LABEL=RUN_DIR pairs, each with a label of its own")
         points = read_style_points(args.style_points) if args.style_points else None
         plots.plot_curves(runs, args.out or "curves.png", points)
         return print(f"wrote {args.out or 'curves.png'}")

@@ -382,7 +382,7 @@ def write_samples(args, m, prompts, guidance):
     todo = [item for item in items if item not in done]
     keep = len(items) <= GRID_MAX
     kept = {}
-    os.makedirs(args.out, exist_ok=True)
+    O.make_out(args)  # (--overwrite deletes the earlier output now, the models loaded)
     index = os.path.join(args.out, "samples.jsonl")
     # the index as --resume leaves it: the records of the images that are there, nothing cut short
     files.write_atomic(index, "".join(json.dumps(done[item]) + "\n" for item in items if item in done))
@@ -415,13 +415,9 @@ def write_samples(args, m, prompts, guidance):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)  # before loading models: bad input fails in a second
-    problem = O.sample_out_problem(args)
+    problem = O.sample_out_problem(args) or O.compare_problem(args)  # (--overwrite deletes later: O.make_out)
     if problem:
         raise SystemExit(problem)
-    if args.compare:
-        if not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
-            raise SystemExit(f"error: --compare {args.compare}: no samples.jsonl there")
-        files.read_index(args.compare)  # a damaged folder fails now, not after sampling
     m = load_for_sampling(args)
     guidance = args.guidance if args.guidance is not None else (5.0 if m.xl else 7.5)  # docs/method.md, Evaluation
     if args.negative_prompt is not None and guidance <= 1:
@@ -430,8 +426,7 @@ def main(argv=None):
     try:
         images = write_samples(args, m, prompts, guidance)
     except OSError as err:  # a full disk: what is written is listed, --resume goes on from there
-        raise SystemExit(f"error: cannot write in {args.out}: {err.strerror or err}; the images written so far are "
-                         f"listed in its samples.jsonl: free space, then rerun with --resume")
+        raise SystemExit(O.write_failed(args.out, err))
     total = len(prompts) * len(args.seeds)
     print(f"{total} images ({len(prompts)} prompts x {len(args.seeds)} seeds, {args.scheduler}, "
           f"{args.steps} steps, guidance {guidance}) in {args.out}")

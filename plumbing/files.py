@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import tempfile
 
 from PIL import Image
 
@@ -33,12 +34,17 @@ def read_utf8(path):
         raise SystemExit(f"error: {path}: cannot be read ({err.strerror})")
     raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         column = err.start - raw.rfind(b"\n", 0, err.start)
         raise SystemExit(f"error: {path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
                          f"save the file as UTF-8")
+    if "\0" in text:  # valid UTF-8, but no text holds a NUL: UTF-16 without its BOM (every other byte 0), or binary
+        at = text.index("\0")
+        raise SystemExit(f"error: {path}:{text.count(chr(10), 0, at) + 1}: a NUL byte, which no text holds (UTF-16, "
+                         f"or not a text file?); save the file as UTF-8")
+    return text
 
 def path_inside(folder, name):
     """FOLDER/NAME if its real path (symlinks resolved) lies inside FOLDER's, else None: a
@@ -63,11 +69,12 @@ def url_cache_path(url, cache_dir):
 def read_index(folder):
     """A sample.py output folder's samples.jsonl -> records (dicts with prompt, seed, file and
     path = the image's path). Every listed file must lie inside the folder and be an image (its
-    header is read here, so a bad folder fails before any model loads)."""
+    header is read here, so a bad folder fails before any model loads), each (prompt, seed) and
+    each file listed once (twice would count one image twice, and pair it twice for win rates)."""
     index = os.path.join(folder, "samples.jsonl")
     if not os.path.isfile(index):
         raise SystemExit(f"error: {folder}: no samples.jsonl (not a sample.py output folder?)")
-    records = []
+    records, seen = [], {}
     for n, line in enumerate(io.StringIO(read_utf8(index), newline=None), 1):
         if not line.strip():
             continue
@@ -86,6 +93,9 @@ def read_index(folder):
                              f"evaluate.py reads only files inside the folder it is given")
         if not os.path.isfile(rec["path"]):
             raise SystemExit(f"error: {index}:{n}: image file {rec['path']} is missing")
+        for key, what in (((rec["prompt"], rec["seed"]), "its (prompt, seed)"), (rec["path"], "its file")):
+            if seen.setdefault(key, n) != n:
+                raise SystemExit(f"error: {index}:{n}: {what} is listed on line {seen[key]} too: one image counted twice")
         try:
             Image.open(rec["path"]).close()  # the header only: cheap, and catches a non-image
         except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -115,12 +125,19 @@ def folder_problem(path, flag):
         return f"error: {flag} {path} is a file, not a folder"
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
+        if os.path.lexists(parent):  # (a link to nothing, or a loop of links: no folder can be made there)
+            return f"error: {flag} {path}: {parent} is a symbolic link that leads nowhere; remove it or choose another folder"
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"error: {flag} {path}: {parent} is a file, not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
         return (f"error: {flag} {path}: {parent} is not writable" +
                 (" (a read-only file system)" if _read_only(parent) else "") + "; choose another folder")
+    if parent != os.path.abspath(path):  # (os.access says yes to root almost anywhere, /proc and /sys too: try)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+        except OSError as err:
+            return f"error: {flag} {path}: no folder can be made in {parent} ({err.strerror}); choose another folder"
     return None
 
 
@@ -198,6 +215,43 @@ def file_to_write_problem(path, flag):
     return None
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")  # what evaluate.py --curves writes (matplotlib picks by the name)
+
+
+def earlier_result(path):
+    """Whether the file PATH is an earlier result of evaluate.py, which a new one may replace: its
+    JSON (an object with "runs") or a figure matplotlib drew (which names itself in the file)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    if b"matplotlib" in raw[:1 << 16].lower() or b"matplotlib" in raw[-(1 << 16):].lower():
+        return True
+    try:
+        return isinstance(json.loads(raw), dict) and "runs" in json.loads(raw)
+    except ValueError:
+        return False
+
+
+def results_problem(out, figure=False, chart=False):
+    """evaluate.py's --out (OUT: the one it writes): one error line, or None. A --curves figure
+    (figure) is named for a format matplotlib writes; reward metrics' bar chart (chart: OUT with
+    .png) must not be OUT itself; and a file already there that is not an earlier result of
+    evaluate.py is the user's: never replaced."""
+    problem = file_to_write_problem(out, "--out")
+    if not problem and figure and not out.lower().endswith(FIGURE_SUFFIXES):
+        problem = f"--out {out}: a figure is written as {', '.join(FIGURE_SUFFIXES)}: name it so"
+    chart = os.path.splitext(out)[0] + ".png" if chart and not figure else None
+    if not problem and chart == out:
+        problem = f"--out {out}: the bar chart is written to the same name with .png: name the results .json"
+    for path in (out, chart):
+        if not problem and path and os.path.lexists(path) and not earlier_result(path):
+            problem = (f"--out {out}" + (f": its bar chart {path}" if path != out else "") +
+                       " exists and is not an earlier result of evaluate.py: choose another name")
+    return problem and "error: " + problem
+
+
 def write_atomic(path, text):
     """PATH's new content, whole or not at all: written to a fresh file beside it (never through a
     link left there), fsynced, then renamed over PATH. A PATH that is a symbolic link is replaced by
@@ -227,15 +281,18 @@ def link_out_of(path, root):
     return None if os.path.commonpath([root, target]) == root else target
 
 
-def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=False, resume_flag=None, tolerated=()):
+def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=False, resume_flag=None, tolerated=(),
+                          delete=True):
     """The rule train.py keeps for --out_dir, for every program that writes a folder (sample.py's
     --out, the tools' --out): it writes only into an empty folder or its own output, never beside
     or over a user's files. MARKS: names (fnmatch patterns) that make PATH this program's output;
     owned(): the paths of that output, which --overwrite deletes first (nothing else goes).
     resuming: the command continues that output (resume_flag: the flag that says so, for the
     message; None: the program cannot continue one). tolerated: names that are this program's but
-    no earlier output (another process's part of the same build). One error line, or None (PATH
-    may be written)."""
+    no earlier output (another process's part of the same build). delete=False: --overwrite is
+    allowed but deletes nothing yet; the program calls again with delete=True once its other
+    inputs have loaded, so a mistake in them never costs the earlier output. One error line, or
+    None (PATH may be written)."""
     import fnmatch
     import shutil
     problem = folder_problem(path, flag)
@@ -249,6 +306,8 @@ def output_folder_problem(path, flag, marks, owned, overwrite=False, resuming=Fa
                 f"{', ...' if len(foreign) > 3 else ''}); it writes only into an empty folder or its own output: "
                 f"choose another {flag}")
     if not ours or resuming:
+        return None
+    if overwrite and not delete:
         return None
     if overwrite:
         doomed = owned()

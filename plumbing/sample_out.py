@@ -57,9 +57,10 @@ def read_done(out, items, settings):
     return done
 
 
-def sample_out_problem(args):
+def sample_out_problem(args, delete=False):
     """--out: an empty folder or sample.py's own output (samples.jsonl, its images, grid.png,
-    compare.png); an earlier output is continued with --resume or replaced with --overwrite."""
+    compare.png); an earlier output is continued with --resume or replaced with --overwrite, which
+    deletes it only with delete=True (make_out, once the models have loaded)."""
     if args.resume and args.overwrite:
         return "error: --overwrite starts over and --resume continues: pass one of them"
 
@@ -75,4 +76,36 @@ def sample_out_problem(args):
     # (evaluate.py's results.json/.png are often written into a sample folder: they may stay)
     return files.output_folder_problem(args.out, "--out", ("samples.jsonl", "grid.png", "compare.png", "*_seed*.png"),
                                        owned, args.overwrite, args.resume, "--resume",
-                                       tolerated=("results.json", "results.png"))
+                                       tolerated=("results.json", "results.png"), delete=delete)
+
+
+def make_out(args):
+    """--out made, and with --overwrite its earlier output deleted: only now that the models have
+    loaded, so a mistake in --unet, --lora or --pretrained never costs the earlier images."""
+    problem = sample_out_problem(args, delete=True) if args.overwrite else None
+    if problem:
+        raise SystemExit(problem)
+    os.makedirs(args.out, exist_ok=True)
+
+
+def compare_problem(args):
+    """--compare: an earlier output of sample.py (its samples.jsonl read now, not after sampling),
+    and not an --out that --overwrite empties. One error line, or None."""
+    if not args.compare:
+        return None
+    if args.overwrite and os.path.realpath(args.compare) == os.path.realpath(args.out):
+        return f"error: --compare {args.compare} is --out, whose images --overwrite deletes: compare another folder"
+    if not os.path.isfile(os.path.join(args.compare, "samples.jsonl")):
+        return f"error: --compare {args.compare}: no samples.jsonl there"
+    files.read_index(args.compare)  # (a damaged folder ends in its own line)
+    return None
+
+
+def write_failed(out, err):
+    """The line for an OSError while writing --out's images: a full disk keeps what is written
+    (--resume goes on from it); anything else is said as it is."""
+    import errno
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"error: cannot write in {out}: {err.strerror}; the images written so far are listed in its "
+                f"samples.jsonl: free space, then rerun with --resume")
+    return f"error: cannot write in {out}: {err.strerror or err}" + (f" ({err.filename})" if err.filename else "")

@@ -147,6 +147,7 @@ def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0, shipped=S
     `cache`, else trained now and cached; gated on held-out accuracy -> (net, accuracy)."""
     if style not in STYLES:
         raise SystemExit(f"error: unknown style {style!r}; expected one of {STYLES}")
+    given = cache is not None  # (--scorer_cache: a path the user named, which may hold the user's own file)
     cache = cache or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
                                   f"toy_scorer_{style}_{resolution}.safetensors")
     config = dict(version=VERSION, style=style, resolution=resolution, seed=seed, **TRAIN)
@@ -155,11 +156,12 @@ def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0, shipped=S
             json.load(open(os.path.splitext(ship)[0] + ".json")).get("config") == config:
         cache = ship  # (read only: it has this config, so nothing is written back)
     meta_path = os.path.splitext(cache)[0] + ".json"
-    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) and os.path.isfile(cache) else {}
+    meta = cache_record(cache, meta_path, given and cache != ship)
     net = toy_scorer_net()
+    if meta.get("config") == config and not cached_weights(net, cache, meta_path, given):
+        meta = {}  # (the default cache, unreadable: trained again and written anew)
     with speed.one_thread():
         if meta.get("config") == config:
-            net.load_state_dict(load_file(cache))
             net.eval()
             steps, how = meta.get("train_steps"), f"loaded {cache}"
         else:
@@ -177,6 +179,39 @@ def load_toy_scorer(style="winter", resolution=16, cache=None, seed=0, shipped=S
             json.dump({"config": config, "accuracy": acc, "train_steps": steps}, f, indent=1)
     net.style, net.resolution = style, resolution  # what score_toy needs besides the weights
     return net, acc
+
+def cache_record(cache, meta_path, given):
+    """The record beside a cached scorer ({} where neither file is there: a new cache). Anything
+    else that is not a cache (no record, a record that is not JSON's object, weights missing) is
+    one line for a path the user gave, whose files are never replaced; the default cache in
+    .cache/ is this program's own: trained again."""
+    if not os.path.lexists(cache) and not os.path.lexists(meta_path):
+        return {}
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and os.path.isfile(cache):
+        return meta
+    if given:
+        raise SystemExit(f"error: --scorer_cache {cache}: not a toy scorer cache (its weights, and {meta_path} "
+                         f"beside them); name a new file or an earlier cache")
+    return {}
+
+
+def cached_weights(net, cache, meta_path, given):
+    """NET loaded from CACHE: True; weights cut short or of another net: one line for --scorer_cache,
+    False (trained again) for the default cache."""
+    try:
+        net.load_state_dict(load_file(cache))
+        return True
+    except Exception as err:  # (safetensors' own error type, a RuntimeError for other tensors)
+        if given:
+            raise SystemExit(f"error: --scorer_cache {cache}: cannot be read ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200]}); delete it and {meta_path} to train the scorer again")
+        return False
+
 
 @torch.no_grad()
 def score_toy(scorer, images, prompts):

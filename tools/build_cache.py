@@ -34,12 +34,13 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, split="
 @torch.no_grad()
 def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None, flip=False, batch_size=16,
                 device="cpu", mixed_precision="no", embed_model=None, dtype="fp16", shard_size=1024,
-                num_workers=0, progress=True, part=0, parts=1, collate=None):
+                num_workers=0, progress=True, part=0, parts=1, collate=None, clear=None):
     """One pass over a pair data set (in index order, centre crops; build_cache makes it from a
     --data spec) -> safetensors shards and OUT/index.json, in plumbing/cache.py's format. Returns the index dict.
     part/parts: this process caches the part-th of `parts` equal, contiguous index ranges and
     writes index-PPP-of-NNN.json instead; CachedPairs joins the parts in order, so N processes
-    (one per GPU: torchrun) build the cache one would."""
+    (one per GPU: torchrun) build the cache one would. clear: called once the data set and the
+    encoders have loaded, before anything is written (--overwrite deletes the earlier cache then)."""
     from safetensors.torch import save_file
     m = M.load_models(model, pretrained, device=device, mixed_precision=mixed_precision, reference=False)
     m.unet = None  # only the frozen encoders are needed here
@@ -47,6 +48,8 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     embed_model = embed_model or M.default_embed_model(model, pretrained)
     clip, clip_tok = M.load_embedder(embed_model, device)
     store = cache.CACHE_DTYPES[dtype]
+    if clear:
+        clear()
     os.makedirs(out, exist_ok=True)
     lo, hi = part * len(dataset) // parts, (part + 1) * len(dataset) // parts
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
@@ -129,10 +132,11 @@ def write_cache(model, dataset, data_spec, out, pretrained=None, resolution=None
     return index
 
 
-def out_problem(out, overwrite, part, parts):
+def out_problem(out, overwrite, part, parts, delete=True):
     """--out keeps train.py's rule for --out_dir: an empty folder, or with --overwrite an earlier
     cache, whose shards and indexes go first (new shards beside old ones, under an index that
-    names only some of them, would be a cache no one asked for). Under torchrun each part checks
+    names only some of them, would be a cache no one asked for), with delete=False not yet (main
+    checks first and deletes once the inputs have loaded). Under torchrun each part checks
     and clears its own files (and index.json); the other parts' files of this build are left be."""
     mine = ["shard-*.safetensors", "index*.json", "empty.safetensors"] if parts == 1 else \
         [f"shard-{part:03d}-*.safetensors", f"index-{part:03d}-of-*.json", "index.json"]
@@ -140,7 +144,7 @@ def out_problem(out, overwrite, part, parts):
 
     def owned():
         return [os.path.join(out, n) for n in os.listdir(out) if any(fnmatch.fnmatch(n, m) for m in mine)]
-    return files.output_folder_problem(out, "--out", mine, owned, overwrite, tolerated=others)
+    return files.output_folder_problem(out, "--out", mine, owned, overwrite, tolerated=others, delete=delete)
 
 
 def main(argv=None):
@@ -167,11 +171,23 @@ def main(argv=None):
     args = c.parse_args(argv)
     checks.plain_numbers(c, args, positive=("resolution", "batch_size", "shard_size", "num_items"),
                          non_negative=("num_workers", "seed"))
+    multiple = M.PRESETS[args.model]["multiple"]  # (as train.py: what the preset's VAE and UNet down-sample by)
+    if args.resolution is not None and args.resolution % multiple:
+        raise SystemExit(f"error: --resolution must be a multiple of {multiple} for --model {args.model}, "
+                         f"not {args.resolution}")
+    if args.data.startswith("cache:"):
+        raise SystemExit(f"error: --data {args.data} is a cache already; build one from pairs: toy, a .jsonl manifest "
+                         f"or pickapic:DIR")
     part, parts = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    problem = out_problem(args.out, args.overwrite, part, parts) or hub.pickled_flags_problem(
+    problem = out_problem(args.out, args.overwrite, part, parts, delete=False) or hub.pickled_flags_problem(
         args, ("--pretrained", "--embed_model"))  # before the encoders load
     if problem:
         raise SystemExit(problem)
+
+    def clear():  # --overwrite: the earlier cache goes only once the data and the encoders have loaded
+        problem = out_problem(args.out, args.overwrite, part, parts)
+        if problem:
+            raise SystemExit(problem)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     # torchrun -m tools.build_cache ...: every process caches its part on its own GPU; no communication
     if parts > 1 and device == "cuda":
@@ -181,7 +197,7 @@ def main(argv=None):
                             args.seed, args.num_items, flip=args.flip, batch_size=args.batch_size, device=device,
                             mixed_precision=args.mixed_precision, embed_model=args.embed_model, dtype=args.dtype,
                             shard_size=args.shard_size, num_workers=args.num_workers, progress=part == 0,
-                            part=part, parts=parts)
+                            part=part, parts=parts, clear=clear)
         size = sum(os.path.getsize(os.path.join(args.out, s["file"])) for s in index["shards"])
         print(("" if parts == 1 else f"part {part + 1} of {parts}: ") +
               f"cached {index['num_pairs']} pairs in {len(index['shards'])} shards ({size / 2**20:.1f} MiB) "

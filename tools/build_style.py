@@ -59,11 +59,17 @@ def build_style(style, src, out, editor="timbrooks/instruct-pix2pix", limit=None
     """Edit each source image into `style` and append {"prompt", "winner", "loser", "source"}
     lines to OUT/pairs.jsonl (images under OUT/images/). Resumable: sources already in the
     manifest are skipped, and a line is written only after both of its images, so an
-    interrupted run leaves at most orphan PNGs that the rerun overwrites. Returns new pairs."""
+    interrupted run leaves at most orphan PNGs that the rerun overwrites. The settings that make
+    a pair are kept in OUT/settings.json: a rerun with others (another --style, --src, ...) is
+    refused, as it would skip sources done in another way, or mix two sets. Returns new pairs."""
     if style not in STYLE_EDITS:
         raise ValueError(f"unknown --style {style!r}; choose from {', '.join(STYLE_EDITS)}")
     if not os.path.exists(src):
         raise FileNotFoundError(f"--src {src} not found")
+    real = STYLE_EDITS[style] is not None  # (the editor's settings make no toy pair)
+    same_settings(out, dict(style=style, src=os.path.abspath(src), src_split=split, resolution=resolution, seed=seed,
+                            **dict(editor=editor, steps=steps, guidance=guidance, image_guidance=image_guidance)
+                            if real else {}))
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     manifest = os.path.join(out, "pairs.jsonl")
     done = set()
@@ -122,6 +128,25 @@ def build_style(style, src, out, editor="timbrooks/instruct-pix2pix", limit=None
     return new
 
 
+def same_settings(out, settings):
+    """OUT/settings.json: written for a new output (or an older one that has none), compared on a rerun."""
+    path = os.path.join(out, "settings.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+    except FileNotFoundError:
+        os.makedirs(out, exist_ok=True)
+        return files.write_atomic(path, json.dumps(settings, indent=1))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--out {out}: {path} cannot be read ({type(err).__name__}); it records how the pairs there "
+                         f"were made: restore it, or choose another --out")
+    changed = [k for k in settings if not isinstance(before, dict) or before.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--out {out} was built with --{k} {before.get(k) if isinstance(before, dict) else '?'}, this "
+                         f"command has --{k} {settings[k]}: choose another --out (its pairs would be skipped or mixed)")
+
+
 def main(argv=None):
     import argparse
     s = argparse.ArgumentParser(description="Style Alignment pairs: InstructPix2Pix edits (winner) of source images (loser)")
@@ -143,7 +168,7 @@ def main(argv=None):
     checks.plain_numbers(s, args, positive=("limit", "resolution", "steps", "batch_size"),
                          non_negative=("guidance", "image_guidance", "seed"))
     # train.py's rule for a folder it writes: empty, or its own output, which it continues (resumable)
-    problem = files.output_folder_problem(args.out, "--out", ["pairs.jsonl", "images"], list, resuming=True)
+    problem = files.output_folder_problem(args.out, "--out", ["pairs.jsonl", "images", "settings.json"], list, resuming=True)
     if problem:
         raise SystemExit(problem)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -27,6 +27,7 @@ lists, paths that leave --images (never read) and missing image files.
 import argparse
 import fnmatch
 import json
+import math
 import os
 import sys
 
@@ -34,7 +35,10 @@ from plumbing import checks, files
 
 
 def numbers(xs):
-    return isinstance(xs, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    """A list of finite numbers (json reads NaN and Infinity: a NaN compared with anything is a
+    preference for the second image, without a word)."""
+    return isinstance(xs, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                        for x in xs)
 
 
 def pairs_of(record):
@@ -70,8 +74,10 @@ def inside(folder, rel):
     return path if os.path.commonpath([root, path]) == root and path != root else None
 
 
-def convert(json_path, images, out, split="train", shard_rows=1000, row_group_rows=100):
-    """Write OUT/{split}-NNNNN-of-MMMMM.parquet; returns (pairs written, {skip reason: count})."""
+def convert(json_path, images, out, split="train", shard_rows=1000, row_group_rows=100, earlier=None):
+    """Write OUT/{split}-NNNNN-of-MMMMM.parquet; returns (pairs written, {skip reason: count}).
+    earlier(): the paths of an earlier output (--overwrite), deleted only once the new shards are
+    whole, just before they take their names: a mistake in the input never costs the old ones."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -124,6 +130,9 @@ def convert(json_path, images, out, split="train", shard_rows=1000, row_group_ro
                 if len(rows) >= shard_rows:
                     flush()
     flush()
+    for path in earlier() if earlier and shards else []:
+        if path not in shards:
+            os.remove(path)
     for k, tmp in enumerate(shards):  # the hub's names, which hf:DIR reads by split
         os.replace(tmp, os.path.join(out, f"{split}-{k:05d}-of-{len(shards):05d}.parquet"))
     return written, skips
@@ -143,15 +152,18 @@ def main(argv=None):
     checks.plain_numbers(p, args)
     if args.shard_rows < 1 or args.row_group_rows < 1:
         raise SystemExit("error: --shard_rows and --row_group_rows must be at least 1")
+    if not args.split or args.split.startswith(".") or any(c in args.split for c in "/\\*?[\0"):
+        raise SystemExit(f"error: --split {args.split!r}: a name for the shards (train, test), not a path or pattern")
     # train.py's rule for a folder it writes: empty, or its own output (old shards beside new ones,
     # -of-00003 beside -of-00005, would be read as one data set); another split's shards may stay
     mine = [f"{args.split}-*-of-*.parquet", f".{args.split}-*.parquet.tmp"]
     owned = lambda: [os.path.join(args.out, n) for n in os.listdir(args.out) if any(fnmatch.fnmatch(n, m) for m in mine)]
     problem = files.output_folder_problem(args.out, "--out", mine, owned, args.overwrite,
-                                          tolerated=["*-*-of-*.parquet", ".*.parquet.tmp"])
+                                          tolerated=["*-*-of-*.parquet", ".*.parquet.tmp"], delete=False)
     if problem:
         raise SystemExit(problem)
-    written, skips = convert(args.json, args.images, args.out, args.split, args.shard_rows, args.row_group_rows)
+    written, skips = convert(args.json, args.images, args.out, args.split, args.shard_rows, args.row_group_rows,
+                             earlier=owned if args.overwrite else None)
     print(f"wrote {written} pairs to {args.out}" + (f"; skipped {skips}" if skips else ""), file=sys.stderr)
     if not written:
         raise SystemExit(f"error: no pairs written from {args.json} (skipped: {skips or 'nothing to read'})")

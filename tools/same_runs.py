@@ -26,7 +26,7 @@ import tempfile
 
 import torch
 
-from plumbing import speed
+from plumbing import files, speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["--max_steps", "20", "--batch_size", "4", "--no_progress", "--num_items", "256"]
@@ -94,23 +94,48 @@ def run_all(work, new_metrics=()):
     return results
 
 
+def read_record(path):
+    """(machine, runs) of a record `record` wrote ({"machine", "runs": {run: {key: value}}}; older
+    records: the runs only), or one error line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {path}: cannot be read as a record ({type(err).__name__}: "
+                         f"{str(getattr(err, 'strerror', None) or err).splitlines()[0][:200]})")
+    runs = record.get("runs", record) if isinstance(record, dict) else None
+    if not (isinstance(runs, dict) and runs and all(isinstance(r, dict) for r in runs.values())):
+        raise SystemExit(f"error: {path}: not a record of python -m tools.same_runs record")
+    return record.get("machine"), runs
+
+
 def main():
     argv = sys.argv[1:]
+    if argv in ([], ["-h"], ["--help"]):
+        return print(__doc__)
     new = argv[argv.index("--new_metrics") + 1].split(",") if "--new_metrics" in argv[:-1] else []
     argv = [a for i, a in enumerate(argv) if a != "--new_metrics" and (i == 0 or argv[i - 1] != "--new_metrics")]
     if len(argv) != 2 or argv[0] not in ("record", "check") or (new and argv[0] != "check"):
-        sys.exit(__doc__)
+        sys.exit("error: usage: python -m tools.same_runs record FILE | check FILE [--new_metrics A,B] (--help says more)")
     mode, path = argv
+    # the file first: the runs take minutes, and a record that cannot be read or written would waste them
+    if mode == "check":
+        made_on, before = read_record(path)
+    else:
+        problem = files.file_to_write_problem(path, "record")
+        if not problem and os.path.lexists(path):
+            try:
+                read_record(path)  # (an earlier record may be replaced; any other file is the user's)
+            except SystemExit:
+                problem = f"record {path} exists and is not an earlier record: choose another name"
+        if problem:
+            sys.exit(f"error: {problem}")
     with tempfile.TemporaryDirectory() as work:
         results = run_all(work, new)
     if mode == "record":
-        with open(path, "w") as f:
-            json.dump({"machine": speed.machine(), "runs": results}, f, indent=1)
+        files.write_atomic(path, json.dumps({"machine": speed.machine(), "runs": results}, indent=1))
         print(f"recorded {len(results)} runs in {path}")
         return
-    with open(path) as f:
-        before = json.load(f)
-    made_on, before = before.get("machine"), before.get("runs", before)  # (older records: runs only)
     if made_on != speed.machine():
         print(f"note: the record was made on {made_on or 'an unnamed machine'}, this is {speed.machine()}: "
               f"differences can be floating-point rounding, not code")

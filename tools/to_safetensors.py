@@ -12,7 +12,9 @@ line; --trust_pickle then reads it with weights_only=False, i.e. unpickles it in
 whatever code the file names: pass it only for a file from a source you trust, once, and use the
 .safetensors file from then on. A {'state_dict': ...} checkpoint (HPSv2's) is unwrapped
 (--key names another entry, --key '' keeps the top level); entries that are not tensors are left
-out and counted.
+out and counted. The output is checked before anything is read: a file already there is replaced
+only with --overwrite, and it is written whole or not at all (safetensors writes a temporary file
+and renames it).
 """
 import argparse
 import os
@@ -22,7 +24,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from plumbing import hub
+from plumbing import files, hub
 
 
 def convert(src, dst, key="state_dict", trust_pickle=False):
@@ -46,7 +48,10 @@ def convert(src, dst, key="state_dict", trust_pickle=False):
         raise SystemExit(f"error: {src} has no tensors" + (f" under '{key}'" if key else "") +
                          "; pass --key for the entry that holds them")
     # safetensors stores no views: each tensor gets its own contiguous copy of its data
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, dst)
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, dst)
+    except Exception as err:  # a full disk, a folder gone since the check (safetensors' own error type)
+        raise SystemExit(f"error: cannot write {dst} ({type(err).__name__}: {hub.first_line(err)})")
     return len(tensors), len(obj) - len(tensors)
 
 
@@ -57,9 +62,15 @@ def main(argv=None):
     p.add_argument("--key", default="state_dict", help="the entry holding the tensors, if there ('' = the top level)")
     p.add_argument("--trust_pickle", action="store_true",
                    help="unpickle in full (weights_only=False): runs code the file names; only for trusted files")
+    p.add_argument("--overwrite", action="store_true", help="replace dst when it exists")
     args = p.parse_args(argv)
     if not args.dst.endswith(".safetensors"):
         raise SystemExit("error: the output file must end in .safetensors")
+    problem = files.file_to_write_problem(args.dst, "dst")  # (before the checkpoint is read: it may be large)
+    if not problem and os.path.lexists(args.dst) and not args.overwrite:
+        problem = f"dst {args.dst} exists; pass --overwrite to replace it"
+    if problem:
+        raise SystemExit(f"error: {problem}")
     written, left = convert(args.src, args.dst, args.key, args.trust_pickle)
     left = f" ({left} entries that are not tensors left out)" if left else ""
     print(f"wrote {written} tensors to {args.dst}{left}", file=sys.stderr)

@@ -44,7 +44,7 @@ import time
 import torch
 
 import evaluate
-from plumbing import plots
+from plumbing import checks, files, plots
 from plumbing import toy_scorer
 import model as M
 from plumbing import speed, tiny
@@ -118,16 +118,25 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="where the results go (default RUNS/STUDY)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    check_places(p, args)
     args.custom = {}
     for spec in args.variant or []:  # NAME='TRAIN FLAGS': checked by train.py's own parser, before any work
         name, sep, flags = spec.partition("=")
         if not sep or not name.strip():
             p.error(f"--variant {spec!r}: write NAME='TRAIN FLAGS', e.g. dpo='--loss dpo'")
-        args.custom[name.strip()] = shlex.split(flags)
+        if name.strip() in args.custom:
+            p.error(f"--variant {name.strip()} is given twice: name each variant once")
         try:
+            args.custom[name.strip()] = shlex.split(flags)
             train.parse_args(ALIGN_ARGS + args.custom[name.strip()])
+        except ValueError as err:  # (shlex: a quote left open)
+            p.error(f"--variant {name.strip()}: {flags!r} cannot be split into flags ({err})")
         except SystemExit:
             p.error(f"--variant {name.strip()}: train.py does not take {flags!r} (its message is above)")
+        taken = study_set_flags(args.custom[name.strip()])
+        if taken:
+            p.error(f"--variant {name.strip()}: {taken} is the study's to set (--lrs, --seeds, --device, --runs): "
+                    f"leave it out")
     try:
         lrs = [float(x) for x in (args.lrs or "1e-6").split(",")]
         seeds = [int(x) for x in (args.seeds or "0").split(",")]
@@ -140,7 +149,37 @@ def parse_args(argv=None):
         args.study = "custom"
     elif args.lrs or args.seeds:
         p.error("--lrs and --seeds go with --variant (a study of your own)")
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in STUDIES[args.study]["variants"]]
+    if unknown:
+        p.error(f"--variants: {', '.join(unknown)} not in the {args.study} study's "
+                f"({', '.join(STUDIES[args.study]['variants'])})")
     return args
+
+
+# What align() sets after a variant's own flags (its command's last word on them): a variant
+# setting one would be overridden without a word
+STUDY_SET = ("init", "lr", "seed", "keep_checkpoints", "device", "no_progress", "log_every", "out_dir", "overwrite",
+             "validation_prompts", "validation_every", "validation_seeds", "validation_metric",
+             "validation_inference_steps", "validation_guidance")
+
+
+def study_set_flags(flags):
+    """The first of FLAGS (train.py's, under any of their names) that the study sets itself, or None."""
+    names = train.parser()._option_string_actions
+    return next((f for f in flags if f.startswith("--") and f.split("=")[0] in names
+                 and names[f.split("=")[0]].dest in STUDY_SET), None)
+
+
+def check_places(p, args):
+    """The toy runners' own checks (toy.frontier and toy.factorial call it too), one line each
+    (p.error): their counts at least 1 (a 0 was a ZeroDivisionError, or the default without a word),
+    --guidance finite and 0 or more, --runs and --out (where given) folders that can be written."""
+    checks.plain_numbers(p, args, positive=("sample_steps", "sample_seeds", "align_steps", "curve_every", "base_steps",
+                                            "max_jobs"), non_negative=("guidance",))
+    for flag in ("--runs", "--out"):
+        problem = getattr(args, flag[2:]) is not None and files.folder_problem(getattr(args, flag[2:]), flag)
+        if problem:
+            p.error(problem.removeprefix("error: "))
 
 
 @functools.lru_cache(maxsize=None)

@@ -215,7 +215,9 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    E.check_places(p, args)  # (toy.experiment's checks: counts, --guidance, --runs, --out)
+    return args
 
 
 def main(argv=None):

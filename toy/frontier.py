@@ -432,6 +432,7 @@ def parse_args(argv=None):
     p.add_argument("--lrs", default=None, help="with --variant: comma list of learning rates")
     p.add_argument("--seeds", default=None, help="with --variant: comma list of training seeds (default 0)")
     args = p.parse_args(argv)
+    E.check_places(p, args)
     if args.variant:  # the experiment runner's rules and checks (train.py's parser sees the flags first)
         custom = E.parse_args([x for v in args.variant for x in ("--variant", v)] + [
             "--lrs", args.lrs or "1e-6", "--seeds", args.seeds or "0"])
