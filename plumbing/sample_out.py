@@ -5,6 +5,7 @@ train.py keeps for --out_dir) and what --resume continues (the images samples.js
 with the same settings, prompts and seeds).
 """
 import contextlib
+import errno
 import fnmatch
 import json
 import os
@@ -104,7 +105,6 @@ def compare_problem(args):
 def write_failed(out, err):
     """The line for an OSError while writing --out's images: a full disk keeps what is written
     (--resume goes on from it); anything else is said as it is."""
-    import errno
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"error: cannot write in {out}: {err.strerror}; the images written so far are listed in its "
                 f"samples.jsonl: free space, then rerun with --resume")
