@@ -6,10 +6,15 @@ the objectives, the sampler or the reward models train.py checks itself, in chec
 given under two names (one_name_each); the other programs' numbers (plain_numbers).
 """
 import math
+import os
 
 import torch
 
 from plumbing import files, hub, parallel, speed
+
+
+MAX_RESOLUTION = 4096  # --resolution: above it one image (and the UNet's activations) outgrows any machine
+MAX_ITEMS = 10_000_000  # --num_items: a toy epoch's order (a permutation of that many indices) is built in memory
 
 
 def check_train_flags(p, args):
@@ -72,10 +77,17 @@ def _check_more(p, args):
     for name in ("num_items", "shuffle_window", "shuffle_buffer", "validation_inference_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    for name, top, why in (("resolution", MAX_RESOLUTION, "each image is held and rendered at that size"),
+                           ("num_items", MAX_ITEMS, "an epoch's order is held in memory")):
+        if (getattr(args, name) or 0) > top:
+            p.error(f"--{name} must be at most {top} ({why}), not {getattr(args, name)}")
     if args.validation_inference_steps > 1000:  # (the schedulers' training timesteps: a sampler cannot take more)
         p.error(f"--validation_inference_steps must be at most 1000, not {args.validation_inference_steps}")
     if args.validation_guidance is not None and not 0 <= args.validation_guidance <= 100:
         p.error(f"--validation_guidance must be between 0 and 100, not {args.validation_guidance}")
+    logs = os.path.normpath(args.logging_dir or ".")
+    if args.report_to == "tensorboard" and (os.path.isabs(logs) or logs == "." or logs.split(os.sep)[0] == ".."):
+        p.error(f"--logging_dir {args.logging_dir!r}: name a folder inside --out_dir (e.g. logs); a run writes only there")
     problem = files.folder_problem(args.out_dir, "--out_dir")
     problem = problem or hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))
     problem = problem or (args.validation_prompts is not None and
