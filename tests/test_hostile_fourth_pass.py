@@ -64,3 +64,69 @@ def test_log_folders_inside_out_dir_and_unused_ones_are_accepted():
     train.parse_args(["--report_to", "tensorboard", "--logging_dir", "tb/run1", *FAST])
     train.parse_args(["--logging_dir", "/not/used/without/tensorboard", *FAST])
     train.parse_args([*FAST, "--resolution", "4096", "--num_items", "10000000"])
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Manifests and parquet mappings: names the file system cannot look up, pairs of one image
+
+def manifest(tmp_path, rows, n=4):
+    """tmp_path/m.jsonl: ROWS, then n good pairs of 20x20 PNGs."""
+    os.makedirs(tmp_path / "img", exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / "img" / f"{i}w.png")
+        Image.new("RGB", (20, 20), (0, 40 * i, 0)).save(tmp_path / "img" / f"{i}l.png")
+    good = [{"prompt": f"p{i}", "winner": f"img/{i}w.png", "loser": f"img/{i}l.png"} for i in range(n)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + good))
+    return str(tmp_path / "m.jsonl")
+
+
+def test_an_image_name_over_255_bytes_is_a_counted_missing_image(tmp_path, capsys):
+    # Before: pathlib's is_file raised OSError (errno 36, File name too long): a traceback for one line.
+    path = manifest(tmp_path, [{"prompt": "p", "winner": "a" * 300 + ".png", "loser": "img/0l.png"}])
+    ds = train.data.ManifestPairs(path, 16)
+    assert len(ds) == 4 and ds.skip_counts == {"missing_image": 1}
+    assert f"warning: {path}: skipped 1 lines with a missing image file (first: {path}:1 'aaa" in capsys.readouterr().err
+
+
+def test_a_manifest_name_over_255_bytes_is_one_line(tmp_path):
+    code, out = cli("--data", str(tmp_path / ("b" * 300 + ".jsonl")), "--out_dir", str(tmp_path / "o"), *FAST)
+    assert code == 1 and "Traceback" not in out
+    assert out.strip().splitlines()[-1] == f"error: manifest not found: {tmp_path / ('b' * 300 + '.jsonl')}"
+
+
+def test_a_pair_of_one_image_file_is_a_counted_skip(tmp_path, capsys):
+    # Before: trained on it without a word (winner = loser: no preference at all). The same file under
+    # another name (a link) is the same image too; Pick-a-Pic's form as well.
+    os.makedirs(tmp_path / "img")
+    Image.new("RGB", (20, 20)).save(tmp_path / "img" / "x.png")
+    os.link(tmp_path / "img" / "x.png", tmp_path / "img" / "y.png")
+    rows = [{"prompt": "p", "winner": "img/x.png", "loser": "img/x.png"},
+            {"prompt": "p", "winner": "img/x.png", "loser": "img/y.png"},
+            {"caption": "c", "image_0": "img/y.png", "image_1": "img/x.png", "label_0": 1}]
+    path = manifest(tmp_path, rows)
+    ds = train.data.ManifestPairs(path, 16)
+    assert len(ds) == 4 and ds.skip_counts == {"same_image": 3}
+    assert (f"warning: {path}: skipped 3 lines whose winner and loser are the same image file (first: {path}:1 "
+            f"'img/x.png')") in capsys.readouterr().err
+
+
+def test_a_manifest_of_such_pairs_only_is_one_line(tmp_path):
+    path = manifest(tmp_path, [{"prompt": "p", "winner": "img/0w.png", "loser": "img/0w.png"}], n=1)
+    os.remove(tmp_path / "img" / "0l.png")
+    code, out = cli("--data", path, "--out_dir", str(tmp_path / "o"), *FAST)
+    assert code == 1 and "Traceback" not in out
+    assert out.strip().splitlines()[-1] == f"error: {path}: no usable preference pairs (skipped: same_image=1, missing_image=1)"
+
+
+@pytest.mark.parametrize("mapping, column", [("prompt=caption,winner=jpg_0,loser=jpg_0", "jpg_0"),
+                                              ("prompt=caption,images=jpg_0+jpg_0,label=label_0", "jpg_0"),
+                                              ("prompt=caption,images=jpg_0+jpg_1,label=caption", "caption"),
+                                              ("prompt=jpg_1,winner=jpg_0,loser=jpg_1", "jpg_1")])
+def test_a_mapping_that_names_one_column_twice_is_refused(mapping, column):
+    # Before: winner=jpg_0,loser=jpg_0 trained on pairs of one image without a word.
+    from plumbing import pickapic
+    with pytest.raises(ValueError) as err:
+        pickapic.parse_schema(mapping)
+    assert str(err.value) == (f"--data ...#{mapping}: column {column} is named for two roles; each of prompt, the "
+                              f"two images and the label needs its own column")
+    assert pickapic.parse_schema("prompt=caption,images=jpg_0+jpg_1,label=label_0").images == ("jpg_0", "jpg_1")
