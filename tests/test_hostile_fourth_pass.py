@@ -130,3 +130,56 @@ def test_a_mapping_that_names_one_column_twice_is_refused(mapping, column):
     assert str(err.value) == (f"--data ...#{mapping}: column {column} is named for two roles; each of prompt, the "
                               f"two images and the label needs its own column")
     assert pickapic.parse_schema("prompt=caption,images=jpg_0+jpg_1,label=label_0").images == ("jpg_0", "jpg_1")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Cache indexes: values of the right JSON type that are still wrong
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    from tools import build_cache
+    folder = tmp_path_factory.mktemp("cache") / "c"
+    build_cache.build_cache("tiny", "toy", str(folder), num_items=4, dtype="fp32", shard_size=4, batch_size=2,
+                            progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vae_scale": float("nan")}, "cache index 'vae_scale' is nan, not a positive finite number"),
+    ({"vae_scale": 0}, "cache index 'vae_scale' is 0, not a positive finite number"),
+    ({"vae_scale": True}, "cache index 'vae_scale' is True, of the wrong type"),
+    ({"num_pairs": False}, "cache index 'num_pairs' is False, of the wrong type"),
+    ({"skip_counts": {"tie": "3"}}, "cache index 'skip_counts' {'tie': '3'} are not counts (whole numbers >= 0)"),
+    ({"shards": [{"file": "../elsewhere/shard-00000.safetensors", "num_pairs": 4}]},
+     "cache index shard entry {'file': '../elsewhere/shard-00000.safetensors', 'num_pairs': 4} is not "
+     '{"file": NAME (in the cache folder), "num_pairs": N >= 0}'),
+    ({"shards": [{"file": "/etc/hostname", "num_pairs": 4}]},
+     "cache index shard entry {'file': '/etc/hostname', 'num_pairs': 4} is not "
+     '{"file": NAME (in the cache folder), "num_pairs": N >= 0}'),
+    ({"shards": [{"file": "shard-00000.safetensors", "num_pairs": True}]},
+     "cache index shard entry {'file': 'shard-00000.safetensors', 'num_pairs': True} is not "
+     '{"file": NAME (in the cache folder), "num_pairs": N >= 0}'),
+])
+def test_cache_index_values_that_are_wrong_are_one_line(built_cache, tmp_path, change, message):
+    # Before: a vae_scale of nan trained five bad steps and stopped, one of 0 trained on blank latents without a
+    # word; a shard named ../x or /x was read from outside the cache; True passed for a count.
+    folder = tmp_path / "c"
+    shutil.copytree(built_cache, folder)
+    index = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps(dict(index, **change)))
+    from plumbing import cache
+    with pytest.raises(ValueError) as err:
+        cache.read_cache_index(str(folder))
+    assert str(err.value) == f"{folder / 'index.json'}: {message}"
+
+
+def test_a_cache_of_vae_scale_0_end_to_end(built_cache, tmp_path):
+    folder = tmp_path / "c"
+    shutil.copytree(built_cache, folder)
+    index = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps(dict(index, vae_scale=0.0)))
+    code, out = cli("--data", f"cache:{folder}", "--embed_model", "tiny", "--out_dir", str(tmp_path / "o"), *FAST)
+    assert code == 1 and "Traceback" not in out
+    assert out.strip().splitlines()[-1] == (f"error: {folder / 'index.json'}: cache index 'vae_scale' is 0.0, not a "
+                                            f"positive finite number")
+    assert not os.path.exists(tmp_path / "o" / "unet")
