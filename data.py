@@ -30,7 +30,7 @@ import torch
 import model as M
 from plumbing import cache, pickapic
 from plumbing import distributed as D
-from plumbing.image_files import ImagePairs, is_file, read_image, same_file
+from plumbing.image_files import ImagePairs, is_file, read_image
 from plumbing.images import STYLES, apply_style, image_to_tensor, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +103,6 @@ _SKIP_WORDS = {
     "missing_image": "with a missing image file",
     "bad_encoding": "that are not valid UTF-8",
     "bad_prompt": "with a prompt that is not valid text (a lone surrogate escape)",
-    "same_image": "whose winner and loser are the same image file",
 }
 
 
@@ -201,8 +200,6 @@ class ManifestPairs(ImagePairs):
             if not is_file(full):  # (also a name the file system cannot look up: over 255 bytes, ...)
                 return "missing_image", p, None
             paths.append(full)
-        if same_file(*paths):  # a pair of one image teaches nothing: a mistake in the manifest
-            return "same_image", winner, None
         return None, None, (prompt, paths[0], paths[1])
 
     def __len__(self):

@@ -162,11 +162,3 @@ def is_file(path):
         return os.path.isfile(path)
     except (OSError, ValueError):
         return False
-
-
-def same_file(a, b):
-    """Whether two paths name one file (the same name, or links to one file)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):
-        return False

@@ -1,7 +1,7 @@
 """A fourth hostile pass over train.py and what it reads, a class each: numbers whose size alone
 exhausts memory (--resolution, --num_items), a --logging_dir that leads out of --out_dir, a path
-the file system cannot even look up (a name over 255 bytes) in a manifest or as --data, a pair
-whose winner and loser are one image (a manifest's one file, a parquet mapping's one column), a
+the file system cannot even look up (a name over 255 bytes) in a manifest or as --data, a parquet
+column mapping that names one column for two roles (winner=a,loser=a: pairs of one image), a
 cache index whose values are of the right type but wrong (a VAE scale of 0 or nan, a count that
 is a boolean, a shard outside the cache), a --resume that changes the reference model or the data
 and E5 settings that only a note mentioned, an --out_dir whose name holds a control character,
@@ -67,7 +67,7 @@ def test_log_folders_inside_out_dir_and_unused_ones_are_accepted():
 
 
 # ---------------------------------------------------------------------------------------
-# 2. Manifests and parquet mappings: names the file system cannot look up, pairs of one image
+# 2. Manifests and parquet mappings: names the file system cannot look up, one column in two roles
 
 def manifest(tmp_path, rows, n=4):
     """tmp_path/m.jsonl: ROWS, then n good pairs of 20x20 PNGs."""
@@ -92,30 +92,6 @@ def test_a_manifest_name_over_255_bytes_is_one_line(tmp_path):
     code, out = cli("--data", str(tmp_path / ("b" * 300 + ".jsonl")), "--out_dir", str(tmp_path / "o"), *FAST)
     assert code == 1 and "Traceback" not in out
     assert out.strip().splitlines()[-1] == f"error: manifest not found: {tmp_path / ('b' * 300 + '.jsonl')}"
-
-
-def test_a_pair_of_one_image_file_is_a_counted_skip(tmp_path, capsys):
-    # Before: trained on it without a word (winner = loser: no preference at all). The same file under
-    # another name (a link) is the same image too; Pick-a-Pic's form as well.
-    os.makedirs(tmp_path / "img")
-    Image.new("RGB", (20, 20)).save(tmp_path / "img" / "x.png")
-    os.link(tmp_path / "img" / "x.png", tmp_path / "img" / "y.png")
-    rows = [{"prompt": "p", "winner": "img/x.png", "loser": "img/x.png"},
-            {"prompt": "p", "winner": "img/x.png", "loser": "img/y.png"},
-            {"caption": "c", "image_0": "img/y.png", "image_1": "img/x.png", "label_0": 1}]
-    path = manifest(tmp_path, rows)
-    ds = train.data.ManifestPairs(path, 16)
-    assert len(ds) == 4 and ds.skip_counts == {"same_image": 3}
-    assert (f"warning: {path}: skipped 3 lines whose winner and loser are the same image file (first: {path}:1 "
-            f"'img/x.png')") in capsys.readouterr().err
-
-
-def test_a_manifest_of_such_pairs_only_is_one_line(tmp_path):
-    path = manifest(tmp_path, [{"prompt": "p", "winner": "img/0w.png", "loser": "img/0w.png"}], n=1)
-    os.remove(tmp_path / "img" / "0l.png")
-    code, out = cli("--data", path, "--out_dir", str(tmp_path / "o"), *FAST)
-    assert code == 1 and "Traceback" not in out
-    assert out.strip().splitlines()[-1] == f"error: {path}: no usable preference pairs (skipped: same_image=1, missing_image=1)"
 
 
 @pytest.mark.parametrize("mapping, column", [("prompt=caption,winner=jpg_0,loser=jpg_0", "jpg_0"),
