@@ -159,3 +159,69 @@ def test_a_cache_of_vae_scale_0_end_to_end(built_cache, tmp_path):
     assert out.strip().splitlines()[-1] == (f"error: {folder / 'index.json'}: cache index 'vae_scale' is 0.0, not a "
                                             f"positive finite number")
     assert not os.path.exists(tmp_path / "o" / "unet")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. --resume: the reference model and what makes the data and E5 what they are
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-step run of RPO on the toy set: checkpoint-000001, checkpoint-000002, unet/."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(["--max_steps", "2", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out), *FAST])
+    return out
+
+
+def resume_line(finished, flags):
+    from plumbing.checkpoint import check_resume_settings
+    import loss as L
+    ckpt = str(finished / "checkpoint-000002")
+    state = json.load(open(os.path.join(ckpt, "state.json")))
+    args = train.parse_args(["--out_dir", str(finished), *FAST, *flags])
+    with pytest.raises(SystemExit) as err:
+        check_resume_settings(args, ckpt, state, L.settings_of(args.loss), 16, log=lambda *a: None)
+    return err.value.code.replace(ckpt, "CKPT")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--style", "sketch"], "--style winter, not sketch"),
+    (["--data_split", "test"], "--data_split train, not test"),
+    (["--embed_model", "toy-clip"], "--embed_model tiny, not toy-clip"),
+])
+def test_resume_refuses_another_data_or_e5(finished, flags, named):
+    # Before: each was one note ("the command's settings replace the checkpoint's") and training went on with
+    # another preferred style, other prompts or another CLIP for ω: the run's second half learnt something else.
+    assert resume_line(finished, flags) == f"error: checkpoint CKPT was trained with {named} (pass " \
+                                           f"--allow_changed_resume to continue anyway)"
+
+
+def test_resume_refuses_another_pretrained_model_even_when_changes_are_allowed(finished):
+    # Before: --pretrained (the reference UNet, VAE and text encoders of sd15/sdxl) was not compared at all.
+    assert resume_line(finished, ["--pretrained", "/models/other", "--allow_changed_resume"]) == \
+        "error: checkpoint CKPT was trained with --pretrained None, not /models/other"
+
+
+def test_settings_the_data_does_not_read_may_change(finished, tmp_path):
+    from plumbing.checkpoint import changed_settings, check_resume_settings
+    ckpt = str(finished / "checkpoint-000002")
+    state = json.load(open(os.path.join(ckpt, "state.json")))
+    dpo = dict(state, args=dict(state["args"], loss="dpo", timesteps="pair"))
+    args = train.parse_args(["--loss", "dpo", "--embed_model", "toy-clip", *FAST])  # DPO has no E5
+    check_resume_settings(args, ckpt, dpo, ["beta", "timesteps"], 16, log=lambda *a: None)
+    os.makedirs(tmp_path / "models" / "sd15")  # one folder named relative to the run's start, then absolute
+    saved = dict(state, cwd=str(tmp_path), args=dict(state["args"], pretrained="models/sd15"))
+    import loss as L
+    check_resume_settings(train.parse_args(["--pretrained", str(tmp_path / "models" / "sd15"), *FAST]), ckpt, saved,
+                          L.settings_of("rpo"), 16, log=lambda *a: None)
+    assert changed_settings(state["args"], dict(state["args"], style="sketch", seed=5)) == ["--seed 5 (was 0)"]
+
+
+def test_resume_with_another_style_end_to_end_changes_nothing(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = sorted(os.listdir(out))
+    code, text = cli("--out_dir", str(out), "--resume", "--max_steps", "3", "--style", "sketch", *FAST)
+    assert code == 1 and "Traceback" not in text
+    assert text.strip().splitlines()[-1] == (f"error: checkpoint {out / 'checkpoint-000002'} was trained with --style "
+                                             f"winter, not sketch (pass --allow_changed_resume to continue anyway)")
+    assert sorted(os.listdir(out)) == before
