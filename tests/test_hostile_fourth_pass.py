@@ -225,3 +225,16 @@ def test_resume_with_another_style_end_to_end_changes_nothing(finished, tmp_path
     assert text.strip().splitlines()[-1] == (f"error: checkpoint {out / 'checkpoint-000002'} was trained with --style "
                                              f"winter, not sketch (pass --allow_changed_resume to continue anyway)")
     assert sorted(os.listdir(out)) == before
+
+
+# ---------------------------------------------------------------------------------------
+# 5. An --out_dir whose name holds a control character
+
+@pytest.mark.parametrize("name", ["run\nnext", "run\tx", "run\x1b[31m"])
+def test_an_out_dir_with_a_control_character_is_refused_and_not_made(tmp_path, capsys, name):
+    # Before: a newline in the name trained and split the final line ("done: ... UNet in /x/run" and "next/unet")
+    # and the model card's lines; an escape sequence coloured the terminal.
+    out = str(tmp_path / name)
+    assert argparse_line(["--out_dir", out, *FAST], capsys).endswith(
+        f": error: --out_dir {out!r}: the name holds a control character ({name[3]!r}); choose a plain name")
+    assert os.listdir(tmp_path) == []
