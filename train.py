@@ -332,13 +332,12 @@ def check_flags(p, args):
             args.validation_metric, args.validation_reward_flags)):
         p.error(problem)
     if args.validation_prompts is not None:
-        if args.data.startswith("cache:"):
-            p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
         try:
             args.validation_seeds = sample.parse_seeds(args.validation_seeds)
         except argparse.ArgumentTypeError as err:
             p.error(f"--validation_seeds: {err}")
         args.validation_prompts = sample.read_prompts(args.validation_prompts)
+        checks.validation_grid(p, args, sample.GRID_MAX)  # (one picture, held in memory while it is made)
 
 
 def learning_rate(args, step):

@@ -48,6 +48,8 @@ def check_train_flags(p, args):
     if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.validation_prompts is not None and args.data.startswith("cache:"):
+        p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
     if args.validation_metric != "none" and args.validation_prompts is None:
         p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
                 f"(e.g. toy-test, builtin)")
@@ -94,6 +96,16 @@ def _check_more(p, args):
                           files.text_file_problem(args.validation_prompts, "--validation_prompts"))
     if problem:
         p.error(problem.removeprefix("error: "))
+
+
+def validation_grid(p, args, most):
+    """The validation images (prompts × seeds) are made at once and shown in one grid: at most MOST
+    (sample.py's GRID_MAX), refused before the run rather than at its last step, before the final save."""
+    n = len(args.validation_prompts) * len(args.validation_seeds)
+    if n > most:
+        p.error(f"--validation_prompts × --validation_seeds make {len(args.validation_prompts)} × "
+                f"{len(args.validation_seeds)} = {n} images; a validation grid holds at most {most}: pass fewer "
+                f"prompts or seeds (sample.py makes any number from a checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------

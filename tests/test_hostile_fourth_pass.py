@@ -238,3 +238,18 @@ def test_an_out_dir_with_a_control_character_is_refused_and_not_made(tmp_path, c
     assert argparse_line(["--out_dir", out, *FAST], capsys).endswith(
         f": error: --out_dir {out!r}: the name holds a control character ({name[3]!r}); choose a plain name")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Validation grids too large to hold
+
+def test_a_validation_grid_over_the_limit_is_refused_before_the_run(tmp_path, capsys):
+    # Before: 20,000 prompts were sampled at the last step, all held in memory for one grid, before the final
+    # checkpoint was saved (at 512 px and beyond, memory ran out there and the last steps were lost).
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(600)))
+    assert argparse_line(["--validation_prompts", str(prompts), "--validation_seeds", "0-1", *FAST], capsys).endswith(
+        ": error: --validation_prompts × --validation_seeds make 600 × 2 = 1200 images; a validation grid holds at "
+        "most 1024: pass fewer prompts or seeds (sample.py makes any number from a checkpoint)")
+    args = train.parse_args(["--validation_prompts", str(prompts), "--validation_seeds", "0", *FAST])
+    assert len(args.validation_prompts) == 600
