@@ -48,6 +48,8 @@ def check_train_flags(p, args):
     if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.data in ("toy", "toy-base") and args.data_split not in ("train", "test", "all"):
+        p.error(f"--data_split {args.data_split!r}: the toy sets' prompt splits are train, test and all")
     if args.validation_prompts is not None and args.data.startswith("cache:"):
         p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
     if args.validation_metric != "none" and args.validation_prompts is None:

@@ -50,13 +50,17 @@ def cli(*argv, cwd=ROOT):
      "--logging_dir '/tmp/elsewhere': name a folder inside --out_dir (e.g. logs); a run writes only there"),
     (["--report_to", "tensorboard", "--logging_dir", "a/../../up"],
      "--logging_dir 'a/../../up': name a folder inside --out_dir (e.g. logs); a run writes only there"),
+    (["--data_split", "validation"], "--data_split 'validation': the toy sets' prompt splits are train, test and all"),
+    (["--data", "toy-base", "--loss", "sft", "--data_split", ""],
+     "--data_split '': the toy sets' prompt splits are train, test and all"),
     (["--report_to", "tensorboard", "--logging_dir", ""],
      "--logging_dir '': name a folder inside --out_dir (e.g. logs); a run writes only there"),
 ])
 def test_sizes_and_log_folders_refused_before_anything_loads(flags, message, capsys):
     # Before: --resolution 100000 died in render_toy (MemoryError traceback, 149 GiB), --num_items 2**31-1 in
     # torch.randperm (16 GiB), both after the models loaded; --logging_dir /abs or ../x wrote TensorBoard's
-    # files outside --out_dir.
+    # files outside --out_dir; --data_split of the toy sets ended in "error: toy_prompts: split must be ...", a
+    # name the user never typed.
     assert argparse_line(FAST + flags, capsys).endswith(f": error: {message}")  # (argparse names the program)
 
 
