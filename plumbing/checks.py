@@ -92,6 +92,10 @@ def _check_more(p, args):
     logs = os.path.normpath(args.logging_dir or ".")
     if args.report_to == "tensorboard" and (os.path.isabs(logs) or logs == "." or logs.split(os.sep)[0] == ".."):
         p.error(f"--logging_dir {args.logging_dir!r}: name a folder inside --out_dir (e.g. logs); a run writes only there")
+    for flag, names in (("--init", ()), ("--embed_model", ("tiny", "toy-clip", "random"))):
+        value = getattr(args, flag[2:])  # (found now, not after the pipeline, which both are loaded after)
+        if value and value not in names and not os.path.exists(value) and not hub.HUB_ID.fullmatch(value):
+            p.error(f"{flag} {value}: no such folder (nor a hub id of the form owner/name)")
     problem = files.folder_problem(args.out_dir, "--out_dir")
     problem = problem or hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))
     problem = problem or (args.validation_prompts is not None and

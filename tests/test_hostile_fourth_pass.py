@@ -257,3 +257,21 @@ def test_a_validation_grid_over_the_limit_is_refused_before_the_run(tmp_path, ca
         "most 1024: pass fewer prompts or seeds (sample.py makes any number from a checkpoint)")
     args = train.parse_args(["--validation_prompts", str(prompts), "--validation_seeds", "0", *FAST])
     assert len(args.validation_prompts) == 600
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Model folders that do not exist, found before the pipeline they are loaded after
+
+@pytest.mark.parametrize("flags", [["--init", "/models/typo/unet"], ["--init", "unet"],
+                                   ["--embed_model", "/models/clip-typo"], ["--embed_model", "b" * 300]])
+def test_a_missing_init_or_embed_model_folder_is_refused_before_anything_loads(flags, capsys):
+    # Before: --init is loaded after sd15's or sdxl's whole pipeline, --embed_model after the models: a typo cost
+    # that load (and a name over 255 bytes ended in the hub client's "Repo id must be in the form ...").
+    assert argparse_line([*FAST, *flags], capsys).endswith(
+        f": error: {flags[0]} {flags[1]}: no such folder (nor a hub id of the form owner/name)")
+
+
+def test_special_names_hub_ids_and_folders_pass_the_early_look(tmp_path):
+    for flags in (["--embed_model", "toy-clip"], ["--embed_model", "tiny"], ["--embed_model", "openai/clip-vit-base-patch32"],
+                  ["--init", "someone/unet-repo"], ["--init", str(tmp_path)]):
+        train.parse_args([*FAST, *flags])
