@@ -253,7 +253,8 @@ def output_flags(p):
                    help="start over in an --out_dir that holds a run: its checkpoint-* folders, metrics.jsonl and "
                         "unet/ (lora/) are deleted first (without it, such a run is refused)")
     g.add_argument("--allow_changed_resume", action="store_true",
-                   help="--resume even with another --resolution, --data or objective (--loss, a setting it reads)")
+                   help="--resume even with another --resolution, --data (its --style, --data_split, ...) or objective "
+                        "(--loss, a setting it reads, --embed_model)")
     g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
