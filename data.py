@@ -30,7 +30,7 @@ import torch
 import model as M
 from plumbing import cache, pickapic
 from plumbing import distributed as D
-from plumbing.image_files import ImagePairs, read_image
+from plumbing.image_files import ImagePairs, is_file, read_image
 from plumbing.images import STYLES, apply_style, image_to_tensor, render_toy, toy_prompts
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +119,6 @@ def _manifest_lines(f):
             yield n, part
 
 
-
 class ManifestPairs(ImagePairs):
     """Pairs listed in a JSONL file. Bad lines (unreadable JSON, bytes that are not UTF-8,
     missing fields or image files, ties, prompts that are not valid text) are skipped and
@@ -131,7 +130,7 @@ class ManifestPairs(ImagePairs):
 
     def __init__(self, path, resolution=512, seed=0, random_crop=False, random_flip=False):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not is_file(self.path):
             raise FileNotFoundError(f"manifest not found: {path}")
         super().__init__(resolution, seed, random_crop, random_flip)
         self.pairs = []  # (prompt, winner_path, loser_path)
@@ -198,7 +197,7 @@ class ManifestPairs(ImagePairs):
         paths = []
         for p in (winner, loser):
             full = root / p  # an absolute p wins over root in pathlib's "/"
-            if not full.is_file():
+            if not is_file(full):  # (also a name the file system cannot look up: over 255 bytes, ...)
                 return "missing_image", p, None
             paths.append(full)
         return None, None, (prompt, paths[0], paths[1])
@@ -216,7 +215,6 @@ class ManifestPairs(ImagePairs):
         if wbad or lbad:  # "kind: path", counted by kind (count_skips)
             return {"skip": f"{(wbad or lbad)[0]}: {wpath if wbad else lpath}", "index": i}
         return self.pair_item(prompt, win, los, i)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +253,6 @@ def build_dataset(spec, resolution, seed=0, split="train", style="winter", style
                      f"(or pickapic:DIR|HUB_ID) or cache:DIR")
 
 
-
-
 def from_args(args, world):
     """train.py's --data and data flags -> (dataset, resolution). Built before the models: a wrong path fails in seconds,
     not after loading SDXL."""
@@ -268,7 +264,7 @@ def from_args(args, world):
                                 random_crop=args.random_crop, random_flip=args.random_flip, num_items=args.num_items,
                                 window=args.shuffle_window, shuffle_buffer=args.shuffle_buffer, model=args.model,
                                 pretrained=args.pretrained, embed_model=args.embed_model if args.loss == "rpo" else None)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # (OSError: a file that cannot be read, e.g. no permission)
         raise SystemExit(f"error: {err}")
     if args.loss != "sft" and isinstance(dataset, ToyImages):
         raise SystemExit("error: --data toy-base holds single images, not pairs; train it with --loss sft")

@@ -253,7 +253,8 @@ def output_flags(p):
                    help="start over in an --out_dir that holds a run: its checkpoint-* folders, metrics.jsonl and "
                         "unet/ (lora/) are deleted first (without it, such a run is refused)")
     g.add_argument("--allow_changed_resume", action="store_true",
-                   help="--resume even with another --resolution, --data or objective (--loss, a setting it reads)")
+                   help="--resume even with another --resolution, --data (its --style, --data_split, ...) or objective "
+                        "(--loss, a setting it reads, --embed_model)")
     g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
@@ -332,13 +333,12 @@ def check_flags(p, args):
             args.validation_metric, args.validation_reward_flags)):
         p.error(problem)
     if args.validation_prompts is not None:
-        if args.data.startswith("cache:"):
-            p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
         try:
             args.validation_seeds = sample.parse_seeds(args.validation_seeds)
         except argparse.ArgumentTypeError as err:
             p.error(f"--validation_seeds: {err}")
         args.validation_prompts = sample.read_prompts(args.validation_prompts)
+        checks.validation_grid(p, args, sample.GRID_MAX)  # (one picture, held in memory while it is made)
 
 
 def learning_rate(args, step):

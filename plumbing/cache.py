@@ -43,13 +43,18 @@ def _load_index(path):
     for key, kind in _INDEX_KEYS.items():
         if key not in index:
             raise ValueError(f"{path}: cache index has no {key!r} (rebuild it with python -m tools.build_cache)")
-        if not isinstance(index[key], kind) or (kind is int and isinstance(index[key], bool)):
+        if not isinstance(index[key], kind) or (kind is not bool and isinstance(index[key], bool)):
             raise ValueError(f"{path}: cache index {key!r} is {index[key]!r:.80}, of the wrong type")
-    for s in index["shards"]:
-        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and s["file"]
-                and isinstance(s.get("num_pairs"), int) and s["num_pairs"] >= 0):
+    if not 0 < index["vae_scale"] < float("inf"):  # (z = s·(μ + σ·n): 0 would train on blank latents, nan on nothing)
+        raise ValueError(f"{path}: cache index 'vae_scale' is {index['vae_scale']!r}, not a positive finite number")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in index["skip_counts"].values()):
+        raise ValueError(f"{path}: cache index 'skip_counts' {index['skip_counts']!r:.80} are not counts (whole numbers >= 0)")
+    for s in index["shards"]:  # (a shard is a file of the cache's own folder: a plain name, never a path out of it)
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and s["file"] not in ("", ".", "..")
+                and os.path.basename(s["file"]) == s["file"] and "\0" not in s["file"]
+                and isinstance(s.get("num_pairs"), int) and not isinstance(s["num_pairs"], bool) and s["num_pairs"] >= 0):
             raise ValueError(f"{path}: cache index shard entry {s!r:.80} is not "
-                             '{"file": NAME, "num_pairs": N >= 0}')
+                             '{"file": NAME (in the cache folder), "num_pairs": N >= 0}')
     return index
 
 

@@ -38,13 +38,27 @@ from safetensors.torch import load_file, save_file
 from plumbing import distributed as D
 from plumbing import files, hub, lora, parallel
 
-# What must match for a run to continue a checkpoint: the reference is the same starting UNet,
-# and the weights have the same shape.
-RESUME_KEYS = ("model", "init", "lora_rank")
+# What must match for a run to continue a checkpoint: the reference is the same starting UNet (of the
+# same model folder or hub id: --pretrained), and the weights have the same shape.
+RESUME_KEYS = ("model", "pretrained", "init", "lora_rank")
+PLACE_KEYS = ("pretrained", "init")  # a folder named two ways (relative, absolute) is one model
 LORA_KEYS = ("lora_alpha", "lora_targets")
 # What a continued run should not change silently (--allow_changed_resume lets it): the images it
 # trains on and the objective, with every setting it reads (loss.settings_of: train.py passes them).
 CHANGED_KEYS = ("resolution", "data", "loss")
+# ...and the settings that make the data what it is, for the data that reads them (the toy set's preferred
+# style and prompt split, toy-base's share of styled images, a parquet folder's split), and E5's CLIP.
+DATA_KEYS = {"toy": ("style", "data_split"), "toy-base": ("style", "data_split", "style_fraction"),
+             "hf:": ("data_split",), "pickapic:": ("data_split",)}
+WHAT_DATA_READS = [k for keys in DATA_KEYS.values() for k in keys] + ["embed_model"]
+
+
+def data_keys(data, reads):
+    """The settings besides --data that make the data and the objective what they are (DATA_KEYS;
+    --embed_model when the objective reads --embed, E5)."""
+    found = next((keys for spec, keys in DATA_KEYS.items() if data == spec or (spec.endswith(":") and
+                                                                                str(data).startswith(spec))), ())
+    return found + (("embed_model",) if "embed" in reads else ())
 STATE_KEYS = ("step", "epoch", "items_in_epoch", "args", "optimizer")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 LEFTOVER_ORDER = {None: 0, ".tmp": 1, ".old": 2}  # at one step: the checkpoint, a finished save, the one replaced
@@ -482,16 +496,17 @@ def check_resume_settings(args, ckpt, state, reads, preset_resolution, log=print
     what a --resolution left unset means (the model is the checkpoint's: checked first)."""
     saved = state["args"]
     for key in RESUME_KEYS + (LORA_KEYS if args.lora_rank else ()):
-        if saved.get(key) != getattr(args, key):
-            raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {saved.get(key)}, "
-                             f"not {getattr(args, key)}")
+        was, new = saved.get(key), getattr(args, key, None)
+        differ = _changed_data(was, new, state.get("cwd")) is not None if key in PLACE_KEYS else was != new
+        if differ:
+            raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {was}, not {new}")
     family = lambda name: {"adamw_fused": "adamw"}.get(name, name)  # (the same state, another kernel)
     optimizer = getattr(args, "optimizer", "auto")  # ("auto": not resolved yet, as in a bare parse_args)
     if optimizer != "auto" and saved.get("optimizer", "auto") != "auto" and family(saved["optimizer"]) != family(optimizer):
         raise SystemExit(f"error: checkpoint {ckpt} was trained with --optimizer {saved['optimizer']}, not "
                          f"{args.optimizer}: its state is another optimizer's")
     now = vars(args)
-    for key in CHANGED_KEYS + tuple(reads):
+    for key in CHANGED_KEYS + tuple(reads) + data_keys(getattr(args, "data", None), reads):
         if key not in saved:  # (a checkpoint from before the key existed)
             continue
         if key == "resolution":
@@ -676,7 +691,7 @@ def changed_settings(saved, now):
     the checkpoint's run (saved: its args); the ones check_resume_settings refuses or notes, and
     the output and validation settings, left out."""
     now = json.loads(json.dumps(now, default=str))  # (tuples as lists, as the checkpoint stored them)
-    skip = set(QUIET_KEYS) | set(RESUME_KEYS) | set(LORA_KEYS) | set(CHANGED_KEYS)
+    skip = set(QUIET_KEYS) | set(RESUME_KEYS) | set(LORA_KEYS) | set(CHANGED_KEYS) | set(WHAT_DATA_READS)
     return [f"--{k} {now[k]} (was {saved[k]})" for k in now
             if k in saved and k not in skip and not k.startswith("validation_") and now[k] != saved[k]]
 

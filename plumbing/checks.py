@@ -6,10 +6,15 @@ the objectives, the sampler or the reward models train.py checks itself, in chec
 given under two names (one_name_each); the other programs' numbers (plain_numbers).
 """
 import math
+import os
 
 import torch
 
 from plumbing import files, hub, parallel, speed
+
+
+MAX_RESOLUTION = 4096  # --resolution: above it one image (and the UNet's activations) outgrows any machine
+MAX_ITEMS = 10_000_000  # --num_items: a toy epoch's order (a permutation of that many indices) is built in memory
 
 
 def check_train_flags(p, args):
@@ -43,6 +48,10 @@ def check_train_flags(p, args):
     if args.fsdp and args.mixed_precision == "fp16":  # (fp16's scaler could skip a step on some ranks only)
         p.error("--fsdp with --mixed_precision fp16 is not supported; use bf16")
     args.lora_targets = ",".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.data in ("toy", "toy-base") and args.data_split not in ("train", "test", "all"):
+        p.error(f"--data_split {args.data_split!r}: the toy sets' prompt splits are train, test and all")
+    if args.validation_prompts is not None and args.data.startswith("cache:"):
+        p.error("--validation_prompts needs the VAE and text encoders, which --data cache:DIR does without")
     if args.validation_metric != "none" and args.validation_prompts is None:
         p.error(f"--validation_metric {args.validation_metric} scores validation images: pass --validation_prompts "
                 f"(e.g. toy-test, builtin)")
@@ -72,16 +81,37 @@ def _check_more(p, args):
     for name in ("num_items", "shuffle_window", "shuffle_buffer", "validation_inference_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    for name, top, why in (("resolution", MAX_RESOLUTION, "each image is held and rendered at that size"),
+                           ("num_items", MAX_ITEMS, "an epoch's order is held in memory")):
+        if (getattr(args, name) or 0) > top:
+            p.error(f"--{name} must be at most {top} ({why}), not {getattr(args, name)}")
     if args.validation_inference_steps > 1000:  # (the schedulers' training timesteps: a sampler cannot take more)
         p.error(f"--validation_inference_steps must be at most 1000, not {args.validation_inference_steps}")
     if args.validation_guidance is not None and not 0 <= args.validation_guidance <= 100:
         p.error(f"--validation_guidance must be between 0 and 100, not {args.validation_guidance}")
+    logs = os.path.normpath(args.logging_dir or ".")
+    if args.report_to == "tensorboard" and (os.path.isabs(logs) or logs == "." or logs.split(os.sep)[0] == ".."):
+        p.error(f"--logging_dir {args.logging_dir!r}: name a folder inside --out_dir (e.g. logs); a run writes only there")
+    for flag, names in (("--init", ()), ("--embed_model", ("tiny", "toy-clip", "random"))):
+        value = getattr(args, flag[2:])  # (found now, not after the pipeline, which both are loaded after)
+        if value and value not in names and not os.path.exists(value) and not hub.HUB_ID.fullmatch(value):
+            p.error(f"{flag} {value}: no such folder (nor a hub id of the form owner/name)")
     problem = files.folder_problem(args.out_dir, "--out_dir")
     problem = problem or hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))
     problem = problem or (args.validation_prompts is not None and
                           files.text_file_problem(args.validation_prompts, "--validation_prompts"))
     if problem:
         p.error(problem.removeprefix("error: "))
+
+
+def validation_grid(p, args, most):
+    """The validation images (prompts × seeds) are made at once and shown in one grid: at most MOST
+    (sample.py's GRID_MAX), refused before the run rather than at its last step, before the final save."""
+    n = len(args.validation_prompts) * len(args.validation_seeds)
+    if n > most:
+        p.error(f"--validation_prompts × --validation_seeds make {len(args.validation_prompts)} × "
+                f"{len(args.validation_seeds)} = {n} images; a validation grid holds at most {most}: pass fewer "
+                f"prompts or seeds (sample.py makes any number from a checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def folder_problem(path, flag):
     long_name = name_too_long(path)
     if long_name:
         return f"error: {flag} {shown(path)[:80]}...: {long_name}"
+    control = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:  # (a newline, a tab, an escape: the one-line messages and the model card name it)
+        return f"error: {flag} {path!r}: the name holds a control character ({control!r}); choose a plain name"
     odd = not_utf8(path)
     if odd is not None:  # (the folder's name goes into what is written there: args.json, the model card, logs)
         return (f"error: {flag} {shown(path)}: the name holds byte 0x{odd:02x}, which is not UTF-8 text; the files "

@@ -6,6 +6,7 @@ two images of a pair, with SDXL's size and crop conditioning (ImagePairs). Image
 pixel convention of plumbing/images.py: float32 (3,R,R) in [-1, 1].
 """
 import io
+import os
 import struct
 import warnings
 
@@ -153,3 +154,11 @@ def _to_rgb(im):
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im.convert("RGB")
 
+
+def is_file(path):
+    """Whether PATH is a regular file; False also for a path the file system cannot look up (a
+    name over 255 bytes, a NUL byte, ...), which pathlib's is_file raises on."""
+    try:
+        return os.path.isfile(path)
+    except (OSError, ValueError):
+        return False

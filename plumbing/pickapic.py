@@ -91,6 +91,11 @@ def parse_schema(text):
             raise bad
         fields[key] = value
     images = fields.get("images", "").split("+")
+    named = [v for k, v in fields.items() if k != "images"] + [c for c in images if c]
+    twice = next((c for c in named if named.count(c) > 1), None)
+    if twice:  # (winner=a,loser=a would train on pairs of one image; prompt=label would read text as a label)
+        raise ValueError(f"--data ...#{text}: column {twice} is named for two roles; each of prompt, the two images "
+                         f"and the label needs its own column")
     if set(fields) == {"prompt", "winner", "loser"}:
         return Schema("custom", fields["prompt"], (fields["winner"], fields["loser"]))
     if set(fields) == {"prompt", "images", "label"} and len(images) in (1, 2) and all(images):

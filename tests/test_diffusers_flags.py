@@ -30,7 +30,7 @@ def test_an_alias_sets_what_its_twin_sets(flag, tmp_path):
     value = {"--resume_from_checkpoint": "latest", "--output_dir": str(tmp_path), "--dataset_split_name": "test",
              "--pretrained_model_name_or_path": "/models/x", "--proportion_empty_prompts": "0.25",
              "--adam_epsilon": "1e-6", "--adam_weight_decay": "0.05", "--learning_rate": "3e-6"}.get(flag, "3")
-    base = ["--model", "sd15", "--data", "x.jsonl", "--embed_model", "/clip"]
+    base = ["--model", "sd15", "--data", "x.jsonl", "--embed_model", "someone/clip"]  # (paths that exist, or hub ids)
     a, b = train.parse_args(base + [flag, value]), train.parse_args(base + [target, value])
     assert vars(a) == vars(b)
 

@@ -61,7 +61,7 @@ def test_model_card_has_front_matter_command_and_last_figures(lora_run):
 
 def test_front_matter_of_a_real_preset_names_base_license_and_data():
     args = train.parse_args(["--model", "sdxl", "--data", "hf:data-is-better-together/open-image-preferences-v1-binarized",
-                             "--embed_model", "/clip"])
+                             "--embed_model", "someone/clip"])
     head = "\n".join(report.front_matter(args, train.M.PRESETS["sdxl"], "unet"))
     assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in head and "license: openrail++" in head
     assert "- data-is-better-together/open-image-preferences-v1-binarized" in head and "- diffusion-rpo" in head
