@@ -251,10 +251,10 @@ def output_flags(p):
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --out_dir that holds a run: its checkpoint-* folders, metrics.jsonl and "
-                        "unet/ (lora/) are deleted first (without it, such a run is refused)")
+                        "unet/ (lora/) are deleted once the data and models have loaded (without it, such a run is refused)")
     g.add_argument("--allow_changed_resume", action="store_true",
-                   help="--resume even with another --resolution, --data (its --style, --data_split, ...) or objective "
-                        "(--loss, a setting it reads, --embed_model)")
+                   help="--resume even with another --pretrained/--init (the same model moved, say), --resolution, --data "
+                        "(its --style, --data_split, ...) or objective (--loss, a setting it reads, --embed_model)")
     g.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the checkpoint folder given")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bar: a line of figures every --log_every steps")
@@ -493,7 +493,7 @@ def main(argv=None):
         if args.fsdp and not D.active():  # (torchrun with one process runs FSDP's code path: a check on one GPU)
             raise SystemExit("error: --fsdp shards the UNet over processes; launch with torchrun --nproc_per_node N")
         run_dir.lock_out_dir(args.out_dir, master)  # one run writes an out_dir at a time (released when main ends)
-        run_dir.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
+        doomed = run_dir.check_out_dir(args, master)  # before anything loads: a fresh run never writes into another run
         torch.manual_seed(args.seed)  # the same on every rank: identical initial LoRA adapters
         pairs_per_step = args.batch_size * args.grad_accum * world
         if args.scale_lr:  # --lr given per pair, the diffusers scripts' convention
@@ -515,8 +515,7 @@ def main(argv=None):
                                      args.weight_decay)
         scaler = torch.amp.GradScaler(m.device.type, enabled=args.mixed_precision == "fp16")
         step, epoch, items_in_epoch = 0, 0, 0
-        if master:
-            os.makedirs(args.out_dir, exist_ok=True)
+        run_dir.make_out_dir(args, doomed, master)  # (--overwrite deletes the earlier run now: its inputs loaded)
         if args.resume:
             ckpt, state = C.resume(args, m, optimizer, scaler, master, L.settings_of(args.loss), M.PRESETS[args.model]["resolution"])
             step, epoch, items_in_epoch = state["step"], state["epoch"], state["items_in_epoch"]

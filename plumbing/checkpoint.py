@@ -38,14 +38,15 @@ from safetensors.torch import load_file, save_file
 from plumbing import distributed as D
 from plumbing import files, hub, lora, parallel
 
-# What must match for a run to continue a checkpoint: the reference is the same starting UNet (of the
-# same model folder or hub id: --pretrained), and the weights have the same shape.
-RESUME_KEYS = ("model", "pretrained", "init", "lora_rank")
-PLACE_KEYS = ("pretrained", "init")  # a folder named two ways (relative, absolute) is one model
+# What must match for a run to continue a checkpoint: the weights have the same shape.
+RESUME_KEYS = ("model", "lora_rank")
 LORA_KEYS = ("lora_alpha", "lora_targets")
-# What a continued run should not change silently (--allow_changed_resume lets it): the images it
-# trains on and the objective, with every setting it reads (loss.settings_of: train.py passes them).
-CHANGED_KEYS = ("resolution", "data", "loss")
+# What a continued run should not change silently (--allow_changed_resume lets it: the same model
+# copied to another folder, say): the reference and starting weights (--pretrained, --init), the
+# images it trains on and the objective, with every setting it reads (loss.settings_of: train.py
+# passes them). Paths that exist are compared as places (relative and absolute are one folder).
+CHANGED_KEYS = ("resolution", "pretrained", "init", "data", "loss")
+PLACE_KEYS = ("pretrained", "init", "data")
 # ...and the settings that make the data what it is, for the data that reads them (the toy set's preferred
 # style and prompt split, toy-base's share of styled images, a parquet folder's split), and E5's CLIP.
 DATA_KEYS = {"toy": ("style", "data_split"), "toy-base": ("style", "data_split", "style_fraction"),
@@ -489,17 +490,16 @@ def _changed_data(was, new, saved_cwd):
 
 
 def check_resume_settings(args, ckpt, state, reads, preset_resolution, log=print):
-    """A checkpoint continues only the run that wrote it: the same model, reference and adapter
-    shape (always), and unless --allow_changed_resume the same data, resolution and objective.
+    """A checkpoint continues only the run that wrote it: the same model and adapter shape (always),
+    and unless --allow_changed_resume the same reference, data, resolution and objective.
     reads: the settings the command's objective reads (loss.settings_of), the only ones of the
     objective compared (one it does not read may change); preset_resolution: the model preset's,
     what a --resolution left unset means (the model is the checkpoint's: checked first)."""
     saved = state["args"]
     for key in RESUME_KEYS + (LORA_KEYS if args.lora_rank else ()):
-        was, new = saved.get(key), getattr(args, key, None)
-        differ = _changed_data(was, new, state.get("cwd")) is not None if key in PLACE_KEYS else was != new
-        if differ:
-            raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {was}, not {new}")
+        if saved.get(key) != getattr(args, key, None):
+            raise SystemExit(f"error: checkpoint {ckpt} was trained with --{key} {saved.get(key)}, "
+                             f"not {getattr(args, key, None)}")
     family = lambda name: {"adamw_fused": "adamw"}.get(name, name)  # (the same state, another kernel)
     optimizer = getattr(args, "optimizer", "auto")  # ("auto": not resolved yet, as in a bare parse_args)
     if optimizer != "auto" and saved.get("optimizer", "auto") != "auto" and family(saved["optimizer"]) != family(optimizer):
@@ -513,7 +513,7 @@ def check_resume_settings(args, ckpt, state, reads, preset_resolution, log=print
             was, new = saved[key] or preset_resolution, now.get(key) or preset_resolution
         else:
             was, new = saved[key], now.get(key)
-        if key == "data":
+        if key in PLACE_KEYS:
             changed = _changed_data(was, new, state.get("cwd"))
             if changed is None:
                 continue

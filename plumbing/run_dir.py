@@ -6,7 +6,7 @@ moment train.main starts to the moment it ends.
   filelock's, released by the kernel when the process ends however it ends; where the file system
   has no flock, the holder's pid decides). A second run stops at once, in one line naming the holder.
 - A fresh run never writes into another run (check_out_dir): not into a folder that holds one
-  (--resume continues it, --overwrite deletes it first), nor into the user's own files, nor
+  (--resume continues it, --overwrite deletes it once the new run's data and models have loaded), nor into the user's own files, nor
   through a symbolic link out of the folder.
 - Ctrl-C and SIGTERM stop the run at the end of a step, with a checkpoint (Stop, save_on_stop).
 - A full disk, or a file system turned read-only, ends the run in one line; the last complete
@@ -206,9 +206,10 @@ def check_out_dir(args, master):
     """Before a run: a fresh one (no --resume) must not write into an OUT_DIR that holds another
     run's checkpoints or log (its keep-N clean-up, its metrics.jsonl, its final export would mix
     with or destroy them). With --overwrite, that run's checkpoint-* folders, metrics.jsonl,
-    unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else). Nothing
-    the run writes may be a symbolic link out of OUT_DIR, nor a file where it writes a folder (or
-    the reverse). Rank 0 decides and deletes; every rank calls it."""
+    unet/, lora/, validation/, logs/, args.json and model card are deleted (nothing else), by
+    make_out_dir, once the data and models have loaded: a mistake in them never costs that run.
+    Nothing the run writes may be a symbolic link out of OUT_DIR, nor a file where it writes a folder
+    (or the reverse). Rank 0 decides; every rank calls it. Returns the names make_out_dir deletes."""
     again = False
     if args.resume == "latest" and not getattr(args, "overwrite", False) and not C.checkpoint_folders(args.out_dir):
         # as diffusers' scripts: nothing to resume yet, a new run starts. When the folder holds
@@ -220,19 +221,34 @@ def check_out_dir(args, master):
                 "its files are this command's own run, stopped before its first checkpoint: starting it again"
                 if again else "starting a new run"))
         args.resume = None
+    doomed = run_files(args.out_dir) if master and not args.resume and (getattr(args, "overwrite", False) or again) else []
+    _agree(_check_out_dir(args, again, doomed) if master else None, master)
+    return doomed
+
+
+def _check_out_dir(args, again, doomed):
+    out = args.out_dir
+    return (files.folder_problem(out, "--out_dir") or _links_problem(out) or _foreign_problem(args)
+            or _run_problem(args, again) or _kinds_problem(args, doomed))
+
+
+def make_out_dir(args, doomed, master):
+    """OUT_DIR made, and the run in it that --overwrite replaces (check_out_dir's `doomed`) deleted:
+    the log, the exported weights, then the checkpoints (a kill midway: the next --overwrite ends it).
+    Every rank calls it, once the data and models have loaded."""
     problem = None
     if master:
         try:
-            problem = _check_out_dir(args, again)
+            for path in sorted((os.path.join(args.out_dir, f) for f in doomed),
+                               key=lambda p: (not p.endswith("metrics.jsonl"), "checkpoint-" in p)):
+                C.remove(path)
+            if doomed:
+                print(f"{'--overwrite' if getattr(args, 'overwrite', False) else '--resume'}: deleted the run in "
+                      f"{args.out_dir} ({', '.join(doomed)})")
+            os.makedirs(args.out_dir, exist_ok=True)
         except OSError as err:
             problem = f"error: cannot clear --out_dir {args.out_dir}: {err.strerror}: {err.filename}"
     _agree(problem, master)
-
-
-def _check_out_dir(args, again=False):
-    out = args.out_dir
-    return (files.folder_problem(out, "--out_dir") or _links_problem(out) or _foreign_problem(args)
-            or _run_problem(args, again) or _kinds_problem(args))
 
 
 def _foreign_problem(args):
@@ -294,8 +310,9 @@ def _links_problem(out):
     return None
 
 
-def _kinds_problem(args):
-    """A file where the run writes a folder (or the reverse): it would fail after the models load."""
+def _kinds_problem(args, doomed=()):
+    """A file where the run writes a folder (or the reverse): it would fail after the models load
+    (one that --overwrite deletes, `doomed`, is no problem)."""
     needed = dict(RUN_ENTRIES)
     for name, tracker in (("logs", "tensorboard"), ("wandb", "wandb")):
         if getattr(args, "report_to", None) != tracker:
@@ -304,7 +321,7 @@ def _kinds_problem(args):
         needed.pop("validation")
     for name, kind in needed.items():
         path = os.path.join(args.out_dir, name)
-        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+        if name not in doomed and os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
             return (f"error: {path} is a {'folder' if kind == 'file' else 'file'}; the run writes its {name} "
                     f"{kind} there: move it away")
     return None
@@ -339,11 +356,7 @@ def _run_problem(args, again=False):
             if hit:
                 return (f"error: --{flag} {value} lies in {hit}, which --overwrite would delete; "
                         f"move it out first or choose another --out_dir")
-    # the log, the exported weights, then the checkpoints (a kill midway: the next --overwrite ends it)
-    for path in sorted(doomed, key=lambda p: (not p.endswith("metrics.jsonl"), "checkpoint-" in p)):
-        C.remove(path)
-    print(f"{'--resume' if again else '--overwrite'}: deleted the run in {out} ({', '.join(found)})")
-    return None
+    return None  # (make_out_dir deletes `doomed` once the data and models have loaded)
 
 
 # ---------------------------------------------------------------------------------------

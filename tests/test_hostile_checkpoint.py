@@ -108,7 +108,10 @@ def test_overwrite_deletes_that_run_and_nothing_else(finished, tmp_path, capsys)
     os.makedirs(out / "checkpoint-000004.tmp")  # an interrupted save's leftover is the run's too
     os.makedirs(out / "samples")
     (out / "notes.txt").write_text("mine")
-    run_dir.check_out_dir(run_args(out, overwrite=True), True)
+    args = run_args(out, overwrite=True)
+    doomed = run_dir.check_out_dir(args, True)
+    assert len(os.listdir(out)) == 10 and capsys.readouterr().out == ""  # (deleted once the models have loaded)
+    run_dir.make_out_dir(args, doomed, True)
     assert sorted(os.listdir(out)) == ["notes.txt", "samples"]
     assert capsys.readouterr().out.splitlines() == [
         f"--overwrite: deleted the run in {out} (checkpoint-000004.tmp, checkpoint-000003, checkpoint-000002, "
@@ -544,13 +547,20 @@ def test_the_same_settings_spelled_differently_are_not_a_change(finished, tmp_pa
                    f"{tmp_path / 'b' / 'pairs.jsonl'} (pass --allow_changed_resume to continue anyway)")
 
 
-def test_model_and_init_stay_refused_even_when_changes_are_allowed(finished, tmp_path):
+def test_model_stays_refused_and_init_needs_allow_changed_resume(finished, tmp_path):
     ckpt = str(finished / "checkpoint-000003")
     state = json.load(open(os.path.join(ckpt, "state.json")))
     args = train.parse_args(["--init", str(finished / "unet"), *FAST])
-    args.allow_changed_resume = True
     assert exit_message(check_resume_settings, args, ckpt, state) == (
-        f"error: checkpoint {ckpt} was trained with --init None, not {finished / 'unet'}")
+        f"error: checkpoint {ckpt} was trained with --init None, not {finished / 'unet'} (pass "
+        f"--allow_changed_resume to continue anyway)")
+    args.allow_changed_resume = True  # (the same weights in another folder, say: a note; the shapes are checked later)
+    notes = []
+    check_resume_settings(args, ckpt, state, log=notes.append)
+    assert notes == [f"note: continuing checkpoint {ckpt} (trained with --init None) with --init {finished / 'unet'}"]
+    args = train.parse_args(["--model", "tiny-sd", "--allow_changed_resume", *FAST])
+    assert exit_message(check_resume_settings, args, ckpt, state) == (
+        f"error: checkpoint {ckpt} was trained with --model tiny, not tiny-sd")
 
 
 @needs_wiring

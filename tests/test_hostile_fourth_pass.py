@@ -199,10 +199,19 @@ def test_resume_refuses_another_data_or_e5(finished, flags, named):
                                            f"--allow_changed_resume to continue anyway)"
 
 
-def test_resume_refuses_another_pretrained_model_even_when_changes_are_allowed(finished):
+def test_resume_refuses_another_pretrained_model_unless_changes_are_allowed(finished):
     # Before: --pretrained (the reference UNet, VAE and text encoders of sd15/sdxl) was not compared at all.
-    assert resume_line(finished, ["--pretrained", "/models/other", "--allow_changed_resume"]) == \
-        "error: checkpoint CKPT was trained with --pretrained None, not /models/other"
+    # With --allow_changed_resume it goes through (the same model copied to another folder, say): a note.
+    from plumbing.checkpoint import check_resume_settings
+    assert resume_line(finished, ["--pretrained", "/models/other"]) == \
+        "error: checkpoint CKPT was trained with --pretrained None, not /models/other (pass --allow_changed_resume " \
+        "to continue anyway)"
+    ckpt = str(finished / "checkpoint-000002")
+    state = json.load(open(os.path.join(ckpt, "state.json")))
+    notes = []
+    check_resume_settings(train.parse_args(["--pretrained", "/models/other", "--allow_changed_resume", *FAST]), ckpt,
+                          state, [], 16, log=notes.append)
+    assert notes == [f"note: continuing checkpoint {ckpt} (trained with --pretrained None) with --pretrained /models/other"]
 
 
 def test_settings_the_data_does_not_read_may_change(finished, tmp_path):
@@ -275,3 +284,27 @@ def test_special_names_hub_ids_and_folders_pass_the_early_look(tmp_path):
     for flags in (["--embed_model", "toy-clip"], ["--embed_model", "tiny"], ["--embed_model", "openai/clip-vit-base-patch32"],
                   ["--init", "someone/unet-repo"], ["--init", str(tmp_path)]):
         train.parse_args([*FAST, *flags])
+
+
+# ---------------------------------------------------------------------------------------
+# --overwrite deletes the earlier run only once the new run's data and models have loaded
+
+@pytest.mark.parametrize("bad", ["data", "init"])
+def test_overwrite_keeps_the_earlier_run_when_the_new_runs_inputs_fail(finished, tmp_path, bad):
+    # Before: check_out_dir deleted the run first; a manifest with no usable pair, or an --init folder
+    # without weights, then stopped the new run with the old one gone.
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
+    (tmp_path / "bad.jsonl").write_text('not json\n{"prompt": "a", "winner": "no.png", "loser": "no2.png"}\n')
+    os.makedirs(tmp_path / "badinit")
+    (tmp_path / "badinit" / "config.json").write_text("{}")
+    flags = ["--data", str(tmp_path / "bad.jsonl")] if bad == "data" else ["--init", str(tmp_path / "badinit")]
+    code, output = cli("--out_dir", str(out), "--overwrite", "--max_steps", "2", *FAST, *flags)
+    assert code == 1 and "Traceback" not in output and output.strip().splitlines()[-1].startswith("error: ")
+    assert "deleted" not in output
+    assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
+    code, output = cli("--out_dir", str(out), "--overwrite", "--max_steps", "1", *FAST)  # (and a good one replaces it)
+    assert code == 0 and f"--overwrite: deleted the run in {out} (checkpoint-000002, checkpoint-000001, " \
+                          f"metrics.jsonl, unet, args.json, README.md)" in output
+    assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "metrics.jsonl", "unet"]
