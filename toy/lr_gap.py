@@ -69,7 +69,7 @@ def measure(arm, lr, steps, seed, base):
         return fn(err_w, err_l, ref_w, ref_l, *rest, **kw)
 
     stream = data.stream_batches(dataset, args.batch_size, args.seed, 0, 0)
-    theta0, prev_theta, prev_g, records = flat(params).detach().clone(), None, None, []
+    theta0, prev_g, records = flat(params).detach().clone(), None, []
     settings = L.loss_kwargs(args.loss, vars(args))
     L.OBJECTIVES[args.loss]["fn"] = capture
     # the wrapper passes on every setting fn takes (an inside run must not train as outside)
