@@ -229,6 +229,10 @@ class ParquetPairs(_PreferencePairs):
         files = sorted(Path(folder).rglob("*.parquet"))
         if any(_SHARD_NAME.match(f.name) for f in files):  # hub layout: keep one split
             files = [f for f in files if (m := _SHARD_NAME.match(f.name)) and m[1] == split]
+        elif files and split != "train":  # (a folder without splits is read whole: the default split's)
+            raise FileNotFoundError(f"--data_split {split}: the .parquet files under {folder} are not named for "
+                                    f"splits (SPLIT-00000-of-00005.parquet); a folder without splits is read whole, "
+                                    f"as --data_split train")
         if not files:
             raise FileNotFoundError(f"no {split}-*.parquet or other .parquet files under {folder}")
         self.files, self.window, self._open, self._cache = [str(f) for f in files], window, {}, {}

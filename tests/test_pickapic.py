@@ -196,3 +196,18 @@ def test_resume_on_shards_replays_the_same_pairs(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [[json.loads(line)["mse_w"] for line in open(tmp_path / run / "metrics.jsonl")] for run in ("straight", "split")]
     assert logs[0] == logs[1]
+
+
+def test_a_split_asked_of_a_folder_without_splits_is_one_line(tmp_path):
+    # Before: shards not named SPLIT-0000N-of-0000M were all read whatever --data_split said, so
+    # --data_split test trained on every file without a word. The default (train) reads them whole.
+    write_shards(tmp_path / "d")
+    for f in sorted((tmp_path / "d").glob("*.parquet")):
+        f.rename(f.with_name(f.name.replace("-of-", "_of_")))
+    assert len(pickapic.ParquetPairs(tmp_path / "d")) > 0  # (no split in the names: read whole)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", f"hf:{tmp_path / 'd'}", "--data_split", "test", "--out_dir", str(tmp_path / "o")])
+    assert str(e.value) == (f"error: --data_split test: the .parquet files under {tmp_path / 'd'} are not named for "
+                            f"splits (SPLIT-00000-of-00005.parquet); a folder without splits is read whole, as "
+                            f"--data_split train")
+    assert not (tmp_path / "o").exists()
