@@ -87,7 +87,8 @@ def read_image(source, resolution=None):
     in [2R, 4R), leaving at least 2x to the bicubic resize so the box filter does not alias
     (Image.thumbnail's reducing_gap=2). Images under 2R are decoded untouched.
     The image's size before any shrinking is in .info["original_size"] (w, h), for SDXL's
-    size conditioning. Pixel modes: see _to_rgb."""
+    size conditioning. A JPEG's EXIF orientation is applied (the image as a viewer shows it).
+    Pixel modes: see _to_rgb."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our budget is lower
@@ -105,8 +106,16 @@ def decode_image(source, resolution=None):
     return read_image(source, resolution)[0]
 
 
+# EXIF orientation (how the camera was held) -> the transpose that shows the image upright, as
+# viewers and PIL.ImageOps.exif_transpose do; 1 (or none): as stored.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
 def _decode(im, resolution):
-    """An opened (header-only) image -> read_image's answer."""
+    """An opened (header-only) image -> read_image's answer, upright (EXIF orientation applied)."""
+    upright = _UPRIGHT.get(im.getexif().get(0x0112))  # (a phone's JPEG: stored sideways, shown upright)
     w, h = im.size
     if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
         return None, ("extreme aspect ratio", f"{w}x{h}, more than {MAX_ASPECT}:1")
@@ -123,6 +132,10 @@ def _decode(im, resolution):
             im = _to_rgb(im)
         im = im.reduce(factor)  # (RGBA/LA: Pillow premultiplies alpha for this)
     out = _to_rgb(im)
+    if upright is not None:
+        out = out.transpose(upright)
+        w, h = (h, w) if upright in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_270,
+                                     Image.Transpose.ROTATE_90) else (w, h)
     out.info["original_size"] = (w, h)
     return out, None
 

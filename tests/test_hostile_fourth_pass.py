@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -308,3 +309,26 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_runs_inputs_fail(finished,
     assert code == 0 and f"--overwrite: deleted the run in {out} (checkpoint-000002, checkpoint-000001, " \
                           f"metrics.jsonl, unet, args.json, README.md)" in output
     assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "metrics.jsonl", "unet"]
+
+
+# ---------------------------------------------------------------------------------------
+# A JPEG stored sideways with an EXIF orientation (a phone's photo) trains upright
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_is_applied_as_a_viewer_applies_it(tmp_path, orientation):
+    # Before: the pixels were read as stored, so a phone's portrait photo trained lying on its side.
+    from PIL import ImageOps
+    from plumbing.image_files import read_image
+    stored = Image.new("RGB", (48, 24))
+    stored.paste((250, 0, 0), (0, 0, 24, 12))  # one red corner: every transpose puts it elsewhere
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    stored.save(path, quality=95, exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # (PIL's own reading, independent)
+    img, refused = read_image(str(path))
+    assert refused is None and img.size == expected.size
+    assert img.info["original_size"] == expected.size
+    assert np.array_equal(np.asarray(img), np.asarray(expected))
+    small, _ = read_image(str(path), resolution=4)  # (decoded at a smaller scale: the same way up)
+    assert small.info["original_size"] == expected.size and (small.size[0] > small.size[1]) == (expected.size[0] > expected.size[1])
