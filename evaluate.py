@@ -213,7 +213,7 @@ def markdown_table(rows, columns):
     def cell(v):
         if isinstance(v, tuple):
             return f"{v[0]:.3f} ± {v[1]:.3f}"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.3f}" if isinstance(v, float) else str(v).replace("|", "\\|")  # (a label's | would end the cell)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -516,6 +516,8 @@ def main(argv=None):
         if len(runs) != len(args.curves):
             raise SystemExit("error: --curves takes LABEL=RUN_DIR pairs, each with a label of its own")
         points = read_style_points(args.style_points) if args.style_points else None
+        if points and set(points) - set(runs):  # (a label of no run was drawn nowhere, without a word)
+            raise SystemExit(f"error: --style_points names {sorted(set(points) - set(runs))}, no --curves label")
         plots.plot_curves(runs, args.out or "curves.png", points)
         return print(f"wrote {args.out or 'curves.png'}")
     if not args.images:

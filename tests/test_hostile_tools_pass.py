@@ -551,3 +551,16 @@ def test_an_out_that_is_a_link_to_nothing_is_one_line_before_loading(tmp_path, k
     assert main_error(S.main, [*FAST, "--out", tmp_path / out]) == message
     assert main_error(build_cache.main, ["--data", "toy", "--out", tmp_path / out]) == message
     assert not os.path.exists(tmp_path / "gone")
+
+
+def test_style_points_of_no_curve_are_refused(tmp_path, run_dir):
+    # Before: a label that names no --curves run was drawn nowhere, without a word.
+    (tmp_path / "p.json").write_text('{"a": [[1, 0.5]], "b": [[1, 0.7]]}')
+    line = main_error(E.main, ["--curves", f"a={run_dir}", "--style_points", tmp_path / "p.json", "--out", tmp_path / "c.png"])
+    assert line == "error: --style_points names ['b'], no --curves label"
+
+
+def test_a_label_holding_a_bar_keeps_the_markdown_table_whole():
+    # Before: a | in a label (--labels "a|b") ended its cell: the row had one column too many.
+    table = E.markdown_table([{"model": "a|b", "images": 4}], ["model", "images"])
+    assert table.splitlines()[2] == "| a\\|b | 4 |"

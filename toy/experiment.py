@@ -112,7 +112,7 @@ def parse_args(argv=None):
                         "a last run without it collects everything into the table)")
     p.add_argument("--variant", action="append", default=None, metavar="NAME='TRAIN FLAGS'",
                    help="a variant: a name and any train.py flags (repeatable); with it the study is these "
-                        "variants × --lrs × --seeds, e.g. --variant dpo='--loss dpo' --variant top1='--loss rpo_topk --topk 1'")
+                        "variants × --lrs × --seeds, e.g. --variant dpo='--loss dpo' --variant inside='--loss rpo --rpo_weighting inside'")
     p.add_argument("--lrs", default=None, help="with --variant: comma list of learning rates (default 1e-6)")
     p.add_argument("--seeds", default=None, help="with --variant: comma list of training seeds (default 0)")
     p.add_argument("--out", default=None, help="where the results go (default RUNS/STUDY)")
