@@ -202,10 +202,17 @@ def non_float_tensor(path):
 
 @contextlib.contextmanager
 def quiet():
-    # Library deprecation notices on stderr would bury the one line a failure ends in.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    # Library deprecation notices on stderr would bury the one line a failure ends in, and so would
+    # diffusers' own error log ("An error occurred while trying to fetch ...") before what it raises.
+    from diffusers.utils import logging as diffusers_logging
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 def load_unet(spec, flag="--init"):
     """The UNet of `flag` (train.py's --init, sample.py's --unet): a local unet/ folder (or its
