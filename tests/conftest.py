@@ -25,3 +25,13 @@ def hub_variables_of_no_shell(monkeypatch):
         pass
     if "datasets" in sys.modules:
         monkeypatch.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", False)
+
+
+def finished_run(tmp_path_factory, steps):
+    """A finished tiny RPO run of `steps` steps, a checkpoint at each (checkpoint-000001, ...), with
+    metrics.jsonl, unet/, args.json and README.md: the run the hostile tests resume and break."""
+    import train
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(["--max_steps", str(steps), "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out),
+                "--no_progress", "--num_items", "4", "--batch_size", "4"])
+    return out

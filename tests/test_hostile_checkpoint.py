@@ -22,6 +22,7 @@ from plumbing import checkpoint as C
 from plumbing import report, run_dir
 import model as M
 import train
+from conftest import finished_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--no_progress", "--num_items", "4", "--batch_size", "4"]
@@ -33,8 +34,7 @@ WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 3-step run: checkpoint-000001..3, metrics.jsonl, unet/."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train.main(["--max_steps", "3", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out), *FAST])
+    out = finished_run(tmp_path_factory, 3)
     assert sorted(os.listdir(out)) == ["README.md", "args.json", "checkpoint-000001", "checkpoint-000002",
                                        "checkpoint-000003", "metrics.jsonl", "unet"]
     return out

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import train
+from conftest import finished_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--no_progress", "--num_items", "4", "--batch_size", "4"]
@@ -172,8 +173,7 @@ def test_a_cache_of_vae_scale_0_end_to_end(built_cache, tmp_path):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-step run of RPO on the toy set: checkpoint-000001, checkpoint-000002, unet/."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train.main(["--max_steps", "2", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out), *FAST])
+    out = finished_run(tmp_path_factory, 2)
     return out
 
 

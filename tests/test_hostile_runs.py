@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import loss as L
 import model as M
 import train
+from conftest import finished_run
 from plumbing import checkpoint as C
 from plumbing import files, hub, pickapic, report, run_dir, speed
 
@@ -33,8 +34,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 3-step run: checkpoint-000001..3, metrics.jsonl, unet/."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train.main(["--max_steps", "3", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out), *FAST])
+    out = finished_run(tmp_path_factory, 3)
     return out
 
 

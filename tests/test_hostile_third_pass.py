@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import evaluate as E
 import sample as S
 import train
+from conftest import finished_run
 from plumbing import checkpoint as C
 from plumbing import files, hub
 
@@ -48,8 +49,7 @@ def argparse_line(fn, argv, capsys):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-step run: checkpoint-000001, checkpoint-000002, unet/, args.json, README.md."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train.main(["--max_steps", "2", "--save_every", "1", "--keep_checkpoints", "5", "--out_dir", str(out), *FAST])
+    out = finished_run(tmp_path_factory, 2)
     return out
 
 
