@@ -453,8 +453,8 @@ def parse_args(argv=None):
     t = p.add_argument_group("toy scorer (procedural toy set)")
     t.add_argument("--style", default="winter", choices=list(STYLES), help="the toy style the scorer detects")
     t.add_argument("--resolution", type=int, default=16, help="toy scorer input size")
-    t.add_argument("--scorer_cache", default=None,
-                   help="default: .cache/toy_scorer_{style}_{resolution}.safetensors in the repository")
+    t.add_argument("--scorer_cache", default=None, help="used where no shipped scorer (results/toy-study/scorer) fits; default: "
+                   ".cache/toy_scorer_{style}_{resolution}.safetensors in the repository")
     t.add_argument("--scorer_seed", type=int, default=0)
     c = p.add_argument_group("training curves")
     c.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", help="plot train.py metrics instead")
