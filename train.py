@@ -236,7 +236,7 @@ def parser():
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_eps", type=float, default=1e-8)
-    g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite losses or gradients in a row")
     g.add_argument("--seed", type=int, default=0)
     output_flags(p)
     diffusers_flags.add_flags(p)  # (their names, each with its meaning there or refused in one line)

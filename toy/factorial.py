@@ -1,8 +1,9 @@
 """
 The factorial toy study: which of RPO's two differences from DPO moves content at matched style?
 
-    export OMP_NUM_THREADS=1; python -m toy.factorial & python -m toy.factorial; wait   # two workers share the jobs
-    python -m toy.factorial --collect          # -> results/toy-study/factorial.{json,md,png}, factorial_grid.png
+Two workers share the jobs and a rerun resumes: export OMP_NUM_THREADS=1; python -m toy.factorial &
+python -m toy.factorial; wait. Then python -m toy.factorial --collect writes the tables, the plot and
+the sample grid: results/toy-study/factorial.{json,md,png}, factorial_grid.png.
 
 At their defaults RPO and DPO differ in two ways: RPO weights every winner against every loser
 of the micro-batch by ω (E4-E7), and draws one t per micro-batch where DPO draws one per pair

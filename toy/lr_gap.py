@@ -1,7 +1,8 @@
 """
-Why RPO's `outside` form needs about 10× DPO's learning rate for the same style (docs/method.md,
-"The learning rate"): train each objective from the toy base at one shared lr, as train.py
-does, and measure per step what its gradient and AdamW's update look like.
+Why RPO's `outside` form needs several times DPO's learning rate for the same style (5-6x on the
+toy's winter, 3-4x on sketch: docs/method.md, "The learning rate"): train each objective from the
+toy base at one shared lr, as train.py does, and measure per step what its gradient and AdamW's
+update look like.
 
     python -m toy.lr_gap --out results/toy-study/lr_gap.md      # 6 arms × 150 steps, ~10 min on a CPU core
 
