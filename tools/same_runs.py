@@ -8,9 +8,10 @@ bit-identical before and after a change to the code.
                                                      # a change that adds logged figures: the weights and
                                                      # every figure the record knew must still be identical
 
-Each run trains 20 steps on a tiny preset (CPU, one thread per process) and is summarised by
-the SHA-256 of every file of its final unet/ or lora/ folder and of its metrics.jsonl with the
-timing column (pairs_per_s) removed. A refactor that changes nothing changes none of these.
+Each of the nine runs trains 20 steps on a tiny preset (CPU, one thread per process) and is
+summarised by the SHA-256 of the tensors (names, dtypes, shapes, bytes) of every .safetensors file
+of its final unet/ or lora/ folder and of its metrics.jsonl with the timing column (pairs_per_s)
+removed. A refactor that changes nothing changes none of these.
 
 Exact on one machine only: another CPU (its vector units, its BLAS kernels) rounds differently,
 so a record made elsewhere can differ in every run without any code change. A record names the
