@@ -23,8 +23,8 @@ would not be the folder's score, and win rates would pair different sets.
 Toy part (Style Alignment on plumbing/images.py's procedural set, docs/method.md; metrics toy_style, toy_content,
 ...): a small CNN trained on procedural renders says, per image, whether the style shows (style
 score) and whether the prompt's shape, colour and background are still there (content score).
-It is trained once per (style, resolution, seed), cached, and refuses to score anything unless
-its held-out accuracy is >= 0.95: a weak scorer would make every table below meaningless.
+It ships with the code (results/toy-study/scorer; for other settings trained once, cached) and refuses
+to score unless its held-out accuracy is >= 0.95: a weak scorer would make every table meaningless.
 """
 import argparse
 import contextlib
