@@ -250,8 +250,8 @@ def output_flags(p):
     g.add_argument("--save_every", "--checkpointing_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out_dir that holds a run: its checkpoint-* folders, metrics.jsonl and "
-                        "unet/ (lora/) are deleted once the data and models have loaded (without it, such a run is refused)")
+                   help="start over in an --out_dir that holds a run: its checkpoints, metrics.jsonl, unet/ (lora/), logs, "
+                        "validation/, args.json and card are deleted once the data and models have loaded (without it: refused)")
     g.add_argument("--allow_changed_resume", action="store_true",
                    help="--resume even with another --pretrained/--init (the same model moved, say), --resolution, --data "
                         "(its --style, --data_split, ...) or objective (--loss, a setting it reads, --embed_model)")
