@@ -447,7 +447,8 @@ def validate(args, m, step, reporter, master):
     metrics.jsonl as curves."""
     if not (master or args.fsdp):
         return None, {}
-    guidance = args.validation_guidance or (5.0 if m.xl else 7.5 if M.PRESETS[args.model]["pretrained"] else 5.0)
+    guidance = 7.5 if M.PRESETS[args.model]["pretrained"] and not m.xl else 5.0  # (SD1.5's; SDXL's and toy's 5)
+    guidance = guidance if args.validation_guidance is None else args.validation_guidance  # (0 too: no guidance)
     training = m.unet.training
     m.unet.eval()
     images = sample.generate(m, args.validation_prompts, args.validation_seeds, args.validation_inference_steps, guidance,

@@ -334,3 +334,18 @@ def test_exif_orientation_is_applied_as_a_viewer_applies_it(tmp_path, orientatio
     assert np.array_equal(np.asarray(img), np.asarray(expected))
     small, _ = read_image(str(path), resolution=4)  # (decoded at a smaller scale: the same way up)
     assert small.info["original_size"] == expected.size and (small.size[0] > small.size[1]) == (expected.size[0] > expected.size[1])
+
+
+@pytest.mark.parametrize("flag, used", [([], 5.0), (["--validation_guidance", "0"], 0.0),
+                                        (["--validation_guidance", "2.5"], 2.5)])
+def test_validation_guidance_0_is_used_not_replaced_by_the_default(tmp_path, monkeypatch, flag, used):
+    # Before: `args.validation_guidance or default`: 0 (no guidance, accepted by the checks) sampled at 5.
+    import sample
+    seen = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda m, prompts, seeds, steps, guidance, **kw: seen.append(guidance) or
+                        real(m, prompts, seeds, steps, guidance, **kw))
+    (tmp_path / "p.txt").write_text("a red circle on a white background\n")
+    train.main(["--max_steps", "1", "--validation_prompts", str(tmp_path / "p.txt"), "--validation_seeds", "0",
+                "--validation_inference_steps", "2", "--out_dir", str(tmp_path / "o"), *FAST, *flag])
+    assert seen == [used]

@@ -358,7 +358,7 @@ def test_build_cache_refuses_a_cache_as_its_data_and_a_resolution_train_would_re
     from tools import build_cache
     line = main_error(build_cache.main, ["--model", "tiny", "--data", f"cache:{cache_dir}", "--out", tmp_path / "c2"])
     assert line == (f"error: --data cache:{cache_dir} is a cache already; build one from pairs: toy, a .jsonl "
-                    f"manifest or pickapic:DIR")
+                    f"manifest, hf:DIR or pickapic:DIR")
     line = main_error(build_cache.main, ["--model", "tiny", "--data", "toy", "--resolution", "7", "--out", tmp_path / "c3"])
     assert line == "error: --resolution must be a multiple of 2 for --model tiny, not 7"
     assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()

@@ -28,7 +28,7 @@ def build_cache(model, data_spec, out, pretrained=None, resolution=None, split="
     dataset = data.build_dataset(data_spec, resolution, seed=seed, split=split, num_items=num_items)
     if not isinstance(dataset, (data.ToyPairs, ImagePairs)) or isinstance(dataset, (data.ToyImages, pickapic.PickapicHub)):
         raise ValueError(f"cache: --data {data_spec} is not a pair data set that can be read in order "
-                         f"(toy, a .jsonl manifest or pickapic:DIR)")
+                         f"(toy, a .jsonl manifest, hf:DIR or pickapic:DIR)")
     return write_cache(model, dataset, data_spec, out, pretrained, resolution, collate=data.collate_pairs, **kwargs)
 
 @torch.no_grad()
@@ -176,8 +176,8 @@ def main(argv=None):
         raise SystemExit(f"error: --resolution must be a multiple of {multiple} for --model {args.model}, "
                          f"not {args.resolution}")
     if args.data.startswith("cache:"):
-        raise SystemExit(f"error: --data {args.data} is a cache already; build one from pairs: toy, a .jsonl manifest "
-                         f"or pickapic:DIR")
+        raise SystemExit(f"error: --data {args.data} is a cache already; build one from pairs: toy, a .jsonl manifest, "
+                         f"hf:DIR or pickapic:DIR")
     part, parts = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     problem = out_problem(args.out, args.overwrite, part, parts, delete=False) or hub.pickled_flags_problem(
         args, ("--pretrained", "--embed_model"))  # before the encoders load
