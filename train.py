@@ -615,8 +615,8 @@ def main(argv=None):
             publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
         log(R.done_line(args, m.lora, step, all_skips()))
         policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
+        stop.finish(f"step {step} saved in {final} and exported", master)  # (a signal any rank got: every rank stops)
         parallel.teardown(own_group)
-        stop.finish(f"step {step} saved in {final} and exported", master)
         return m
 
 

@@ -396,7 +396,7 @@ def _write_checkpoint(tmp, m, optimizer, scaler, state, unet=None):
 
 def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=None):
     """A checkpoint of the run at `position` (step, epoch, items_in_epoch). Every rank calls
-    this (FSDP gathers its shards: collectives); rank 0 writes."""
+    this (FSDP gathers its shards: collectives); rank 0 writes, and every rank returns once it has."""
     state = dict(position, world_size=dist.get_world_size() if D.active() else 1, skip_counts=skip_counts,
                  args=vars(args), cwd=os.getcwd(),
                  rng="timesteps/noise: Generator(seed, step, micro-batch), drawn for the "
@@ -409,6 +409,7 @@ def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=N
     unet, optim = parallel.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
     if master:
         save_checkpoint(path, m, optim, scaler, state, keep, unet=unet)
+    D.wait_for_everyone()  # (a rank that stops or fails next leaves only once the checkpoint is written)
 
 
 def finite_weights(m):

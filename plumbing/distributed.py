@@ -67,6 +67,23 @@ def sync_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def largest(value, device):
+    """The largest of every rank's integer `value` (all_reduce MAX; a collective, so a barrier too)."""
+    if not active():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def wait_for_everyone():
+    """Every rank waits here until all have arrived. After rank 0 writes a checkpoint: no rank
+    goes on, or exits, before it is on disk (torchrun answers one rank's exit by stopping the
+    others, and would stop rank 0 while it writes)."""
+    if active():
+        dist.barrier()
+
+
 def latest_epoch(epoch, device):
     """The largest epoch of any rank (streamed data: ranks' stream epochs can differ by a batch)."""
     if not active():

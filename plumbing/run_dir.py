@@ -371,7 +371,7 @@ class Stop:
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        self.signum, self.in_loop, self.previous, self.ending = None, False, {}, None
+        self.signum, self.in_loop, self.previous, self.ending, self.exiting = None, False, {}, None, False
 
     def __enter__(self):
         import threading
@@ -387,7 +387,11 @@ class Stop:
 
     def handler(self, signum, frame):
         # (another signal after the first is not "again": torchrun answers Ctrl-C by sending its
-        # workers SIGTERM, and they should still finish the step and save)
+        # workers SIGTERM, and they should still finish the step and save. Once this process is
+        # ending with its code (stop_now), a signal changes nothing: under torchrun it is the
+        # launcher stopping the ranks still there after one ended, not the user)
+        if self.exiting:
+            return
         if self.signum == signum or not self.in_loop:
             if os.environ.get("RANK", "0") == "0":  # (under torchrun rank 0 says it)
                 print(f"stopped by {signal.Signals(signum).name} {self._at_once()}", file=sys.stderr)
@@ -407,13 +411,17 @@ class Stop:
                 f"unfinished: --resume finishes it")
 
     def finish(self, line, master):
-        """At the very end: a signal noted during the final save and export stops the process now
-        that they are done, with its line and exit code (the run is complete)."""
-        if self.signum:
+        """At the very end: a signal noted during the final save and export, by any rank, stops
+        every rank now that they are done, with its line and exit code (the run is complete).
+        Under torchrun every rank calls it (a collective: the ranks agree)."""
+        if (D.largest(self.signum or 0, D.sync_device()) if D.active() else self.signum):
             self.stop_now(f"it came after the last step; the final save and export finished: {line}", master)
 
     def stop_now(self, line, master):
-        """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM."""
+        """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM.
+        Under torchrun every rank calls it, and all take the signal one of them got."""
+        self.exiting = True
+        self.signum = D.largest(self.signum or 0, D.sync_device()) if D.active() else self.signum
         signum = self.signum or signal.SIGTERM
         if master:
             print(f"stopped by {signal.Signals(signum).name}: {line}", file=sys.stderr, flush=True)
