@@ -154,7 +154,7 @@ def embed(args, embedder=None, prompts=None, images=None, halves=None, rows=None
 # ---------------------------------------------------------------------------------------
 # Flags
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py)")
     g.add_argument("--pretrained", "--pretrained_model_name_or_path", default=None,

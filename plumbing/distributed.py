@@ -17,6 +17,8 @@ parallel.py). docs/multi-gpu.md explains the design; in short:
   resumes on any number of ranks, with or without FSDP.
 """
 
+import re
+
 import torch
 import torch.distributed as dist
 
@@ -82,6 +84,17 @@ def wait_for_everyone():
     others, and would stop rank 0 while it writes)."""
     if active():
         dist.barrier()
+
+
+def peer_lost(err):
+    """Whether `err`, raised under torchrun, says that another rank is gone (it ended, was killed,
+    or stopped answering) while this one waited for it in a collective: c10d's own errors (NCCL,
+    timeouts, the store) or gloo's broken connection. -> the error in a few words, or None."""
+    text = str(err)
+    if not (active() and (isinstance(err, dist.DistError) or ("gloo" in text and "by peer" in text))):
+        return None
+    words = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [type(err).__name__])[0])
+    return words.split(". This is typically")[0][:200]
 
 
 def latest_epoch(epoch, device):

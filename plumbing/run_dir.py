@@ -10,7 +10,7 @@ moment train.main starts to the moment it ends.
   through a symbolic link out of the folder.
 - Ctrl-C and SIGTERM stop the run at the end of a step, with a checkpoint (Stop, save_on_stop).
 - A full disk, or a file system turned read-only, ends the run in one line; the last complete
-  checkpoint stays (write_failure).
+  checkpoint stays (write_failure). So does, under torchrun, another rank's end (distributed.peer_lost).
 
 guarded_run is the frame train.main runs in; lock_out_dir and check_out_dir come first inside it.
 """
@@ -44,6 +44,11 @@ def guarded_run(out_dir):
             if line is None:
                 raise
             raise SystemExit(line)
+        except RuntimeError as err:  # under torchrun: another rank gone (killed, out of memory, its node lost)
+            if not D.peer_lost(err):
+                raise
+            raise SystemExit(f"error: another rank of this run ended or stopped answering ({D.peer_lost(err)}); this "
+                             f"one stops too: {kept_words(out_dir, 'continue with --resume')}")
         finally:
             unlock_out_dir(out_dir)
 
@@ -450,8 +455,13 @@ def write_failure(out_dir, err):
     """One line for an OSError from writing the run's files, or None when it is not one of those."""
     if not isinstance(err, OSError) or err.errno not in WRITE_ERRORS:
         return None
-    ckpt, state = C.latest_checkpoint(out_dir)
-    kept = (f"the last complete checkpoint, {ckpt} (step {state['step']}), is intact: free space, then --resume"
-            if ckpt else "no checkpoint was saved yet")
     where = f" ({err.filename})" if err.filename else ""
+    kept = kept_words(out_dir, "free space, then --resume")
     return f"error: cannot write in {out_dir}: {err.strerror or err}{where}; {kept}"
+
+
+def kept_words(out_dir, then):
+    """What a run that ends on an error leaves to continue from, in words."""
+    ckpt, state = C.latest_checkpoint(out_dir)
+    return f"the last complete checkpoint, {ckpt} (step {state['step']}), is intact: {then}" if ckpt else \
+        "no checkpoint was saved yet"

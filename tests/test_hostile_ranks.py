@@ -91,6 +91,15 @@ def test_a_signal_to_rank_1_during_the_final_save_stops_rank_0_too(tmp_path):
     assert "exitcode  : 0" not in stderr
 
 
+def test_a_rank_killed_in_the_loop_ends_the_others_in_one_line(tmp_path):
+    # Before: rank 0's collective failed with a traceback of the autograd engine and gloo's message.
+    out, stdout, stderr = torchrun_signalled(tmp_path, 1, "SIGKILL", lines=3, max_steps=60, slow=0)
+    line = next((x for x in stderr.splitlines() if x.startswith("error: another rank")), "")
+    assert line.startswith("error: another rank of this run ended or stopped answering (") and \
+        "the last complete checkpoint" not in line and "no checkpoint was saved yet" in line, stderr[-3000:]
+    assert "[rank0]: Traceback" not in stderr and "[rank0]" not in stderr
+
+
 def test_bench_rows_go_only_to_a_file_of_rows(tmp_path, capsys):
     from bench import e2e, profile, speed
     user = tmp_path / "notes.json"
@@ -112,3 +121,13 @@ def test_profile_with_no_step_after_the_warm_up_stops_before_training(tmp_path):
     with pytest.raises(SystemExit, match="error: profile: --max_steps 2 leaves no step after the 2 warm-up steps"):
         profile.main(["--max_steps", "2", "--out_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_flag_error_under_torchrun_is_said_once(tmp_path):
+    # Before: every rank printed argparse's usage text and the line (8 GPUs: 8 of each).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY,
+           "--fsdp", "--lora_rank", "4", "--out_dir", str(tmp_path / "run")]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and p.stderr.count("usage: train.py") == 1, p.stderr[-3000:]
+    assert p.stderr.count("train.py: error: --fsdp shards a full fine-tune") == 1 and "exitcode  : 2" in p.stderr
