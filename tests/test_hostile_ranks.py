@@ -131,3 +131,20 @@ def test_a_flag_error_under_torchrun_is_said_once(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and p.stderr.count("usage: train.py") == 1, p.stderr[-3000:]
     assert p.stderr.count("train.py: error: --fsdp shards a full fine-tune") == 1 and "exitcode  : 2" in p.stderr
+
+
+def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, capsys):
+    # Before: a 2-process checkpoint of --batch_size 2 (without --global_contrast: two contrasts of 2
+    # pairs) resumed on one process with --batch_size 4 (one contrast of 4) said nothing of it.
+    import train
+    out = tmp_path / "run"
+    train.main([*TINY, "--max_steps", "1", "--save_every", "1", "--out_dir", str(out)])
+    state_file = out / "checkpoint-000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps(dict(state, world_size=2)))  # (as 2 ranks of --batch_size 2 write it)
+    capsys.readouterr()
+    train.main([*TINY, "--max_steps", "2", "--batch_size", "4", "--out_dir", str(out), "--resume"])
+    said = capsys.readouterr().out
+    assert "(written by 2 process(es), continued by 1)" in said
+    assert "note: the global micro-batch was 4 pairs (--batch_size × processes), now 4; one contrast spanned 2 pairs, " \
+           "now 4" in said
