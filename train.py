@@ -586,7 +586,7 @@ def main(argv=None):
                 log(f"warning: step {step}: {cause}; step skipped")
                 if bad_steps >= args.max_bad_steps:
                     save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
-                    raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir))
+                    raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir) if master else 1)
                 continue
             bad_steps = 0
             scaler.step(optimizer)

@@ -148,3 +148,15 @@ def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, cap
     assert "(written by 2 process(es), continued by 1)" in said
     assert "note: the global micro-batch was 4 pairs (--batch_size × processes), now 4; one contrast spanned 2 pairs, " \
            "now 4" in said
+
+
+def test_too_many_bad_steps_under_torchrun_is_one_line_with_the_checkpoint(tmp_path):
+    # Before: every rank printed the line (and the rank that left first got rank 0 stopped mid-save).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY,
+           "--max_steps", "6", "--lr", "1e30", "--max_bad_steps", "2", "--out_dir", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error: 2 bad steps in a row")]
+    assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
+    assert (out / lines[0].split("saved in ")[1].split(";")[0].split("/")[-1] / "state.json").is_file()
