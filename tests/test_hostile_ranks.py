@@ -45,24 +45,42 @@ train.main()
 """
 
 
+def launch(cmd, timeout):
+    """torchrun's command -> (exit code, stdout, stderr); on a timeout the test fails, its launcher
+    and workers killed (torchrun starts each worker in a session of its own: killed one by one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                workers = [int(w) for w in f.read().split()]
+        except OSError:
+            workers = []
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        pytest.fail("torchrun hung:\n" + stdout[-3000:] + stderr[-3000:])
+    return p.returncode, stdout, stderr
+
+
+def torchrun(*argv, script="train.py", timeout=120):
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                   *argv], timeout)
+
+
 def torchrun_signalled(tmp_path, rank, sig, lines, max_steps, slow=3):
     out = tmp_path / "run"
     script = tmp_path / "signalled_train.py"
     script.write_text(WRAPPER.format(root=ROOT, slow=slow, sig=sig, rank=rank, lines=lines,
                                      metrics=str(out / "metrics.jsonl")))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *TINY,
-           "--max_steps", str(max_steps), "--out_dir", str(out)]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        stdout, stderr = p.communicate()
-        pytest.fail("torchrun timed out:\n" + stdout[-3000:] + stderr[-3000:])
+    code, stdout, stderr = torchrun(*TINY, "--max_steps", str(max_steps), "--out_dir", str(out), script=script,
+                                    timeout=180)
     return out, stdout, stderr
 
 
@@ -104,8 +122,9 @@ def test_bench_rows_go_only_to_a_file_of_rows(tmp_path, capsys):
     from bench import e2e, profile, speed
     user = tmp_path / "notes.json"
     user.write_text('{"mine": 1}\n')
+    profiled = ["--profile_out", str(user), "--max_steps", "4", "--out_dir", str(tmp_path / "p")]
     for main, argv in ((speed.parse_args, ["--out", str(user)]), (e2e.main, ["--dry", "--out", str(user)]),
-                       (profile.main, ["--profile_out", str(user), "--max_steps", "4", "--out_dir", str(tmp_path / "p")])):
+                       (profile.main, profiled)):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         said = capsys.readouterr().err + str(stop.value.code)
@@ -125,12 +144,9 @@ def test_profile_with_no_step_after_the_warm_up_stops_before_training(tmp_path):
 
 def test_a_flag_error_under_torchrun_is_said_once(tmp_path):
     # Before: every rank printed argparse's usage text and the line (8 GPUs: 8 of each).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY,
-           "--fsdp", "--lora_rank", "4", "--out_dir", str(tmp_path / "run")]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and p.stderr.count("usage: train.py") == 1, p.stderr[-3000:]
-    assert p.stderr.count("train.py: error: --fsdp shards a full fine-tune") == 1 and "exitcode  : 2" in p.stderr
+    code, _, stderr = torchrun(*TINY, "--fsdp", "--lora_rank", "4", "--out_dir", str(tmp_path / "run"))
+    assert code != 0 and stderr.count("usage: train.py") == 1, stderr[-3000:]
+    assert stderr.count("train.py: error: --fsdp shards a full fine-tune") == 1 and "exitcode  : 2" in stderr
 
 
 def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, capsys):
@@ -152,11 +168,34 @@ def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, cap
 
 def test_too_many_bad_steps_under_torchrun_is_one_line_with_the_checkpoint(tmp_path):
     # Before: every rank printed the line (and the rank that left first got rank 0 stopped mid-save).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY,
-           "--max_steps", "6", "--lr", "1e30", "--max_bad_steps", "2", "--out_dir", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    lines = [x for x in p.stderr.splitlines() if x.startswith("error: 2 bad steps in a row")]
-    assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
+    code, _, stderr = torchrun(*TINY, "--max_steps", "6", "--lr", "1e30", "--max_bad_steps", "2", "--out_dir", str(out))
+    lines = [x for x in stderr.splitlines() if x.startswith("error: 2 bad steps in a row")]
+    assert code != 0 and len(lines) == 1, stderr[-3000:]
     assert (out / lines[0].split("saved in ")[1].split(";")[0].split("/")[-1] / "state.json").is_file()
+
+
+def test_ranks_that_read_different_data_stop_in_one_line(tmp_path):
+    # Before: a rank whose copy of the data lacked one image dealt other epochs, and the ranks'
+    # collectives waited for each other until torchrun was killed (a hang).
+    from PIL import Image
+    for copy in ("a", "b"):
+        (tmp_path / copy).mkdir()
+        with open(tmp_path / copy / "pairs.jsonl", "w") as f:
+            for i in range(8):
+                for side, colour in (("w", (200, 40, 40)), ("l", (40, 40, 200))):
+                    if not (copy == "b" and i == 5 and side == "l"):  # copy b lacks one image
+                        Image.new("RGB", (16, 16), colour).save(tmp_path / copy / f"{i}{side}.png")
+                f.write(json.dumps({"prompt": f"thing {i}", "winner": f"{i}w.png", "loser": f"{i}l.png"}) + "\n")
+    script = tmp_path / "other_copy_train.py"
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nif os.environ['RANK'] == '1':\n"
+                      f"    sys.argv = [x.replace({a!r}, {b!r}) for x in sys.argv]\nimport train\ntrain.main()\n")
+    spec = str(tmp_path / "a" / "pairs.jsonl")
+    code, _, stderr = torchrun(*TINY, "--resolution", "16", "--max_steps", "6", "--data", spec, "--out_dir",
+                               str(tmp_path / "run"), script=script, timeout=90)
+    lines = [x for x in stderr.splitlines() if x.startswith("error: ")]
+    assert code != 0 and lines == [f"error: the ranks read different data from --data {spec} (rank 0: 8 pairs; rank 1: "
+                                   f"7 pairs, skipped {{'missing_image': 1}}); every rank must read the same files (on "
+                                   f"several nodes: the same copy at the same path)"], stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
