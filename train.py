@@ -154,7 +154,7 @@ def embed(args, embedder=None, prompts=None, images=None, halves=None, rows=None
 # ---------------------------------------------------------------------------------------
 # Flags
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(M.PRESETS), help="preset (model.py)")
     g.add_argument("--pretrained", "--pretrained_model_name_or_path", default=None,
@@ -501,7 +501,7 @@ def main(argv=None):
             args.lr *= pairs_per_step
         speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
         dataset, resolution = data.from_args(args, world)
-        skip_counts = dict(getattr(dataset, "skip_counts", {}))  # index-level (the same on every rank), or resumed
+        skip_counts = D.same_data(dataset, args.data)  # index-level: checked the same on every rank (or resumed)
         new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
         m, policy = M.from_args(args, device, dataset, resolution)
@@ -587,7 +587,7 @@ def main(argv=None):
                 log(f"warning: step {step}: {cause}; step skipped")
                 if bad_steps >= args.max_bad_steps:
                     save(os.path.join(args.out_dir, f"checkpoint-{step:06d}"))
-                    raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir))
+                    raise SystemExit(stop_message(bad_steps, step, cause, args.out_dir) if master else 1)
                 continue
             bad_steps = 0
             scaler.step(optimizer)
@@ -616,8 +616,8 @@ def main(argv=None):
             publish(args, final, "lora" if m.lora else "unet", step, pairs_per_step, grid, argv_, log)
         log(R.done_line(args, m.lora, step, all_skips()))
         policy = None  # DDP's reducer freed while the process group lives (parallel.teardown)
+        stop.finish(f"step {step} saved in {final} and exported", master)  # (a signal any rank got: every rank stops)
         parallel.teardown(own_group)
-        stop.finish(f"step {step} saved in {final} and exported", master)
         return m
 
 

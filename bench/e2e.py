@@ -102,7 +102,7 @@ def main(argv=None):
                                                           "profile): the share of each part of its step")
     args = p.parse_args(argv)
     checks.plain_numbers(p, args, positive=("repeat", "timeout"))
-    problem = args.out is not None and files.file_to_write_problem(args.out, "--out")
+    problem = args.out is not None and files.rows_file_problem(args.out, "--out")
     if problem:
         p.error(problem)
     if args.tmp:  # train.py's rule for a folder it writes: empty, or its own output (replaced with --overwrite)

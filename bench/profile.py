@@ -172,9 +172,13 @@ def main(argv):
                 warmup = int(value)
             else:
                 out = value
-                problem = files.file_to_write_problem(out, "--profile_out")
+                problem = files.rows_file_problem(out, "--profile_out")
                 if problem:
                     raise SystemExit(f"error: {problem}")
+    steps = train.parse_args(argv).max_steps  # (train.py's flags, checked before anything loads)
+    if steps is not None and steps <= warmup:
+        raise SystemExit(f"error: profile: --max_steps {steps} leaves no step after the {warmup} warm-up steps "
+                         f"(--profile_warmup): raise --max_steps")
     parts = profile(argv, warmup)
     if int(os.environ.get("RANK", "0")) != 0:
         return None

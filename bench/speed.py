@@ -90,7 +90,7 @@ def parse_args(argv=None):
     checks.plain_numbers(p, args, positive=("repeat", "batch_size", "resolution", "steps"),
                          non_negative=("warmup", "time_budget", "lora_rank"))
     problem = hub.pickled_flags_problem(args, ("--init", "--pretrained", "--embed_model"))  # (never unpickled)
-    problem = problem or (args.out is not None and files.file_to_write_problem(args.out, "--out"))
+    problem = problem or (args.out is not None and files.rows_file_problem(args.out, "--out"))
     if problem:
         p.error(problem.removeprefix("error: "))
     try:

@@ -396,7 +396,7 @@ def _write_checkpoint(tmp, m, optimizer, scaler, state, unet=None):
 
 def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=None):
     """A checkpoint of the run at `position` (step, epoch, items_in_epoch). Every rank calls
-    this (FSDP gathers its shards: collectives); rank 0 writes."""
+    this (FSDP gathers its shards: collectives); rank 0 writes, and every rank returns once it has."""
     state = dict(position, world_size=dist.get_world_size() if D.active() else 1, skip_counts=skip_counts,
                  args=vars(args), cwd=os.getcwd(),
                  rng="timesteps/noise: Generator(seed, step, micro-batch), drawn for the "
@@ -409,6 +409,7 @@ def save(path, args, m, optimizer, scaler, position, skip_counts, master, keep=N
     unet, optim = parallel.fsdp_full_state(m.unet, optimizer, master) if args.fsdp else (m.unet, optimizer)
     if master:
         save_checkpoint(path, m, optim, scaler, state, keep, unet=unet)
+    D.wait_for_everyone()  # (a rank that stops or fails next leaves only once the checkpoint is written)
 
 
 def finite_weights(m):
@@ -560,9 +561,21 @@ def resume(args, m, optimizer, scaler, master, reads, preset_resolution):
         if later:
             log(f"note: {args.out_dir} also holds later checkpoints ({', '.join(later)}); each stays until "
                 f"this run saves that step")
-    world = dist.get_world_size() if D.active() else 1
-    log(f"resumed from {ckpt} at step {state['step']}" + (f" (written by {state.get('world_size', 1)} process(es), "
-                                                          f"continued by {world})" if world > 1 else ""))
+    world, was_world = dist.get_world_size() if D.active() else 1, state.get("world_size", 1)
+    log(f"resumed from {ckpt} at step {state['step']}" + (f" (written by {was_world} process(es), continued by "
+                                                          f"{world})" if world > 1 or was_world != world else ""))
+    saved = state["args"]
+    was_batch = saved.get("batch_size", args.batch_size)
+    was, now = was_batch * was_world, args.batch_size * world  # (another global micro-batch draws other t, ε, crops)
+    # the pairs one contrast spans, for an objective that takes ω (it reads τ): every rank's with
+    # --global_contrast (or one process), else each rank's own
+    spans = (0, 0) if "tau" not in reads else (was_batch * (was_world if saved.get("global_contrast") else 1),
+                                               args.batch_size * (world if getattr(args, "global_contrast", 0) else 1))
+    if was != now or spans[0] != spans[1]:
+        log(f"note: the global micro-batch was {was} pairs (--batch_size × processes), now {now}" +
+            (f"; one contrast spanned {spans[0]} pairs, now {spans[1]} (--global_contrast: every rank's)"
+             if spans[0] != spans[1] else "") + ": the run goes on from the same data position, not as the "
+            "uninterrupted run would")
     if state["step"] == args.max_steps:  # (a run stopped in its final export, say: the export is made again)
         log(f"note: {ckpt} is at --max_steps {args.max_steps} already: nothing left to train; its weights are "
             f"exported again")

@@ -5,12 +5,24 @@ and writable, a validation prompts file readable (check_train_flags; what needs 
 the objectives, the sampler or the reward models train.py checks itself, in check_flags); a flag
 given under two names (one_name_each); the other programs' numbers (plain_numbers).
 """
+import argparse
 import math
 import os
 
 import torch
 
 from plumbing import files, hub, parallel, speed
+
+
+class Parser(argparse.ArgumentParser):
+    """train.py's parser. Under torchrun every rank parses the same flags and finds the same error:
+    each node's local rank 0 says it, the others end with the same exit code 2 in silence (not one
+    usage text and line per process)."""
+
+    def error(self, message):
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
 
 
 MAX_RESOLUTION = 4096  # --resolution: above it one image (and the UNet's activations) outgrows any machine

@@ -218,6 +218,27 @@ def file_to_write_problem(path, flag):
     return None
 
 
+def rows_file_problem(path, flag):
+    """A file the benchmarks append their JSON rows to: file_to_write_problem's, or, when it exists,
+    anything but a file of such rows (one object a line, each with the "mode" or "model" every row
+    has): the user's own file, which an appended row would spoil, or a pipe, which would block."""
+    problem = file_to_write_problem(path, flag)
+    if problem or not os.path.exists(path) or path == os.devnull:
+        return problem
+    foreign = f"{flag} {path} exists and is not a file of this benchmark's JSON rows: choose another name"
+    if not os.path.isfile(path):
+        return foreign
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line) if line.strip() else {"mode": ""}
+                if not (isinstance(row, dict) and ("mode" in row or "model" in row)):
+                    return foreign
+    except (OSError, UnicodeDecodeError, ValueError):
+        return foreign
+    return None
+
+
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")  # what evaluate.py --curves writes (matplotlib picks by the name)
 
 

@@ -10,7 +10,7 @@ moment train.main starts to the moment it ends.
   through a symbolic link out of the folder.
 - Ctrl-C and SIGTERM stop the run at the end of a step, with a checkpoint (Stop, save_on_stop).
 - A full disk, or a file system turned read-only, ends the run in one line; the last complete
-  checkpoint stays (write_failure).
+  checkpoint stays (write_failure). So does, under torchrun, another rank's end (distributed.peer_lost).
 
 guarded_run is the frame train.main runs in; lock_out_dir and check_out_dir come first inside it.
 """
@@ -44,6 +44,11 @@ def guarded_run(out_dir):
             if line is None:
                 raise
             raise SystemExit(line)
+        except RuntimeError as err:  # under torchrun: another rank gone (killed, out of memory, its node lost)
+            if not D.peer_lost(err):
+                raise
+            raise SystemExit(f"error: another rank of this run ended or stopped answering ({D.peer_lost(err)}); this "
+                             f"one stops too: {kept_words(out_dir, 'continue with --resume')}")
         finally:
             unlock_out_dir(out_dir)
 
@@ -371,7 +376,7 @@ class Stop:
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        self.signum, self.in_loop, self.previous, self.ending = None, False, {}, None
+        self.signum, self.in_loop, self.previous, self.ending, self.exiting = None, False, {}, None, False
 
     def __enter__(self):
         import threading
@@ -387,7 +392,11 @@ class Stop:
 
     def handler(self, signum, frame):
         # (another signal after the first is not "again": torchrun answers Ctrl-C by sending its
-        # workers SIGTERM, and they should still finish the step and save)
+        # workers SIGTERM, and they should still finish the step and save. Once this process is
+        # ending with its code (stop_now), a signal changes nothing: under torchrun it is the
+        # launcher stopping the ranks still there after one ended, not the user)
+        if self.exiting:
+            return
         if self.signum == signum or not self.in_loop:
             if os.environ.get("RANK", "0") == "0":  # (under torchrun rank 0 says it)
                 print(f"stopped by {signal.Signals(signum).name} {self._at_once()}", file=sys.stderr)
@@ -407,13 +416,17 @@ class Stop:
                 f"unfinished: --resume finishes it")
 
     def finish(self, line, master):
-        """At the very end: a signal noted during the final save and export stops the process now
-        that they are done, with its line and exit code (the run is complete)."""
-        if self.signum:
+        """At the very end: a signal noted during the final save and export, by any rank, stops
+        every rank now that they are done, with its line and exit code (the run is complete).
+        Under torchrun every rank calls it (a collective: the ranks agree)."""
+        if (D.largest(self.signum or 0, D.sync_device()) if D.active() else self.signum):
             self.stop_now(f"it came after the last step; the final save and export finished: {line}", master)
 
     def stop_now(self, line, master):
-        """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM."""
+        """The one line (rank 0's) and the exit code of the signal: 130 for SIGINT, 143 for SIGTERM.
+        Under torchrun every rank calls it, and all take the signal one of them got."""
+        self.exiting = True
+        self.signum = D.largest(self.signum or 0, D.sync_device()) if D.active() else self.signum
         signum = self.signum or signal.SIGTERM
         if master:
             print(f"stopped by {signal.Signals(signum).name}: {line}", file=sys.stderr, flush=True)
@@ -442,8 +455,13 @@ def write_failure(out_dir, err):
     """One line for an OSError from writing the run's files, or None when it is not one of those."""
     if not isinstance(err, OSError) or err.errno not in WRITE_ERRORS:
         return None
-    ckpt, state = C.latest_checkpoint(out_dir)
-    kept = (f"the last complete checkpoint, {ckpt} (step {state['step']}), is intact: free space, then --resume"
-            if ckpt else "no checkpoint was saved yet")
     where = f" ({err.filename})" if err.filename else ""
+    kept = kept_words(out_dir, "free space, then --resume")
     return f"error: cannot write in {out_dir}: {err.strerror or err}{where}; {kept}"
+
+
+def kept_words(out_dir, then):
+    """What a run that ends on an error leaves to continue from, in words."""
+    ckpt, state = C.latest_checkpoint(out_dir)
+    return f"the last complete checkpoint, {ckpt} (step {state['step']}), is intact: {then}" if ckpt else \
+        "no checkpoint was saved yet"
