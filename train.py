@@ -501,7 +501,7 @@ def main(argv=None):
             args.lr *= pairs_per_step
         speed.device_defaults(args, device, real=M.PRESETS[args.model]["pretrained"] is not None)
         dataset, resolution = data.from_args(args, world)
-        skip_counts = D.same_data(dataset, args.data)  # index-level: checked the same on every rank (or resumed)
+        skip_counts = parallel.same_data(dataset, args.data)  # index-level: checked the same on every rank (or resumed)
         new_skips = {}  # skips this rank met while reading (corrupt images; hub: ties, ...)
 
         m, policy = M.from_args(args, device, dataset, resolution)

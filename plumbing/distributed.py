@@ -16,10 +16,6 @@ parallel.py). docs/multi-gpu.md explains the design; in short:
 - Rank 0 alone logs and writes files; checkpoints hold full, single-device state, so a run
   resumes on any number of ranks, with or without FSDP.
 """
-
-import re
-import sys
-
 import torch
 import torch.distributed as dist
 
@@ -87,17 +83,6 @@ def wait_for_everyone():
         dist.barrier()
 
 
-def peer_lost(err):
-    """Whether `err`, raised under torchrun, says that another rank is gone (it ended, was killed,
-    or stopped answering) while this one waited for it in a collective: c10d's own errors (NCCL,
-    timeouts, the store) or gloo's broken connection. -> the error in a few words, or None."""
-    text = str(err)
-    if not (active() and (isinstance(err, dist.DistError) or ("gloo" in text and "by peer" in text))):
-        return None
-    words = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [type(err).__name__])[0])
-    return words.split(". This is typically")[0][:200]
-
-
 def latest_epoch(epoch, device):
     """The largest epoch of any rank (streamed data: ranks' stream epochs can differ by a batch)."""
     if not active():
@@ -129,28 +114,6 @@ def sum_counts(counts):
         for kind, n in c.items():
             total[kind] = total.get(kind, 0) + n
     return total
-
-
-def same_data(dataset, spec):
-    """The data set's index-level skip counts, once every rank has been found to hold the same data
-    (its size, what its index skipped; all_gather_object: a collective). Ranks that read different
-    copies (a node whose copy lacks a file) would deal different epochs, and their collectives would
-    wait for each other forever: one line instead, from rank 0, and every rank stops."""
-    skips = dict(getattr(dataset, "skip_counts", {}))
-    if not active():
-        return skips
-    mine = (None if hasattr(dataset, "stream") else len(dataset), sorted(skips.items()))
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    if any(seen != every[0] for seen in every):
-        if dist.get_rank() == 0:
-            shown = "; ".join(f"rank {r}: {n} pairs" + (f", skipped {dict(s)}" if s else "")
-                              for r, (n, s) in enumerate(every))
-            print(f"error: the ranks read different data from --data {spec} ({shown}); every rank must read the same "
-                  f"files (on several nodes: the same copy at the same path)", file=sys.stderr, flush=True)
-        dist.barrier()  # (rank 0 has said it before any rank ends: torchrun stops the others when one does)
-        raise SystemExit(1)
-    return skips
 
 
 def mean_over_ranks(sums, device):

@@ -3,10 +3,13 @@ Data parallelism set up: one process per device under torchrun (setup, teardown)
 replicated with DDP or, with --fsdp, its weights, gradients and AdamW state sharded with FSDP2
 (wrap_policy, shard_unet), and the full single-device state gathered for checkpoints and scattered
 back on resume, so that a checkpoint written with FSDP resumes without it and the other way round
-(docs/multi-gpu.md). Also the device rules every program shares (pick_device, device_exists). The
-collectives of a training step are distributed.py's.
+(docs/multi-gpu.md). Also the device rules every program shares (pick_device, device_exists), the
+set-up's check that every rank reads the same data (same_data) and what says another rank is gone
+(peer_lost). The collectives of a training step are distributed.py's.
 """
 import os
+import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -129,3 +132,36 @@ def fsdp_load_state(unet, optimizer, weights, optim_state):
                        "param_groups": [dict(g, params=[names[i] for i in g["params"]])
                                         for g in optim_state["param_groups"]]}
     dcp.set_optimizer_state_dict(unet, optimizer, optim_state, options=options)
+
+
+def same_data(dataset, spec):
+    """The data set's index-level skip counts, once every rank has been found to hold the same data
+    (its size, what its index skipped; all_gather_object: a collective). Ranks that read different
+    copies (a node whose copy lacks a file) would deal different epochs, and their collectives would
+    wait for each other forever: one line instead, from rank 0, and every rank stops."""
+    skips = dict(getattr(dataset, "skip_counts", {}))
+    if not active():
+        return skips
+    mine = (None if hasattr(dataset, "stream") else len(dataset), sorted(skips.items()))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if any(seen != every[0] for seen in every):
+        if dist.get_rank() == 0:
+            shown = "; ".join(f"rank {r}: {n} pairs" + (f", skipped {dict(s)}" if s else "")
+                              for r, (n, s) in enumerate(every))
+            print(f"error: the ranks read different data from --data {spec} ({shown}); every rank must read the same "
+                  f"files (on several nodes: the same copy at the same path)", file=sys.stderr, flush=True)
+        dist.barrier()  # (rank 0 has said it before any rank ends: torchrun stops the others when one does)
+        raise SystemExit(1)
+    return skips
+
+
+def peer_lost(err):
+    """Whether `err`, raised under torchrun, says that another rank is gone (it ended, was killed,
+    or stopped answering) while this one waited for it in a collective: c10d's own errors (NCCL,
+    timeouts, the store) or gloo's broken connection. -> the error in a few words, or None."""
+    text = str(err)
+    if not (active() and (isinstance(err, dist.DistError) or ("gloo" in text and "by peer" in text))):
+        return None
+    words = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [type(err).__name__])[0])
+    return words.split(". This is typically")[0][:200]

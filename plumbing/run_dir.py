@@ -10,7 +10,7 @@ moment train.main starts to the moment it ends.
   through a symbolic link out of the folder.
 - Ctrl-C and SIGTERM stop the run at the end of a step, with a checkpoint (Stop, save_on_stop).
 - A full disk, or a file system turned read-only, ends the run in one line; the last complete
-  checkpoint stays (write_failure). So does, under torchrun, another rank's end (distributed.peer_lost).
+  checkpoint stays (write_failure). So does, under torchrun, another rank's end (parallel.peer_lost).
 
 guarded_run is the frame train.main runs in; lock_out_dir and check_out_dir come first inside it.
 """
@@ -27,7 +27,7 @@ import filelock
 
 from plumbing import checkpoint as C
 from plumbing import distributed as D
-from plumbing import files, lora
+from plumbing import files, lora, parallel
 
 
 # ---------------------------------------------------------------------------------------
@@ -45,9 +45,9 @@ def guarded_run(out_dir):
                 raise
             raise SystemExit(line)
         except RuntimeError as err:  # under torchrun: another rank gone (killed, out of memory, its node lost)
-            if not D.peer_lost(err):
+            if not parallel.peer_lost(err):
                 raise
-            raise SystemExit(f"error: another rank of this run ended or stopped answering ({D.peer_lost(err)}); this "
+            raise SystemExit(f"error: another rank of this run ended or stopped answering ({parallel.peer_lost(err)}); this "
                              f"one stops too: {kept_words(out_dir, 'continue with --resume')}")
         finally:
             unlock_out_dir(out_dir)
