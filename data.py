@@ -357,7 +357,7 @@ def stream_batches(dataset, batch_size, seed, epoch, item, rank=0, world=1, num_
             elif len(kept) < batch_size:
                 kept.append(to_device(it, device) if cuda else it)
         if D.all_ranks(len(kept) == batch_size, device) if world > 1 and not streamed else len(kept) == batch_size:
-            yield D.latest_epoch(e, device) if streamed else e, after, dict(collate_pairs(kept), skipped=skipped)
+            yield D.largest(e, device) if streamed else e, after, dict(collate_pairs(kept), skipped=skipped)
             kept, skipped, dry = [], [], 0
 
 

@@ -67,7 +67,8 @@ def sync_device():
 
 
 def largest(value, device):
-    """The largest of every rank's integer `value` (all_reduce MAX; a collective, so a barrier too)."""
+    """The largest of every rank's integer `value` (all_reduce MAX; a collective, so a barrier too):
+    the signal that stops the run, the epoch of streamed data (ranks' streams can differ by a batch)."""
     if not active():
         return value
     t = torch.tensor([value], device=device)
@@ -81,15 +82,6 @@ def wait_for_everyone():
     others, and would stop rank 0 while it writes)."""
     if active():
         dist.barrier()
-
-
-def latest_epoch(epoch, device):
-    """The largest epoch of any rank (streamed data: ranks' stream epochs can differ by a batch)."""
-    if not active():
-        return epoch
-    e = torch.tensor([epoch], device=device)
-    dist.all_reduce(e, op=dist.ReduceOp.MAX)
-    return int(e.item())
 
 
 def gather_rows(x):
