@@ -253,9 +253,10 @@ def earlier_result(path):
     if b"matplotlib" in raw[:1 << 16].lower() or b"matplotlib" in raw[-(1 << 16):].lower():
         return True
     try:
-        return isinstance(json.loads(raw), dict) and "runs" in json.loads(raw)
+        result = json.loads(raw)
     except ValueError:
         return False
+    return isinstance(result, dict) and "runs" in result
 
 
 def results_problem(out, figure=False, chart=False):
